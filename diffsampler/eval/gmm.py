@@ -48,7 +48,6 @@ from scipy.integrate import solve_ivp
 
 __all__ = ["GaussianMixture", "RHO_ZERO"]
 
-Number = Union[float, int]
 ScalarOrTensor = Union[float, int, torch.Tensor]
 
 #: ``rho`` substituted for ``rho = 0`` in the ODE (``s = log rho`` is -inf there).
@@ -394,9 +393,12 @@ class GaussianMixture:
         integrated in chunks of ``chunk_size`` (solve_ivp controls the RMS error
         over a chunk, so smaller chunks give tighter per-sample control).
 
-        Accuracy: with the defaults the per-sample error against the true flow
-        is typically ~1e-10 relative to ``max(1, |v|)`` (verified to < 1e-8 against the
-        closed-form single-Gaussian flow for ``rho`` up to 1e3).
+        Accuracy (defaults, float64): against the closed-form single-Gaussian
+        flow the max abs error is ~3e-12 for ``rho_from`` = 160 and 1e3
+        (n=2000, d=64); for 2-100 component mixtures it agrees with a per-sample
+        rtol=1e-13 solve to ~1e-11-4e-11.  Maps *out of* ``rho = 0`` expand errors
+        by ~rho_to / s_min; a 0 -> 80 -> 0 round trip is typically exact to ~1e-9.
+        Cost: ~0.5-1 s for n=2000, d=64, K=8 on 2 CPU cores (~2.5 s for K=100).
         """
         return self.ode_trajectory(v, [rho_from, rho_to], rtol=rtol, atol=atol, chunk_size=chunk_size)[-1]
 
@@ -464,18 +466,35 @@ class GaussianMixture:
         if not torch.is_tensor(x):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         v = x.to(_F64) / alpha_from
-        v_to = self.ode_solution(v, sigma_from / alpha_from, sigma_to / alpha_from * 0 + sigma_to / alpha_to, **kwargs)
+        v_to = self.ode_solution(v, sigma_from / alpha_from, sigma_to / alpha_to, **kwargs)
         return (alpha_to * v_to).to(x.dtype)
 
     def _integrate(self, v0: np.ndarray, m: int, s0: float, s1: float, rtol: float, atol: float) -> np.ndarray:
+        """Integrate ``dv/ds = v - D`` for an (m, d) block from s0 to s1 (numpy, float64).
+
+        Hot path, so written with matrix products only (no (m, K, d) tensor):
+        ``v - D = rho^2 sum_k q_k (v - mu_k) = rho^2 (v sum_k q_k - q @ mu)`` with
+        ``q_k = r_k / (s_k^2 + rho^2)``.  The squared distances inside the
+        softmax use ``|v|^2 - 2 v.mu_k + |mu_k|^2``; its rounding (~1e-16 |v|^2 / c_k
+        in the logits) is far below the integration tolerance.
+        """
         d = self.dim
+        mu = self.means.cpu().numpy()
+        mu_sq = (mu * mu).sum(1)
+        s2 = (self.stds**2).cpu().numpy()
+        log_w = self._log_w.cpu().numpy()
 
         def rhs(s, y):
-            rho = math.exp(s)
-            vt = torch.from_numpy(y).view(m, d)
-            # dv/ds = v - D = rho * eps_hat(v; alpha=1, sigma=rho), cancellation-free.
-            res = self._weighted_residual(vt, 1.0, rho)
-            return (rho**2 * res).reshape(-1).numpy()
+            rho2 = math.exp(2.0 * s)
+            v = y.reshape(m, d)
+            c = s2 + rho2  # (K,)
+            sq = np.maximum((v * v).sum(1)[:, None] - 2.0 * (v @ mu.T) + mu_sq, 0.0)
+            logits = log_w - 0.5 * sq / c - 0.5 * d * np.log(c)
+            logits -= logits.max(1, keepdims=True)
+            r = np.exp(logits)
+            r /= r.sum(1, keepdims=True)
+            q = r / c
+            return (rho2 * (v * q.sum(1, keepdims=True) - q @ mu)).reshape(-1)
 
         sol = solve_ivp(rhs, (s0, s1), v0.reshape(-1), method="DOP853", rtol=rtol, atol=atol)
         if not sol.success:  # pragma: no cover - defensive
@@ -570,3 +589,49 @@ class GaussianMixture:
             gain = self._rows(a, sl) * s2 / c  # (m, K)
             out[sl] = resp @ self.means + torch.einsum("nk,nkd->nd", resp * gain, diff)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixture as a network: a Denoiser, and a diffusers-style model returning a prediction
+# ---------------------------------------------------------------------------------------------
+
+class GMMModel(torch.nn.Module):
+    """The exact mixture as a diffusers-style model: `model(sample, timestep).sample` is the exact
+    prediction of `prediction_type` ("epsilon", "v_prediction", "sample", "flow") at the
+    schedule time `timestep / schedule.time_scale`.  Works with diffusers schedulers and pipelines."""
+
+    _PRED = ("epsilon", "v_prediction", "sample", "flow")
+
+    def __init__(self, gmm: GaussianMixture, schedule, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in self._PRED:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {self._PRED}")
+        self.gmm, self.schedule, self.prediction_type = gmm, schedule, prediction_type
+        self.dtype = torch.float32
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        from types import SimpleNamespace
+
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten() / self.schedule.time_scale
+        if t.numel() == 1:
+            t = t.expand(sample.shape[0])
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        a = self.schedule.alpha(t).view(shape)
+        s = self.schedule.sigma(t).view(shape)
+        x = sample.double()
+        d = self.gmm.posterior_mean(x, a.flatten(), s.flatten())
+        p = self.prediction_type
+        if p == "sample":
+            out = d
+        else:
+            eps = (x - a * d) / s
+            out = eps if p == "epsilon" else (a * eps - s * d if p == "v_prediction" else eps - d)
+        out = out.to(sample.dtype)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+def gmm_denoiser(gmm: GaussianMixture, schedule, prediction_type: str = "epsilon", **kwargs):
+    """A `diffsampler.Denoiser` whose network is the exact mixture in the given parametrisation."""
+    from ..denoisers import Denoiser
+
+    return Denoiser(GMMModel(gmm, schedule, prediction_type), schedule, prediction_type, **kwargs)

@@ -1,0 +1,202 @@
+"""Denoisers: any network f(x, t, **cond) seen through its prediction type.
+
+A solver asks a Denoiser for one of two things at (x, t): the data prediction
+D = E[x0 | x_t] ("data") or the noise prediction eps = (x - alpha D) / sigma ("noise").  The
+network's own parametrisation (epsilon, v_prediction, sample, flow) is converted here, once, so no
+solver ever branches on it.  Transforms (thresholding, guidance) are Denoisers wrapping Denoisers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .schedules import NoiseSchedule, RectifiedFlow
+
+__all__ = ["Denoiser", "DenoiserTransform", "Thresholded", "NonFiniteModelOutput", "PREDICTION_TYPES"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+KINDS = ("data", "noise")
+
+
+class NonFiniteModelOutput(FloatingPointError):
+    """The network returned NaN or Inf."""
+
+
+def _bcast(c, x: torch.Tensor):
+    """A per-sample coefficient (shape (B,)) broadcast against x; Python floats pass through."""
+    if isinstance(c, torch.Tensor) and c.ndim == 1:
+        return c.view(-1, *([1] * (x.ndim - 1)))
+    return c
+
+
+class Denoiser:
+    """Wraps `model(x, t_model, **cond)` returning a prediction of type `prediction_type`.
+
+    Args:
+        model: callable; `output_fn` extracts a tensor from its return value (default: the return
+            value itself, or `.sample` for diffusers outputs).
+        schedule: the noise schedule the network was trained with.
+        prediction_type: "epsilon", "v_prediction" (v = alpha eps - sigma x0, Salimans & Ho 2022),
+            "sample" (x0) or "flow" (velocity u = eps - x0 of a rectified flow).
+        cond: keyword arguments passed to every call (class labels, text embeddings...).
+        check_finite: "step" raises at the call that returned NaN/Inf (a host sync per call);
+            "end" records it on the device and lets the sampling loop raise after the loop;
+            "off" trusts the network.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        *,
+        cond: dict | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        check_finite: str = "step",
+    ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {PREDICTION_TYPES}")
+        if prediction_type == "flow" and not isinstance(schedule, RectifiedFlow):
+            raise ValueError(f"prediction_type 'flow' needs a RectifiedFlow schedule, got {type(schedule).__name__}")
+        if check_finite not in ("step", "end", "off"):
+            raise ValueError(f"check_finite must be 'step', 'end' or 'off', got {check_finite!r}")
+        self.model = model
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.cond = dict(cond or {})
+        self.output_fn = output_fn
+        self.check_finite = check_finite
+        self.nfe = 0
+        self.nonfinite_at: torch.Tensor | None = None  # device flag per call when check_finite == "end"
+
+    # -- the public surface -----------------------------------------------------------------
+    def data_pred(self, x: torch.Tensor, t) -> torch.Tensor:
+        """D(x, t) = E[x0 | x_t = x]; t a float or a per-sample tensor of schedule times."""
+        return self.predict(x, t, "data")
+
+    def noise_pred(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.predict(x, t, "noise")
+
+    def predict(self, x: torch.Tensor, t, kind: str = "data", alpha=None, sigma=None) -> torch.Tensor:
+        """Prediction `kind` ("data" | "noise") at (x, t).  Solvers pass alpha_t, sigma_t they have
+        precomputed (floats, or per-sample tensors of shape (B,)) so nothing is recomputed per step."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if alpha is None:
+            alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+            if alpha.ndim == 0:
+                alpha, sigma = float(alpha), float(sigma)
+            else:
+                alpha, sigma = alpha.to(x.device, torch.float32), sigma.to(x.device, torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        t_model = self.schedule.model_time(t).to(x.device, torch.float32)
+        return self._predict(x, t_model, _bcast(alpha, x), _bcast(sigma, x), kind)
+
+    def reset_nfe(self) -> None:
+        self.nfe = 0
+
+    # -- conversion -------------------------------------------------------------------------
+    def _predict(self, x, t_model, alpha, sigma, kind):
+        out = self.raw(x, t_model)
+        p = self.prediction_type
+        if p == "epsilon":
+            return out if kind == "noise" else (x - sigma * out) / alpha
+        if p == "sample":
+            return out if kind == "data" else (x - alpha * out) / sigma
+        if p == "v_prediction":  # x0 = alpha x - sigma v,  eps = sigma x + alpha v
+            return alpha * x - sigma * out if kind == "data" else sigma * x + alpha * out
+        # flow: u = eps - x0 with x = (1-t) x0 + t eps  =>  x0 = x - sigma u,  eps = x + alpha u
+        return x - sigma * out if kind == "data" else x + alpha * out
+
+    def raw(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        """One network call in its own parametrisation, cast back to x's dtype and checked."""
+        out = self.model(x.to(self._model_dtype(x)), t_model, **self.cond)
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        elif not isinstance(out, torch.Tensor):
+            out = out.sample if hasattr(out, "sample") else out[0]
+        if out.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} does not match input shape {tuple(x.shape)}")
+        self.nfe += 1
+        out = out.to(x.dtype)
+        self._check(out)
+        return out
+
+    def _model_dtype(self, x: torch.Tensor) -> torch.dtype:
+        params = getattr(self.model, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.dtype if p.is_floating_point() else x.dtype
+        return x.dtype
+
+    def _check(self, out: torch.Tensor) -> None:
+        if self.check_finite == "step":
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteModelOutput(
+                    f"model returned NaN/Inf at model call {self.nfe} (prediction_type={self.prediction_type!r})")
+        elif self.check_finite == "end":
+            flag = (~torch.isfinite(out)).any().reshape(1)
+            self.nonfinite_at = flag if self.nonfinite_at is None else torch.cat([self.nonfinite_at, flag])
+
+    def raise_if_nonfinite(self) -> None:
+        """For check_finite='end': one host sync after the loop, naming the first bad model call."""
+        if self.nonfinite_at is not None:
+            bad = torch.nonzero(self.nonfinite_at.cpu()).flatten()
+            self.nonfinite_at = None
+            if len(bad):
+                raise NonFiniteModelOutput(f"model returned NaN/Inf first at model call {int(bad[0]) + 1}")
+
+
+class DenoiserTransform(Denoiser):
+    """A Denoiser that post-processes the data prediction of an inner Denoiser."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+
+    def __getattr__(self, name):  # schedule, nfe, cond... come from the wrapped denoiser
+        return getattr(self.__dict__["inner"], name)
+
+    @property
+    def nfe(self) -> int:
+        return self.inner.nfe
+
+    def reset_nfe(self) -> None:
+        self.inner.reset_nfe()
+
+    def raise_if_nonfinite(self) -> None:
+        self.inner.raise_if_nonfinite()
+
+    def transform(self, x, d, t_model, alpha, sigma) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _predict(self, x, t_model, alpha, sigma, kind):
+        d = self.transform(x, self.inner._predict(x, t_model, alpha, sigma, "data"), t_model, alpha, sigma)
+        return d if kind == "data" else (x - alpha * d) / sigma
+
+
+class Thresholded(DenoiserTransform):
+    """Dynamic thresholding of the data prediction (Saharia et al. 2022, Imagen; DPM-Solver++ Sec. 5).
+
+    Per sample s = clip(quantile_ratio(|D|), 1, max_value); D <- clip(D, -s, s) / s.
+    `dynamic=False` gives static clipping to [-max_value, max_value] (diffusers' clip_sample).
+    """
+
+    def __init__(self, inner: Denoiser, ratio: float = 0.995, max_value: float = 1.0, dynamic: bool = True):
+        super().__init__(inner)
+        if not 0 < ratio <= 1:
+            raise ValueError(f"thresholding ratio must be in (0, 1], got {ratio}")
+        if max_value <= 0:
+            raise ValueError(f"thresholding max_value must be > 0, got {max_value}")
+        self.ratio, self.max_value, self.dynamic = ratio, max_value, dynamic
+
+    def transform(self, x, d, t_model, alpha, sigma):
+        if not self.dynamic:
+            return d.clamp(-self.max_value, self.max_value)
+        flat = d.flatten(1).abs().float()
+        s = torch.quantile(flat, self.ratio, dim=1).clamp(1.0, self.max_value).to(d.dtype)
+        s = s.view(-1, *([1] * (d.ndim - 1)))
+        return d.clamp(-s, s) / s

@@ -1,0 +1,113 @@
+"""The one sampling loop: sample(denoiser, x_T, solver=..., nfe=..., spacing=..., seeds=...)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..schedules import TimeGrid, time_grid
+from .plan import Plan, run_plan
+from .registry import Solver, get
+
+__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise"]
+
+
+def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per sample (as edm's StackedRandomGenerator): sample k depends only on seed k."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
+def per_sample_noise(shape: Sequence[int], generators, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` (batch first) drawn row by row from per-sample generators
+    (a list), or from one shared generator / the global RNG.  Noise is drawn on each generator's
+    device (CPU generators give the same numbers on any hardware) and moved to `device`."""
+    if isinstance(generators, (list, tuple)):
+        if len(generators) != shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
+                            for g in generators]).to(device)
+    gdev = generators.device if generators is not None else device
+    return torch.randn(tuple(shape), generator=generators, device=gdev, dtype=dtype).to(device)
+
+
+def initial_noise(shape, schedule, seeds=None, generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """x_T ~ N(0, prior_std^2 I) for `schedule`, per-sample seeded."""
+    gens = per_sample_generators(seeds) if seeds is not None else generator
+    return per_sample_noise(shape, gens, device, dtype) * schedule.prior_std
+
+
+def make_plan(
+    solver: str | Solver,
+    schedule,
+    nfe: int | None = None,
+    spacing="logsnr",
+    final: str = "zero",
+    grid: TimeGrid | None = None,
+    **options,
+) -> Plan:
+    """Resolve solver name + NFE budget + spacing into a Plan (nothing runs)."""
+    s = get(solver, **options)
+    if grid is None:
+        if nfe is None:
+            raise ValueError("give nfe (number of model calls) or an explicit grid")
+        spacing_kw = {}
+        if isinstance(spacing, dict):
+            spacing_kw = dict(spacing)
+            spacing = spacing_kw.pop("name")
+        steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
+        grid = time_grid(schedule, steps, spacing, final=final, **spacing_kw)
+    elif nfe is not None:
+        s.check_nfe(nfe)
+    plan = s.build(grid, nfe)
+    plan.info.setdefault("spacing", spacing if isinstance(spacing, str) else "explicit")
+    return plan
+
+
+def sample(
+    denoiser,
+    x_T: torch.Tensor | None = None,
+    solver: str | Solver | Plan = "dpmpp_2m",
+    nfe: int | None = 10,
+    spacing="logsnr",
+    final: str = "zero",
+    grid: TimeGrid | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    generator=None,
+    progress: bool = False,
+    callback: Callable | None = None,
+    guidance=None,
+    **solver_options,
+) -> torch.Tensor:
+    """Sample with `solver` spending exactly `nfe` model calls.
+
+    x_T: initial noise; if None it is drawn for `shape` from `seeds` (one per sample) or `generator`.
+    Stochastic solvers draw their step noise from the same per-sample generators, so with `seeds`
+    sample k depends only on seed k whatever the batch size.
+    guidance: an object with `wrap(denoiser) -> denoiser` (e.g. CFG) or a `run(plan, denoiser, x,
+    noise_fn, ...)` strategy (e.g. SVDD); samplers never import guidance.
+    """
+    if isinstance(solver, Plan):
+        plan = solver
+    else:
+        plan = make_plan(solver, denoiser.schedule, nfe if grid is None else None, spacing, final, grid,
+                         **solver_options)
+    gens = per_sample_generators(seeds) if seeds is not None else generator
+    if x_T is None:
+        if shape is None:
+            raise ValueError("give x_T or shape (with seeds or generator)")
+        x_T = per_sample_noise(shape, gens, "cpu").mul_(denoiser.schedule.prior_std)
+    elif seeds is not None and len(seeds) != x_T.shape[0]:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {x_T.shape[0]}")
+    noise_fn = None
+    if plan.stochastic:
+        if gens is None:
+            raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
+        noise_fn = lambda x: per_sample_noise(x.shape, gens, x.device, x.dtype)  # noqa: E731
+    if guidance is not None and hasattr(guidance, "wrap"):
+        denoiser = guidance.wrap(denoiser)
+    if guidance is not None and hasattr(guidance, "run"):
+        return guidance.run(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
+    return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)

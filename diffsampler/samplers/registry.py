@@ -1,0 +1,184 @@
+"""Solver base classes and the registry of solvers by stable name.
+
+Names are used alike by `sample()`, the diffusers adapter, Hydra configs and results tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import numpy as np
+
+from ..schedules import TimeGrid
+from .plan import Combo, Plan, PlanBuilder
+
+__all__ = ["Solver", "MultistepSolver", "SinglestepSolver", "register", "get", "available", "info", "LOWER_ORDER_FINAL_BELOW"]
+
+#: like diffusers, multistep solvers cool down their order on the last steps of short runs
+LOWER_ORDER_FINAL_BELOW = 15
+
+_REGISTRY: dict[str, tuple[Callable[..., "Solver"], dict]] = {}
+
+
+class Solver:
+    """A solver turns a time grid into a Plan.  Subclasses set the metadata and implement `build`.
+
+    Metadata (registry-visible, USER_NEEDS #15): `order` (global order on smooth ODEs; weak order
+    for SDE solvers), `nfe_per_step`, `stochastic`, `kind` of prediction it integrates.
+    """
+
+    name: str = ""
+    order: int = 1
+    nfe_per_step: int = 1
+    stochastic: bool = False
+    kind: str = "data"
+
+    def steps_for_nfe(self, nfe: int, final_zero: bool = True) -> int:
+        """Number of grid steps that spends exactly `nfe` model calls."""
+        self.check_nfe(nfe)
+        return nfe
+
+    def check_nfe(self, nfe: int) -> None:
+        if not isinstance(nfe, (int, np.integer)) or isinstance(nfe, bool) or nfe < self.min_nfe:
+            raise ValueError(f"solver {self.name!r} needs an integer nfe >= {self.min_nfe}, got {nfe!r}")
+
+    min_nfe: int = 1
+
+    def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, order={self.order})"
+
+
+class MultistepSolver(Solver):
+    """Linear multistep solvers: one model call per step, history of earlier outputs.
+
+    Step i uses order k_i = min(order, i + 1) (warm-up: only i + 1 outputs exist), lowered on the
+    last steps of short runs when `lower_order_final` (k_i <= steps - i when steps < 15, as
+    diffusers does), and first order on a step that lands on sigma = 0 for solvers whose
+    coefficients need a finite log-SNR step there (`first_order_to_zero`).
+    """
+
+    max_order: int = 3
+    first_order_to_zero: bool = True
+
+    def __init__(self, order: int | None = None, lower_order_final: bool = True):
+        order = self.max_order if order is None else order
+        if not isinstance(order, (int, np.integer)) or not 1 <= order <= self.max_order:
+            raise ValueError(f"solver {self.name!r}: order must be an integer in 1..{self.max_order}, got {order!r}")
+        self.order = int(order)
+        self.lower_order_final = bool(lower_order_final)
+
+    def step_orders(self, grid: TimeGrid) -> list[int]:
+        n = grid.steps
+        orders = []
+        for i in range(n):
+            k = min(self.order, i + 1)
+            if self.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+                k = min(k, n - i)
+            if self.first_order_to_zero and i == n - 1 and grid.final_zero:
+                k = 1
+            orders.append(k)
+        return orders
+
+    def coefficients(self, grid: TimeGrid, i: int, order: int) -> tuple[float, list[float], float]:
+        """(c_x, [c_0, ..., c_{order-1}], c_z) with x_{i+1} = c_x x_i + sum_j c_j M_{i-j} + c_z z."""
+        raise NotImplementedError
+
+    def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
+        if nfe is not None and nfe != grid.steps:
+            raise ValueError(f"{self.name!r} spends one model call per step: nfe={nfe} needs {nfe} steps, grid has {grid.steps}")
+        b = PlanBuilder(grid)
+        history: list[int] = []  # output indices, newest first
+        for i, k in enumerate(self.step_orders(grid)):
+            history.insert(0, b.eval_at(i, self.kind))
+            cx, cs, cz = self.coefficients(grid, i, k)
+            b.end_step(Combo(cx, tuple(zip(history[:k], (float(c) for c in cs)))), cz, k)
+            del history[self.order:]
+        return b.plan(self.name)
+
+
+class SinglestepSolver(Solver):
+    """Two model calls per step (Heun, DPM-Solver++ 2S).  A budget of `nfe` calls is spent as
+    second-order steps, one first-order step first when the budget is odd, and a first-order
+    step onto sigma = 0 when the grid ends there."""
+
+    nfe_per_step = 2
+
+    @staticmethod
+    def _orders(nfe: int, final_zero: bool) -> list[int]:
+        tail = [1] if final_zero else []
+        rest = nfe - len(tail)
+        return [1] * (rest % 2) + [2] * (rest // 2) + tail
+
+    def steps_for_nfe(self, nfe, final_zero=True):
+        self.check_nfe(nfe)
+        return len(self._orders(nfe, final_zero))
+
+    def step_orders(self, grid: TimeGrid, nfe: int | None) -> list[int]:
+        n = grid.steps
+        if nfe is None:
+            nfe = 2 * n - (1 if grid.final_zero else 0)
+        orders = self._orders(nfe, grid.final_zero)
+        if len(orders) != n:
+            raise ValueError(f"{self.name!r}: nfe={nfe} needs {len(orders)} steps, the grid has {n}")
+        return orders
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+def register(name: str, factory: Callable[..., Solver] | None = None, **defaults):
+    """Register a solver under `name`: `@register("mine")` on a Solver subclass, or
+    `register("mine", factory)` for any callable returning a Solver (e.g. one built from a plan).
+    `defaults` are options bound for this name (e.g. `register("deis_2", DEIS, order=2)`)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"solver name must be a non-empty string, got {name!r}")
+
+    def deco(f):
+        if name in _REGISTRY:
+            raise ValueError(f"solver {name!r} is already registered")
+        _REGISTRY[name] = (f, dict(defaults))
+        return f
+
+    return deco if factory is None else deco(factory)
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def available() -> list[str]:
+    """Registered solver names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: "str | Solver", **options) -> Solver:
+    """Instantiate solver `name` with `options` (on top of the name's bound defaults)."""
+    if isinstance(name, Solver):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with an already-built solver {name!r}")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
+    factory, defaults = _REGISTRY[name]
+    kwargs = {**defaults, **options}
+    params = inspect.signature(factory).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            allowed = sorted(set(params) - set(defaults))
+            raise ValueError(f"solver {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+    solver = factory(**kwargs)
+    solver.name = name
+    return solver
+
+
+def info(name: str) -> dict:
+    """Registry metadata of a solver: order, nfe_per_step, stochastic, kind."""
+    s = get(name)
+    return {"name": name, "order": s.order, "nfe_per_step": s.nfe_per_step, "stochastic": s.stochastic,
+            "kind": s.kind, "min_nfe": s.min_nfe}

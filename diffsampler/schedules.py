@@ -1,0 +1,374 @@
+"""Noise schedules x_t = alpha_t x_0 + sigma_t eps, and the time grids solvers step along.
+
+Every schedule exposes alpha(t), sigma(t), lambda(t) = log(alpha_t / sigma_t) and the inverse
+t(lambda) (Lu et al. 2022, DPM-Solver, Sec. 3.1).  All schedule arithmetic is float64; only the
+network ever sees low precision.  Time runs from noise (t_max) to data (t_min).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "NoiseSchedule",
+    "DiscreteVP",
+    "LinearVP",
+    "CosineVP",
+    "EDM",
+    "RectifiedFlow",
+    "TimeGrid",
+    "time_grid",
+    "SPACINGS",
+]
+
+# lambda below this is treated as "pure noise" (alpha ~ 1e-13); keeps h finite for alpha = 0 schedules.
+_LAMBDA_FLOOR = -30.0
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+class NoiseSchedule(ABC):
+    """A forward process x_t = alpha_t x0 + sigma_t eps on t in [t_min, t_max]."""
+
+    t_min: float
+    t_max: float
+    #: multiplies t to give the network's time input (e.g. 1000 for flow transformers)
+    time_scale: float = 1.0
+
+    @abstractmethod
+    def log_alpha(self, t) -> torch.Tensor: ...
+
+    @abstractmethod
+    def log_sigma(self, t) -> torch.Tensor: ...
+
+    @abstractmethod
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        """Inverse of lambda(t)."""
+
+    def alpha(self, t) -> torch.Tensor:
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t) -> torch.Tensor:
+        return self.log_sigma(t).exp()
+
+    def lambda_(self, t) -> torch.Tensor:
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def rho(self, t) -> torch.Tensor:
+        """rho = sigma / alpha = exp(-lambda): the noise level of v = x / alpha (EDM's sigma)."""
+        return (-self.lambda_(t)).exp()
+
+    def model_time(self, t) -> torch.Tensor:
+        """What the network is given as its time input."""
+        return _f64(t) * self.time_scale
+
+    #: VE schedules start from N(0, sigma_max^2); the others from N(0, 1)
+    is_variance_exploding: bool = False
+
+    @property
+    def prior_std(self) -> float:
+        """Std of the initial noise x_T."""
+        return float(self.sigma(self.t_max)) if self.is_variance_exploding else 1.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
+
+
+class _VP(NoiseSchedule):
+    """Variance preserving: alpha^2 + sigma^2 = 1, so everything follows from log alpha."""
+
+    def log_sigma(self, t) -> torch.Tensor:
+        la = self.log_alpha(t)
+        return 0.5 * torch.log(-torch.expm1(2.0 * la))
+
+    @staticmethod
+    def _log_alpha_from_lambda(lam: torch.Tensor) -> torch.Tensor:
+        # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -1/2 log(1 + e^{-2 lambda})
+        return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+
+
+class DiscreteVP(_VP):
+    """The discrete-time VP schedule of a diffusers model, made continuous (DPM-Solver, App. D).
+
+    t is measured in training timesteps, t in [0, N-1], exactly the `timestep` a diffusers UNet
+    takes.  lambda is interpolated linearly in t between the N knots, so t(lambda) is the exact
+    inverse.  A zero-terminal-SNR schedule (alpha_bar_N = 0) is floored at alpha_bar = 2^-24 as in
+    diffusers, so the first step starts from (almost) pure noise.
+    """
+
+    def __init__(self, alphas_cumprod):
+        acp = _f64(np.asarray(alphas_cumprod, dtype=np.float64)).clamp(min=2.0**-24)
+        if acp.ndim != 1 or len(acp) < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D sequence of >= 2 values, got shape {tuple(acp.shape)}")
+        if not bool((acp[1:] < acp[:-1]).all()) or not bool((acp <= 1).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing and <= 1")
+        self.alphas_cumprod = acp
+        self._lam = 0.5 * (acp.log() - torch.log1p(-acp))
+        self._knots = torch.arange(len(acp), dtype=torch.float64)
+        self.t_min, self.t_max = 0.0, float(len(acp) - 1)
+
+    @classmethod
+    def from_betas(cls, betas) -> "DiscreteVP":
+        return cls(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+
+    @classmethod
+    def from_diffusers_config(cls, config) -> "DiscreteVP":
+        """Build from any diffusers scheduler config (linear, scaled_linear, squaredcos_cap_v2,
+        trained_betas, rescale_betas_zero_snr) using diffusers' own beta code."""
+        from diffusers import DDPMScheduler
+
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr")
+        kwargs = {k: config[k] for k in keys if k in config and config[k] is not None}
+        ref = DDPMScheduler(**kwargs)
+        return cls(ref.alphas_cumprod.double().numpy())
+
+    @classmethod
+    def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVP":
+        return cls.from_betas(np.linspace(beta_start, beta_end, n, dtype=np.float64))
+
+    def lambda_(self, t) -> torch.Tensor:
+        t = _f64(t)
+        return _interp(t, self._knots, self._lam)
+
+    def log_alpha(self, t) -> torch.Tensor:
+        return self._log_alpha_from_lambda(self.lambda_(t))
+
+    def log_sigma(self, t) -> torch.Tensor:
+        return self._log_alpha_from_lambda(-self.lambda_(t))
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        lam = _f64(lam)
+        return _interp(-lam, -self._lam, self._knots)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation with linear extrapolation (xp increasing)."""
+    idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+
+
+class LinearVP(_VP):
+    """Continuous VP-SDE with beta(t) = beta_0 + t (beta_1 - beta_0) (Song et al. 2021)."""
+
+    def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        self.beta_0, self.beta_1, self.t_min, self.t_max = beta_0, beta_1, t_min, t_max
+
+    def log_alpha(self, t) -> torch.Tensor:
+        t = _f64(t)
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        # solve 1/4 (b1-b0) t^2 + 1/2 b0 t = -log alpha(lambda)  (DPM-Solver, App. A)
+        lam = _f64(lam)
+        tmp = 2.0 * (self.beta_1 - self.beta_0) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        return tmp / ((self.beta_0**2 + tmp).sqrt() + self.beta_0) / (self.beta_1 - self.beta_0)
+
+
+class CosineVP(_VP):
+    """Cosine schedule alpha_bar(t) = cos^2(pi/2 (t+s)/(1+s)) / cos^2(pi/2 s/(1+s)) (Nichol & Dhariwal 2021)."""
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        self.s, self.t_min, self.t_max = s, t_min, t_max
+        self._log_alpha_0 = math.log(math.cos(s / (1.0 + s) * math.pi / 2.0))
+
+    def log_alpha(self, t) -> torch.Tensor:
+        t = _f64(t)
+        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._log_alpha_0
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        la = self._log_alpha_from_lambda(_f64(lam))
+        return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(la + self._log_alpha_0)) - self.s
+
+
+class EDM(NoiseSchedule):
+    """Variance exploding / EDM: alpha = 1, sigma = t (Karras et al. 2022)."""
+
+    is_variance_exploding = True
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def log_alpha(self, t) -> torch.Tensor:
+        return torch.zeros_like(_f64(t))
+
+    def log_sigma(self, t) -> torch.Tensor:
+        return _f64(t).log()
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        return torch.exp(-_f64(lam))
+
+
+class RectifiedFlow(NoiseSchedule):
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t, lambda = log((1-t)/t) (Liu et al. 2023).
+
+    `time_scale=1000` gives diffusers flow transformers their `timestep = sigma * 1000`.
+    """
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0, time_scale: float = 1.0):
+        if not 0 < t_min < t_max <= 1:
+            raise ValueError(f"need 0 < t_min < t_max <= 1, got {t_min}, {t_max}")
+        self.t_min, self.t_max, self.time_scale = t_min, t_max, time_scale
+
+    def log_alpha(self, t) -> torch.Tensor:
+        return torch.log1p(-_f64(t))
+
+    def log_sigma(self, t) -> torch.Tensor:
+        return _f64(t).log()
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        return torch.sigmoid(-_f64(lam))
+
+
+# --------------------------------------------------------------------------------------------
+# Time grids
+# --------------------------------------------------------------------------------------------
+
+SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing")
+FINALS = ("zero", "last")
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """Grid points t_0 > t_1 > ... > t_N with alpha, sigma, lambda precomputed in float64.
+
+    If `final_zero`, the last point is sigma = 0 (alpha = 1 for VP and VE, lambda = +inf): the
+    network is never evaluated there.
+    """
+
+    t: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    lam: torch.Tensor
+    final_zero: bool
+    schedule: NoiseSchedule = field(repr=False, compare=False, default=None)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    @classmethod
+    def from_times(cls, schedule: NoiseSchedule, ts, final_zero: bool = False) -> "TimeGrid":
+        """Grid through explicit times (decreasing); with final_zero a sigma = 0 point is appended."""
+        t = _f64(ts).flatten()
+        if t.numel() < (1 if final_zero else 2):
+            raise ValueError(f"a time grid needs at least {1 if final_zero else 2} points, got {t.numel()}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"time grid contains non-finite values: {t.tolist()}")
+        if t.numel() > 1 and not bool((t[1:] < t[:-1]).all()):
+            bad = int(torch.nonzero(t[1:] >= t[:-1])[0]) + 1
+            raise ValueError(
+                f"time grid must be strictly decreasing (noise -> data); t[{bad - 1}]={t[bad - 1].item():g} "
+                f"is followed by t[{bad}]={t[bad].item():g}")
+        lo, hi = schedule.t_min, schedule.t_max
+        tol = 1e-9 * max(1.0, abs(hi))
+        if float(t.max()) > hi + tol or float(t.min()) < lo - tol:
+            raise ValueError(f"time grid {t.tolist()} leaves the schedule's range [{lo:g}, {hi:g}]")
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        lam = schedule.lambda_(t).clamp(min=_LAMBDA_FLOOR)
+        if final_zero:
+            t = torch.cat([t, t.new_tensor([schedule.t_min])])
+            alpha = torch.cat([alpha, alpha.new_ones(1)])
+            sigma = torch.cat([sigma, sigma.new_zeros(1)])
+            lam = torch.cat([lam, lam.new_tensor([math.inf])])
+        return cls(t=t, alpha=alpha, sigma=sigma, lam=lam, final_zero=final_zero, schedule=schedule)
+
+    @property
+    def rho(self) -> torch.Tensor:
+        return self.sigma / self.alpha
+
+
+def time_grid(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str | Sequence[float] | torch.Tensor = "logsnr",
+    final: str = "zero",
+    t_start: float | None = None,
+    t_end: float | None = None,
+    rho: float = 7.0,
+    steps_offset: int = 0,
+) -> TimeGrid:
+    """Grid of `steps` solver steps (steps + 1 points).
+
+    spacing: "logsnr" (uniform lambda; DPM-Solver), "time_uniform", "time_quadratic" (DEIS,
+    kappa = 2), "karras" (rho-th root in EDM sigma; Karras et al. 2022, eq. 5), diffusers'
+    "linspace" / "leading" / "trailing" (integer timesteps of a DiscreteVP, Lin et al. 2024,
+    Table 2), or an explicit decreasing sequence of model times.
+
+    final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
+    last grid time.  For our spacings "zero" puts `steps` model times on [t_end, t_start] and then
+    appends sigma = 0; for diffusers spacings it reproduces diffusers' `final_sigmas_type`.
+    """
+    if final not in FINALS:
+        raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+    final_zero = final == "zero"
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(spacing, str):
+        ts = _f64(spacing).flatten()
+        want = steps if final_zero else steps + 1
+        if ts.numel() != want:
+            raise ValueError(f"explicit grid has {ts.numel()} times; {steps} steps with final={final!r} need {want}")
+        return TimeGrid.from_times(schedule, ts, final_zero)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS} or pass explicit times")
+
+    if spacing in ("linspace", "leading", "trailing"):
+        ts = _diffusers_timesteps(schedule, steps, spacing, steps_offset)
+        if not final_zero:  # diffusers' final_sigmas_type="sigma_min": end at t = 0
+            ts = np.append(ts, schedule.t_min)
+        return TimeGrid.from_times(schedule, ts, final_zero)
+
+    t0 = schedule.t_max if t_start is None else float(t_start)
+    t1 = schedule.t_min if t_end is None else float(t_end)
+    n = steps if final_zero else steps + 1
+    if n == 1:
+        return TimeGrid.from_times(schedule, [t0], final_zero)
+    if spacing == "time_uniform":
+        ts = torch.linspace(t0, t1, n, dtype=torch.float64)
+    elif spacing == "time_quadratic":
+        ts = torch.linspace(math.sqrt(t0), math.sqrt(t1), n, dtype=torch.float64) ** 2
+    elif spacing == "logsnr":
+        l0, l1 = schedule.lambda_(t0).clamp(min=_LAMBDA_FLOOR), schedule.lambda_(t1)
+        ts = schedule.t_from_lambda(torch.linspace(float(l0), float(l1), n, dtype=torch.float64))
+    else:  # karras: interpolate rho^(1/r) linearly (Karras et al. 2022, eq. 5)
+        r0 = float(schedule.rho(t0).clamp(max=math.exp(-_LAMBDA_FLOOR)))
+        r1 = float(schedule.rho(t1))
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        sig = (r0 ** (1 / rho) + ramp * (r1 ** (1 / rho) - r0 ** (1 / rho))) ** rho
+        ts = schedule.t_from_lambda(-sig.log())
+    ts[0], ts[-1] = t0, t1  # pin the ends exactly (no float drift through the inverse)
+    return TimeGrid.from_times(schedule, ts, final_zero)
+
+
+def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """Integer timesteps exactly as diffusers' DPMSolverMultistepScheduler.set_timesteps makes them."""
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"spacing {spacing!r} needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    T = schedule.num_train_timesteps
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = T // (steps + 1)
+        ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1] + steps_offset
+    else:
+        ts = np.arange(T, 0, -T / steps).round() - 1
+    ts = ts.astype(np.float64)
+    if len(np.unique(ts)) != len(ts):
+        raise ValueError(f"{steps} steps with {spacing!r} spacing give duplicate timesteps on a {T}-step schedule")
+    return ts
