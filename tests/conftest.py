@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from diffsampler.eval.gmm import GaussianMixture
+
+
+@pytest.fixture(scope="session")
+def gmm8():
+    """An 8-d, 4-component mixture used by the convergence tests."""
+    return GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
+
+
+@pytest.fixture(scope="session")
+def gmm16():
+    return GaussianMixture.random(16, 4, seed=1, scale=1.0, std=(0.2, 0.5))
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
