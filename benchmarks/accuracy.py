@@ -67,6 +67,11 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).pow(2).mean().sqrt())
 
 
+def median_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Median over samples of the per-sample RMS error (robust to the few samples that switch mode)."""
+    return float((x.double() - ref.double()).pow(2).mean(1).sqrt().median())
+
+
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(0.5 * (a + a.T))
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T

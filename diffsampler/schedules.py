@@ -218,9 +218,12 @@ class RectifiedFlow(NoiseSchedule):
     """Rectified flow / flow matching: alpha = 1 - t, sigma = t, lambda = log((1-t)/t) (Liu et al. 2023).
 
     `time_scale=1000` gives diffusers flow transformers their `timestep = sigma * 1000`.
+    t_max defaults to 0.999 (as diffusers' flow sigmas for DPM-Solver): at t = 1, alpha = 0 and
+    v = x / alpha, which the eps-form solvers (Heun, PNDM, DEIS) integrate, is undefined; the
+    data-form solvers (DDIM, DPM-Solver++) accept t_max = 1.
     """
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0, time_scale: float = 1.0):
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999, time_scale: float = 1.0):
         if not 0 < t_min < t_max <= 1:
             raise ValueError(f"need 0 < t_min < t_max <= 1, got {t_min}, {t_max}")
         self.t_min, self.t_max, self.time_scale = t_min, t_max, time_scale
@@ -320,7 +323,13 @@ def time_grid(
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(spacing, str):
-        ts = _f64(spacing).flatten()
+        ts = _f64(spacing)
+        if ts.ndim == 2:  # one grid per sample: all solvers here share one grid per batch
+            if not bool((ts == ts[:1]).all()):
+                raise ValueError("per-sample time grids differ between rows; the solvers share one grid per "
+                                 "batch (multistep history needs it): sample each distinct grid as its own batch")
+            ts = ts[0]
+        ts = ts.flatten()
         want = steps if final_zero else steps + 1
         if ts.numel() != want:
             raise ValueError(f"explicit grid has {ts.numel()} times; {steps} steps with final={final!r} need {want}")
