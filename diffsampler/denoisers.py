@@ -42,8 +42,9 @@ class Denoiser:
             "sample" (x0) or "flow" (velocity u = eps - x0 of a rectified flow).
         cond: keyword arguments passed to every call (class labels, text embeddings...).
         check_finite: "step" raises at the call that returned NaN/Inf (a host sync per call);
-            "end" records it on the device and lets the sampling loop raise after the loop;
-            "off" trusts the network.
+            "end" records it on the device and lets the sampling loop raise after the loop,
+            naming the call; "auto" (default) is "step" for CPU tensors and "end" on accelerators,
+            so the step loop never waits on the device; "off" trusts the network.
     """
 
     def __init__(
@@ -54,14 +55,14 @@ class Denoiser:
         *,
         cond: dict | None = None,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
-        check_finite: str = "step",
+        check_finite: str = "auto",
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {PREDICTION_TYPES}")
         if prediction_type == "flow" and not isinstance(schedule, RectifiedFlow):
             raise ValueError(f"prediction_type 'flow' needs a RectifiedFlow schedule, got {type(schedule).__name__}")
-        if check_finite not in ("step", "end", "off"):
-            raise ValueError(f"check_finite must be 'step', 'end' or 'off', got {check_finite!r}")
+        if check_finite not in ("auto", "step", "end", "off"):
+            raise ValueError(f"check_finite must be 'auto', 'step', 'end' or 'off', got {check_finite!r}")
         self.model = model
         self.schedule = schedule
         self.prediction_type = prediction_type
@@ -134,11 +135,14 @@ class Denoiser:
         return x.dtype
 
     def _check(self, out: torch.Tensor) -> None:
-        if self.check_finite == "step":
+        mode = self.check_finite
+        if mode == "auto":
+            mode = "step" if out.device.type == "cpu" else "end"
+        if mode == "step":
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteModelOutput(
                     f"model returned NaN/Inf at model call {self.nfe} (prediction_type={self.prediction_type!r})")
-        elif self.check_finite == "end":
+        elif mode == "end":
             flag = (~torch.isfinite(out)).any().reshape(1)
             self.nonfinite_at = flag if self.nonfinite_at is None else torch.cat([self.nonfinite_at, flag])
 

@@ -100,16 +100,18 @@ class DiscreteVP(_VP):
 
     t is measured in training timesteps, t in [0, N-1], exactly the `timestep` a diffusers UNet
     takes.  lambda is interpolated linearly in t between the N knots, so t(lambda) is the exact
-    inverse.  A zero-terminal-SNR schedule (alpha_bar_N = 0) is floored at alpha_bar = 2^-24 as in
-    diffusers, so the first step starts from (almost) pure noise.
+    inverse.  A zero-terminal-SNR schedule (alpha_bar_N = 0) has its last value floored at
+    alpha_bar = 2^-24 as in diffusers, so the first step starts from (almost) pure noise.
     """
 
     def __init__(self, alphas_cumprod):
-        acp = _f64(np.asarray(alphas_cumprod, dtype=np.float64)).clamp(min=2.0**-24)
+        acp = _f64(np.array(alphas_cumprod, dtype=np.float64))
         if acp.ndim != 1 or len(acp) < 2:
             raise ValueError(f"alphas_cumprod must be a 1-D sequence of >= 2 values, got shape {tuple(acp.shape)}")
-        if not bool((acp[1:] < acp[:-1]).all()) or not bool((acp <= 1).all()):
-            raise ValueError("alphas_cumprod must be strictly decreasing and <= 1")
+        if not bool((acp[1:] < acp[:-1]).all()) or not bool((acp <= 1).all()) or not bool((acp[:-1] > 0).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing, <= 1, and > 0 except possibly the last")
+        if acp[-1] <= 0:  # zero terminal SNR: lambda = -inf; floor as diffusers does (2^-24)
+            acp[-1] = min(2.0**-24, 0.5 * float(acp[-2]))
         self.alphas_cumprod = acp
         self._lam = 0.5 * (acp.log() - torch.log1p(-acp))
         self._knots = torch.arange(len(acp), dtype=torch.float64)
