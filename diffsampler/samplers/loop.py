@@ -105,9 +105,18 @@ def sample(
     if plan.stochastic:
         if gens is None:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
-        noise_fn = lambda x: per_sample_noise(x.shape, gens, x.device, x.dtype)  # noqa: E731
+        noise_fn = _predrawn_noise(plan, gens, x_T)
     if guidance is not None and hasattr(guidance, "wrap"):
         denoiser = guidance.wrap(denoiser)
     if guidance is not None and hasattr(guidance, "run"):
         return guidance.run(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
     return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
+
+
+def _predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """All step noise drawn before the loop (per sample, on the generators' device) and moved to
+    the state's device in one copy, so the step loop never waits on a host-to-device transfer."""
+    n = sum(1 for s in plan.steps if s.noise != 0.0)
+    z = per_sample_noise((x_T.shape[0], n, *x_T.shape[1:]), gens, x_T.device, x_T.dtype)
+    it = iter(z.unbind(1))
+    return lambda x: next(it)
