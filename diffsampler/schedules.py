@@ -316,8 +316,9 @@ def time_grid(
     Table 2), or an explicit decreasing sequence of model times.
 
     final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
-    last grid time.  For our spacings "zero" puts `steps` model times on [t_end, t_start] and then
-    appends sigma = 0; for diffusers spacings it reproduces diffusers' `final_sigmas_type`.
+    last grid time.  Both lay steps + 1 points on [t_end, t_start] by the spacing; "zero" replaces
+    the last one (t_end) by sigma = 0, as diffusers' linspace grids do, so no model call is spent
+    at t_end just before the jump.  For diffusers spacings it reproduces `final_sigmas_type`.
     """
     if final not in FINALS:
         raise ValueError(f"final must be one of {FINALS}, got {final!r}")
@@ -347,9 +348,7 @@ def time_grid(
 
     t0 = schedule.t_max if t_start is None else float(t_start)
     t1 = schedule.t_min if t_end is None else float(t_end)
-    n = steps if final_zero else steps + 1
-    if n == 1:
-        return TimeGrid.from_times(schedule, [t0], final_zero)
+    n = steps + 1
     if spacing == "time_uniform":
         ts = torch.linspace(t0, t1, n, dtype=torch.float64)
     elif spacing == "time_quadratic":
@@ -364,6 +363,8 @@ def time_grid(
         sig = (r0 ** (1 / rho) + ramp * (r1 ** (1 / rho) - r0 ** (1 / rho))) ** rho
         ts = schedule.t_from_lambda(-sig.log())
     ts[0], ts[-1] = t0, t1  # pin the ends exactly (no float drift through the inverse)
+    if final_zero:  # the last point becomes sigma = 0: no model call is spent at t_end itself
+        ts = ts[:-1]
     return TimeGrid.from_times(schedule, ts, final_zero)
 
 
