@@ -15,7 +15,7 @@ import torch
 DEFAULT_SOLVERS = ["ddim", "heun", "pndm", "deis_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m"]
 
 
-def demo(solvers=DEFAULT_SOLVERS, nfes=(5, 10, 20), n=512, dim=16, seed=0, spacing="logsnr", out=sys.stdout):
+def demo(solvers=DEFAULT_SOLVERS, nfes=(5, 10, 20), n=512, dim=16, seed=0, spacing="time_uniform", out=sys.stdout):
     from . import DiscreteVP, sample
     from .eval.gmm import GaussianMixture, gmm_denoiser
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="solver accuracy on the exact Gaussian mixture (default)")
     d.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS)
     d.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])
-    d.add_argument("--spacing", default="logsnr")
+    d.add_argument("--spacing", default="time_uniform")
     d.add_argument("--n", type=int, default=512)
     sub.add_parser("list", help="registered solvers and their metadata")
     args = p.parse_args(argv)

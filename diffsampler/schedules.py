@@ -301,7 +301,7 @@ class TimeGrid:
 def time_grid(
     schedule: NoiseSchedule,
     steps: int,
-    spacing: str | Sequence[float] | torch.Tensor = "logsnr",
+    spacing: str | Sequence[float] | torch.Tensor = "time_uniform",
     final: str = "zero",
     t_start: float | None = None,
     t_end: float | None = None,
