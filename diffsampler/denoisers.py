@@ -31,6 +31,15 @@ def _bcast(c, x: torch.Tensor):
     return c
 
 
+def _axpby(x: torch.Tensor, y: torch.Tensor, a, b, div=None) -> torch.Tensor:
+    """(a x + b y) / div with as few temporaries as the coefficient types allow (hot path)."""
+    if isinstance(b, float):
+        r = torch.add(x if a == 1.0 else x * a, y, alpha=b)
+        return r if div is None else r.div_(div)
+    r = a * x + b * y  # per-sample float64 coefficients: computed in float64, returned in x's dtype
+    return (r if div is None else r / div).to(x.dtype)
+
+
 class Denoiser:
     """Wraps `model(x, t_model, **cond)` returning a prediction of type `prediction_type`.
 
@@ -70,7 +79,7 @@ class Denoiser:
         self.output_fn = output_fn
         self.check_finite = check_finite
         self.nfe = 0
-        self.nonfinite_at: torch.Tensor | None = None  # device flag per call when check_finite == "end"
+        self._flags: list[torch.Tensor] = []  # device flag per call when check_finite == "end"
 
     # -- the public surface -----------------------------------------------------------------
     def data_pred(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -91,7 +100,7 @@ class Denoiser:
             if alpha.ndim == 0:
                 alpha, sigma = float(alpha), float(sigma)
             else:
-                alpha, sigma = alpha.to(x.device, torch.float32), sigma.to(x.device, torch.float32)
+                alpha, sigma = alpha.to(x.device), sigma.to(x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         t_model = self.schedule.model_time(t).to(x.device, torch.float32)
@@ -105,13 +114,13 @@ class Denoiser:
         out = self.raw(x, t_model)
         p = self.prediction_type
         if p == "epsilon":
-            return out if kind == "noise" else (x - sigma * out) / alpha
+            return out if kind == "noise" else _axpby(x, out, 1.0, -sigma, alpha)
         if p == "sample":
-            return out if kind == "data" else (x - alpha * out) / sigma
+            return out if kind == "data" else _axpby(x, out, 1.0, -alpha, sigma)
         if p == "v_prediction":  # x0 = alpha x - sigma v,  eps = sigma x + alpha v
-            return alpha * x - sigma * out if kind == "data" else sigma * x + alpha * out
+            return _axpby(x, out, alpha, -sigma) if kind == "data" else _axpby(x, out, sigma, alpha)
         # flow: u = eps - x0 with x = (1-t) x0 + t eps  =>  x0 = x - sigma u,  eps = x + alpha u
-        return x - sigma * out if kind == "data" else x + alpha * out
+        return _axpby(x, out, 1.0, -sigma) if kind == "data" else _axpby(x, out, 1.0, alpha)
 
     def raw(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         """One network call in its own parametrisation, cast back to x's dtype and checked."""
@@ -138,19 +147,18 @@ class Denoiser:
         mode = self.check_finite
         if mode == "auto":
             mode = "step" if out.device.type == "cpu" else "end"
-        if mode == "step":
-            if not bool(torch.isfinite(out).all()):
+        if mode == "step":  # one reduction: a NaN/Inf anywhere makes the sum non-finite
+            if not bool(out.sum().isfinite()) and not bool(torch.isfinite(out).all()):
                 raise NonFiniteModelOutput(
                     f"model returned NaN/Inf at model call {self.nfe} (prediction_type={self.prediction_type!r})")
-        elif mode == "end":
-            flag = (~torch.isfinite(out)).any().reshape(1)
-            self.nonfinite_at = flag if self.nonfinite_at is None else torch.cat([self.nonfinite_at, flag])
+        elif mode == "end":  # device-side flags, read once after the loop
+            self._flags.append(~out.sum().isfinite())
 
     def raise_if_nonfinite(self) -> None:
         """For check_finite='end': one host sync after the loop, naming the first bad model call."""
-        if self.nonfinite_at is not None:
-            bad = torch.nonzero(self.nonfinite_at.cpu()).flatten()
-            self.nonfinite_at = None
+        if self._flags:
+            bad = torch.nonzero(torch.stack(self._flags).cpu()).flatten()
+            self._flags = []
             if len(bad):
                 raise NonFiniteModelOutput(f"model returned NaN/Inf first at model call {int(bad[0]) + 1}")
 

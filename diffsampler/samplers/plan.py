@@ -148,13 +148,10 @@ def run_plan(
     if plan.stochastic and noise_fn is None:
         raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
     batch = x.shape[0]
-    # model time inputs are built once, not per step
-    t_in: dict[float, torch.Tensor] = {}
-    schedule = denoiser.schedule
-    for s in plan.steps:
-        for ev in s.evals:
-            if ev.t not in t_in:
-                t_in[ev.t] = schedule.model_time(torch.tensor(ev.t)).to(x.device, torch.float32).expand(batch)
+    # model time inputs are built once, in one call, not per step
+    times = sorted({ev.t for s in plan.steps for ev in s.evals})
+    model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
+    t_in = {t: model_t[j].expand(batch) for j, t in enumerate(times)}
     frees = _frees(plan)
     outs: dict[int, torch.Tensor] = {}
     n = 0
