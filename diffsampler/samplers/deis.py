@@ -50,7 +50,7 @@ class DEIS(MultistepSolver):
 
     name = "deis"
     max_order = 4
-    first_order_to_zero = False  # rho stays finite at sigma = 0
+    first_order_to_zero = False  # rho stays finite at sigma = 0 (set per basis below)
     kind = "noise"
 
     def __init__(self, order: int = 3, basis: str = "t", lower_order_final: bool = True):
@@ -59,7 +59,6 @@ class DEIS(MultistepSolver):
         self.basis = basis
         self.first_order_to_zero = basis == "logrho"  # log(rho) -> -inf: diffusers never goes there
         super().__init__(order=order, lower_order_final=lower_order_final)
-        self.order = int(order)
 
     def basis_integrals(self, grid, i: int, k: int) -> np.ndarray:
         """int_{rho_i}^{rho_{i+1}} l_j(u(rho)) d rho for j = 0..k-1 (nodes at grid points i, i-1, ...)."""

@@ -14,7 +14,7 @@ The engine below executes any such plan with a few fused tensor ops per step and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -177,18 +177,3 @@ def run_plan(
     denoiser.raise_if_nonfinite()
     return x
 
-
-def combos_equal(a: Sequence[Step], b: Sequence[Step], tol: float = 1e-12) -> bool:
-    """True if two plans have the same structure and coefficients (used by tests)."""
-    if len(a) != len(b):
-        return False
-    for sa, sb in zip(a, b):
-        if len(sa.evals) != len(sb.evals) or abs(sa.noise - sb.noise) > tol:
-            return False
-        pairs = [(sa.update, sb.update)] + [(ea.x, eb.x) for ea, eb in zip(sa.evals, sb.evals)]
-        for ca, cb in pairs:
-            if abs(ca.cx - cb.cx) > tol or len(ca.terms) != len(cb.terms):
-                return False
-            if any(ma != mb or abs(x - y) > tol * max(1, abs(x)) for (ma, x), (mb, y) in zip(ca.terms, cb.terms)):
-                return False
-    return True

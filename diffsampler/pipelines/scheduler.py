@@ -1,0 +1,386 @@
+"""`DiffSamplerScheduler`: any registered diffsampler solver behind diffusers' scheduler interface.
+
+It is an adapter, not a second solver implementation: `set_timesteps` compiles the solver's Plan
+(`diffsampler.samplers.make_plan`) and `step` executes that plan one model evaluation at a time,
+using the plan engine's own combination and bookkeeping helpers.  Every model call of the plan is
+one entry of `timesteps`, so a two-call solver (Heun, DPM-Solver++ 2S) exposes two timesteps per
+solver step and `len(scheduler.timesteps) == plan.nfe == num_inference_steps`.
+
+The state handed to the model is x itself (`scale_model_input` is the identity and
+`init_noise_sigma` is the schedule's prior std).  `step` returns as `prev_sample` the input of the
+next model evaluation, which is x_{i+1} at the end of a solver step and the intermediate point
+(a linear combination of x_i and earlier outputs) inside a multi-call step.
+
+Configs of diffusers schedulers are accepted: `DiffSamplerScheduler.from_config(other.config,
+solver=...)`.  Keys this class does not use are kept in its config (so `save_pretrained` keeps
+them) but are otherwise ignored; note that diffusers resolves `_compatibles` by *name inside the
+diffusers package only*, so pipelines' `scheduler.compatibles` never lists this class -- build it
+with `from_config` yourself and assign `pipe.scheduler = ...`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..denoisers import PREDICTION_TYPES, Denoiser
+from ..samplers import get, make_plan
+from ..samplers.loop import _predrawn_noise
+from ..samplers.plan import Plan, _combine, _frees
+from ..schedules import SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, time_grid
+
+__all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
+
+_FINAL_SIGMAS = {"zero": "zero", "sigma_min": "last"}
+_PRED_ALIASES = {"flow_prediction": "flow"}
+_DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclass
+class DiffSamplerSchedulerOutput(BaseOutput):
+    """prev_sample: the next model evaluation's input (x_{i+1} at the end of a solver step).
+    pred_original_sample: the data prediction E[x0 | x_t] at this evaluation."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
+    """A diffsampler solver (`solver`, one of `diffsampler.available()`) as a diffusers scheduler.
+
+    Args:
+        solver: registered solver name; `solver_options` are passed to it (e.g. {"eta": 1.0}).
+        spacing: time spacing of the grid (`diffsampler.schedules.SPACINGS`); default: the source
+            config's `timestep_spacing` if it has one, else "linspace".
+        final: "zero" (end at sigma = 0) or "last" (end at the last grid time); default: from
+            `final_sigmas_type` ("zero" -> "zero", "sigma_min" -> "last"), else "last" when
+            `set_alpha_to_one` is False (DDIM/PNDM configs), else "zero".
+        prediction_type: the network's parametrisation, "epsilon", "v_prediction", "sample" or
+            "flow" (diffusers' "flow_prediction" is accepted); default "flow" for flow-matching
+            configs, else "epsilon".
+        num_train_timesteps, beta_*, trained_betas, rescale_betas_zero_snr: the discrete VP
+            schedule (`DiscreteVP.from_diffusers_config`).  A flow-matching config (`shift`,
+            `use_flow_sigmas`, or a FlowMatch* source class) gives
+            `RectifiedFlow(time_scale=num_train_timesteps)` instead; `shift` / `flow_shift` then
+            shift the grid as diffusers does (t -> s t / (1 + (s - 1) t)).
+        **kwargs: any other key of a diffusers scheduler config: accepted silently, not used.
+
+    `num_inference_steps` in `set_timesteps` is the budget of model calls (NFE), not of steps.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles: list = []  # diffusers resolves compatibles by class name inside diffusers only
+    _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                     "FlowMatchLCMScheduler")
+
+    @register_to_config
+    def __init__(
+        self,
+        solver: str = "dpmpp_2m",
+        spacing: str | None = None,
+        final: str | None = None,
+        solver_options: dict | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | np.ndarray | None = None,
+        prediction_type: str | None = None,
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str | None = None,
+        set_alpha_to_one: bool | None = None,
+        shift: float | None = None,
+        use_flow_sigmas: bool = False,
+        flow_shift: float | None = None,
+        use_dynamic_shifting: bool = False,
+        schedule_type: str | None = None,
+        **kwargs,
+    ):
+        if kwargs:  # keep foreign keys in the config (save/load round trip), use none of them
+            self.register_to_config(**{k: v for k, v in kwargs.items() if not k.startswith("_")})
+        # -- schedule -------------------------------------------------------------------------
+        if schedule_type not in (None, "vp", "flow"):
+            raise ValueError(f"schedule_type must be None, 'vp' or 'flow', got {schedule_type!r}")
+        pred = _PRED_ALIASES.get(prediction_type, prediction_type)
+        self.is_flow = schedule_type == "flow" or bool(use_flow_sigmas) or shift is not None or (
+            schedule_type is None and pred == "flow")
+        if self.is_flow:
+            self.schedule = RectifiedFlow(time_scale=float(num_train_timesteps))
+            pred = pred or "flow"
+        else:
+            self.schedule = DiscreteVP.from_diffusers_config(dict(
+                num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                beta_schedule=beta_schedule, trained_betas=trained_betas,
+                rescale_betas_zero_snr=rescale_betas_zero_snr))
+            pred = pred or "epsilon"
+        if pred not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}; allowed: "
+                             f"{PREDICTION_TYPES + tuple(_PRED_ALIASES)}")
+        # validates the flow/schedule pairing with the same rules the samplers use
+        self._denoiser = Denoiser(self._emit, self.schedule, pred)
+        self.prediction_kind = pred
+        # -- solver, grid ---------------------------------------------------------------------
+        self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
+        spacing = spacing or timestep_spacing or "linspace"
+        if self.is_flow and spacing in _DIFFUSERS_SPACINGS:
+            spacing = "time_uniform"  # integer-timestep spacings exist for discrete VP schedules only
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+        self.spacing = spacing
+        if final is None:
+            if final_sigmas_type is not None:
+                if final_sigmas_type not in _FINAL_SIGMAS:
+                    raise ValueError(f"unsupported final_sigmas_type {final_sigmas_type!r}; allowed: {tuple(_FINAL_SIGMAS)}")
+                final = _FINAL_SIGMAS[final_sigmas_type]
+            else:
+                final = "last" if set_alpha_to_one is False else "zero"
+        if final not in ("zero", "last"):
+            raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
+        self.final = final
+        self.grid_shift = shift if shift is not None else (flow_shift if use_flow_sigmas else None)
+        self.init_noise_sigma = float(self.schedule.prior_std)
+        self.order = int(self.solver.order)
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.plan: Plan | None = None
+        self._begin_index: int | None = None
+        self._offset = 0
+        self._reset_state()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As ConfigMixin.from_config, for this class's own configs and any diffusers scheduler's.
+
+        A foreign config is read with its class's defaults made explicit (its `timestep_spacing`,
+        `final_sigmas_type`... count even where they were defaults there); a FlowMatch* class or a
+        `shift` key selects the flow schedule; keys this class does not use are kept in its
+        config (no "not expected" warning) but do nothing."""
+        if config is not None and not isinstance(config, dict):  # e.g. a scheduler instance
+            config = getattr(config, "config", config)
+        if not isinstance(config, dict):
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
+        name = cfg.get("_class_name")
+        if (isinstance(name, str) and name.startswith("FlowMatch")) or "shift" in cfg:
+            kwargs.setdefault("schedule_type", "flow")
+        foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
+        foreign.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
+        cfg = {k: v for k, v in cfg.items() if k in known or k.startswith("_")}
+        out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        model = out[0] if return_unused_kwargs else out
+        model.register_to_config(**{k: v for k, v in foreign.items() if k not in model.config})
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next model evaluation into `timesteps` (None before the first step)."""
+        return self._offset + self._n if self._started else None
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at evaluation `begin_index` of `timesteps` (img2img).  It must be the first
+        evaluation of a solver step; the plan is rebuilt on the remaining grid, so multistep
+        solvers warm up again from there."""
+        self._begin_index = int(begin_index)
+        if self.plan is not None:
+            self._apply_begin_index()
+
+    def _reset_state(self) -> None:
+        self._n = 0                 # global eval index into the current plan
+        self._i = 0                 # solver step
+        self._j = 0                 # eval within the step
+        self._x: torch.Tensor | None = None
+        self._outs: dict[int, torch.Tensor] = {}
+        self._noise_fn = None
+        self._started = False
+        self._pending: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def _shift(self, t: torch.Tensor, mu: float | None) -> torch.Tensor:
+        if not self.is_flow:
+            return t
+        if self.config.use_dynamic_shifting and mu is not None:  # exponential time shift (Flux, SD3)
+            return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+        s = self.grid_shift
+        if s is None or s == 1.0:
+            return t
+        return s * t / (1.0 + (s - 1.0) * t)
+
+    def _grid(self, steps: int, mu: float | None) -> TimeGrid:
+        spacing: Any = self.spacing
+        if spacing in _DIFFUSERS_SPACINGS and self.config.steps_offset:
+            spacing = {"name": spacing, "steps_offset": int(self.config.steps_offset)}
+        kw = spacing if isinstance(spacing, dict) else {"name": spacing}
+        kw = dict(kw)
+        grid = time_grid(self.schedule, steps, kw.pop("name"), final=self.final, **kw)
+        if self.is_flow and (self.grid_shift not in (None, 1.0) or (self.config.use_dynamic_shifting and mu is not None)):
+            n = grid.steps if self.final == "zero" else grid.steps + 1
+            t = self._shift(grid.t[:n], mu).clamp(self.schedule.t_min, self.schedule.t_max)
+            grid = TimeGrid.from_times(self.schedule, t, self.final == "zero")
+        return grid
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Compile the plan.  `num_inference_steps` is the NFE budget (model calls).  `timesteps`
+        (model times, decreasing) or `sigmas` (diffusers' sigmas: sigma/alpha for VP, t for flow;
+        a trailing 0 means "end at sigma = 0") give an explicit grid instead; `mu` is the dynamic
+        shift of flow models (with `use_dynamic_shifting`)."""
+        if sum(a is not None for a in (num_inference_steps, timesteps, sigmas)) == 0:
+            raise ValueError("give num_inference_steps (the NFE budget), timesteps or sigmas")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give only one of timesteps and sigmas")
+        grid = None
+        final = self.final
+        if timesteps is not None or sigmas is not None:
+            if sigmas is not None:
+                s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, torch.Tensor)
+                                    else sigmas.detach().cpu().double()).flatten()
+                if len(s) and float(s[-1]) == 0.0:
+                    s, final = s[:-1], "zero"
+                if self.is_flow:
+                    t = self._shift(s, mu).clamp(self.schedule.t_min, self.schedule.t_max)
+                else:
+                    t = self.schedule.t_from_lambda(-s.log())
+            else:
+                t = (timesteps.detach().cpu().double() if isinstance(timesteps, torch.Tensor)
+                     else torch.as_tensor(np.asarray(timesteps, dtype=np.float64))).flatten() / self.schedule.time_scale
+            steps = len(t) if final == "zero" else len(t) - 1
+            grid = time_grid(self.schedule, steps, t, final=final)
+            plan = make_plan(self.solver, self.schedule, grid=grid)
+            if num_inference_steps is not None and plan.nfe != num_inference_steps:
+                raise ValueError(f"the explicit grid costs {plan.nfe} model calls, num_inference_steps={num_inference_steps}")
+        else:
+            steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
+            grid = self._grid(steps, mu)
+            plan = make_plan(self.solver, self.schedule, num_inference_steps, grid=grid)
+        if plan.steps and not plan.steps[0].evals[0].x.is_identity:
+            raise ValueError(f"solver {self.config.solver!r}: the first model call is not at x_T; "
+                             "it cannot be driven one model call at a time")
+        self._full_plan = plan
+        self._device = device
+        self.num_inference_steps = plan.nfe
+        self._set_plan(plan)
+        self.timesteps = self._t_model.to(device)
+        self._offset = 0
+        if self._begin_index:
+            self._apply_begin_index()
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self._evals = [ev for s in plan.steps for ev in s.evals]
+        self._step_of = [(i, j) for i, s in enumerate(plan.steps) for j in range(len(s.evals))]
+        t = torch.tensor([ev.t for ev in self._evals], dtype=torch.float64)
+        self._t_model = self.schedule.model_time(t).to(torch.float32)
+        self._frees = _frees(plan)
+        self._reset_state()
+
+    def _apply_begin_index(self) -> None:
+        full, k = self._full_plan, self._begin_index
+        starts = np.cumsum([0] + [len(s.evals) for s in full.steps])[:-1].tolist()
+        if k not in starts:
+            raise ValueError(f"begin_index {k} is not the first model call of a solver step (step starts: {starts})")
+        i = starts.index(k)
+        g = full.grid
+        sub = TimeGrid(t=g.t[i:], alpha=g.alpha[i:], sigma=g.sigma[i:], lam=g.lam[i:],
+                       final_zero=g.final_zero, schedule=g.schedule)
+        plan = self.solver.build(sub, full.nfe - k)  # same model times; warm-up restarts here
+        self._set_plan(plan)
+        self._offset = k  # `timesteps` keeps the full list; step i of the sub plan is entry k + i
+
+    # ------------------------------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def _emit(self, x, t_model):  # the "network" of the internal Denoiser: the output given to step()
+        return self._pending
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep=None,
+        sample: torch.Tensor = None,
+        generator=None,
+        return_dict: bool = True,
+    ):
+        """Consume the model output of the current evaluation (its input was `sample`) and return
+        the next evaluation's input.  `timestep` is not used to find the position: an internal
+        counter is (repeated timesteps are fine).  `generator`: one torch.Generator or a list of
+        per-sample generators for stochastic solvers (all the plan's noise is drawn from them at
+        the first noisy step, exactly as `diffsampler.sample` does)."""
+        if self.plan is None:
+            raise ValueError("call set_timesteps before step")
+        if sample is None:
+            raise ValueError("step needs the sample the model was evaluated on")
+        if self._n >= len(self._evals):
+            raise ValueError(f"step called {self._n + 1} times, the plan has {len(self._evals)} model calls; "
+                             "call set_timesteps again to start a new trajectory")
+        self._started = True
+        plan = self.plan
+        i, j = self._step_of[self._n]
+        s = plan.steps[i]
+        ev = s.evals[j]
+        if j == 0 and ev.x.is_identity:
+            self._x = sample  # the step's state; follows edits made between steps (inpainting)
+        t_in = self._t_model[self._n].to(sample.device).expand(sample.shape[0])
+        self._pending = model_output
+        out = self._denoiser._predict(sample, t_in, ev.alpha, ev.sigma, ev.kind)
+        x0 = out if ev.kind == "data" else self._denoiser._predict(sample, t_in, ev.alpha, ev.sigma, "data")
+        self._pending = None
+        self._outs[self._n] = out
+        self._n += 1
+        if j + 1 < len(s.evals):
+            nxt = s.evals[j + 1]
+            prev = self._x if nxt.x.is_identity else _combine(self._x, nxt.x, self._outs)
+        else:
+            x_next = _combine(self._x, s.update, self._outs)
+            if s.noise != 0.0:
+                if self._noise_fn is None:
+                    self._noise_fn = _predrawn_noise(plan, generator, self._x)
+                x_next.add_(self._noise_fn(self._x), alpha=s.noise)
+            if i + 1 < len(plan.steps):
+                first = plan.steps[i + 1].evals[0]
+                prev = x_next if first.x.is_identity else _combine(x_next, first.x, self._outs)
+            else:
+                prev = x_next
+                self._denoiser.raise_if_nonfinite()
+            self._x = x_next
+            for m in self._frees[i]:
+                self._outs.pop(m, None)
+        if not return_dict:
+            return (prev, x0)
+        return DiffSamplerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    # ------------------------------------------------------------------------------------------
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps at model times `timesteps` (a scalar or one per sample)."""
+        t = torch.as_tensor(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                            dtype=torch.float64).flatten() / self.schedule.time_scale
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = self.schedule.alpha(t).to(original_samples.device, original_samples.dtype).view(shape)
+        s = self.schedule.sigma(t).to(original_samples.device, original_samples.dtype).view(shape)
+        return a * original_samples + s * noise
