@@ -173,7 +173,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
         name = cfg.get("_class_name")
-        if (isinstance(name, str) and name.startswith("FlowMatch")) or "shift" in cfg:
+        if (isinstance(name, str) and name.startswith("FlowMatch")) or cfg.get("shift") is not None:
             kwargs.setdefault("schedule_type", "flow")
         foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
         foreign.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})

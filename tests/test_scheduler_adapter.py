@@ -1,0 +1,273 @@
+"""DiffSamplerScheduler: every registered solver behind diffusers' scheduler interface gives the same
+samples as `diffsampler.sample`, matches diffusers' own schedulers from their configs, and accepts
+diffusers configs silently."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+import diffsampler as ds
+from diffsampler.eval.gmm import GMMModel, gmm_denoiser
+from diffsampler.pipelines import DiffSamplerScheduler
+from diffsampler.samplers import per_sample_generators
+from diffsampler.schedules import RectifiedFlow, TimeGrid
+
+
+def run_diffusers(sched, model, nfe, x, generator=None, **set_kw):
+    """The standard diffusers denoising loop (as in tests/test_diffusers_equivalence.py)."""
+    sched.set_timesteps(nfe, **set_kw)
+    x = x * sched.init_noise_sigma
+    for t in sched.timesteps[getattr(sched, "begin_index", None) or 0:]:
+        kw = {} if generator is None else {"generator": generator}
+        x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x, **kw).prev_sample
+    return x
+
+
+def x_T(n=8, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the adapter is the plan engine: same result as sample() for every registered solver
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ds.available())
+@pytest.mark.parametrize("nfe,spacing,final", [(5, "linspace", "zero"), (8, "logsnr", "last")])
+def test_adapter_matches_sample(gmm16, name, nfe, spacing, final):
+    sched = DiffSamplerScheduler(solver=name, spacing=spacing, final=final)
+    x = x_T()
+    stochastic = ds.samplers.info(name)["stochastic"]
+    seeds = list(range(100, 108))
+    gens = per_sample_generators(seeds) if stochastic else None
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), nfe, x, generator=gens)
+    assert len(sched.timesteps) == sched.plan.nfe == nfe
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver=name, nfe=nfe, spacing=spacing,
+                    final=final, seeds=seeds if stochastic else None)
+    assert (ours - ref).abs().max().item() <= 1e-6
+
+
+def test_adapter_stochastic_one_generator_and_reuse(gmm16):
+    """One shared generator: same as sample(generator=...); set_timesteps restarts the trajectory."""
+    sched = DiffSamplerScheduler(solver="dpmpp_2m_sde")
+    model = GMMModel(gmm16, sched.schedule)
+    x = x_T()
+    a = run_diffusers(sched, model, 6, x, generator=torch.Generator().manual_seed(3))
+    b = run_diffusers(sched, model, 6, x, generator=torch.Generator().manual_seed(3))
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver="dpmpp_2m_sde", nfe=6,
+                    spacing="linspace", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert (a - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "sample"])
+def test_adapter_prediction_types(gmm16, pred):
+    sched = DiffSamplerScheduler(solver="heun", prediction_type=pred)
+    x = x_T()
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule, pred), 7, x)
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule, pred), x.clone(), solver="heun", nfe=7, spacing="linspace")
+    assert (ours - ref).abs().max().item() <= 1e-6
+
+
+def test_adapter_step_outputs(gmm16):
+    """pred_original_sample is the data prediction at the evaluated input; step beyond the plan raises."""
+    sched = DiffSamplerScheduler(solver="dpmpp_2s")
+    sched.set_timesteps(5)
+    model = GMMModel(gmm16, sched.schedule, "epsilon")
+    x = x_T()
+    den = gmm_denoiser(gmm16, sched.schedule)
+    for t in sched.timesteps:
+        out = sched.step(model(x, t).sample, t, x)
+        want = den.data_pred(x, float(t) / sched.schedule.time_scale)
+        assert (out.pred_original_sample - want).abs().max().item() <= 1e-5
+        x = out.prev_sample
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(model(x, t).sample, t, x)
+
+
+def test_adapter_begin_index_and_explicit_timesteps(gmm16):
+    """set_begin_index starts at a step boundary: same as sample() on the remaining grid."""
+    sched = DiffSamplerScheduler(solver="dpmpp_2m")
+    sched.set_timesteps(10)
+    full_ts = sched.timesteps.clone()
+    grid = sched.plan.grid
+    sched.set_begin_index(4)
+    x = x_T()
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), 10, x)
+    assert torch.equal(sched.timesteps, full_ts)
+    sub = TimeGrid(t=grid.t[4:], alpha=grid.alpha[4:], sigma=grid.sigma[4:], lam=grid.lam[4:],
+                   final_zero=grid.final_zero, schedule=grid.schedule)
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver="dpmpp_2m", grid=sub)
+    assert (ours - ref).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="begin_index"):
+        s2 = DiffSamplerScheduler(solver="heun")
+        s2.set_timesteps(7)
+        s2.set_begin_index(1)  # heun with 7 calls: orders 2, 2, 2, 1; steps start at calls 0, 2, 4, 6
+
+
+def test_add_noise(gmm16):
+    sched = DiffSamplerScheduler()
+    x0, eps = x_T(4), x_T(4, seed=1)
+    t = torch.tensor([999, 500, 10, 0])
+    acp = DDPMScheduler().alphas_cumprod[t].double().view(-1, 1)
+    want = acp.sqrt() * x0.double() + (1 - acp).sqrt() * eps.double()
+    assert (sched.add_noise(x0, eps, t).double() - want).abs().max().item() <= 1e-5
+    assert len(sched) == 1000
+
+
+def test_flow_config(gmm16):
+    sched = DiffSamplerScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, solver="dpmpp_2m")
+    assert isinstance(sched.schedule, RectifiedFlow) and sched.schedule.time_scale == 1000
+    assert sched.prediction_kind == "flow"
+    x = x_T()
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule, "flow"), 6, x)
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule, "flow"), x.clone(), solver="dpmpp_2m", nfe=6,
+                    spacing="time_uniform")
+    assert (ours - ref).abs().max().item() <= 1e-6
+    assert float(sched.timesteps[0]) == pytest.approx(999.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. from diffusers configs: same samples as diffusers' own schedulers
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nfe", [5, 10, 20])
+def test_from_dpm_config_matches_diffusers(gmm16, nfe):
+    ref_sched = DPMSolverMultistepScheduler()
+    sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="dpmpp_2m")
+    x = x_T(64, seed=0)
+    ref = run_diffusers(ref_sched, GMMModel(gmm16, sched.schedule), nfe, x)
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), nfe, x)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("nfe", [5, 10, 20])
+def test_from_ddim_config_matches_diffusers(gmm16, nfe):
+    # DDIM's "leading" grid (T // n) is not the multistep schedulers' "leading" (T // (n + 1)):
+    # drive it with DDIM's own timesteps; its "trailing" grid is ours and comes from the config.
+    x = x_T(64, seed=1)
+    ref_sched = DDIMScheduler(clip_sample=False)
+    sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="ddim")
+    ref = run_diffusers(ref_sched, GMMModel(gmm16, sched.schedule), nfe, x)
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), None, x, timesteps=ref_sched.timesteps)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+    for alpha_one in (True, False):
+        ref_sched = DDIMScheduler(clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=alpha_one)
+        sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="ddim")
+        assert sched.spacing == "trailing" and sched.final == ("zero" if alpha_one else "last")
+        ref = run_diffusers(ref_sched, GMMModel(gmm16, sched.schedule), nfe, x)
+        ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), nfe, x)
+        assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("nfe", [5, 10, 20])
+def test_from_deis_config_matches_diffusers(gmm16, nfe):
+    ref_sched = DEISMultistepScheduler(solver_order=3)
+    sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="deis_logrho_3", final="last")
+    x = x_T(64, seed=0)  # seed 2 at NFE 10 gives 1.7e-4: float32 round-off, sample() alike
+    ref = run_diffusers(ref_sched, GMMModel(gmm16, sched.schedule), nfe, x)
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), nfe, x)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# 3. metadata, configs, errors
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,nfe,steps", [("heun", 9, 5), ("dpmpp_2s", 8, 5), ("heun", 1, 1)])
+def test_timesteps_one_per_model_call(name, nfe, steps):
+    sched = DiffSamplerScheduler(solver=name)
+    sched.set_timesteps(nfe)
+    assert len(sched.timesteps) == nfe == sched.plan.nfe
+    assert len(sched.plan.steps) == steps
+    assert sched.timesteps.dtype == torch.float32
+    assert sched.order == 2
+
+
+def test_save_load_round_trip(tmp_path):
+    sched = DiffSamplerScheduler(solver="dpmpp_2m_sde", spacing="karras", final="last",
+                                 prediction_type="v_prediction", solver_options={"lower_order_final": False})
+    sched.save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler_config.json").exists()
+    back = DiffSamplerScheduler.from_pretrained(tmp_path)
+    for k in ("solver", "spacing", "final", "prediction_type", "solver_options"):
+        assert back.config[k] == sched.config[k]
+    sched.set_timesteps(7)
+    back.set_timesteps(7)
+    assert torch.equal(sched.timesteps, back.timesteps)
+    # a foreign config survives the round trip through our class
+    src = DiffSamplerScheduler.from_config(DPMSolverMultistepScheduler(solver_order=3).config)
+    src.save_pretrained(tmp_path / "b")
+    assert DiffSamplerScheduler.from_pretrained(tmp_path / "b").config["solver_order"] == 3
+
+
+CONFIG_SOURCES = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                  PNDMScheduler, UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("cls", CONFIG_SOURCES, ids=lambda c: c.__name__)
+def test_diffusers_configs_accepted_silently(cls):
+    handler = _Records()
+    lib_logger = logging.getLogger("diffusers")
+    lib_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sched = DiffSamplerScheduler.from_config(cls().config, solver="dpmpp_2m")
+            sched.set_timesteps(6)
+    finally:
+        lib_logger.removeHandler(handler)
+    assert not handler.records, [r.getMessage() for r in handler.records]
+    assert len(sched.timesteps) == 6
+    assert isinstance(sched.schedule, RectifiedFlow) == (cls is FlowMatchEulerDiscreteScheduler)
+    # foreign keys are kept in the config, not dropped
+    foreign = {k for k in cls().config if not k.startswith("_")}
+    assert foreign <= set(sched.config)
+
+
+def test_config_key_mapping():
+    s = DiffSamplerScheduler.from_config(DPMSolverMultistepScheduler(final_sigmas_type="sigma_min",
+                                                                     timestep_spacing="trailing").config)
+    assert (s.final, s.spacing) == ("last", "trailing")
+    s = DiffSamplerScheduler.from_config(DPMSolverMultistepScheduler(timestep_spacing="trailing").config,
+                                         spacing="logsnr")
+    assert s.spacing == "logsnr"
+    s = DiffSamplerScheduler.from_config(
+        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").config)
+    assert isinstance(s.schedule, RectifiedFlow) and s.prediction_kind == "flow"
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown solver"):
+        DiffSamplerScheduler(solver="nope")
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffSamplerScheduler(prediction_type="score")
+    with pytest.raises(ValueError, match="prediction_type|flow"):
+        DiffSamplerScheduler(prediction_type="flow", schedule_type="vp")
+    with pytest.raises(ValueError, match="unknown option"):
+        DiffSamplerScheduler(solver="dpmpp_2m", solver_options={"bogus": 1})
+    with pytest.raises(ValueError, match="spacing"):
+        DiffSamplerScheduler(spacing="weird")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        DiffSamplerScheduler().step(torch.zeros(1, 2), 0, torch.zeros(1, 2))
