@@ -149,8 +149,8 @@ class Bench:
 
             def fn(_):
                 gens = per_sample_generators(range(self.shape[0]))
-                if hasattr(loop, "_predrawn_noise"):
-                    nf = loop._predrawn_noise(plan, gens, self.x_T)
+                if hasattr(loop, "predrawn_noise"):
+                    nf = loop.predrawn_noise(plan, gens, self.x_T)
                 else:
                     nf = lambda x: per_sample_noise(x.shape, gens, x.device, x.dtype)  # noqa: E731
                 run_plan(plan, den, self.x_T, noise_fn=nf)

@@ -33,8 +33,8 @@ from diffusers.utils import BaseOutput
 
 from ..denoisers import PREDICTION_TYPES, Denoiser
 from ..samplers import get, make_plan
-from ..samplers.loop import _predrawn_noise
-from ..samplers.plan import Plan, _combine, _frees
+from ..samplers.loop import predrawn_noise
+from ..samplers.plan import Plan, combine, frees_per_step
 from ..schedules import SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, time_grid
 
 __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
@@ -296,7 +296,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._step_of = [(i, j) for i, s in enumerate(plan.steps) for j in range(len(s.evals))]
         t = torch.tensor([ev.t for ev in self._evals], dtype=torch.float64)
         self._t_model = self.schedule.model_time(t).to(torch.float32)
-        self._frees = _frees(plan)
+        self._frees = frees_per_step(plan)
         self._reset_state()
 
     def _apply_begin_index(self) -> None:
@@ -355,16 +355,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._n += 1
         if j + 1 < len(s.evals):
             nxt = s.evals[j + 1]
-            prev = self._x if nxt.x.is_identity else _combine(self._x, nxt.x, self._outs)
+            prev = self._x if nxt.x.is_identity else combine(self._x, nxt.x, self._outs)
         else:
-            x_next = _combine(self._x, s.update, self._outs)
+            x_next = combine(self._x, s.update, self._outs)
             if s.noise != 0.0:
                 if self._noise_fn is None:
-                    self._noise_fn = _predrawn_noise(plan, generator, self._x)
+                    self._noise_fn = predrawn_noise(plan, generator, self._x)
                 x_next.add_(self._noise_fn(self._x), alpha=s.noise)
             if i + 1 < len(plan.steps):
                 first = plan.steps[i + 1].evals[0]
-                prev = x_next if first.x.is_identity else _combine(x_next, first.x, self._outs)
+                prev = x_next if first.x.is_identity else combine(x_next, first.x, self._outs)
             else:
                 prev = x_next
                 self._denoiser.raise_if_nonfinite()

@@ -10,7 +10,7 @@ from ..schedules import TimeGrid, time_grid
 from .plan import Plan, run_plan
 from .registry import Solver, get
 
-__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise"]
+__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise"]
 
 
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -105,7 +105,7 @@ def sample(
     if plan.stochastic:
         if gens is None:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
-        noise_fn = _predrawn_noise(plan, gens, x_T)
+        noise_fn = predrawn_noise(plan, gens, x_T)
     if guidance is not None and hasattr(guidance, "wrap"):
         denoiser = guidance.wrap(denoiser)
     if guidance is not None and hasattr(guidance, "run"):
@@ -113,7 +113,7 @@ def sample(
     return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
 
 
-def _predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """All step noise drawn before the loop (per sample, on the generators' device) and moved to
     the state's device in one copy, so the step loop never waits on a host-to-device transfer."""
     n = sum(1 for s in plan.steps if s.noise != 0.0)

@@ -20,7 +20,7 @@ import torch
 
 from ..schedules import TimeGrid
 
-__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "run_plan"]
+__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "run_plan", "combine", "frees_per_step"]
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,15 @@ class PlanBuilder:
 # Execution
 # ---------------------------------------------------------------------------------------------
 
-def _combine(x: torch.Tensor, c: Combo, outs: dict[int, torch.Tensor]) -> torch.Tensor:
+def combine(x: torch.Tensor, c: Combo, outs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Apply a Combo: cx * x + sum(c * outs[m]) (the one linear-combination kernel of the engine)."""
     y = x * c.cx
     for m, b in c.terms:
         y.add_(outs[m], alpha=b)
     return y
 
 
-def _frees(plan: Plan) -> list[list[int]]:
+def frees_per_step(plan: Plan) -> list[list[int]]:
     """For each step, the model outputs no longer needed after it (so memory is freed)."""
     last: dict[int, int] = {}
     n = 0
@@ -152,7 +153,7 @@ def run_plan(
     times = sorted({ev.t for s in plan.steps for ev in s.evals})
     model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
     t_in = {t: model_t[j].expand(batch) for j, t in enumerate(times)}
-    frees = _frees(plan)
+    frees = frees_per_step(plan)
     outs: dict[int, torch.Tensor] = {}
     n = 0
     it = range(len(plan.steps))
@@ -163,10 +164,10 @@ def run_plan(
     for i in it:
         s = plan.steps[i]
         for ev in s.evals:
-            y = x if ev.x.is_identity else _combine(x, ev.x, outs)
+            y = x if ev.x.is_identity else combine(x, ev.x, outs)
             outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
             n += 1
-        x_next = _combine(x, s.update, outs)
+        x_next = combine(x, s.update, outs)
         if s.noise != 0.0:
             x_next.add_(noise_fn(x), alpha=s.noise)
         if callback is not None:
