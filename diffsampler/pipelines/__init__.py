@@ -1,6 +1,9 @@
-"""Integrations with diffusers pipelines: `DiffSamplerScheduler` drives any registered solver's plan
-one model evaluation at a time behind diffusers' scheduler interface."""
+"""Integrations with diffusers: `DiffSamplerScheduler` drives any registered solver's plan one model
+evaluation at a time behind diffusers' scheduler interface; `denoiser_from_pipeline` /
+`denoiser_from_model` let `diffsampler.sample()` run on diffusers networks."""
 
+from .loaders import PipelineDenoiser, denoiser_from_model, denoiser_from_pipeline
 from .scheduler import DiffSamplerScheduler, DiffSamplerSchedulerOutput
 
-__all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
+__all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput", "PipelineDenoiser", "denoiser_from_model",
+           "denoiser_from_pipeline"]

@@ -1,0 +1,138 @@
+"""Denoisers built from diffusers pipelines and models, so `diffsampler.sample()` (with any solver
+and guidance) runs on real networks: pixel UNets, latent text-to-image UNets, flow transformers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..denoisers import Denoiser
+from ..guidance.cfg import CFGModel
+from .scheduler import DiffSamplerScheduler
+
+__all__ = ["PipelineDenoiser", "denoiser_from_pipeline", "denoiser_from_model"]
+
+
+class PipelineDenoiser(Denoiser):
+    """A Denoiser over a diffusers network, with what sampling around it needs: the shape of the
+    state (`sample_shape`) and, for latent models, VAE decoding (`decode`)."""
+
+    def __init__(self, model, schedule, prediction_type, *, network, vae=None, sample_size=None, **kw):
+        super().__init__(model, schedule, prediction_type, **kw)
+        self.network, self.vae = network, vae
+        cfg = network.config
+        self.channels = cfg.get("in_channels", 3)
+        self.sample_size = sample_size or cfg.get("sample_size")
+
+    def sample_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple:
+        """(batch, C, h, w) of the state; height/width are image pixels (divided by the VAE factor)."""
+        h = w = self.sample_size if isinstance(self.sample_size, int) else None
+        if isinstance(self.sample_size, (tuple, list)):
+            h, w = self.sample_size
+        if height is not None:
+            h, w = height // self.vae_factor, (width or height) // self.vae_factor
+        if h is None:
+            raise ValueError("the network has no sample_size: pass height and width")
+        return (batch, self.channels, h, w)
+
+    @property
+    def vae_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, C, H, W): the state itself for pixel models, VAE-decoded latents
+        (x / scaling_factor + shift_factor) for latent models."""
+        if self.vae is not None:
+            c = self.vae.config
+            z = x / c.scaling_factor + (c.get("shift_factor") or 0.0)
+            x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return (x / 2 + 0.5).clamp(0, 1)
+
+
+def _network_call(network) -> Any:
+    """Calling convention of a diffusers network: x, t and conditioning keywords -> output tensor."""
+    name = type(network).__name__
+    if "Transformer" in name:
+        def call(x, t, **cond):
+            return network(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+    else:
+        def call(x, t, **cond):
+            return network(x, t, return_dict=False, **cond)[0]
+    channels = network.config.get("in_channels")
+
+    def checked(x, t, **cond):
+        out = call(x, t, **cond)
+        if channels and out.shape[1] == 2 * channels:  # learned variance (IF, DiT): keep the mean
+            out = out[:, :channels]
+        return out
+
+    return checked
+
+
+def denoiser_from_model(network, scheduler_config, *, vae=None, guidance_scale: float = 1.0,
+                        guidance_rescale: float = 0.0, cond: dict | None = None, uncond: dict | None = None,
+                        **denoiser_kw) -> PipelineDenoiser:
+    """A Denoiser over any diffusers network given the config of the scheduler it was trained with
+    (its noise schedule and prediction type are read through DiffSamplerScheduler's mapping)."""
+    adapter = DiffSamplerScheduler.from_config(scheduler_config)
+    model = CFGModel(_network_call(network), dict(cond or {}), uncond, guidance_scale, guidance_rescale,
+                     param_source=network)  # model I/O in the network's dtype
+    return PipelineDenoiser(model, adapter.schedule, adapter.prediction_kind, network=network, vae=vae,
+                            **denoiser_kw)
+
+
+def denoiser_from_pipeline(pipe, guidance_scale: float = 1.0, guidance_rescale: float = 0.0, *,
+                           prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                           prompt_embeds: torch.Tensor | None = None,
+                           negative_prompt_embeds: torch.Tensor | None = None,
+                           pooled_prompt_embeds: torch.Tensor | None = None,
+                           negative_pooled_prompt_embeds: torch.Tensor | None = None,
+                           class_labels: torch.Tensor | None = None, null_class: int | None = None,
+                           **cond) -> PipelineDenoiser:
+    """Denoiser from a pipeline's unet/transformer, scheduler config and VAE.
+
+    Text models: pass `prompt_embeds` (and `negative_prompt_embeds` for guidance), so no tokenizer
+    is needed, or `prompt` / `negative_prompt` (encoded with the pipeline's own `encode_prompt`).  Flow transformers also
+    take `pooled_prompt_embeds`.  Class-conditional UNets: `class_labels`, and `null_class` (the
+    label of the unconditional class) for guidance.  Extra `cond` keywords go to every call.
+    """
+    network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if network is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    vae = getattr(pipe, "vae", None)
+    c, u = dict(cond), None
+    if prompt is not None:
+        if prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        enc = pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt, device=network.device,
+                                 num_images_per_prompt=1, do_classifier_free_guidance=guidance_scale != 1.0) \
+            if "Transformer" not in type(network).__name__ else None
+        if enc is None:
+            raise ValueError("for flow transformers pass prompt_embeds / pooled_prompt_embeds")
+        prompt_embeds, negative_prompt_embeds = enc[0], enc[1]
+    if prompt_embeds is not None:
+        c["encoder_hidden_states"] = prompt_embeds
+        if pooled_prompt_embeds is not None:
+            c["pooled_projections"] = pooled_prompt_embeds
+        if guidance_scale != 1.0:
+            if negative_prompt_embeds is None:
+                raise ValueError("guidance needs negative_prompt_embeds (or a prompt with the pipeline's tokenizer)")
+            u = {**c, "encoder_hidden_states": negative_prompt_embeds}
+            if pooled_prompt_embeds is not None:
+                if negative_pooled_prompt_embeds is None:
+                    raise ValueError("guidance on a pooled-projection model needs negative_pooled_prompt_embeds")
+                u["pooled_projections"] = negative_pooled_prompt_embeds
+    if class_labels is not None:
+        c["class_labels"] = torch.as_tensor(class_labels).long().reshape(-1)
+        if guidance_scale != 1.0:
+            if null_class is None:
+                raise ValueError("class-conditional guidance needs null_class (the unconditional label)")
+            u = {**c, "class_labels": torch.full_like(c["class_labels"], null_class)}
+    if guidance_scale != 1.0 and u is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a condition: prompt(_embeds) or class_labels")
+    return denoiser_from_model(network, pipe.scheduler.config, vae=vae, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, cond=c, uncond=u)
