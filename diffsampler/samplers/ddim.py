@@ -27,7 +27,7 @@ class DDIM(MultistepSolver):
     def __init__(self, eta: float = 0.0):
         super().__init__(order=1)
         if not eta >= 0:
-            raise ValueError(f"ddim: eta must be >= 0, got {eta}")
+            raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
         self.stochastic = self.eta > 0
 

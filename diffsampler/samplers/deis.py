@@ -55,7 +55,7 @@ class DEIS(MultistepSolver):
 
     def __init__(self, order: int = 3, basis: str = "t", lower_order_final: bool = True):
         if basis not in ("t", "rho", "logrho"):
-            raise ValueError(f"deis: basis must be 't', 'rho' or 'logrho', got {basis!r}")
+            raise ValueError(f"basis must be 't', 'rho' or 'logrho', got {basis!r}")
         self.basis = basis
         self.first_order_to_zero = basis == "logrho"  # log(rho) -> -inf: diffusers never goes there
         super().__init__(order=order, lower_order_final=lower_order_final)

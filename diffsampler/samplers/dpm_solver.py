@@ -95,7 +95,7 @@ class DPMSolverPP2S(SinglestepSolver):
 
     def __init__(self, r1: float = 0.5):
         if not 0 < r1 < 1:
-            raise ValueError(f"dpmpp_2s: r1 must be in (0, 1), got {r1}")
+            raise ValueError(f"r1 must be in (0, 1), got {r1}")
         self.r1 = r1
 
     def build(self, grid, nfe=None):

@@ -76,6 +76,7 @@ def sample(
     shape: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
     generator=None,
+    device: str | torch.device | None = None,
     progress: bool = False,
     callback: Callable | None = None,
     guidance=None,
@@ -83,7 +84,8 @@ def sample(
 ) -> torch.Tensor:
     """Sample with `solver` spending exactly `nfe` model calls.
 
-    x_T: initial noise; if None it is drawn for `shape` from `seeds` (one per sample) or `generator`.
+    x_T: initial noise; if None it is drawn for `shape` from `seeds` (one per sample, on the CPU so
+    every device gets the same numbers) or `generator`, then moved to `device`.
     Stochastic solvers draw their step noise from the same per-sample generators, so with `seeds`
     sample k depends only on seed k whatever the batch size.
     guidance: an object with `wrap(denoiser) -> denoiser` (e.g. CFG) or a `run(plan, denoiser, x,
@@ -98,9 +100,12 @@ def sample(
     if x_T is None:
         if shape is None:
             raise ValueError("give x_T or shape (with seeds or generator)")
-        x_T = per_sample_noise(shape, gens, "cpu").mul_(denoiser.schedule.prior_std)
-    elif seeds is not None and len(seeds) != x_T.shape[0]:
-        raise ValueError(f"got {len(seeds)} seeds for a batch of {x_T.shape[0]}")
+        x_T = per_sample_noise(shape, gens, device or "cpu").mul_(denoiser.schedule.prior_std)
+    else:
+        if seeds is not None and len(seeds) != x_T.shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {x_T.shape[0]}")
+        if device is not None:
+            x_T = x_T.to(device)
     noise_fn = None
     if plan.stochastic:
         if gens is None:

@@ -67,7 +67,7 @@ class MultistepSolver(Solver):
     def __init__(self, order: int | None = None, lower_order_final: bool = True):
         order = self.max_order if order is None else order
         if not isinstance(order, (int, np.integer)) or not 1 <= order <= self.max_order:
-            raise ValueError(f"solver {self.name!r}: order must be an integer in 1..{self.max_order}, got {order!r}")
+            raise ValueError(f"order must be an integer in 1..{self.max_order}, got {order!r}")
         self.order = int(order)
         self.lower_order_final = bool(lower_order_final)
 
@@ -172,7 +172,10 @@ def get(name: "str | Solver", **options) -> Solver:
         if unknown:
             allowed = sorted(set(params) - set(defaults))
             raise ValueError(f"solver {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
-    solver = factory(**kwargs)
+    try:
+        solver = factory(**kwargs)
+    except ValueError as e:  # option errors name the registered solver
+        raise ValueError(f"solver {name!r}: {e}") from None
     solver.name = name
     return solver
 
