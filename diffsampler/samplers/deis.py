@@ -53,12 +53,13 @@ class DEIS(MultistepSolver):
     first_order_to_zero = False  # rho stays finite at sigma = 0 (set per basis below)
     kind = "noise"
 
-    def __init__(self, order: int = 3, basis: str = "t", lower_order_final: bool = True):
+    def __init__(self, order: int = 3, basis: str = "t", lower_order_final: bool = True,
+                 momentum: float | None = None):
         if basis not in ("t", "rho", "logrho"):
             raise ValueError(f"basis must be 't', 'rho' or 'logrho', got {basis!r}")
         self.basis = basis
         self.first_order_to_zero = basis == "logrho"  # log(rho) -> -inf: diffusers never goes there
-        super().__init__(order=order, lower_order_final=lower_order_final)
+        super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
 
     def basis_integrals(self, grid, i: int, k: int) -> np.ndarray:
         """int_{rho_i}^{rho_{i+1}} l_j(u(rho)) d rho for j = 0..k-1 (nodes at grid points i, i-1, ...)."""
@@ -110,10 +111,13 @@ class PNDM(MultistepSolver):
     first_order_to_zero = False
     kind = "noise"
 
-    def __init__(self, order: int = 4, lower_order_final: bool = False):
-        super().__init__(order=order, lower_order_final=lower_order_final)
+    def __init__(self, order: int = 4, lower_order_final: bool = False, momentum: float | None = None):
+        super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
 
     def coefficients(self, grid, i, k):
         a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
         dr = float(grid.rho[i + 1] - grid.rho[i])
         return a_t / a_s, [a_t * dr * w for w in AB_WEIGHTS[k]], 0.0
+
+
+register("pndm_hb", PNDM, momentum=0.8)

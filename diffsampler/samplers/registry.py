@@ -59,17 +59,24 @@ class MultistepSolver(Solver):
     last steps of short runs when `lower_order_final` (k_i <= steps - i when steps < 15, as
     diffusers does), and first order on a step that lands on sigma = 0 for solvers whose
     coefficients need a finite log-SNR step there (`first_order_to_zero`).
+
+    `momentum=beta` adds heavy-ball momentum (Wizadwongsa et al. 2023) to any multistep solver:
+    with x_{i+1} = c_x x_i + g_i P_i (g_i the first-order coefficient, P_i the solver's combined
+    prediction), V_i = (1 - beta) V_{i-1} + beta P_i and x_{i+1} = c_x x_i + g_i V_i.
     """
 
     max_order: int = 3
     first_order_to_zero: bool = True
 
-    def __init__(self, order: int | None = None, lower_order_final: bool = True):
+    def __init__(self, order: int | None = None, lower_order_final: bool = True, momentum: float | None = None):
         order = self.max_order if order is None else order
         if not isinstance(order, (int, np.integer)) or not 1 <= order <= self.max_order:
             raise ValueError(f"order must be an integer in 1..{self.max_order}, got {order!r}")
+        if momentum is not None and not 0 < momentum <= 1:
+            raise ValueError(f"momentum (heavy-ball damping beta) must be in (0, 1], got {momentum!r}")
         self.order = int(order)
         self.lower_order_final = bool(lower_order_final)
+        self.momentum = momentum
 
     def step_orders(self, grid: TimeGrid) -> list[int]:
         n = grid.steps
@@ -90,12 +97,19 @@ class MultistepSolver(Solver):
     def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
         if nfe is not None and nfe != grid.steps:
             raise ValueError(f"{self.name!r} spends one model call per step: nfe={nfe} needs {nfe} steps, grid has {grid.steps}")
+        from .momentum import heavy_ball
+
         b = PlanBuilder(grid)
         history: list[int] = []  # output indices, newest first
+        velocity = None
         for i, k in enumerate(self.step_orders(grid)):
             history.insert(0, b.eval_at(i, self.kind))
             cx, cs, cz = self.coefficients(grid, i, k)
-            b.end_step(Combo(cx, tuple(zip(history[:k], (float(c) for c in cs)))), cz, k)
+            terms = dict(zip(history[:k], (float(c) for c in cs)))
+            if self.momentum is not None:  # heavy ball on the solver's own update direction
+                g = float(self.coefficients(grid, i, 1)[1][0])
+                terms, velocity = heavy_ball(terms, velocity, self.momentum, g)
+            b.end_step(Combo(cx, tuple(terms.items())), cz, k)
             del history[self.order:]
         return b.plan(self.name)
 
