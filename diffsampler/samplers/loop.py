@@ -9,6 +9,7 @@ import torch
 from ..schedules import TimeGrid, time_grid
 from .plan import Plan, run_plan
 from .registry import Solver, get
+from .time_shift import TimeShift
 
 __all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise"]
 
@@ -80,6 +81,7 @@ def sample(
     progress: bool = False,
     callback: Callable | None = None,
     guidance=None,
+    time_shift=None,
     **solver_options,
 ) -> torch.Tensor:
     """Sample with `solver` spending exactly `nfe` model calls.
@@ -88,6 +90,7 @@ def sample(
     every device gets the same numbers) or `generator`, then moved to `device`.
     Stochastic solvers draw their step noise from the same per-sample generators, so with `seeds`
     sample k depends only on seed k whatever the batch size.
+    time_shift: dict(window=..., cutoff=...) turns on the Time-Shift sampler for any solver.
     guidance: an object with `wrap(denoiser) -> denoiser` (e.g. CFG) or a `run(plan, denoiser, x,
     noise_fn, ...)` strategy (e.g. SVDD); samplers never import guidance.
     """
@@ -115,7 +118,8 @@ def sample(
         denoiser = guidance.wrap(denoiser)
     if guidance is not None and hasattr(guidance, "run"):
         return guidance.run(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
-    return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
+    return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress,
+                    time_shift=TimeShift.from_spec(time_shift))
 
 
 def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -144,8 +144,10 @@ def run_plan(
     noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
+    time_shift=None,
 ) -> torch.Tensor:
-    """Run `plan` from x = x_{t_0}.  State (x, model outputs) lives only in this call."""
+    """Run `plan` from x = x_{t_0}.  State (x, model outputs) lives only in this call.
+    `time_shift` (a samplers.time_shift.TimeShift) shifts each step's first model call per sample."""
     if plan.stochastic and noise_fn is None:
         raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
     batch = x.shape[0]
@@ -154,6 +156,7 @@ def run_plan(
     model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
     t_in = {t: model_t[j].expand(batch) for j, t in enumerate(times)}
     frees = frees_per_step(plan)
+    shifts = time_shift.tables(plan, denoiser.schedule, x.device) if time_shift is not None else {}
     outs: dict[int, torch.Tensor] = {}
     n = 0
     it = range(len(plan.steps))
@@ -163,9 +166,12 @@ def run_plan(
         it = tqdm(it, desc=plan.solver or "sampling", unit="step")
     for i in it:
         s = plan.steps[i]
-        for ev in s.evals:
+        for k, ev in enumerate(s.evals):
             y = x if ev.x.is_identity else combine(x, ev.x, outs)
-            outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
+            if k == 0 and i in shifts:
+                outs[n] = denoiser._predict(y, *time_shift.shift(y, shifts[i]), ev.kind)
+            else:
+                outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
             n += 1
         x_next = combine(x, s.update, outs)
         if s.noise != 0.0:
