@@ -149,7 +149,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self.final = final
         self.grid_shift = shift if shift is not None else (flow_shift if use_flow_sigmas else None)
         self.init_noise_sigma = float(self.schedule.prior_std)
-        self.order = int(self.solver.order)
+        # pipelines read `order` as model calls per entry of `timesteps` (warm-up counts, img2img's
+        # set_begin_index(t_start * order)); ours has one entry per model call
+        self.order = 1
+        self.solver_order = int(self.solver.order)
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self.plan: Plan | None = None
@@ -171,10 +174,13 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(config, dict):
             return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-        cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
-        name = cfg.get("_class_name")
+        name = config.get("_class_name")
+        # a foreign class's defaults count as its values; our own config keeps its default markers
+        cfg = dict(config) if name == cls.__name__ else {k: v for k, v in config.items() if k != "_use_default_values"}
         if (isinstance(name, str) and name.startswith("FlowMatch")) or cfg.get("shift") is not None:
             kwargs.setdefault("schedule_type", "flow")
+        if name == "DEISMultistepScheduler" and "final" not in cfg:
+            kwargs.setdefault("final", "last")  # DEIS always ends at sigma_min
         foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
         foreign.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
         cfg = {k: v for k, v in cfg.items() if k in known or k.startswith("_")}
@@ -326,12 +332,17 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor = None,
         generator=None,
         return_dict: bool = True,
+        **kwargs,
     ):
         """Consume the model output of the current evaluation (its input was `sample`) and return
         the next evaluation's input.  `timestep` is not used to find the position: an internal
         counter is (repeated timesteps are fine).  `generator`: one torch.Generator or a list of
         per-sample generators for stochastic solvers (all the plan's noise is drawn from them at
         the first noisy step, exactly as `diffsampler.sample` does)."""
+        eta = kwargs.get("eta")  # DDIMPipeline passes eta, use_clipped_model_output, variance_noise
+        if eta and eta != getattr(self.solver, "eta", 0.0):
+            raise ValueError(f"eta={eta} passed to step; set it on the solver: "
+                             f"DiffSamplerScheduler(solver='ddim', solver_options={{'eta': {eta}}})")
         if self.plan is None:
             raise ValueError("call set_timesteps before step")
         if sample is None:
