@@ -130,7 +130,11 @@ class DiscreteVP(_VP):
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "rescale_betas_zero_snr")
         kwargs = {k: config[k] for k in keys if k in config and config[k] is not None}
-        ref = DDPMScheduler(**kwargs)
+        try:
+            ref = DDPMScheduler(**kwargs)
+        except NotImplementedError as e:
+            raise ValueError(f"scheduler config maps to no noise schedule: {e}; beta_schedule must be one of "
+                             "'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas") from None
         return cls(ref.alphas_cumprod.double().numpy())
 
     @classmethod

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DEISMultistepScheduler,
+from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DEISMultistepScheduler,
                        DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline)
 
 import diffsampler as ds
@@ -132,7 +132,7 @@ def test_ddpm_pipeline_every_solver(ddpm, name):
 def test_ddpm_pipeline_dpmpp_2m_matches_diffusers(ddpm, steps):
     cfg = ddpm.base_config  # DDPMScheduler: "leading" spacing
     ref_im, ref, _ = run_ddpm(ddpm, DPMSolverMultistepScheduler.from_config(cfg), steps)
-    im, x, calls = run_ddpm(ddpm, DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m"), steps)
+    im, x, calls = run_ddpm(ddpm, DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m", clip_sample=False), steps)
     assert calls == steps
     assert_same(x, ref, im, ref_im)
 
@@ -170,7 +170,8 @@ def test_ddpm_pipeline_deis_matches_diffusers(ddpm, steps):
     """DEISMultistepScheduler ends at sigma_min (sigma(t=0)), so ours needs final="last" (next test)."""
     ref_sched = DEISWithGenerator.from_config(ddpm.base_config, solver_order=3)
     ref_im, ref, _ = run_ddpm(ddpm, ref_sched, steps)
-    sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="deis_logrho_3", final="last")
+    sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="deis_logrho_3", final="last",
+                                             clip_sample=False)
     im, x, calls = run_ddpm(ddpm, sched, steps)
     assert calls == steps
     assert_same(x, ref, im, ref_im)
@@ -278,9 +279,16 @@ def test_img2img_dpmpp_2m_matches_diffusers(sd, img2img):
 # 5. half-precision networks through diffsampler.sample
 # --------------------------------------------------------------------------------------------
 
+def unclipped(pipe):
+    """The DDPM config clips x0 to [-1, 1]; a clip boundary turns round-off into O(1) jumps, so the
+    precision comparison runs without it."""
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def reference_samples(ddpm_dir):
-    den = denoiser_from_pipeline(DDPMPipeline.from_pretrained(ddpm_dir))
+    den = denoiser_from_pipeline(unclipped(DDPMPipeline.from_pretrained(ddpm_dir)))
     return den, {}
 
 
@@ -292,7 +300,7 @@ def test_half_precision_unet_sample(ddpm_dir, reference_samples, dtype, solver):
         pipe.unet(torch.zeros(1, 3, 8, 8, dtype=dtype), 10)
     except RuntimeError as e:  # e.g. CPU kernels missing for this dtype
         pytest.skip(f"{dtype} unet forward unsupported on this build: {e}")
-    den = denoiser_from_pipeline(pipe)
+    den = denoiser_from_pipeline(unclipped(pipe))
     ref_den, cache = reference_samples
     for nfe in (5, 12, 25, 50):
         x = ds.sample(den, shape=den.sample_shape(2), seeds=[0, 1], solver=solver, nfe=nfe)
@@ -303,3 +311,26 @@ def test_half_precision_unet_sample(ddpm_dir, reference_samples, dtype, solver):
             cache[key] = ds.sample(ref_den, shape=den.sample_shape(2), seeds=[0, 1], solver=solver, nfe=nfe)
         ref = cache[key]
         assert ((x - ref).abs().max() / ref.abs().max()).item() <= 0.02, (solver, nfe)  # measured <= 0.004
+
+
+class DDIMClippedOutput(DDIMScheduler):
+    """DDIM that re-derives eps from the clipped x0 (use_clipped_model_output=True): our DDIM works on
+    the (clipped) data prediction alone, like DDPM's posterior and DPM-Solver++ thresholding."""
+
+    def step(self, *args, **kwargs):
+        kwargs.pop("generator", None)
+        return super().step(*args, use_clipped_model_output=True, **kwargs)
+
+
+@pytest.mark.parametrize("src,kw", [(DDIMClippedOutput, dict(clip_sample=True, clip_sample_range=0.5, timestep_spacing="trailing")),
+                                    (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=0.8))])
+def test_config_clipping_and_thresholding_are_honoured(ddpm, src, kw):
+    """clip_sample (DDPM/DDIM configs) and dynamic thresholding read from the config, as diffusers does."""
+    ref_sched = src.from_config(ddpm.base_config, **kw)
+    ref_im, ref, _ = run_ddpm(ddpm, ref_sched, 5)
+    name = "ddim" if src is DDIMClippedOutput else "dpmpp_2m"
+    im, x, _ = run_ddpm(ddpm, DiffSamplerScheduler.from_config(ref_sched.config, solver=name), 5)
+    assert np.abs(im - ref_im).max() <= 1e-4 and (x - ref).abs().max() <= 1e-4  # clipped states are O(1)
+    plain, _, _ = run_ddpm(ddpm, DiffSamplerScheduler.from_config(ref_sched.config, solver=name, clip_sample=False,
+                                                                  thresholding=False), 5)
+    assert np.abs(plain - im).max() > 1e-3  # the transform did something here

@@ -75,14 +75,15 @@ def _network_call(network) -> Any:
 
 def denoiser_from_model(network, scheduler_config, *, vae=None, guidance_scale: float = 1.0,
                         guidance_rescale: float = 0.0, cond: dict | None = None, uncond: dict | None = None,
-                        **denoiser_kw) -> PipelineDenoiser:
+                        **denoiser_kw) -> Denoiser:
     """A Denoiser over any diffusers network given the config of the scheduler it was trained with
     (its noise schedule and prediction type are read through DiffSamplerScheduler's mapping)."""
     adapter = DiffSamplerScheduler.from_config(scheduler_config)
     model = CFGModel(_network_call(network), dict(cond or {}), uncond, guidance_scale, guidance_rescale,
                      param_source=network)  # model I/O in the network's dtype
-    return PipelineDenoiser(model, adapter.schedule, adapter.prediction_kind, network=network, vae=vae,
-                            **denoiser_kw)
+    den = PipelineDenoiser(model, adapter.schedule, adapter.prediction_kind, network=network, vae=vae,
+                           **denoiser_kw)
+    return adapter.transform_denoiser(den)  # thresholding / clip_sample from the scheduler config
 
 
 def denoiser_from_pipeline(pipe, guidance_scale: float = 1.0, guidance_rescale: float = 0.0, *,

@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..denoisers import PREDICTION_TYPES, Denoiser
+from ..denoisers import PREDICTION_TYPES, Denoiser, Thresholded
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, combine, frees_per_step
@@ -104,6 +104,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         flow_shift: float | None = None,
         use_dynamic_shifting: bool = False,
         schedule_type: str | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
         **kwargs,
     ):
         if kwargs:  # keep foreign keys in the config (save/load round trip), use none of them
@@ -127,7 +132,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; allowed: "
                              f"{PREDICTION_TYPES + tuple(_PRED_ALIASES)}")
         # validates the flow/schedule pairing with the same rules the samplers use
-        self._denoiser = Denoiser(self._emit, self.schedule, pred)
+        self._denoiser = self.transform_denoiser(Denoiser(self._emit, self.schedule, pred))
         self.prediction_kind = pred
         # -- solver, grid ---------------------------------------------------------------------
         self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
@@ -159,6 +164,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: int | None = None
         self._offset = 0
         self._reset_state()
+
+    def transform_denoiser(self, den: Denoiser) -> Denoiser:
+        """The config's data-prediction transforms: dynamic thresholding (`thresholding`) or static
+        clipping (`clip_sample`, DDPM/DDIM configs), as diffusers applies them."""
+        c = self.config
+        if c.thresholding:
+            return Thresholded(den, c.dynamic_thresholding_ratio, c.sample_max_value)
+        if c.clip_sample:
+            return Thresholded(den, max_value=c.clip_sample_range, dynamic=False)
+        return den
 
     # ------------------------------------------------------------------------------------------
     @classmethod
