@@ -198,7 +198,7 @@ def _metrics(cfg, gmm, den, samples: torch.Tensor, device) -> dict:
         name = "fid"
     else:
         return {}
-    ev = FIDEvaluator(extractor, device=device)
+    ev = FIDEvaluator(extractor, device=device, sync=False)  # scored on rank 0 alone
     ev.set_reference(ref)
     for i in range(0, len(samples), 256):
         ev.update_fake(samples[i:i + 256].to(device))

@@ -1,0 +1,687 @@
+"""FID with torchmetrics and pluggable feature extractors.
+
+* :func:`get_feature_extractor` -- a registry of feature extractors by name (each a
+  :class:`FeatureExtractor`: images float in [0, 1] -> float64 features, with ``name`` and
+  ``num_features``):
+
+  - ``"inception"``: the standard FID network (TF InceptionV3 pool3, 2048-d; torch-fidelity's
+    ``FeatureExtractorInceptionV3`` through torchmetrics' ``NoTrainInceptionV3``).  Images are
+    turned into uint8 values and resized to 299x299 with ``antialias=False`` (TF1-compatible
+    bilinear, the setting published FIDs use; torchmetrics >= 1.8 defaults to antialiasing).
+    Weights from ``weights_path`` (optionally sha256-checked) or the default download.
+  - ``"digits"``: the 64-d penultimate features of the digits classifier
+    (:mod:`diffsampler.eval.digits`), for 1x16x16 images; an offline FID proxy.
+  - ``"identity"``: flattened inputs (low-dimensional data, tests).
+  - ``"package.module:callable"``: any callable returning an ``nn.Module``; or pass a module.
+
+* :class:`FIDEvaluator` -- ``update_fake`` / ``update_real`` or ``set_reference(stats)``, then
+  ``compute()``.  Statistics are accumulated and synchronised by
+  ``torchmetrics.image.fid.FrechetInceptionDistance`` (float64 states, ``reset_real_features=False``);
+  the evaluator computes features itself (in batches, no grad) and feeds them to the metric
+  through an identity feature module.  Under ``torch.distributed`` each rank updates with its own
+  images and ``compute()`` returns the same value on every rank.
+* :func:`reference_stats` -- dataset statistics computed once and cached as
+  ``{cache_dir}/{dataset_name}__{extractor.name}.npz`` (``mu``, ``sigma``, ``n``).
+* :func:`frechet_distance` -- float64 FID from statistics (scipy ``sqrtm``), the usual
+  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+* :func:`fid_from_shards` -- score samples saved by :func:`diffsampler.eval.generate.generate_shards`.
+
+Environment note: a torch-fidelity whose package ``__init__`` cannot be imported (it imports
+torchvision unconditionally, and a CPU/GPU-mismatched or missing torchvision breaks it) also
+breaks ``import torchmetrics``.  :func:`torchmetrics_fid` works around that by registering the
+torch-fidelity package without running its ``__init__`` (the InceptionV3 module itself needs no
+torchvision); ``torch_fidelity.<anything else>`` then raises ImportError with the original reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "FeatureExtractor", "FeatureExtractorUnavailable", "WeightsChecksumError", "FEATURE_EXTRACTORS",
+    "register_feature_extractor", "get_feature_extractor", "FIDEvaluator", "reference_stats", "frechet_distance",
+    "fid_from_shards", "stats_from_features", "torchmetrics_fid", "INCEPTION_URL", "INCEPTION_FILENAME",
+]
+
+#: torch-fidelity's InceptionV3 weights (converted from TF's pt_inception-2015-12-05).
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+_DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class FeatureExtractorUnavailable(RuntimeError):
+    """A feature extractor cannot be built here (missing package, weights or asset)."""
+
+
+class WeightsChecksumError(ValueError):
+    """A weights file does not have the expected sha256."""
+
+
+# ---------------------------------------------------------------------------------------------
+# torchmetrics import (robust to a broken torch-fidelity install)
+# ---------------------------------------------------------------------------------------------
+
+_TORCH_FIDELITY_ERROR: str | None = None  # why `import torch_fidelity` failed, if it did
+
+
+def _install_torch_fidelity_stub(reason: str) -> bool:
+    """Register the torch_fidelity package without executing its __init__ so that its
+    InceptionV3 module (no torchvision needed) can be imported.  True if that module imports."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or spec.submodule_search_locations is None:
+        return False
+    stub = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name):  # PEP 562: everything the stub does not hold is an import problem
+        raise ImportError(f"torch_fidelity.{name} is unavailable: the torch_fidelity package cannot be "
+                          f"imported here ({reason}); only its InceptionV3 feature extractor was loaded")
+
+    stub.__getattr__ = __getattr__
+    stub.__diffsampler_stub__ = True
+    sys.modules["torch_fidelity"] = stub
+    try:
+        importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+        importlib.import_module("torch_fidelity.helpers")
+        importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
+        return True
+    except Exception:  # noqa: BLE001
+        for k in [k for k in sys.modules if k == "torch_fidelity" or k.startswith("torch_fidelity.")]:
+            del sys.modules[k]
+        return False
+
+
+def _torch_fidelity_ok() -> bool:
+    """Make `torch_fidelity.feature_extractor_inceptionv3` importable if at all possible."""
+    global _TORCH_FIDELITY_ERROR
+    if "torch_fidelity.feature_extractor_inceptionv3" in sys.modules:
+        return True
+    try:
+        import torch_fidelity  # noqa: F401
+
+        return True
+    except ImportError as e:
+        _TORCH_FIDELITY_ERROR = f"{type(e).__name__}: {e}"
+        if importlib.util.find_spec("torch_fidelity") is None:
+            return False
+        return _install_torch_fidelity_stub(_TORCH_FIDELITY_ERROR)
+
+
+# Cheap (no torchmetrics import): lets a later plain `import torchmetrics` work here too.
+try:
+    _torch_fidelity_ok()
+except Exception:  # noqa: BLE001 - never break importing this module
+    pass
+
+
+def torchmetrics_fid():
+    """The ``torchmetrics.image.fid`` module (importing it even where torch-fidelity is broken)."""
+    if "torchmetrics.image.fid" in sys.modules:
+        return sys.modules["torchmetrics.image.fid"]
+    _torch_fidelity_ok()
+    if "torchmetrics" not in sys.modules:  # leftovers of an earlier failed `import torchmetrics`
+        for k in [k for k in sys.modules if k.startswith("torchmetrics.")]:
+            del sys.modules[k]
+    try:
+        return importlib.import_module("torchmetrics.image.fid")
+    except ImportError as e:
+        raise ImportError(f"cannot import torchmetrics' FID ({type(e).__name__}: {e}); torchmetrics >= 1.0 is "
+                          "required (pip install torchmetrics)") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# feature extractors
+# ---------------------------------------------------------------------------------------------
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", name).strip("-") or "features"
+
+
+class FeatureExtractor(nn.Module):
+    """Images float in [0, 1], shape (B, ...) -> features float64 (B, D).
+
+    ``name`` identifies the features (reference-statistics cache keys use it); ``num_features``
+    is D when known up front (None: found from the first batch)."""
+
+    def __init__(self, net: nn.Module, name: str, num_features: int | None = None,
+                 preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.net = net
+        self.name = str(name)
+        self.num_features = None if num_features is None else int(num_features)
+        self.preprocess = preprocess
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device)
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        f = self.net(x)
+        if isinstance(f, (tuple, list)):
+            f = f[0]
+        return f.reshape(images.shape[0], -1).double()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_features={self.num_features}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_weights(path, sha256: str | None) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"feature extractor weights file {p} does not exist")
+    if sha256:
+        actual = _sha256(p)
+        if actual.lower() != sha256.strip().lower():
+            raise WeightsChecksumError(f"sha256 mismatch for weights file {p}: expected {sha256.strip().lower()}, "
+                                       f"got {actual} (wrong or corrupted file)")
+    return p
+
+
+def _inception_help(reason: str) -> str:
+    return (
+        f"The 'inception' FID feature extractor (InceptionV3 pool3, 2048-d) is unavailable: {reason}.\n"
+        "Options:\n"
+        "  1. install torch-fidelity (`pip install torchmetrics[image]`, with a torchvision matching your torch) "
+        "and run once with network access so the weights are downloaded "
+        f"({INCEPTION_URL}, cached in the torch hub checkpoints directory);\n"
+        "  2. pass the weights file yourself: feature_extractor_weights_path=<path to "
+        f"pt_inception-2015-12-05 weights, e.g. {INCEPTION_FILENAME}> "
+        "(get_feature_extractor('inception', weights_path=...));\n"
+        "  3. choose another feature extractor, e.g. 'digits' (offline FID proxy for the digits model), "
+        "'identity', a 'package.module:callable' or an nn.Module.")
+
+
+def _download_inception() -> Path:
+    """The cached torch-fidelity InceptionV3 weights, downloading them if needed (short timeout;
+    any failure becomes FeatureExtractorUnavailable without a deep traceback)."""
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+    if dst.is_file():
+        return dst
+    err = None
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, str(dst), progress=False)
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {e}"
+    finally:
+        socket.setdefaulttimeout(old)
+    if err is not None:
+        raise FeatureExtractorUnavailable(_inception_help(f"the weights are not cached ({dst}) and downloading "
+                                                          f"them failed ({err})"))
+    return dst
+
+
+def _to_uint8_range(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 (round to nearest), grey -> RGB."""
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
+def _make_inception(weights_path=None, sha256=None, device="cpu", antialias: bool = False) -> FeatureExtractor:
+    if weights_path is not None:
+        weights_path = _check_weights(weights_path, sha256)
+    if not _torch_fidelity_ok():
+        raise FeatureExtractorUnavailable(_inception_help(
+            f"torch-fidelity cannot be imported ({_TORCH_FIDELITY_ERROR or 'not installed'})"))
+    tm = torchmetrics_fid()
+    if weights_path is None:
+        weights_path = _download_inception()
+        if sha256:
+            _check_weights(weights_path, sha256)
+    try:
+        net = tm.NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                    feature_extractor_weights_path=str(weights_path), antialias=antialias)
+    except Exception as e:  # noqa: BLE001
+        raise FeatureExtractorUnavailable(_inception_help(
+            f"loading the weights {weights_path} failed ({type(e).__name__}: {e})")) from None
+    return FeatureExtractor(net, "inception" if not antialias else "inception-antialias", 2048,
+                            preprocess=_to_uint8_range)
+
+
+def _make_digits(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor:
+    try:
+        from . import digits
+    except ImportError as e:
+        raise FeatureExtractorUnavailable(f"the 'digits' feature extractor needs diffsampler.eval.digits: {e}") from None
+    if weights_path is not None and sha256:
+        p = Path(weights_path)
+        _check_weights(p / digits.DigitsClassifier.WEIGHTS_NAME if p.is_dir() else p, sha256)
+    try:
+        clf = digits.load_digits_classifier(weights_path)
+    except FileNotFoundError as e:
+        raise FeatureExtractorUnavailable(f"the 'digits' feature extractor is unavailable: {e}") from None
+
+    class _DigitsFeatures(nn.Module):
+        def __init__(self, clf):
+            super().__init__()
+            self.clf = clf
+
+        def forward(self, x):
+            size = self.clf.config.get("size", 16)
+            if x.shape[1] == 3:
+                x = x.mean(1, keepdim=True)
+            if tuple(x.shape[-2:]) != (size, size):
+                x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear",
+                                                    align_corners=False, antialias=True)
+            return self.clf.features((x.float() * 2 - 1).clamp(-1, 1))
+
+    return FeatureExtractor(_DigitsFeatures(clf), "digits", clf.config.get("feature_dim", 64))
+
+
+def _make_identity(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor:
+    return FeatureExtractor(nn.Flatten(), "identity")
+
+
+#: name -> factory(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor | nn.Module
+FEATURE_EXTRACTORS: dict[str, Callable[..., nn.Module]] = {
+    "inception": _make_inception,
+    "digits": _make_digits,
+    "identity": _make_identity,
+}
+
+
+def register_feature_extractor(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``get_feature_extractor(name)`` call ``factory(weights_path=, sha256=, device=)``."""
+    FEATURE_EXTRACTORS[name] = factory
+
+
+def _wrap(module: nn.Module, default_name: str) -> FeatureExtractor:
+    if isinstance(module, FeatureExtractor):
+        return module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"a feature extractor must be an nn.Module, got {type(module).__name__}")
+    name = getattr(module, "name", None) or default_name
+    nf = getattr(module, "num_features", None)
+    return FeatureExtractor(module, _sanitize(str(name)), nf if isinstance(nf, int) else None)
+
+
+def get_feature_extractor(name: str | nn.Module = "inception", weights_path=None, sha256: str | None = None,
+                          device="cpu", **kwargs) -> FeatureExtractor:
+    """A :class:`FeatureExtractor` (eval mode, on ``device``) by registry name, ``"pkg.mod:callable"``
+    (called as ``callable()`` or ``callable(weights_path=...)``; must return an ``nn.Module``), or an
+    ``nn.Module`` (wrapped; its ``name`` attribute, else its class name, names it).
+
+    ``weights_path`` / ``sha256``: weights file and its expected sha256 (checked before loading;
+    mismatch raises :class:`WeightsChecksumError`).  An extractor that cannot be built here raises
+    :class:`FeatureExtractorUnavailable` with what to do about it.
+    """
+    if isinstance(name, nn.Module):
+        fx = _wrap(name, type(name).__name__.lower())
+    elif not isinstance(name, str):
+        raise TypeError(f"feature extractor must be a name or an nn.Module, got {type(name).__name__}")
+    elif name in FEATURE_EXTRACTORS:
+        fx = _wrap(FEATURE_EXTRACTORS[name](weights_path=weights_path, sha256=sha256, device=device, **kwargs), name)
+    elif ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise FeatureExtractorUnavailable(f"cannot load feature extractor {name!r}: {type(e).__name__}: {e}") from None
+        if weights_path is not None:
+            _check_weights(weights_path, sha256)
+            module = fn(weights_path=weights_path, **kwargs)
+        else:
+            module = fn(**kwargs)
+        fx = _wrap(module, name)
+    else:
+        raise ValueError(f"unknown feature extractor {name!r}; available: {sorted(FEATURE_EXTRACTORS)}, "
+                         "a 'package.module:callable' returning an nn.Module, or an nn.Module")
+    return fx.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+
+def _as_np(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` in float64 with ``scipy.linalg.sqrtm``
+    (the reference FID code: a singular product is regularised with ``eps * I``, a negligible
+    imaginary part of the square root is dropped)."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(_as_np(mu1)), np.atleast_1d(_as_np(mu2))
+    s1, s2 = np.atleast_2d(_as_np(sigma1)), np.atleast_2d(_as_np(sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"statistics shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+
+    def sqrtm(a):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # singular-matrix warnings: handled below
+            r = linalg.sqrtm(a)
+        return r[0] if isinstance(r, tuple) else r
+
+    covmean = sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        off = np.eye(s1.shape[0]) * eps
+        covmean = sqrtm((s1 + off) @ (s2 + off))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def stats_from_features(features) -> dict:
+    """``{"mu", "sigma", "n"}`` (float64 numpy; unbiased covariance) of features (N, D)."""
+    f = _as_np(features).reshape(len(features), -1)
+    return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), "n": int(f.shape[0])}
+
+
+class _Accumulator:
+    """Float64 sum and sum of outer products (the same statistics torchmetrics keeps)."""
+
+    def __init__(self):
+        self.s = self.ss = None
+        self.n = 0
+
+    def add(self, f: torch.Tensor):
+        f = f.double().cpu()
+        if self.s is None:
+            self.s = torch.zeros(f.shape[1], dtype=torch.float64)
+            self.ss = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.s += f.sum(0)
+        self.ss += f.t().mm(f)
+        self.n += f.shape[0]
+
+    def stats(self) -> dict:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 images for statistics, got {self.n}")
+        mu = self.s / self.n
+        sigma = (self.ss - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": int(self.n)}
+
+
+def _load_stats(stats) -> dict:
+    if isinstance(stats, (str, os.PathLike)):
+        with np.load(stats) as d:
+            out = {"mu": d["mu"], "sigma": d["sigma"]}
+            if "n" in d:
+                out["n"] = int(d["n"])
+        stats = out
+    elif isinstance(stats, (tuple, list)):
+        stats = dict(zip(("mu", "sigma", "n"), stats))
+    if not isinstance(stats, Mapping) or "mu" not in stats or "sigma" not in stats:
+        raise ValueError("reference statistics must be a dict with 'mu' and 'sigma' (and 'n'), a (mu, sigma[, n]) "
+                         "tuple, or the path of an .npz file holding them")
+    mu = np.atleast_1d(_as_np(stats["mu"]))
+    sigma = np.atleast_2d(_as_np(stats["sigma"]))
+    if sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"sigma must be ({mu.size}, {mu.size}) for mu of size {mu.size}, got {sigma.shape}")
+    n = int(stats["n"]) if stats.get("n") is not None else 2
+    return {"mu": mu, "sigma": sigma, "n": max(n, 2)}
+
+
+def _dist_info() -> tuple[bool, int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return False, 0, 1
+
+
+class _Passthrough(nn.Module):
+    """torchmetrics' `feature` module: the evaluator hands it features already."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, f):
+        return f
+
+
+class FIDEvaluator:
+    """FID (and optionally KID) of generated images against real images or reference statistics.
+
+    ``extractor``: a name / spec / module for :func:`get_feature_extractor`.  Images are float in
+    [0, 1] with the shape the extractor expects (``(B, C, H, W)`` for image extractors).  Features are
+    computed in batches of ``batch_size`` on ``device``; the statistics live in a torchmetrics
+    ``FrechetInceptionDistance`` (float64 states, ``reset_real_features=False``), available as
+    ``.metric`` once the feature dimension is known.
+
+    Distributed (``torch.distributed`` initialised, ``sync=True``): every rank calls the same
+    methods; each rank may ``update_fake`` with its own share of images; ``compute()`` /
+    ``fake_stats()`` gather the states of all ranks (collectives: every rank must call them) and
+    return identical results everywhere.  ``set_reference`` must be called on every rank with the
+    same statistics (they are counted once).  To score on one rank only (e.g. rank 0 after loading
+    all shards) pass ``sync=False``: no collectives, the evaluator sees only this process's images.
+    """
+
+    def __init__(self, extractor: str | nn.Module = "inception", device="cpu", *, weights_path=None,
+                 sha256: str | None = None, batch_size: int = 250, kid: bool = False, kid_subsets: int = 100,
+                 kid_subset_size: int = 1000, kid_seed: int = 0, sync: bool = True):
+        self.device = torch.device(device)
+        self.sync = bool(sync)
+        self.extractor = get_feature_extractor(extractor, weights_path=weights_path, sha256=sha256, device=self.device)
+        self.batch_size = int(batch_size)
+        self.metric = None
+        self.kid_metric = None
+        self._kid = (bool(kid), int(kid_subsets), int(kid_subset_size), int(kid_seed))
+        if self.extractor.num_features is not None:
+            self._ensure(self.extractor.num_features)
+
+    @property
+    def name(self) -> str:
+        return self.extractor.name
+
+    def _ensure(self, dim: int):
+        if self.metric is not None:
+            if self.metric.inception.num_features != dim:
+                raise ValueError(f"feature dimension {dim} does not match the evaluator's {self.metric.inception.num_features}")
+            return
+        tm = torchmetrics_fid()
+        self.metric = tm.FrechetInceptionDistance(feature=_Passthrough(dim), reset_real_features=False,
+                                                  normalize=False, sync_on_compute=self.sync).to(self.device)
+        self.metric.orig_dtype = torch.float64  # compute() casts to the feature dtype; a rank may see no update
+        if self._kid[0]:
+            from torchmetrics.image.kid import KernelInceptionDistance
+
+            self.kid_metric = KernelInceptionDistance(feature=_Passthrough(dim), subsets=self._kid[1],
+                                                      subset_size=self._kid[2], reset_real_features=False,
+                                                      normalize=False, sync_on_compute=self.sync).to(self.device)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Float64 features (B, D) of images in [0, 1], computed in batches."""
+        images = torch.as_tensor(images)
+        if images.shape[0] == 0:
+            raise ValueError("got an empty batch of images")
+        out = [self.extractor(images[i:i + self.batch_size]) for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(out).to(self.device)
+
+    def _update(self, images, real: bool):
+        f = self.features(images)
+        self._ensure(f.shape[1])
+        self.metric.update(f, real=real)
+        if self.kid_metric is not None:
+            self.kid_metric.update(f, real=real)
+
+    def update_fake(self, images: torch.Tensor) -> None:
+        """Add generated images (float in [0, 1])."""
+        self._update(images, real=False)
+
+    def update_real(self, images: torch.Tensor) -> None:
+        """Add real images (float in [0, 1]); they persist across :meth:`reset_fake`."""
+        self._update(images, real=True)
+
+    def set_reference(self, stats) -> None:
+        """Use precomputed reference statistics (``{"mu", "sigma", "n"}``, a tuple, or an ``.npz``
+        path as written by :func:`reference_stats`) instead of real images (replaces them)."""
+        st = _load_stats(stats)
+        self._ensure(st["mu"].size)
+        m = self.metric
+        is_dist, rank, _ = _dist_info()
+        n = st["n"]
+        mu = torch.from_numpy(st["mu"]).to(self.device, torch.float64)
+        sigma = torch.from_numpy(st["sigma"]).to(self.device, torch.float64)
+        # synced states are summed over ranks: hold the reference on rank 0 only
+        keep = not (is_dist and self.sync) or rank == 0
+        m.real_features_sum = mu * n if keep else torch.zeros_like(mu)
+        m.real_features_cov_sum = (sigma * (n - 1) + n * torch.outer(mu, mu)) if keep else torch.zeros_like(sigma)
+        m.real_features_num_samples = torch.tensor(n if keep else 0, dtype=torch.long, device=self.device)
+        m._computed = None
+
+    def reset_fake(self) -> None:
+        """Forget the generated images (the reference stays)."""
+        for met in (self.metric, self.kid_metric):
+            if met is not None:
+                met.reset()
+
+    def _stats(self, prefix: str) -> dict:
+        m = self.metric
+        if m is None:
+            raise RuntimeError("no images or reference statistics were given yet")
+        with m.sync_context(should_sync=self.sync):
+            s = getattr(m, f"{prefix}_features_sum").detach().cpu().double()
+            ss = getattr(m, f"{prefix}_features_cov_sum").detach().cpu().double()
+            n = int(getattr(m, f"{prefix}_features_num_samples"))
+        if n < 2:
+            raise RuntimeError(f"need at least 2 {prefix} images for statistics, got {n}")
+        mu = s / n
+        sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)
+        return {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": n}
+
+    def fake_stats(self) -> dict:
+        """``{"mu", "sigma", "n"}`` (float64 numpy) of all generated images (all ranks)."""
+        return self._stats("fake")
+
+    def real_stats(self) -> dict:
+        """``{"mu", "sigma", "n"}`` of the real images / reference (all ranks)."""
+        return self._stats("real")
+
+    def compute(self) -> float:
+        """FID (torchmetrics, float64) between generated images and the reference."""
+        if self.metric is None:
+            raise RuntimeError("no images or reference statistics were given yet")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return float(self.metric.compute())
+
+    def compute_kid(self) -> tuple[float, float]:
+        """KID mean and std over random subsets (needs ``kid=True`` and real *images*: KID cannot use
+        mean/covariance statistics).  Subsets are drawn from a fixed seed: same result on all ranks."""
+        if self.kid_metric is None:
+            raise RuntimeError("create the evaluator with kid=True (and add real images with update_real)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._kid[3])
+            mean, std = self.kid_metric.compute()
+        return float(mean), float(std)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference statistics cache, scoring shards
+# ---------------------------------------------------------------------------------------------
+
+def _iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(images) or isinstance(images, np.ndarray):
+        images = torch.as_tensor(images)
+        for i in range(0, images.shape[0], batch_size):
+            yield images[i:i + batch_size]
+    else:
+        for b in images:
+            if isinstance(b, (tuple, list)):  # (images, labels) from a DataLoader
+                b = b[0]
+            yield torch.as_tensor(b)
+
+
+def reference_stats(dataset_name: str, images_fn: Callable[[], Iterable[torch.Tensor] | torch.Tensor],
+                    extractor: str | nn.Module = "inception", cache_dir: str | os.PathLike = "fid_stats", *,
+                    device="cpu", batch_size: int = 250, weights_path=None, sha256: str | None = None,
+                    wait_timeout_s: float = 7200.0) -> dict:
+    """Reference statistics ``{"mu", "sigma", "n"}`` (float64) of a dataset, cached.
+
+    ``images_fn()`` returns the images (float in [0, 1]) as a tensor or an iterable of batches
+    (streamed: only one batch is in memory).  It is called only when
+    ``{cache_dir}/{dataset_name}__{extractor.name}.npz`` does not exist; the file is then written
+    atomically.  Distributed: rank 0 computes and writes; other ranks that call this wait for the
+    file (polling, no collective, so calling it on rank 0 alone is fine too).
+    """
+    fx = extractor if isinstance(extractor, FeatureExtractor) else get_feature_extractor(
+        extractor, weights_path=weights_path, sha256=sha256, device=device)
+    path = Path(cache_dir) / f"{_sanitize(dataset_name)}__{_sanitize(fx.name)}.npz"
+    _, rank, _ = _dist_info()
+    if not path.is_file() and rank == 0:
+        acc = _Accumulator()
+        with torch.no_grad():
+            for batch in _iter_batches(images_fn(), batch_size):
+                for i in range(0, batch.shape[0], batch_size):
+                    acc.add(fx(batch[i:i + batch_size]))
+        st = acc.stats()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=st["mu"], sigma=st["sigma"], n=np.int64(st["n"]), dataset=dataset_name, extractor=fx.name)
+        os.replace(tmp, path)
+    deadline = time.monotonic() + wait_timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: waited {wait_timeout_s:.0f} s for rank 0 to write {path}")
+        time.sleep(0.5)
+    return _load_stats(path)
+
+
+def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn.Module | FIDEvaluator = "inception", *,
+                    seeds=None, value_range: tuple[float, float] | None = (-1.0, 1.0), device="cpu",
+                    batch_size: int = 250, weights_path=None, sha256: str | None = None, sync: bool = True) -> float:
+    """FID of samples saved by :func:`~diffsampler.eval.generate.generate_shards` against ``reference``
+    (statistics dict / ``.npz`` path, see :meth:`FIDEvaluator.set_reference`).
+
+    ``value_range``: the samples' range, mapped to [0, 1] (default (-1, 1), the usual diffusion
+    output); None passes them through unchanged.  Shards are read one at a time; distributed, each
+    rank scores every ``world_size``-th shard file and the result is identical on all ranks
+    (every rank must call it; with ``sync=False``, or an evaluator made with it, this process scores
+    all shards alone).
+    """
+    from .generate import _plan
+
+    ev = extractor if isinstance(extractor, FIDEvaluator) else FIDEvaluator(
+        extractor, device, weights_path=weights_path, sha256=sha256, batch_size=batch_size, sync=sync)
+    ev.set_reference(reference)
+    _, rank, world = _dist_info()
+    if not ev.sync:
+        rank, world = 0, 1
+    plan = _plan(Path(shard_dir), seeds)
+    for i, (f, rows, _) in enumerate(plan):
+        if i % world != rank:
+            continue
+        x = torch.load(f, map_location="cpu", weights_only=True)["samples"][rows]
+        if value_range is not None:
+            lo, hi = value_range
+            x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
+        ev.update_fake(x)
+    return ev.compute()
