@@ -95,7 +95,7 @@ def test_frechet_distance(clf, test_split):
     assert frechet_distance(train, ref) < 0.1 * frechet_distance(noise, ref)
 
 
-def test_samples_are_recognised_digits(pipe, clf):
+def test_samples_are_recognised_digits(pipe, clf, test_split):
     den = denoiser_from_pipeline(pipe)
     with torch.no_grad():
         x = ds.sample(den, shape=den.sample_shape(32), seeds=range(32), solver="dpmpp_2m", nfe=10)
@@ -103,13 +103,16 @@ def test_samples_are_recognised_digits(pipe, clf):
     with torch.no_grad():
         p = clf(x.clamp(-1, 1)).softmax(1)
     assert p.max(1).values.mean() > MIN_MEAN_MAX_PROB
-    assert len(set(p.argmax(1).tolist())) >= 7  # not collapsed onto a few classes
+    assert len(set(p.argmax(1).tolist())) >= 7  # not collapsed onto a few classes (a blank image scores 0.93)
+    ref = test_split[0]
+    assert abs(x.mean() - ref.mean()) < 0.1 and abs(x.std() - ref.std()) < 0.1  # ink as in the data
     noise = torch.randn(32, 1, 16, 16).clamp(-1, 1)  # the bound separates digits from non-digits
     with torch.no_grad():
         assert clf(noise).softmax(1).max(1).values.mean() < MIN_MEAN_MAX_PROB
 
 
-#: Measured: see the report; leaves margin below the value for the packaged model.
+#: Measured on the packaged model: 0.92 for these samples (0.92 on the held-out digits, 0.47 on
+#: clamped Gaussian noise).
 MIN_MEAN_MAX_PROB = 0.8
 
 

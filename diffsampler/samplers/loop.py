@@ -65,6 +65,7 @@ def make_plan(
     return plan
 
 
+@torch.no_grad()  # sampling never needs the autograd graph (guidance that does enables it locally)
 def sample(
     denoiser,
     x_T: torch.Tensor | None = None,
