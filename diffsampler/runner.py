@@ -15,6 +15,7 @@ import torch
 
 from .samplers import available, make_plan
 from .samplers.loop import sample
+from .samplers.time_shift import TimeShift
 from .schedules import LinearVP
 
 __all__ = ["validate", "run", "append_row", "read_rows", "ConfigError"]
@@ -53,6 +54,11 @@ def validate(cfg) -> None:
             raise ConfigError(f"model.path {p!r} does not exist (give a local directory or a hub id like owner/name)")
     if cfg.guidance.name == "cfg" and m.name != "diffusers":
         raise ConfigError(f"guidance=cfg needs a conditional model (model=diffusers with a prompt or class), got model={m.name}")
+    if cfg.get("time_shift"):
+        try:
+            TimeShift.from_spec(dict(cfg.time_shift))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"time_shift: {e}") from None
     try:  # the solver options and the NFE budget, checked by the solver itself
         make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final,
                   **dict(cfg.solver.get("options") or {}))
@@ -134,12 +140,13 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
     options = dict(cfg.solver.get("options") or {})
     plan = make_plan(cfg.solver.name, den.schedule, cfg.nfe, cfg.spacing, cfg.final, **options)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
+    ts = dict(cfg.time_shift) if cfg.get("time_shift") else None
 
     def sample_fn(batch_seeds):
         out = []
         for i in range(0, len(batch_seeds), cfg.batch_size):
             chunk = batch_seeds[i:i + cfg.batch_size]
-            x = sample(den, shape=(len(chunk), *shape), seeds=chunk, solver=plan, device=device)
+            x = sample(den, shape=(len(chunk), *shape), seeds=chunk, solver=plan, device=device, time_shift=ts)
             if gmm is None:
                 x = den.decode(x)
             out.append(x.float().cpu())
@@ -160,6 +167,7 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
             "model": cfg.model.name, "solver": cfg.solver.name,
             "solver_options": json.dumps(options, sort_keys=True), "nfe": cfg.nfe, "nfe_counted": plan.nfe,
             "spacing": cfg.spacing, "final": cfg.final, "guidance": _guidance_str(cfg),
+            "time_shift": json.dumps(ts, sort_keys=True) if ts else "",
             "num_samples": cfg.num_samples, "seeds": f"{seeds[0]}-{seeds[-1]}", "rng_device": "cpu",
             **metrics, "wall_time_s": round(time.perf_counter() - t0, 3), "gen_time_s": round(gen_time, 3),
             "world_size": world, "run_dir": str(run_dir),

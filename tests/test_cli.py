@@ -70,3 +70,14 @@ def test_launcher_configs_compose():
         assert "submitit" in slurm.hydra.launcher._target_ and slurm.hydra.launcher.timeout_min == 120
         opt = compose("config", overrides=["+launcher=optuna"], return_hydra_config=True)
         assert "optuna" in opt.hydra.sweeper._target_ and opt.hydra.sweeper.direction == "minimize"
+
+
+def test_momentum_ghvb_and_time_shift_from_the_command_line(tmp_path):
+    run = tmp_path / "ts"
+    cli("solver=ghvb", "+solver.options.order=1.5", "time_shift={window:10,cutoff:300}", "nfe=6", "num_samples=32",
+        "progress=false", f"hydra.run.dir={run}")
+    df = pd.read_csv(run / "results.csv")
+    assert df.solver[0] == "ghvb" and df.solver_options[0] == '{"order": 1.5}'
+    assert df.time_shift[0] == '{"cutoff": 300, "window": 10}'
+    r = cli("time_shift={window:0}", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert r.returncode != 0 and "time_shift: time_shift window must be an integer >= 1, got 0" in r.stderr
