@@ -242,18 +242,12 @@ def img2img(sd):
 
 IMG2IMG_STEPS, STRENGTH = 10, 0.6  # StableDiffusionImg2ImgPipeline: int(10 * 0.6) = 6 denoising calls
 
-TWO_CALL_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "two-call solver: timesteps count model calls (num_inference_steps = NFE), so t_start * order "
-    "(here 4 or 8) is not the first call of a solver step (starts 0, 1, 3, 5, 7, 9): "
-    "set_begin_index raises ValueError"))
-
-
 def image_input():
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m",
-                                  pytest.param("heun", marks=TWO_CALL_XFAIL)])
+                                  "heun", "dpmpp_2s"])
 def test_img2img_partial_schedule(sd, img2img, name):
     sched = DiffSamplerScheduler.from_config(sd.base_config, solver=name)
     images, calls = run_sd(sd, sched, IMG2IMG_STEPS, output_type="np", pipeline=img2img, image=image_input(),

@@ -3,8 +3,10 @@ samples as `diffsampler.sample`, matches diffusers' own schedulers from their co
 diffusers configs silently."""
 
 import logging
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -22,16 +24,18 @@ import diffsampler as ds
 from diffsampler.eval.gmm import GMMModel, gmm_denoiser
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.samplers import per_sample_generators
-from diffsampler.schedules import RectifiedFlow, TimeGrid
+from diffsampler.schedules import RectifiedFlow, TimeGrid, time_grid
 
 
-def run_diffusers(sched, model, nfe, x, generator=None, **set_kw):
+def run_diffusers(sched, model, nfe, x, generator=None, begin_index=None, **set_kw):
     """The standard diffusers denoising loop (as in tests/test_diffusers_equivalence.py)."""
     sched.set_timesteps(nfe, **set_kw)
-    x = x * sched.init_noise_sigma
-    for t in sched.timesteps[getattr(sched, "begin_index", None) or 0:]:
+    if begin_index is not None:
+        sched.set_begin_index(begin_index)
+    x = x * getattr(sched, "init_noise_sigma", 1.0)  # FlowMatch* schedulers have none
+    for t in sched.timesteps[begin_index or 0:]:
         kw = {} if generator is None else {"generator": generator}
-        x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x, **kw).prev_sample
+        x = sched.step(model(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t).sample, t, x, **kw).prev_sample
     return x
 
 
@@ -102,18 +106,134 @@ def test_adapter_begin_index_and_explicit_timesteps(gmm16):
     sched.set_timesteps(10)
     full_ts = sched.timesteps.clone()
     grid = sched.plan.grid
-    sched.set_begin_index(4)
     x = x_T()
-    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), 10, x)
+    ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule), 10, x, begin_index=4)
     assert torch.equal(sched.timesteps, full_ts)
     sub = TimeGrid(t=grid.t[4:], alpha=grid.alpha[4:], sigma=grid.sigma[4:], lam=grid.lam[4:],
                    final_zero=grid.final_zero, schedule=grid.schedule)
     ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver="dpmpp_2m", grid=sub)
     assert (ours - ref).abs().max().item() <= 1e-6
-    with pytest.raises(ValueError, match="begin_index"):
-        s2 = DiffSamplerScheduler(solver="heun")
-        s2.set_timesteps(7)
-        s2.set_begin_index(1)  # heun with 7 calls: orders 2, 2, 2, 1; steps start at calls 0, 2, 4, 6
+    sched.set_timesteps(10)  # a new schedule starts at its first call again, as in diffusers
+    assert sched.begin_index is None and sched.step_index is None
+    with pytest.raises(ValueError, match="begin_index 10 is outside"):
+        sched.set_begin_index(10)
+
+
+def img2img_endpoint(gmm, name, nfe, k, x0, eps, spacing="linspace"):
+    """What an img2img pipeline does: slice `timesteps[k:]` (a view), then set_begin_index(k), noise the
+    image to the first sliced time, run the remaining calls."""
+    sched = DiffSamplerScheduler(solver=name, spacing=spacing)
+    sched.set_timesteps(nfe)
+    timesteps = sched.timesteps[k:]
+    sched.set_begin_index(k)
+    t0 = float(timesteps[0])
+    x = sched.add_noise(x0, eps, torch.tensor([t0]))
+    model, calls = GMMModel(gmm, sched.schedule), 0
+    for t in timesteps:
+        x = sched.step(model(x, t).sample, t, x).prev_sample
+        calls += 1
+    assert calls == nfe - k
+    assert torch.equal(timesteps, sched.timesteps[k:])  # the evaluated times are the plan's
+    return x, sched.schedule, t0
+
+
+def exact_from(gmm, schedule, t_model, x_t):
+    t = torch.tensor(t_model / schedule.time_scale, dtype=torch.float64)
+    return gmm.ode_endpoint(x_t.double(), schedule.alpha(t), schedule.sigma(t), 1.0, 0.0)
+
+
+def rms(a, b):
+    return (a.double() - b.double()).pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("name", ["heun", "dpmpp_2s"])
+def test_begin_index_inside_a_step(gmm16, name):
+    """img2img with a two-call solver: t_start = nfe - int(0.6 nfe) falls inside a step (steps start
+    at calls 0, 1, 3, 5, ...), so the remaining calls are re-gridded from that call's time.  The result
+    solves the PF-ODE from the noised image there as accurately as a fresh grid of the same budget."""
+    x0 = gmm16.sample(8, generator=torch.Generator().manual_seed(4))
+    eps = x_T(seed=5)
+    for nfe in (10, 20, 40):
+        k = nfe - int(0.6 * nfe)
+        assert k not in sched_step_starts(name, nfe)
+        x, schedule, t0 = img2img_endpoint(gmm16, name, nfe, k, x0, eps, "time_uniform")
+        x_t = DiffSamplerScheduler(solver=name).add_noise(x0, eps, torch.tensor([t0]))
+        exact = exact_from(gmm16, schedule, t0, x_t)
+        m = nfe - k
+        fresh = time_grid(schedule, ds.samplers.get(name).steps_for_nfe(m), "time_uniform",
+                          t_start=t0 / schedule.time_scale)
+        y = ds.sample(gmm_denoiser(gmm16, schedule), x_t.clone(), solver=name, grid=fresh, nfe=m)
+        assert rms(x, exact) <= 1.05 * rms(y, exact), (nfe, rms(x, exact), rms(y, exact))
+
+
+def test_begin_index_inside_a_step_converges(gmm16):
+    """heun from the same mid-step time (t = 499.5 at calls 4/10, 10/22, 22/46, 46/94): the error of
+    the re-gridded remainder shrinks faster than first order (x2.1 or more per doubled budget; the
+    grid's Euler first and last steps keep it from the asymptotic 4x at these budgets)."""
+    x0 = gmm16.sample(8, generator=torch.Generator().manual_seed(4))
+    eps = x_T(seed=5)
+    errs = []
+    for nfe, k in ((10, 4), (22, 10), (46, 22), (94, 46)):
+        x, schedule, t0 = img2img_endpoint(gmm16, "heun", nfe, k, x0, eps, "time_uniform")
+        assert t0 == pytest.approx(499.5)
+        x_t = DiffSamplerScheduler(solver="heun").add_noise(x0, eps, torch.tensor([t0]))
+        errs.append(rms(x, exact_from(gmm16, schedule, t0, x_t)))
+    assert all(a / b >= 2.1 for a, b in zip(errs, errs[1:])), errs
+
+
+def sched_step_starts(name, nfe):
+    s = DiffSamplerScheduler(solver=name)
+    s.set_timesteps(nfe)
+    return np.cumsum([0] + [len(st.evals) for st in s.plan.steps])[:-1].tolist()
+
+
+def test_set_timesteps_sigmas_matches_euler_discrete(gmm16):
+    """Custom diffusers sigmas (sigma/alpha, trailing 0) on a VP model: ours (euler) equals diffusers'
+    EulerDiscreteScheduler given the same list, timesteps and samples."""
+    sigmas = [14.6, 6.0, 2.5, 1.0, 0.4, 0.1, 0.0]
+    # "leading": its init_noise_sigma is sqrt(sigma_max^2 + 1), the exact prior scale (with "linspace"
+    # diffusers rounds it to sigma_max, a 0.2% different start)
+    ref_sched = EulerDiscreteScheduler(timestep_spacing="leading")
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config, solver="euler")
+    x = x_T()
+    ref = run_diffusers(ref_sched, GMMModel(gmm16, ours_sched.schedule), None, x, sigmas=sigmas)
+    ours = run_diffusers(ours_sched, GMMModel(gmm16, ours_sched.schedule), None, x, sigmas=sigmas)
+    assert len(ours_sched.timesteps) == ours_sched.num_inference_steps == len(sigmas) - 1
+    assert (ours_sched.timesteps - ref_sched.timesteps).abs().max().item() <= 1e-3
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_flow_sigmas_and_dynamic_shift(gmm16):
+    """Flow models: `sigmas` are flow times, shifted by `mu` with use_dynamic_shifting exactly as
+    FlowMatchEulerDiscreteScheduler does (same samples with euler); set_timesteps(n, mu=...) applies
+    the exponential shift t -> e^mu / (e^mu + 1/t - 1) to our own grid."""
+    cfg = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    sigmas, mu = [0.95, 0.8, 0.6, 0.4, 0.2, 0.05], 0.8
+    ref_sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    ours_sched = DiffSamplerScheduler.from_config(cfg, solver="euler")
+    model = GMMModel(gmm16, ours_sched.schedule, "flow")
+    x = x_T()
+    ref = run_diffusers(ref_sched, model, None, x, sigmas=sigmas, mu=mu)
+    ours = run_diffusers(ours_sched, model, None, x, sigmas=sigmas, mu=mu)
+    assert (ours_sched.timesteps - ref_sched.timesteps).abs().max().item() <= 1e-3
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+    plain = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    plain.set_timesteps(8)
+    ours_sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    ours_sched.set_timesteps(8, mu=mu)
+    t = plain.plan.grid.t[:-1]
+    shifted = (math.exp(mu) / (math.exp(mu) + 1 / t - 1)).clamp(max=ours_sched.schedule.t_max)
+    assert torch.allclose(ours_sched.plan.grid.t[:-1], shifted, atol=1e-12)
+    errs = []
+    for nfe in (8, 16):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        out = run_diffusers(DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m"), model, nfe, x, mu=mu)
+        s = ours_sched.schedule
+        t0 = torch.tensor(s.t_max, dtype=torch.float64)
+        exact = gmm16.ode_endpoint(x.double(), s.alpha(t0), s.sigma(t0), 1.0, 0.0)
+        errs.append((out.double() - exact).pow(2).mean().sqrt().item())
+    assert errs[1] < errs[0] / 2.5, errs
 
 
 def test_add_noise(gmm16):

@@ -218,9 +218,13 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at evaluation `begin_index` of `timesteps` (img2img).  It must be the first
-        evaluation of a solver step; the plan is rebuilt on the remaining grid, so multistep
-        solvers warm up again from there."""
+        """Start at model call `begin_index` of `timesteps` (img2img), after `set_timesteps`.
+
+        At the first call of a solver step the plan is rebuilt on the remaining grid points
+        (multistep solvers warm up again there, as diffusers' do).  Inside a multi-call step
+        (heun, dpmpp_2s) the remaining `len(timesteps) - begin_index` calls are re-gridded from
+        that call's time, and `timesteps[begin_index:]` is rewritten in place, so the pipeline's
+        slice of it follows."""
         self._begin_index = int(begin_index)
         if self.plan is not None:
             self._apply_begin_index()
@@ -306,10 +310,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._device = device
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
-        self.timesteps = self._t_model.to(device)
+        self.timesteps = self._t_model.to(device, copy=True)
         self._offset = 0
-        if self._begin_index:
-            self._apply_begin_index()
+        self._begin_index = None  # as diffusers: a new schedule starts at its first call
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
@@ -322,16 +325,45 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
 
     def _apply_begin_index(self) -> None:
         full, k = self._full_plan, self._begin_index
+        if not 0 <= k < full.nfe:
+            raise ValueError(f"begin_index {k} is outside the plan's {full.nfe} model calls")
         starts = np.cumsum([0] + [len(s.evals) for s in full.steps])[:-1].tolist()
-        if k not in starts:
-            raise ValueError(f"begin_index {k} is not the first model call of a solver step (step starts: {starts})")
-        i = starts.index(k)
         g = full.grid
-        sub = TimeGrid(t=g.t[i:], alpha=g.alpha[i:], sigma=g.sigma[i:], lam=g.lam[i:],
-                       final_zero=g.final_zero, schedule=g.schedule)
-        plan = self.solver.build(sub, full.nfe - k)  # same model times; warm-up restarts here
+        if k in starts:  # a step boundary: the same model times, multistep warm-up restarts here
+            i = starts.index(k)
+            sub = TimeGrid(t=g.t[i:], alpha=g.alpha[i:], sigma=g.sigma[i:], lam=g.lam[i:],
+                           final_zero=g.final_zero, schedule=g.schedule)
+            plan = self.solver.build(sub, full.nfe - k)
+        else:  # inside a multi-call step (img2img with heun, dpmpp_2s): re-grid from that call's time
+            plan = self._plan_from(full, k)
         self._set_plan(plan)
-        self._offset = k  # `timesteps` keeps the full list; step i of the sub plan is entry k + i
+        self._offset = k
+        if self.timesteps is not None:
+            # pipelines slice `timesteps[k:]` (a view) before calling set_begin_index: writing the
+            # new model times in place is what makes them evaluate the network at the re-gridded times
+            self.timesteps[k:] = self._t_model.to(self.timesteps.device, self.timesteps.dtype)
+
+    def _plan_from(self, full: Plan, k: int) -> Plan:
+        """A plan of exactly `full.nfe - k` model calls that starts at the time of call `k` (where
+        img2img adds its noise) and keeps the full grid's spacing: the new points sit uniformly in the
+        grid-index coordinate, between call k's position and the end."""
+        g, m = full.grid, full.nfe - k
+        t_k = float(self._evals_full(full)[k].t)
+        t = g.t.numpy()
+        u = np.arange(len(t), dtype=np.float64)
+        u_k = float(np.interp(t_k, t[::-1], u[::-1]))
+        steps = self.solver.steps_for_nfe(m, final_zero=g.final_zero)
+        ts = np.interp(np.linspace(u_k, len(t) - 1, steps + 1), u, t)
+        ts[0] = t_k
+        sub = TimeGrid.from_times(g.schedule, ts[:-1] if g.final_zero else ts, g.final_zero)
+        plan = self.solver.build(sub, m)
+        if plan.nfe != m or not plan.steps[0].evals[0].x.is_identity:
+            raise ValueError(f"solver {self.config.solver!r} cannot restart inside a step at model call {k}")
+        return plan
+
+    @staticmethod
+    def _evals_full(plan: Plan) -> list:
+        return [ev for s in plan.steps for ev in s.evals]
 
     # ------------------------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
