@@ -22,11 +22,14 @@ class CallCounter:
 
     def __init__(self, module):
         self.n = 0
+        self.timesteps = []
         self._forward = module.forward
         module.forward = self
 
     def __call__(self, *args, **kwargs):
         self.n += 1
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.timesteps.append(float(torch.as_tensor(t).flatten()[0]))
         return self._forward(*args, **kwargs)
 
 
@@ -204,6 +207,7 @@ def run_sd(pipe, sched, steps, output_type="latent", pipeline=None, **kw):
     runner = pipeline or pipe
     runner.scheduler = sched
     pipe.calls.n = 0
+    pipe.calls.timesteps = []
     out = runner(**pipe.test_inputs, num_inference_steps=steps, output_type=output_type,
                  generator=torch.Generator().manual_seed(0), **kw).images
     return out, pipe.calls.n
@@ -254,6 +258,9 @@ def test_img2img_partial_schedule(sd, img2img, name):
                            strength=STRENGTH)
     assert np.isfinite(images).all() and images.shape == (1, 16, 16, 3)
     assert calls == int(IMG2IMG_STEPS * STRENGTH)
+    # the unet ran at the plan's model times (re-gridded ones for a start inside a heun/2s step)
+    assert sd.calls.timesteps == pytest.approx(sched.timesteps[-calls:].tolist(), abs=1e-3)
+    assert sched.timesteps[-calls:].tolist() == pytest.approx(sched._t_model.tolist(), abs=1e-3)
 
 
 def test_img2img_dpmpp_2m_matches_diffusers(sd, img2img):
