@@ -630,6 +630,39 @@ class GMMModel(torch.nn.Module):
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
+class ConditionalGMMModel(GMMModel):
+    """A class-conditional network from a mixture with `component_labels`:
+    `model(sample, timestep, class_labels=y)` is the exact prediction of p(x0 | class y) per sample;
+    label `null_class` (default -1) gives the unconditional mixture, as a CFG-trained network's null
+    token does.  Classifier-free guidance on it has the closed form `guided_posterior_mean`."""
+
+    def __init__(self, gmm: GaussianMixture, schedule, prediction_type: str = "epsilon", null_class: int = -1):
+        super().__init__(gmm, schedule, prediction_type)
+        if gmm.component_labels is None:
+            raise ValueError("ConditionalGMMModel needs a mixture with component_labels")
+        self.null_class = int(null_class)
+        labels = sorted(set(gmm.component_labels.tolist()))
+        self._branches = {y: GMMModel(gmm.class_conditional(y), schedule, prediction_type) for y in labels}
+        self._branches[self.null_class] = GMMModel(gmm, schedule, prediction_type)
+
+    def forward(self, sample, timestep, *args, class_labels=None, return_dict: bool = True, **kwargs):
+        from types import SimpleNamespace
+
+        if class_labels is None:
+            return super().forward(sample, timestep, return_dict=return_dict)
+        y = torch.as_tensor(class_labels).flatten().expand(sample.shape[0]) if torch.as_tensor(class_labels).numel() == 1 \
+            else torch.as_tensor(class_labels).flatten()
+        t = torch.as_tensor(timestep).flatten()
+        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        out = torch.empty_like(sample)
+        for label in y.unique().tolist():
+            if label not in self._branches:
+                raise ValueError(f"class label {label} is not one of {sorted(self._branches)}")
+            m = y == label
+            out[m] = self._branches[label](sample[m], t[m]).sample
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
 def gmm_denoiser(gmm: GaussianMixture, schedule, prediction_type: str = "epsilon", **kwargs):
     """A `diffsampler.Denoiser` whose network is the exact mixture in the given parametrisation."""
     from ..denoisers import Denoiser
