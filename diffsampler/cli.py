@@ -5,6 +5,7 @@
     diffsampler report <run or sweep dir>  metric-vs-NFE plots (PNG) and a markdown table
     diffsampler demo                       solver accuracy on the exact Gaussian mixture, printed
     diffsampler list                       registered solvers and their metadata
+    diffsampler minority-classifier --out DIR [...]   score a data set, train the minority classifier
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def main(argv=None) -> int:
 
         for name in available():
             print(info(name))
+        return 0
+    if argv[:1] == ["minority-classifier"]:
+        from .guidance.minority import build_from_args
+
+        build_from_args(argv[1:])
         return 0
     sys.argv = [sys.argv[0]] + argv
     _hydra_main()

@@ -54,6 +54,16 @@ def validate(cfg) -> None:
             raise ConfigError(f"model.path {p!r} does not exist (give a local directory or a hub id like owner/name)")
     if cfg.guidance.name == "cfg" and m.name != "diffusers":
         raise ConfigError(f"guidance=cfg needs a conditional model (model=diffusers with a prompt or class), got model={m.name}")
+    g = cfg.guidance
+    if g.name == "minority":
+        if m.name == "gmm":
+            raise ConfigError("guidance=minority needs an image model with a minority classifier (model=digits, or "
+                              "model=diffusers with guidance.classifier=DIR from `diffsampler minority-classifier`)")
+        if m.name != "digits" and not g.get("classifier"):
+            raise ConfigError("guidance=minority on model=diffusers needs guidance.classifier=DIR "
+                              "(write one with `diffsampler minority-classifier --pipeline ... --out DIR`)")
+        if not (isinstance(g.scale, (int, float)) and g.scale >= 0):
+            raise ConfigError(f"guidance.scale must be a number >= 0, got {g.scale!r}")
     if cfg.get("time_shift"):
         try:
             TimeShift.from_spec(dict(cfg.time_shift))
@@ -138,15 +148,21 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
         m = cfg.model
         shape = den.sample_shape(1, m.get("height"), m.get("width"))[1:]
     options = dict(cfg.solver.get("options") or {})
+    guidance = _guidance(cfg, device)
     plan = make_plan(cfg.solver.name, den.schedule, cfg.nfe, cfg.spacing, cfg.final, **options)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
     ts = dict(cfg.time_shift) if cfg.get("time_shift") else None
+
+    calls: list[int] = []  # network calls per trajectory, measured (guidance can add some)
 
     def sample_fn(batch_seeds):
         out = []
         for i in range(0, len(batch_seeds), cfg.batch_size):
             chunk = batch_seeds[i:i + cfg.batch_size]
-            x = sample(den, shape=(len(chunk), *shape), seeds=chunk, solver=plan, device=device, time_shift=ts)
+            n0 = den.nfe
+            x = sample(den, shape=(len(chunk), *shape), seeds=chunk, solver=plan, device=device, time_shift=ts,
+                       guidance=guidance)
+            calls.append(den.nfe - n0)
             if gmm is None:
                 x = den.decode(x)
             out.append(x.float().cpu())
@@ -161,11 +177,14 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
     if rank == 0:
         _, samples = load_shards(run_dir / "samples", seeds)
         metrics = _metrics(cfg, gmm, den, samples, device)
+        if cfg.guidance.name == "minority":
+            metrics.update(_minority_metrics(guidance, den, samples, device, max(len(calls), 1)))
         if gmm is None:
             save_image_grid(samples[: cfg.grid_size], run_dir / "grid.png")
         row = {
             "model": cfg.model.name, "solver": cfg.solver.name,
-            "solver_options": json.dumps(options, sort_keys=True), "nfe": cfg.nfe, "nfe_counted": plan.nfe,
+            "solver_options": json.dumps(options, sort_keys=True), "nfe": cfg.nfe,
+            "nfe_counted": max(calls) if calls else _planned_calls(guidance, plan),
             "spacing": cfg.spacing, "final": cfg.final, "guidance": _guidance_str(cfg),
             "time_shift": json.dumps(ts, sort_keys=True) if ts else "",
             "num_samples": cfg.num_samples, "seeds": f"{seeds[0]}-{seeds[-1]}", "rng_device": "cpu",
@@ -176,6 +195,46 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
         (run_dir / "metrics.json").write_text(json.dumps(row, indent=2))
     barrier()
     return row
+
+
+def _guidance(cfg, device):
+    """The guidance object of `cfg.guidance` (None for none/cfg: CFG is built into the denoiser)."""
+    g = cfg.guidance
+    if g.name == "minority":
+        from .guidance.minority import MinorityClassifier, MinorityGuidance
+
+        path = g.get("classifier")
+        if not path:
+            from .eval.digits import ASSET_DIR
+
+            path = ASSET_DIR / "minority"
+        try:
+            clf = MinorityClassifier.from_pretrained(Path(str(path)).expanduser()).to(device)
+        except FileNotFoundError as e:
+            raise ConfigError(f"guidance.classifier: {e}") from None
+        return MinorityGuidance(clf, float(g.scale), g.get("target"), tuple(g.get("interval") or (0.0, 1.0)))
+    return None
+
+
+def _planned_calls(guidance, plan) -> int:
+    cost = getattr(guidance, "model_calls", None)
+    return int(cost(plan)) if callable(cost) else plan.nfe
+
+
+def _minority_metrics(guidance, den, samples, device, batches: int) -> dict:
+    """Share of samples whose minority score (measured as the classifier's training data was) lies in
+    the real data's top class (the top decile for 10 classes)."""
+    from .guidance.minority import _feature_fn, minority_score
+
+    clf = guidance.classifier
+    meta, th = clf.config.get("meta", {}), clf.thresholds
+    if th is None:
+        return {}
+    x = samples.to(device) * 2 - 1  # decoded images are in [0, 1]; the model's data range is [-1, 1]
+    s = minority_score(den, x, meta.get("t_frac", 0.4), meta.get("num_draws", 4),
+                       _feature_fn(meta.get("feature"), device), seed=10**6)
+    return {"minority_top_share": float((s >= float(th[-1])).float().mean()),
+            "classifier_calls": guidance.classifier_calls // batches}  # per trajectory
 
 
 def _guidance_str(cfg) -> str:

@@ -48,6 +48,9 @@ def test_single_run_with_solver_options(tmp_path):
     (["model=diffusers", "model.path=/does/not/exist"], "model.path '/does/not/exist' does not exist"),
     (["model=nope"], "model/nope"),
     (["solver=dpmpp_2m", "+solver.options.order=7"], "solver 'dpmpp_2m': order must be an integer in 1..3, got 7"),
+    (["guidance=minority"], "guidance=minority needs an image model"),
+    (["model=digits", "guidance=minority", "guidance.scale=-2"], "guidance.scale must be a number >= 0, got -2"),
+    (["model=digits", "guidance=minority", "guidance.classifier=/nope"], "guidance.classifier: no config.json in /nope"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, args, message):
     run = tmp_path / "run"
@@ -81,3 +84,16 @@ def test_momentum_ghvb_and_time_shift_from_the_command_line(tmp_path):
     assert df.time_shift[0] == '{"cutoff": 300, "window": 10}'
     r = cli("time_shift={window:0}", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert r.returncode != 0 and "time_shift: time_shift window must be an integer >= 1, got 0" in r.stderr
+
+
+def test_minority_guidance_on_digits_from_the_command_line(tmp_path):
+    """guidance=minority with the packaged digits minority classifier: the row records the network
+    calls per sample (unchanged by classifier guidance), the classifier calls, and the share of samples
+    in the real data's top minority-score decile."""
+    run = tmp_path / "run"
+    cli("model=digits", "guidance=minority", "guidance.scale=2.0", "solver=ddim", "nfe=5", "num_samples=16",
+        "batch_size=16", "progress=false", "eval.feature=digits", f"hydra.run.dir={run}")
+    df = pd.read_csv(run / "results.csv")
+    assert df.nfe_counted[0] == 5 and df.classifier_calls[0] == 5
+    assert 0.0 <= df.minority_top_share[0] <= 1.0
+    assert df.guidance[0].startswith("minority")

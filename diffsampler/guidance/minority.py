@@ -323,3 +323,83 @@ class _MinorityGuided(DenoiserTransform):
         if not bool(on.all()):
             g = g * on.to(g.device, g.dtype).view((-1,) + (1,) * (g.ndim - 1))
         return d + (sigma * sigma / alpha) * self.guidance.scale * g  # Um et al. eq. 9 on D
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line tool: `diffsampler minority-classifier ...`
+# ---------------------------------------------------------------------------------------------
+
+def _feature_fn(spec: str | None, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if spec in (None, "", "none", "pixel"):
+        return None
+    if spec == "digits":
+        from ..eval.digits import load_digits_classifier
+
+        net = load_digits_classifier().to(device)
+        return lambda x: net.features(x.float().clamp(-1, 1))
+    if ":" in spec:
+        import importlib
+
+        mod, name = spec.split(":", 1)
+        return getattr(importlib.import_module(mod), name)
+    raise ValueError(f"feature must be 'none', 'digits' or 'module:callable', got {spec!r}")
+
+
+def _load_data(spec: str) -> torch.Tensor:
+    if spec == "digits":
+        from ..eval.digits import digits_dataset
+
+        return digits_dataset("train")[0]
+    p = Path(spec)
+    if not p.is_file():
+        raise ValueError(f"data {spec!r} is neither 'digits' nor a .pt/.npy file")
+    x = torch.load(p) if p.suffix == ".pt" else torch.from_numpy(np.load(p))
+    return torch.as_tensor(x).float()
+
+
+def build_from_args(argv: Sequence[str]) -> Path:
+    """`diffsampler minority-classifier`: score a data set with a diffusers pipeline's denoiser, train
+    the minority classifier, save it (safetensors + config.json with the class thresholds)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="diffsampler minority-classifier", description=build_from_args.__doc__)
+    p.add_argument("--pipeline", default=None, help="diffusers pipeline directory (default: the packaged digits model)")
+    p.add_argument("--data", default="digits", help="'digits' (train split) or a .pt/.npy tensor (N, ...) in the model's range")
+    p.add_argument("--feature", default="digits", help="distance space: none (pixels), digits, or module:callable")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--t-frac", type=float, default=0.4)
+    p.add_argument("--draws", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(list(argv))
+    from ..pipelines import denoiser_from_pipeline
+
+    if a.pipeline is None:
+        from ..eval.digits import load_digits_pipeline
+
+        pipe = load_digits_pipeline()
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(a.pipeline)
+    pipe.to(a.device)
+    den = denoiser_from_pipeline(pipe)
+    x0 = _load_data(a.data).to(a.device)
+    feature = _feature_fn(a.feature, a.device)
+    print(f"scoring {len(x0)} samples ({a.draws} draws, t_frac={a.t_frac}, feature={a.feature})")
+    scores = minority_score(den, x0, a.t_frac, a.draws, feature, seed=a.seed)
+    labels, th = minority_labels(scores, a.classes)
+    print(f"training the classifier: {a.steps} steps")
+    clf = train_minority_classifier(x0.cpu(), labels, den.schedule, a.classes, steps=a.steps, batch_size=a.batch_size,
+                                    seed=a.seed, thresholds=th.tolist(), log_every=max(a.steps // 10, 1),
+                                    meta={"t_frac": a.t_frac, "num_draws": a.draws, "feature": a.feature,
+                                          "data": a.data, "pipeline": a.pipeline or "digits"})
+    out = clf.save_pretrained(a.out)
+    from safetensors.torch import save_file
+
+    save_file({"scores": scores.float().contiguous()}, str(out / "scores.safetensors"))
+    print(f"saved {out}")
+    return out
