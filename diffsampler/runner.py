@@ -238,7 +238,9 @@ def _minority_metrics(guidance, den, samples, device, batches: int) -> dict:
 
 
 def _guidance_str(cfg) -> str:
-    g = dict(cfg.guidance)
+    from omegaconf import OmegaConf
+
+    g = OmegaConf.to_container(cfg.guidance, resolve=True) if OmegaConf.is_config(cfg.guidance) else dict(cfg.guidance)
     name = g.pop("name")
     return name if not g else name + json.dumps(g, sort_keys=True)
 

@@ -131,3 +131,27 @@ def test_classifier_save_load_and_errors(tmp_path, classifier, rare_gmm):
         MinorityClassifier.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="t_frac"):
         minority_score(gmm_denoiser(rare_gmm, LinearVP()), torch.zeros(2, 8), t_frac=1.5)
+
+
+def test_minority_guidance_on_digits():
+    """The packaged digits model and minority classifier (`diffsampler minority-classifier`): guidance
+    raises the share of samples whose minority score lies in the real data's top decile (measured on
+    128 samples, 10 NFE: 10% unguided -> 20% at w = 5; here 96 samples)."""
+    from diffsampler.eval.digits import ASSET_DIR, load_digits_pipeline
+    from diffsampler.guidance.minority import _feature_fn
+    from diffsampler.pipelines import denoiser_from_pipeline
+
+    den = denoiser_from_pipeline(load_digits_pipeline())
+    clf = MinorityClassifier.from_pretrained(ASSET_DIR / "minority")
+    meta, top = clf.config["meta"], float(clf.thresholds[-1])
+    feature = _feature_fn(meta["feature"], "cpu")
+
+    def share(x):
+        s = minority_score(den, x.clamp(-1, 1), meta["t_frac"], meta["num_draws"], feature, seed=10**6)
+        return (s >= top).float().mean().item()
+
+    n = 96
+    base = ds.sample(den, shape=(n, 1, 16, 16), seeds=range(n), solver="dpmpp_2m", nfe=10)
+    guided = ds.sample(den, shape=(n, 1, 16, 16), seeds=range(n), solver="dpmpp_2m", nfe=10,
+                       guidance=MinorityGuidance(clf, scale=5.0))
+    assert share(guided) >= 1.5 * max(share(base), 1 / n), (share(base), share(guided))
