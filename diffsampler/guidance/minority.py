@@ -313,7 +313,7 @@ class _MinorityGuided(DenoiserTransform):
                              f"draws {tuple(x.shape[1:])} (a classifier for another resolution?)")
         a = torch.as_tensor(alpha, dtype=torch.float64).flatten()
         s = torch.as_tensor(sigma, dtype=torch.float64).flatten()
-        if bool((s == 0).all()):
+        if self.guidance.scale == 0.0 or bool((s == 0).all()):
             return d
         lam = torch.log(a / s).expand(x.shape[0]) if a.numel() == 1 else torch.log(a / s)
         on = (lam >= self._lam_range[0]) & (lam <= self._lam_range[1])
