@@ -373,6 +373,48 @@ class GaussianMixture:
         return data_model
 
     # ------------------------------------------------------------------ #
+    # exponential tilting by a linear reward (exact references for SVDD)
+    # ------------------------------------------------------------------ #
+    def linear_tilt(self, a: torch.Tensor, temperature: float) -> "GaussianMixture":
+        """The reward-tilted target ``p(x0) exp(a.x0 / T) / Z`` for ``r(x0) = a.x0`` (``T`` = SVDD's alpha).
+
+        Completing the square per component: ``N(mu_k + s_k^2 a / T, s_k^2 I)`` with weight
+        ``∝ w_k exp(a.mu_k / T + s_k^2 |a|^2 / (2 T^2))`` -- again an isotropic mixture.
+        """
+        a, T = self._tilt_args(a, temperature)
+        means = self.means + self.stds[:, None] ** 2 * a / T
+        logw = self._log_w + self.means @ a / T + self.stds**2 * (a @ a) / (2 * T * T)
+        return GaussianMixture(means.to(self.dtype), self.stds, torch.softmax(logw, 0), self.component_labels)
+
+    def linear_soft_value(self, x: torch.Tensor, alpha: ScalarOrTensor, sigma: ScalarOrTensor,
+                          a: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Exact soft value ``v(x_t) = T log E[exp(a.x0 / T) | x_t = x]``, shape ``(n,)``
+        (Li et al. 2024, SVDD, eq. 3; its limit T -> 0 is ``a.E[x0 | x_t]``).
+
+        Given component k, ``x0 | x_t ~ N(m_k, v_k I)`` with ``m_k = mu_k + alpha s_k^2 / c_k (x - alpha mu_k)``,
+        ``v_k = s_k^2 sigma^2 / c_k``; so ``E[exp(a.x0/T) | x_t] = sum_k r_k exp(a.m_k / T + v_k |a|^2 / (2 T^2))``.
+        """
+        a, T = self._tilt_args(a, temperature)
+        xf, _, dtype = self._flatten(x)
+        al, s = self._coeffs(alpha, sigma, xf.shape[0])
+        s2, aa = self.stds**2, a @ a
+        out = torch.empty(xf.shape[0], dtype=_F64, device=self.device)
+        for sl, diff, resp, c in self._parts(xf, al, s):
+            gain = self._rows(al, sl) * s2 / c  # (m, K)
+            am = self.means @ a + gain * (diff @ a)  # a.m_k, (m, K)
+            var = s2 * self._rows(s, sl) ** 2 / c
+            out[sl] = T * torch.logsumexp(torch.log(resp) + am / T + var * aa / (2 * T * T), dim=1)
+        return out.to(dtype)
+
+    def _tilt_args(self, a, temperature):
+        a = torch.as_tensor(a, dtype=_F64, device=self.device).flatten()
+        if a.shape != (self.dim,):
+            raise ValueError(f"reward direction a must have {self.dim} elements, got shape {tuple(a.shape)}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+        return a, float(temperature)
+
+    # ------------------------------------------------------------------ #
     # exact probability-flow ODE
     # ------------------------------------------------------------------ #
     def ode_solution(

@@ -11,7 +11,8 @@ from .plan import Plan, run_plan
 from .registry import Solver, get
 from .time_shift import TimeShift
 
-__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise"]
+__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise",
+           "ondemand_noise"]
 
 
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -110,14 +111,19 @@ def sample(
             raise ValueError(f"got {len(seeds)} seeds for a batch of {x_T.shape[0]}")
         if device is not None:
             x_T = x_T.to(device)
+    strategy = guidance is not None and hasattr(guidance, "run")
+    if strategy and time_shift is not None:
+        raise ValueError(f"time_shift cannot be combined with the sampling strategy {type(guidance).__name__} "
+                         "(it runs its own loop); drop one of them")
     noise_fn = None
     if plan.stochastic:
         if gens is None:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
-        noise_fn = predrawn_noise(plan, gens, x_T)
+        # a strategy (SVDD) draws a data-dependent amount of noise: drawn per call, still per sample
+        noise_fn = ondemand_noise(gens, x_T) if strategy else predrawn_noise(plan, gens, x_T)
     if guidance is not None and hasattr(guidance, "wrap"):
         denoiser = guidance.wrap(denoiser)
-    if guidance is not None and hasattr(guidance, "run"):
+    if strategy:
         return guidance.run(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
     return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress,
                     time_shift=TimeShift.from_spec(time_shift))
@@ -130,3 +136,12 @@ def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tenso
     z = per_sample_noise((x_T.shape[0], n, *x_T.shape[1:]), gens, x_T.device, x_T.dtype)
     it = iter(z.unbind(1))
     return lambda x: next(it)
+
+
+def ondemand_noise(gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Noise drawn when asked: each call returns N(0, I) shaped like its argument, row k drawn from
+    generator k (a list) or from one shared generator.  For sampling strategies that draw as many
+    tensors as they need (SVDD: M candidates per step): with per-sample generators sample k's
+    draws depend only on seed k, whatever the batch size."""
+    device, dtype = x_T.device, x_T.dtype
+    return lambda x: per_sample_noise(tuple(x.shape), gens, device, dtype)
