@@ -64,6 +64,25 @@ def validate(cfg) -> None:
                               "(write one with `diffsampler minority-classifier --pipeline ... --out DIR`)")
         if not (isinstance(g.scale, (int, float)) and g.scale >= 0):
             raise ConfigError(f"guidance.scale must be a number >= 0, got {g.scale!r}")
+    if g.name == "svdd":
+        rewards = ("classifier", "jpeg") if m.name == "digits" else ("distance",) if m.name == "gmm" else ()
+        if _reward_name(cfg) not in rewards:
+            raise ConfigError(f"guidance.reward={g.reward!r} is not available for model={m.name}; allowed: "
+                              f"{('auto',) + rewards}")
+        for key, lo in (("num_candidates", 1), ("alpha", 0)):
+            v = g.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (key == "num_candidates" and v != int(v)):
+                raise ConfigError(f"guidance.{key} must be {'an integer >= 1' if lo else 'a number >= 0'}, got {v!r}")
+        opts = dict(cfg.solver.get("options") or {})
+        try:
+            stochastic = make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final, **opts).stochastic
+        except ValueError:
+            stochastic = True  # the solver check below names the problem
+        if not stochastic:
+            from .guidance.svdd import stochastic_solvers
+
+            raise ConfigError(f"guidance=svdd draws candidates from a stochastic solver; solver={cfg.solver.name} "
+                              f"has no noise. Use one of: {', '.join(stochastic_solvers())}")
     if cfg.get("time_shift"):
         try:
             TimeShift.from_spec(dict(cfg.time_shift))
@@ -177,6 +196,8 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
     if rank == 0:
         _, samples = load_shards(run_dir / "samples", seeds)
         metrics = _metrics(cfg, gmm, den, samples, device)
+        if cfg.guidance.name == "svdd":
+            metrics.update(_svdd_metrics(cfg, guidance, samples, gmm is None))
         if cfg.guidance.name == "minority":
             metrics.update(_minority_metrics(guidance, den, samples, device, max(len(calls), 1)))
         if gmm is None:
@@ -213,12 +234,56 @@ def _guidance(cfg, device):
         except FileNotFoundError as e:
             raise ConfigError(f"guidance.classifier: {e}") from None
         return MinorityGuidance(clf, float(g.scale), g.get("target"), tuple(g.get("interval") or (0.0, 1.0)))
+    if g.name == "svdd":
+        from .guidance.svdd import SVDD
+
+        return SVDD(_reward(cfg, device), int(g.num_candidates), float(g.alpha))
     return None
 
 
+def _reward_name(cfg) -> str:
+    r = cfg.guidance.reward
+    if r == "auto":
+        return {"digits": "classifier", "gmm": "distance"}.get(cfg.model.name, "auto")
+    return r
+
+
+def _digit(cfg) -> int:
+    t = cfg.guidance.get("target")
+    return 3 if t is None else int(t)
+
+
+def _reward(cfg, device):
+    """The reward of guidance=svdd, on the sampler's x0 (pixel models: [-1, 1])."""
+    from .guidance.rewards import ClassifierLogProb, JPEGCompressibility, NegativeDistance
+
+    g = cfg.guidance
+    name = _reward_name(cfg)
+    if name == "classifier":
+        from .eval.digits import load_digits_classifier
+
+        return ClassifierLogProb(load_digits_classifier().to(device), _digit(cfg), clamp=(-1.0, 1.0))
+    if name == "jpeg":
+        return JPEGCompressibility()
+    gmm, _ = _gmm(cfg)
+    return NegativeDistance(gmm.means[0] if g.get("target") is None else torch.tensor(list(g.target)))
+
+
 def _planned_calls(guidance, plan) -> int:
-    cost = getattr(guidance, "model_calls", None)
+    cost = getattr(guidance, "nfe", None)  # SVDD: candidates' model calls
     return int(cost(plan)) if callable(cost) else plan.nfe
+
+
+def _svdd_metrics(cfg, guidance, samples, image: bool) -> dict:
+    """Mean reward of the final samples and, for the digit classifier reward, the target digit's share."""
+    x = samples * 2 - 1 if image else samples  # decoded images are in [0, 1]; rewards take the model's range
+    out = {"reward_mean": float(guidance.reward(x).double().mean())}
+    if _reward_name(cfg) == "classifier":
+        clf = guidance.reward.classifier
+        with torch.no_grad():
+            pred = clf(x.to(next(clf.parameters()).device).float()).argmax(1).cpu()
+        out["target_share"] = float((pred == _digit(cfg)).float().mean())
+    return out
 
 
 def _minority_metrics(guidance, den, samples, device, batches: int) -> dict:
