@@ -389,7 +389,7 @@ class GaussianMixture:
     def linear_soft_value(self, x: torch.Tensor, alpha: ScalarOrTensor, sigma: ScalarOrTensor,
                           a: torch.Tensor, temperature: float) -> torch.Tensor:
         """Exact soft value ``v(x_t) = T log E[exp(a.x0 / T) | x_t = x]``, shape ``(n,)``
-        (Li et al. 2024, SVDD, eq. 3; its limit T -> 0 is ``a.E[x0 | x_t]``).
+        (the soft value of Li et al. 2024, SVDD); as T -> infinity it tends to ``a.E[x0 | x_t]``, the PM value.
 
         Given component k, ``x0 | x_t ~ N(m_k, v_k I)`` with ``m_k = mu_k + alpha s_k^2 / c_k (x - alpha mu_k)``,
         ``v_k = s_k^2 sigma^2 / c_k``; so ``E[exp(a.x0/T) | x_t] = sum_k r_k exp(a.m_k / T + v_k |a|^2 / (2 T^2))``.

@@ -256,7 +256,8 @@ def train_value_model(reward: Callable, x0: torch.Tensor, schedule, *, steps: in
                       lr: float = 2e-3, seed: int = 0, net: ValueNet | None = None, path: str | Path | None = None,
                       **net_kwargs) -> ValueNet:
     """SVDD-MC value model: regress r(x0) on x_t = alpha_t x0 + sigma_t eps at t ~ U[t_min, t_max]
-    (Li et al. 2024, Alg. 3), so v(x_t, t) ≈ E[r(x0) | x_t] (the soft value as alpha -> 0).
+    (Li et al. 2024, SVDD-MC), so v(x_t, t) ≈ E[r(x0) | x_t] -- the paper's approximation of the soft
+    value alpha log E[exp(r(x0)/alpha) | x_t], exact as alpha -> infinity.
 
     x0: clean samples (N, *shape) -- data, or the model's own samples; their rewards are computed once.
     Returns the trained :class:`ValueNet` (eval mode); with `path`, also saved there (safetensors).
