@@ -45,6 +45,8 @@ def _register_solver_configs() -> None:
     cs = ConfigStore.instance()
     for name in available():
         cs.store(group="solver", name=name, node={"name": name, "options": {}})
+    # a saved solver plan: solver=plan solver.path=<YAML file or plan name> (samplers/usf.py)
+    cs.store(group="solver", name="plan", node={"name": "plan", "path": None, "options": {"path": "${solver.path}"}})
 
 
 def _hydra_main() -> None:

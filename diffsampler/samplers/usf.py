@@ -63,8 +63,10 @@ from numpy.polynomial import polynomial as P
 
 from ..schedules import _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .plan import Combo, Plan, PlanBuilder
+from .registry import Solver, register_scheme
 
-__all__ = ["StepPlan", "SolverPlan", "PREDICTIONS", "ESTIMATORS", "COORDINATES", "plan_form", "phi"]
+__all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PREDICTIONS", "ESTIMATORS", "COORDINATES", "plan_form", "phi",
+           "load_plan", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
 ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "singlestep", "fallback")
@@ -546,3 +548,100 @@ def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unif
     steps = tuple(StepPlan(pred, k, est) for k in plan.orders)
     return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
+
+
+# ---------------------------------------------------------------------------------------------
+# plans as solvers: "plan:<name or path>"
+# ---------------------------------------------------------------------------------------------
+
+#: environment variable with extra plan directories (os.pathsep-separated), searched first
+PLAN_PATH_ENV = "DIFFSAMPLER_PLAN_PATH"
+#: the plans shipped with the package
+PACKAGE_PLAN_DIR = Path(__file__).resolve().parent.parent / "plans"
+
+
+def plan_dirs() -> list[Path]:
+    """Directories searched for a plan given by name: $DIFFSAMPLER_PLAN_PATH, then the package's."""
+    import os
+
+    extra = [Path(p).expanduser() for p in os.environ.get(PLAN_PATH_ENV, "").split(os.pathsep) if p]
+    return extra + [PACKAGE_PLAN_DIR]
+
+
+def available_plans() -> list[str]:
+    """Names of the plans in `plan_dirs()`."""
+    names = set()
+    for d in plan_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_plan(name_or_path) -> SolverPlan:
+    """A SolverPlan from a YAML file path, or by name (file stem) in `plan_dirs()`."""
+    if isinstance(name_or_path, SolverPlan):
+        return name_or_path
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+        raise ValueError(f"a plan is a YAML file path or a plan name, got {name_or_path!r}")
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_file():
+        return SolverPlan.load(p)
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        raise ValueError(f"no solver plan file at {str(p)!r}")
+    for d in plan_dirs():
+        f = d / f"{p.name}.yaml"
+        if f.is_file():
+            return SolverPlan.load(f)
+    raise ValueError(f"unknown plan {str(name_or_path)!r}: not a file, and not a name in {[str(d) for d in plan_dirs()]} "
+                     f"(plans there: {available_plans()})")
+
+
+class PlanSolver(Solver):
+    """A SolverPlan behind the Solver interface: `get("plan:<name or path>")`,
+    `get("plan", path=...)` or `get("plan", plan=SolverPlan)`.
+
+    The plan fixes its NFE, its time points and its final point: `steps_for_nfe` accepts only
+    the plan's NFE, and `build` runs the plan's decisions on the grid it is given (its own grid,
+    `own_grid(schedule)`, unless the caller passes explicit times)."""
+
+    stochastic = False
+
+    def __init__(self, path=None, plan: SolverPlan | None = None):
+        if (path is None) == (plan is None):
+            raise ValueError("solver 'plan' needs exactly one of path=<plan YAML file or plan name> or plan=<SolverPlan>; "
+                             f"plans by name: {available_plans()}")
+        self.plan = load_plan(plan if plan is not None else path)
+        self.source = str(path) if path is not None else "(in memory)"
+        self.name = f"plan:{path}" if path is not None else f"plan:{self.plan.name or '(in memory)'}"
+        self.order = max(self.plan.orders)
+        self.nfe_per_step = max(s.nfe for s in self.plan.steps)
+        self.min_nfe = self.plan.nfe
+        kinds = [s.prediction for s in self.plan.steps]
+        self.kind = max(set(kinds), key=kinds.count)
+
+    def check_nfe(self, nfe) -> None:
+        if nfe != self.plan.nfe:
+            raise ValueError(f"{self.name} spends exactly {self.plan.nfe} model calls (its steps fix it), got nfe={nfe!r}")
+
+    def steps_for_nfe(self, nfe: int, final_zero: bool = True) -> int:
+        self.check_nfe(nfe)
+        if final_zero != (self.plan.final == "zero"):
+            raise ValueError(f"{self.name} ends {'at sigma = 0' if self.plan.final == 'zero' else 'at t_min'} "
+                             f"(final={self.plan.final!r}); got final={'zero' if final_zero else 'last'!r}")
+        return len(self.plan.steps)
+
+    def own_grid(self, schedule: NoiseSchedule) -> TimeGrid:
+        return self.plan.grid(schedule)
+
+    def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
+        if nfe is not None:
+            self.check_nfe(nfe)
+        plan = self.plan.compile(grid=grid)
+        plan.solver = self.name
+        return plan
+
+    def __repr__(self) -> str:
+        return f"PlanSolver({self.name!r}, nfe={self.plan.nfe}, orders={self.plan.orders})"
+
+
+register_scheme("plan", PlanSolver, "path")
