@@ -135,7 +135,7 @@ class StepPlan:
             if self.estimator != "singlestep":
                 raise ValueError(f"r (intermediate points) is for estimator 'singlestep', got {self.estimator!r}")
             r = tuple(float(v) for v in self.r)
-            if len(r) != self.order - 1 or not all(0 < a < b < 1 for a, b in zip((0.0,) + r, r + (1.0,))):
+            if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
                 raise ValueError(f"r must be {self.order - 1} increasing fractions in (0, 1) for order {self.order}, got {list(r)}")
             object.__setattr__(self, "r", r)
 
