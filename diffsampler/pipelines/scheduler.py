@@ -302,8 +302,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps is not None and plan.nfe != num_inference_steps:
                 raise ValueError(f"the explicit grid costs {plan.nfe} model calls, num_inference_steps={num_inference_steps}")
         else:
+            own_grid = getattr(self.solver, "own_grid", None)  # a solver plan brings its own time points and end
+            if own_grid is not None:
+                final = self.solver.plan.final
             steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
-            own_grid = getattr(self.solver, "own_grid", None)  # a solver plan brings its own time points
             grid = own_grid(self.schedule) if own_grid is not None else self._grid(steps, mu)
             plan = make_plan(self.solver, self.schedule, num_inference_steps, grid=grid)
         if plan.steps and (not plan.steps[0].evals or not plan.steps[0].evals[0].x.is_identity):

@@ -46,22 +46,25 @@ def make_plan(
     schedule,
     nfe: int | None = None,
     spacing=DEFAULT_SPACING,
-    final: str = "zero",
+    final: str | None = None,
     grid: TimeGrid | None = None,
     **options,
 ) -> Plan:
     """Resolve solver name + NFE budget + spacing into a Plan (nothing runs).
 
-    A solver plan (`"plan:<name or path>"`, samplers/usf.py) brings its own time points and NFE:
-    `nfe` may be None or must equal the plan's, and `spacing` must stay at its default."""
+    final: "zero" or "last"; None means "zero" (a solver plan: its own final point).
+    A solver plan (`"plan:<name or path>"`, samplers/usf.py) brings its own time points, NFE and
+    final point: `nfe` may be None or must equal the plan's, `spacing` must stay at its default."""
     s = get(solver, **options)
     own_grid = getattr(s, "own_grid", None)  # a solver plan carries its own time points and NFE
     if grid is None and own_grid is not None:
         if not (spacing == "plan" or spacing == DEFAULT_SPACING):
             raise ValueError(f"solver {s.name!r} carries its own time points; spacing={spacing!r} cannot apply "
                              "(leave spacing at its default, or pass grid= to run the plan's steps on other times)")
+        final = s.plan.final if final is None else final
         s.steps_for_nfe(s.min_nfe if nfe is None else nfe, final_zero=(final == "zero"))
         grid, spacing = own_grid(schedule), "plan"
+    final = "zero" if final is None else final
     if grid is None:
         if nfe is None:
             raise ValueError("give nfe (number of model calls) or an explicit grid")
@@ -85,7 +88,7 @@ def sample(
     solver: str | Solver | Plan = "dpmpp_2m",
     nfe: int | None = 10,
     spacing="time_uniform",
-    final: str = "zero",
+    final: str | None = None,
     grid: TimeGrid | None = None,
     *,
     shape: Sequence[int] | None = None,

@@ -8,7 +8,7 @@ with the lowest metric on a small calibration batch:
    starts from the best fixed solvers) and random plans;
 2. generations: parents from the top 15, crossover (0.5), per-field mutation (0.3), structure
    mutation (0.2: re-draw how the NFE is spent, times interpolated), time jitter (sd 0.03 in the
-   normalised coordinate), order prior {1: .2, 2: .4, 3: .3, 4: .1}, no corrector on the last step
+   normalised coordinate, or 0.01 / 0.003 to refine), order prior {1: .2, 2: .4, 3: .3, 4: .1}, no corrector on the last step
    (the released USF search settings);
 3. a light predictor (gradient-boosted trees on a fixed-length plan encoding, refitted every
    generation on all evaluated plans) screens `screen` x more offspring than are evaluated; the
@@ -49,6 +49,7 @@ __all__ = ["search", "SearchResult", "calibration_seeds", "CALIBRATION_SEED_BASE
 CALIBRATION_SEED_BASE = 1_000_000
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
+JITTERS = (TIME_JITTER, 0.01, 0.003)
 N_PARENTS = 15
 MIN_GAP = 2e-3  # smallest step in the normalised time coordinate
 INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
@@ -194,7 +195,8 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                 elif what == "estimator" and s.estimator != "singlestep":
                     s = _random_step(rng, 1, s.prediction)
                 steps[i] = s
-    times = _jitter(rng, times, p=0.5 if not times_only else 0.7)
+    # USF's jitter sd is 0.03; smaller ones refine good grids at higher NFE
+    times = _jitter(rng, times, sd=float(rng.choice(JITTERS)), p=0.5 if not times_only else 0.7)
     if times is None:
         return None
     if times_only:
