@@ -53,7 +53,7 @@ JITTERS = (TIME_JITTER, 0.01, 0.003)
 N_PARENTS = 15
 MIN_GAP = 2e-3  # smallest step in the normalised time coordinate
 INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
-INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3")
+INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
 
 
 def calibration_seeds(n: int, offset: int = 0) -> list[int]:
@@ -82,10 +82,11 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
     for i, s in enumerate(steps):
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
             steps[i] = StepPlan(s.prediction, s.order, s.estimator, analytic=s.analytic, r=s.r)
+            s = steps[i]
     avail: list[str | None] = []  # prediction type of each grid point's output (none for an analytic noise step)
     for i, s in enumerate(steps):
         avail.append(None if (s.analytic and s.prediction == "noise") else s.prediction)
-        if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "fallback"):
+        if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback"):
             k = 1
             while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
                 k += 1
@@ -106,7 +107,8 @@ def _random_step(rng, budget: int, prediction: str) -> StepPlan:
         return StepPlan(prediction, k, "multistep_t")
     if prediction == "data" and r < 0.15 and k <= 3:
         return StepPlan(prediction, k, "multistep_dpm")
-    return StepPlan(prediction, k, "multistep", corrector=bool(rng.random() < 0.3))
+    est = "unipc" if rng.random() < 0.3 else "multistep"
+    return StepPlan(prediction, k, est, corrector=bool(rng.random() < 0.3))
 
 
 def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepPlan]:
@@ -189,8 +191,8 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                     s = StepPlan(other, s.order, "singlestep") if s.estimator == "singlestep" else _random_step(rng, 1, other)
                 elif what == "order" and s.estimator != "singlestep":
                     s = StepPlan(s.prediction, _order(rng, 3 if s.estimator == "multistep_dpm" else 4), s.estimator,
-                                 s.corrector and s.estimator == "multistep")
-                elif what == "corrector" and s.estimator == "multistep":
+                                 s.corrector and s.estimator in ("multistep", "unipc"))
+                elif what == "corrector" and s.estimator in ("multistep", "unipc"):
                     s = StepPlan(s.prediction, s.order, s.estimator, not s.corrector)
                 elif what == "estimator" and s.estimator != "singlestep":
                     s = _random_step(rng, 1, s.prediction)
@@ -225,7 +227,7 @@ def crossover(rng, a: SolverPlan, b: SolverPlan, times_only: bool = False) -> So
 # the predictor
 # ---------------------------------------------------------------------------------------------
 
-_EST = ("multistep", "multistep_dpm", "multistep_t", "singlestep")
+_EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep")
 
 
 def encode(sp: SolverPlan, slots: int) -> np.ndarray:
@@ -347,7 +349,7 @@ def search(
     base: str | SolverPlan | None = None,
     final: str | None = None,
     coordinate: str = "logsnr",
-    batch: int = 8,
+    batch: int | None = None,
     screen: int = 8,
     log: str | Path | None = None,
     out: str | Path | None = None,
@@ -368,6 +370,8 @@ def search(
     base: a solver with a plan form (`samplers.usf.PLAN_FORMS`) or a SolverPlan: time-grid-only search.
     final: "zero" or "last" to fix where plans end; None searches both (the metric's reference is
         at sigma = 0 either way; "last" stops at t_min).
+    batch: true evaluations per generation (default max(8, budget // 40): the predictor is refitted
+        once per generation, as S^3 retrains it in stages); `screen` x batch offspring are screened.
     log: JSONL log; re-running with it resumes.  out: write the best plan there as YAML.
     """
     if not isinstance(nfe, int) or nfe < 1:
@@ -389,6 +393,9 @@ def search(
         clash = sorted(set(seeds) & {int(s) for s in holdout_seeds})
         if clash:
             raise ValueError(f"calibration/verification seeds overlap the held-out evaluation seeds: {clash[:10]}")
+    batch = max(8, budget // 40) if batch is None else int(batch)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     if isinstance(metric, str) and metric != "rmse":
         raise ValueError(f"metric must be 'rmse' or a callable (samples, x_T) -> float, got {metric!r}")
     if final not in (None,) + FINALS:

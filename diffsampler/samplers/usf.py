@@ -30,6 +30,10 @@ Derivative estimators (`StepPlan.estimator`):
                      It is what `dpmpp_2m` / `dpmpp_3m` compute.  Data prediction only.
 * ``multistep_t``    history with the Lagrange basis in t instead of lambda, integrated in rho
                      (tAB-DEIS, Zhang & Chen 2023, eq. 15): what `deis_k` computes.  Noise only.
+* ``unipc``          UniPC-bh2 weights (Zhao et al. 2023, Alg. 1 with B(h) = e^h - 1 in the step's
+                     prediction): exact Taylor weights, except that two points (order-2 predictor,
+                     first-order step's corrector) use h phi_1/2 as DPM-Solver++(2M) does.  With a
+                     corrector on every step but the last it is diffusers' UniPCMultistepScheduler.
 * ``singlestep``     `order - 1` intermediate points inside the step at fractions `r` of h, each
                      reached by the lower-order step through the points before it (DPM-Solver-k
                      style, exact Taylor weights); costs `order` model calls.
@@ -69,13 +73,13 @@ __all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PREDICTIONS", "ESTIMATORS", 
            "load_plan", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
-ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "singlestep", "fallback")
+ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback")
 COORDINATES = ("logsnr", "time")
 FINALS = ("zero", "last")
 MAX_ORDER = 4
 FORMAT = "diffsampler.solver_plan/1"
 
-_MULTISTEP = ("multistep", "multistep_dpm", "multistep_t", "fallback")
+_MULTISTEP = ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback")
 _ZERO = -1  # the analytic first data prediction D(x_T, T) = 0: a history entry with no engine output
 
 
@@ -126,8 +130,8 @@ class StepPlan:
         if self.estimator == "multistep_t" and self.prediction != "noise":
             raise ValueError("estimator 'multistep_t' (tAB-DEIS, Lagrange basis in t) integrates the noise prediction; "
                              f"got prediction {self.prediction!r}")
-        if self.corrector and self.estimator not in ("multistep", "fallback"):
-            raise ValueError(f"a corrector runs on 'multistep' or 'fallback' steps, got estimator {self.estimator!r}")
+        if self.corrector and self.estimator not in ("multistep", "unipc", "fallback"):
+            raise ValueError(f"a corrector runs on 'multistep', 'unipc' or 'fallback' steps, got estimator {self.estimator!r}")
         if self.analytic and (self.order != 1 or self.estimator == "singlestep"):
             raise ValueError(f"an analytic step is first order with no model call; got order {self.order}, "
                              f"estimator {self.estimator!r}")
@@ -215,7 +219,7 @@ class SolverPlan:
             if s.analytic and i != 0:
                 raise ValueError(f"{where}: only the first step can be analytic")
             k = self._orders_unchecked()[i]
-            if s.estimator in ("multistep", "multistep_dpm", "multistep_t") and k < s.order:
+            if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc") and k < s.order:
                 need = [i - j for j in range(1, s.order)]
                 raise ValueError(
                     f"{where}: order {s.order} with estimator {s.estimator!r} needs {s.prediction} outputs at grid "
@@ -404,7 +408,8 @@ def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a
                 a_t: float, s_t: float, flavour: str = "taylor") -> tuple[float, list[float]]:
     """(c_x, [w_j]) with x_t = c_x x_s + sum_j w_j M_j for the exponential-integrator step from
     lambda_s to lambda_t with the prediction interpolated through outputs M_j at log-SNRs `nodes`
-    (module docstring).  `flavour="dpm"` gives DPM-Solver++(2M/3M)'s published weights."""
+    (module docstring).  `flavour="dpm"` gives DPM-Solver++(2M/3M)'s published weights, "unipc"
+    UniPC-bh2's (the "dpm" weight for two points, exact Taylor weights for more)."""
     k = len(nodes)
     if s_t == 0.0:  # onto sigma = 0 (h = inf): first order only -> x_0 = D_s
         if k != 1:
@@ -420,10 +425,10 @@ def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a
         cx, scale, z = a_t / a_s, -s_t, h
     # weight of d^n/dlambda^n p(lambda_s) (times h^n): h phi_{n+1}(z) (times n! for the l_j coefficient)
     kn = [h * phi(n + 1, z) for n in range(k)]
-    if flavour == "dpm":
+    if flavour in ("dpm", "unipc"):
         if k == 2:
             kn[1] = 0.5 * h * phi(1, z)
-        elif k == 3:
+        elif k == 3 and flavour == "dpm":
             kn[2] = 0.5 * kn[2]
     w = []
     for j in range(k):
@@ -467,7 +472,7 @@ class _Compiler:
 
             ints = DEIS(order=min(k, MAX_ORDER), basis="t", lower_order_final=False).basis_integrals(self.grid, i, k)
             return a_t / a_s, {p: a_t * float(c) for p, c in zip(pts, ints)}
-        flavour = "dpm" if s.estimator == "multistep_dpm" else "taylor"
+        flavour = {"multistep_dpm": "dpm", "unipc": "unipc"}.get(s.estimator, "taylor")
         cx, w = exp_weights(s.prediction, [self.lam[p] for p in pts], l_s, l_t, a_s, s_s, a_t, s_t, flavour)
         return cx, dict(zip(pts, w))
 
@@ -535,14 +540,32 @@ PLAN_FORMS = {
 }
 
 
+#: solvers of other libraries written as plans: name -> (prediction, estimator, order)
+EXTERNAL_FORMS = {
+    "unipc_2": ("data", "unipc", 2),  # diffusers UniPCMultistepScheduler(solver_order=2), bh2, data prediction
+    "unipc_3": ("data", "unipc", 3),
+}
+
+
 def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_uniform", final: str = "zero",
               coordinate: str = "logsnr") -> SolverPlan:
     """The SolverPlan that computes what registered `solver` computes at this NFE / spacing
-    (its per-step orders, warm-up and cool-down included)."""
-    if solver not in PLAN_FORMS:
-        raise ValueError(f"no plan form for solver {solver!r}; plan forms exist for {sorted(PLAN_FORMS)}")
+    (its per-step orders, warm-up and cool-down included).  Also "unipc_2" / "unipc_3": diffusers'
+    UniPC-bh2 multistep scheduler (orders min(p, i + 1, steps - i), corrector on every step but the
+    last; with spacing="linspace" its default grid)."""
     from .loop import make_plan
+    from ..schedules import time_grid
 
+    if solver in EXTERNAL_FORMS:
+        pred, est, p = EXTERNAL_FORMS[solver]
+        grid = time_grid(schedule, nfe, spacing, final=final)
+        n = grid.steps
+        steps = tuple(StepPlan(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
+        return SolverPlan(steps, tuple(SolverPlan.times_of(grid, coordinate)), final, coordinate,
+                          name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
+    if solver not in PLAN_FORMS:
+        raise ValueError(f"no plan form for solver {solver!r}; plan forms exist for {sorted(PLAN_FORMS)} "
+                         f"and {sorted(EXTERNAL_FORMS)}")
     plan = make_plan(solver, schedule, nfe, spacing, final)
     pred, est = PLAN_FORMS[solver]
     steps = tuple(StepPlan(pred, k, est) for k in plan.orders)
