@@ -151,6 +151,7 @@ def main(argv=None):
             log = None if args.no_write else log_dir / f"nfe{nfe}_{kind}.jsonl"
             r = search(S.denoiser(), nfe, shape=(16,), reference=exact, budget=budget, n_calib=args.n_calib,
                        n_verify=8, seed=args.seed, holdout_seeds=eval_seeds, base=base, log=log, dtype=DTYPE,
+                       batch=max(8, budget // 40),
                        name=f"gmm_nfe{nfe}" if base is None else f"gmm_dpmpp_3m_times_nfe{nfe}", progress=False)
             x = ds.sample(S.denoiser(), S.x_T.clone(), solver=r.plan.compile(S.schedule))
             found[kind] = (r, rmse(x, S.ref), per_sample_sq(x, S.ref))

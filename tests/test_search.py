@@ -96,26 +96,29 @@ def test_search_never_sees_the_evaluation_seeds(problem):
         _run(problem, budget=4, seeds=range(5, 100), holdout_seeds=[5, 6])
 
 
-def test_search_finds_a_better_plan_than_the_registered_solvers(problem):
-    """Held-out check on the small mixture at NFE 4 (budget 150, 256 calibration samples): the
-    searched plan beats the best registered plan form chosen on the same calibration data.
-    Measured ratio 0.74 (held-out 1024 samples); asserted < 0.9, a margin for the heavy tail
-    of RMSE (a few samples changing mixture component dominate it)."""
+def test_search_finds_a_better_plan_than_the_registered_solvers(problem, tmp_path):
+    """Held-out check on the small mixture at NFE 4 (budget 100, 128 calibration samples): the
+    searched plan beats the registered solver (plan forms of ddim, dpmpp_2m/3m, deis_2/3, unipc_2/3
+    on 4 spacings x 2 finals, all in the initial population) that scored best on the same
+    calibration batch.  Measured ratio 0.82 on 1024 held-out samples (0.83 with budget 120 and 192
+    calibration samples); asserted < 0.92, a margin for the heavy tail of RMSE (a few samples
+    changing mixture component dominate it).  The benchmark's real searches do far better."""
     gmm, sch, exact = problem
-    r = _run(problem, budget=150, n_calib=256, n_verify=5, holdout_seeds=range(1024))
+    log = tmp_path / "s.jsonl"
+    r = _run(problem, budget=100, n_calib=128, n_verify=3, holdout_seeds=range(1024), log=log)
+    forms = {plan_form(n, sch, NFE, s, f).key(): plan_form(n, sch, NFE, s, f)
+             for n in ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
+             for s in ("logsnr", "time_uniform", "time_quadratic", "karras") for f in ("zero", "last")}
+    scored = [(e["score"], e["key"]) for e in _evals(log) if e["phase"] == "calib" and e["key"] in forms]
+    assert len(scored) == len(forms)
+    best_form = forms[min(scored)[1]]
     x = initial_noise((1024, 8), sch, seeds=range(1024)).double()
     ref = exact(x)
 
     def err(sp):
         return float((ds.sample(_den(problem), x.clone(), solver=sp.compile(sch)) - ref).pow(2).mean().sqrt())
 
-    forms = [plan_form(n, sch, NFE, s, f) for n in ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3")
-             for s in ("logsnr", "time_uniform", "time_quadratic", "karras") for f in ("zero", "last")]
-    cal = initial_noise((256, 8), sch, seeds=r.seeds[:256]).double()
-    cref = exact(cal)
-    best_form = min(forms, key=lambda sp: float((ds.sample(_den(problem), cal.clone(), solver=sp.compile(sch)) - cref)
-                                               .pow(2).mean().sqrt()))
-    assert err(r.plan) < 0.9 * err(best_form), (err(r.plan), err(best_form))
+    assert err(r.plan) < 0.92 * err(best_form), (err(r.plan), err(best_form))
 
 
 def test_time_only_search_keeps_the_solver(problem, tmp_path):
@@ -131,21 +134,22 @@ def test_time_only_search_keeps_the_solver(problem, tmp_path):
 
 
 def test_predictor_ranks_unseen_plans(problem):
-    """The screening model: trained on 100 evaluated random plans, its predictions on 50 others have
-    Spearman correlation > 0.3 with the true calibration RMSE (measured 0.43; 0.43-0.62 over draw
-    seeds 0-2; a predictor without information scores 0 +- 0.14)."""
+    """The screening model: trained on 80 evaluated random plans (64 calibration samples), its
+    predictions on 40 others have Spearman correlation > 0.2 with the calibration RMSE (measured
+    0.38; 0.27-0.42 over draw seeds 0-3; without information it scores 0 +- 0.16).  A light
+    screen, not an oracle: RMSE on a small batch is itself noisy (heavy tail)."""
     from scipy.stats import spearmanr
 
     gmm, sch, exact = problem
     rng = np.random.default_rng(0)
-    plans = [random_plan(rng, NFE, sch, None) for _ in range(150)]
-    x = initial_noise((128, 8), sch, seeds=calibration_seeds(128)).double()
+    plans = [random_plan(rng, NFE, sch, None) for _ in range(120)]
+    x = initial_noise((64, 8), sch, seeds=calibration_seeds(64)).double()
     ref = exact(x)
     scores = [float((ds.sample(_den(problem), x.clone(), solver=p.compile(sch)) - ref).pow(2).mean().sqrt()) for p in plans]
     pred = _Predictor(NFE + 1)
-    pred.fit(plans[:100], scores[:100])
-    rho = spearmanr(pred.predict(plans[100:]), np.log(scores[100:])).correlation
-    assert rho > 0.3, rho
+    pred.fit(plans[:80], scores[:80])
+    rho = spearmanr(pred.predict(plans[80:]), np.log(scores[80:])).correlation
+    assert rho > 0.2, rho
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -231,10 +231,10 @@ _EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep")
 
 
 def encode(sp: SolverPlan, slots: int) -> np.ndarray:
-    """Fixed-length encoding: per step slot (time, step size, prediction, effective order,
-    estimator one-hot, corrector, analytic, present) and the number of steps."""
+    """Fixed-length encoding: per step slot (present, time, step size, prediction, effective order,
+    corrector, estimator one-hot), the number of steps, the final point and the last step's start."""
     per = 6 + len(_EST)
-    f = np.zeros(slots * per + 1)
+    f = np.zeros(slots * per + 3)
     orders = sp.orders
     for i, s in enumerate(sp.steps[:slots]):
         row = [1.0, sp.times[i], sp.times[i + 1] - sp.times[i], float(s.prediction == "data"), orders[i] / 4.0,
@@ -242,7 +242,9 @@ def encode(sp: SolverPlan, slots: int) -> np.ndarray:
         f[i * per:(i + 1) * per] = row
         if s.analytic:
             f[i * per + 4] = 0.0
-    f[-1] = len(sp.steps) / slots
+    f[-3] = len(sp.steps) / slots
+    f[-2] = float(sp.final == "zero")
+    f[-1] = sp.times[-2]  # where the last step starts (the last model call of a final "zero" plan)
     return f
 
 
@@ -349,7 +351,7 @@ def search(
     base: str | SolverPlan | None = None,
     final: str | None = None,
     coordinate: str = "logsnr",
-    batch: int | None = None,
+    batch: int = 8,
     screen: int = 8,
     log: str | Path | None = None,
     out: str | Path | None = None,
@@ -370,8 +372,8 @@ def search(
     base: a solver with a plan form (`samplers.usf.PLAN_FORMS`) or a SolverPlan: time-grid-only search.
     final: "zero" or "last" to fix where plans end; None searches both (the metric's reference is
         at sigma = 0 either way; "last" stops at t_min).
-    batch: true evaluations per generation (default max(8, budget // 40): the predictor is refitted
-        once per generation, as S^3 retrains it in stages); `screen` x batch offspring are screened.
+    batch: true evaluations per generation (the predictor is refitted once per generation, as S^3
+        retrains it in stages; raise it with the budget); `screen` x batch offspring are screened.
     log: JSONL log; re-running with it resumes.  out: write the best plan there as YAML.
     """
     if not isinstance(nfe, int) or nfe < 1:
@@ -393,8 +395,7 @@ def search(
         clash = sorted(set(seeds) & {int(s) for s in holdout_seeds})
         if clash:
             raise ValueError(f"calibration/verification seeds overlap the held-out evaluation seeds: {clash[:10]}")
-    batch = max(8, budget // 40) if batch is None else int(batch)
-    if batch < 1:
+    if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if isinstance(metric, str) and metric != "rmse":
         raise ValueError(f"metric must be 'rmse' or a callable (samples, x_T) -> float, got {metric!r}")
@@ -503,7 +504,7 @@ def search(
                     c = _try(plan_form, solver, schedule, nfe, sp_name, fin, coordinate)
                     if c is not None:
                         init.append(c)
-    n_init = max(len(init), min(budget // 4, 48))
+    n_init = max(len(init), 48)  # independent of the budget, so a resumed search with a larger budget replays exactly
     while len(init) < n_init:
         init.append(random_plan(rng, nfe, schedule, final, coordinate, base_plan))
     for sp in init:
