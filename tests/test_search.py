@@ -130,7 +130,8 @@ def test_time_only_search_keeps_the_solver(problem, tmp_path):
     evals = _evals(log)
     assert all(SolverPlan.from_dict(e["plan"]).steps == base.steps for e in evals)
     base_score = next(e["score"] for e in evals if e["key"] == base.key())
-    assert r.calib_score < base_score  # measured 0.43 vs 0.94 (logSNR-uniform dpmpp_3m)
+    # measured 0.325 vs 0.474 for logSNR-uniform dpmpp_3m (calibration RMSE, 128 samples)
+    assert r.calib_score < 0.9 * base_score
 
 
 def test_predictor_ranks_unseen_plans(problem):
