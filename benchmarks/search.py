@@ -122,7 +122,9 @@ def main(argv=None):
     p.add_argument("--n-calib", type=int, default=2048)
     p.add_argument("--n-eval", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the mixture's small tensors gain nothing from more, and a shared "
+                        "machine's oversubscribed OpenMP threads slow every model call down many times)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,7 +141,7 @@ def main(argv=None):
         return S.gmm.ode_endpoint(x.double(), S.a_T, S.s_T, 1.0, 0.0)
 
     log_dir = RESULTS_DIR / "search_logs"
-    rows, table = [], []
+    rows, table, plans = [], [], {}
     for nfe in nfes:
         print(f"NFE {nfe}: baselines", flush=True)
         fixed = best_fixed(S, nfe)
@@ -171,13 +173,14 @@ def main(argv=None):
                    plan_final=r.plan.final)
         rows.append(row)
         table.append(row)
-        if not args.no_write:
-            PLAN_DIR.mkdir(exist_ok=True)
-            r.plan.save(PLAN_DIR / f"gmm_nfe{nfe}.yaml")
+        plans[nfe] = r.plan
 
     body = render(table, args, time.time() - t_all)
     print(body)
-    if not args.no_write:
+    if not args.no_write:  # plans, table and CSV together, once every search is done
+        PLAN_DIR.mkdir(exist_ok=True)
+        for nfe, plan in plans.items():
+            plan.save(PLAN_DIR / f"gmm_nfe{nfe}.yaml")
         write_section("search", body)
         path = write_csv("search.csv", rows)
         print(f"wrote {path}, the search section of RESULTS.md and {PLAN_DIR}/gmm_nfe*.yaml")
