@@ -477,7 +477,7 @@ class _Compiler:
         return cx, dict(zip(pts, w))
 
     def run(self) -> Plan:
-        sp, b, g = self.sp, self.b, self.grid
+        sp, b = self.sp, self.b
         orders = sp.orders
         pending: dict[int, float] = {}
         correction: dict[int, float] | None = None  # over grid points, applied once point i+1 is evaluated
@@ -498,7 +498,7 @@ class _Compiler:
                 cx, wp = self._multistep(i, s, k)
                 w = {self.out[p]: c for p, c in wp.items()}
                 if s.corrector:
-                    cx_c, wc = self._multistep(i, s, k, with_next=True)
+                    _, wc = self._multistep(i, s, k, with_next=True)  # same c_x: the difference is in M only
                     correction = {p: wc[p] - wp.get(p, 0.0) for p in wc}
             b.end_step(self._lift(cx, w, pending), order=k)
             pending = {}
