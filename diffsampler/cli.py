@@ -6,6 +6,8 @@
     diffsampler demo                       solver accuracy on the exact Gaussian mixture, printed
     diffsampler list                       registered solvers and their metadata
     diffsampler minority-classifier --out DIR [...]   score a data set, train the minority classifier
+    diffsampler search --nfe 5 --out plan.yaml   solver-schedule search (USF / S^3) on the Gaussian
+                                           mixture; resumable with --log (see `diffsampler search -h`)
 """
 
 from __future__ import annotations
@@ -37,6 +39,52 @@ def demo(solvers=DEFAULT_SOLVERS, nfes=(5, 10, 20), n=512, dim=16, seed=0, spaci
     return rows
 
 
+def search_main(argv) -> int:
+    """`diffsampler search`: search a solver plan for the Gaussian-mixture model of the Hydra config
+    (configs/model/gmm.yaml), scored by RMSE against the exact PF-ODE endpoint."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from .runner import SCHEDULES, _gmm
+    from .samplers.search import search
+
+    p = argparse.ArgumentParser(prog="diffsampler search", description=search_main.__doc__)
+    p.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
+    p.add_argument("--budget", type=int, default=200, help="true evaluations on the calibration batch")
+    p.add_argument("--calib", type=int, default=256, help="calibration batch size (verification uses as many more)")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument("--base", default=None, help="time-grid-only search for this solver (e.g. dpmpp_3m)")
+    p.add_argument("--final", choices=("zero", "last"), default=None, help="fix where plans end (default: search both)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="noise schedule (default: the gmm config's)")
+    p.add_argument("--log", default=None, help="JSONL log; re-running with the same log resumes the search")
+    p.add_argument("--out", default="plan.yaml", help="where the best plan is written (YAML)")
+    p.add_argument("--name", default=None, help="plan name stored in the YAML")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    m = OmegaConf.load(Path(__file__).parent / "configs" / "model" / "gmm.yaml")
+    if a.schedule:
+        m.schedule = a.schedule
+    gmm, den = _gmm(OmegaConf.create({"model": m}))
+    sch = den.schedule
+    t0, t1 = float(sch.t_max), float(sch.t_min)
+
+    def exact(x):
+        return gmm.ode_endpoint(x.double(), float(sch.alpha(t0)), float(sch.sigma(t0)), 1.0, 0.0)
+
+    try:
+        r = search(den, a.nfe, shape=(gmm.dim,), reference=exact, budget=a.budget, n_calib=a.calib, seed=a.seed,
+                   base=a.base, final=a.final, log=a.log, out=a.out, name=a.name, dtype=torch.float64,
+                   progress=not a.no_progress)
+    except ValueError as e:
+        print(f"diffsampler search: error: {e}", file=sys.stderr)
+        return 2
+    print(f"best plan ({len(r.plan.steps)} steps, orders {r.plan.orders}, final {r.plan.final}): calibration RMSE "
+          f"{r.calib_score:.4g}, verification RMSE {r.verify_score:.4g}; {r.evaluations} evaluations, "
+          f"{r.model_calls} model calls, {r.seconds:.1f} s; written to {a.out} (use it as solver=\"plan:{a.out}\")")
+    return 0
+
+
 def _register_solver_configs() -> None:
     """Every registered solver (built-in or user-registered) is a `solver=<name>` option."""
     from hydra.core.config_store import ConfigStore
@@ -46,6 +94,8 @@ def _register_solver_configs() -> None:
     cs = ConfigStore.instance()
     for name in available():
         cs.store(group="solver", name=name, node={"name": name, "options": {}})
+    # a saved solver plan: solver=plan solver.path=<YAML file or plan name> (samplers/usf.py)
+    cs.store(group="solver", name="plan", node={"name": "plan", "path": None, "options": {"path": "${solver.path}"}})
 
 
 def _hydra_main() -> None:
@@ -88,6 +138,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["demo"]:
         demo()
         return 0
+    if argv[:1] == ["search"]:
+        return search_main(argv[1:])
     if argv[:1] == ["list"]:
         from .samplers import available, info
 

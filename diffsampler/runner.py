@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .samplers import available, make_plan
+from .samplers import available, is_solver_name, make_plan
 from .samplers.loop import sample
 from .samplers.time_shift import TimeShift
 from .schedules import LinearVP
@@ -40,8 +40,9 @@ def validate(cfg) -> None:
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
-    if cfg.solver.name not in available():
-        raise ConfigError(f"solver.name {cfg.solver.name!r} is not a registered solver; available: {available()}")
+    if not is_solver_name(cfg.solver.name):
+        raise ConfigError(f"solver.name {cfg.solver.name!r} is not a registered solver; available: {available()} "
+                          "and solver=plan solver.path=<plan YAML or name>")
     if cfg.final not in ("zero", "last"):
         raise ConfigError(f"final must be 'zero' or 'last', got {cfg.final!r}")
     m = cfg.model
@@ -206,7 +207,8 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
             "model": cfg.model.name, "solver": cfg.solver.name,
             "solver_options": json.dumps(options, sort_keys=True), "nfe": cfg.nfe,
             "nfe_counted": max(calls) if calls else _planned_calls(guidance, plan),
-            "spacing": cfg.spacing, "final": cfg.final, "guidance": _guidance_str(cfg),
+            "spacing": "plan" if plan.info.get("spacing") == "plan" else cfg.spacing, "final": cfg.final,
+            "guidance": _guidance_str(cfg),
             "time_shift": json.dumps(ts, sort_keys=True) if ts else "",
             "num_samples": cfg.num_samples, "seeds": f"{seeds[0]}-{seeds[-1]}", "rng_device": "cpu",
             **metrics, "wall_time_s": round(time.perf_counter() - t0, 3), "gen_time_s": round(gen_time, 3),

@@ -57,7 +57,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     """A diffsampler solver (`solver`, one of `diffsampler.available()`) as a diffusers scheduler.
 
     Args:
-        solver: registered solver name; `solver_options` are passed to it (e.g. {"eta": 1.0}).
+        solver: registered solver name, or a solver plan as "plan:<name or YAML path>" (it brings its
+            own time points and NFE; `spacing` is then unused); `solver_options` are passed to it
+            (e.g. {"eta": 1.0}).
         spacing: time spacing of the grid (`diffsampler.schedules.SPACINGS`); default: the source
             config's `timestep_spacing` if it has one, else "linspace".
         final: "zero" (end at sigma = 0) or "last" (end at the last grid time); default: from
@@ -300,10 +302,13 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps is not None and plan.nfe != num_inference_steps:
                 raise ValueError(f"the explicit grid costs {plan.nfe} model calls, num_inference_steps={num_inference_steps}")
         else:
+            own_grid = getattr(self.solver, "own_grid", None)  # a solver plan brings its own time points and end
+            if own_grid is not None:
+                final = self.solver.plan.final
             steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
-            grid = self._grid(steps, mu)
+            grid = own_grid(self.schedule) if own_grid is not None else self._grid(steps, mu)
             plan = make_plan(self.solver, self.schedule, num_inference_steps, grid=grid)
-        if plan.steps and not plan.steps[0].evals[0].x.is_identity:
+        if plan.steps and (not plan.steps[0].evals or not plan.steps[0].evals[0].x.is_identity):
             raise ValueError(f"solver {self.config.solver!r}: the first model call is not at x_T; "
                              "it cannot be driven one model call at a time")
         self._full_plan = plan

@@ -11,6 +11,9 @@ from .plan import Plan, run_plan
 from .registry import Solver, get
 from .time_shift import TimeShift
 
+#: the spacing of `sample` / `make_plan` when none is given
+DEFAULT_SPACING = "time_uniform"
+
 __all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise",
            "ondemand_noise"]
 
@@ -43,13 +46,26 @@ def make_plan(
     solver: str | Solver,
     schedule,
     nfe: int | None = None,
-    spacing="time_uniform",
-    final: str = "zero",
+    spacing=DEFAULT_SPACING,
+    final: str | None = None,
     grid: TimeGrid | None = None,
     **options,
 ) -> Plan:
-    """Resolve solver name + NFE budget + spacing into a Plan (nothing runs)."""
+    """Resolve solver name + NFE budget + spacing into a Plan (nothing runs).
+
+    final: "zero" or "last"; None means "zero" (a solver plan: its own final point).
+    A solver plan (`"plan:<name or path>"`, samplers/usf.py) brings its own time points, NFE and
+    final point: `nfe` may be None or must equal the plan's, `spacing` must stay at its default."""
     s = get(solver, **options)
+    own_grid = getattr(s, "own_grid", None)  # a solver plan carries its own time points and NFE
+    if grid is None and own_grid is not None:
+        if not (spacing == "plan" or spacing == DEFAULT_SPACING):
+            raise ValueError(f"solver {s.name!r} carries its own time points; spacing={spacing!r} cannot apply "
+                             "(leave spacing at its default, or pass grid= to run the plan's steps on other times)")
+        final = s.plan.final if final is None else final
+        s.steps_for_nfe(s.min_nfe if nfe is None else nfe, final_zero=(final == "zero"))
+        grid, spacing = own_grid(schedule), "plan"
+    final = "zero" if final is None else final
     if grid is None:
         if nfe is None:
             raise ValueError("give nfe (number of model calls) or an explicit grid")
@@ -73,7 +89,7 @@ def sample(
     solver: str | Solver | Plan = "dpmpp_2m",
     nfe: int | None = 10,
     spacing="time_uniform",
-    final: str = "zero",
+    final: str | None = None,
     grid: TimeGrid | None = None,
     *,
     shape: Sequence[int] | None = None,

@@ -13,12 +13,15 @@ import numpy as np
 from ..schedules import TimeGrid
 from .plan import Combo, Plan, PlanBuilder
 
-__all__ = ["Solver", "MultistepSolver", "SinglestepSolver", "register", "get", "available", "info", "LOWER_ORDER_FINAL_BELOW"]
+__all__ = ["Solver", "MultistepSolver", "SinglestepSolver", "register", "register_scheme", "get", "available", "info",
+           "is_solver_name", "LOWER_ORDER_FINAL_BELOW"]
 
 #: like diffusers, multistep solvers cool down their order on the last steps of short runs
 LOWER_ORDER_FINAL_BELOW = 15
 
 _REGISTRY: dict[str, tuple[Callable[..., "Solver"], dict]] = {}
+#: parametric solvers addressed as "<scheme>:<argument>" or "<scheme>" with options (e.g. "plan:my_plan")
+_SCHEMES: dict[str, tuple[Callable[..., "Solver"], str]] = {}
 
 
 class Solver:
@@ -161,6 +164,19 @@ def register(name: str, factory: Callable[..., Solver] | None = None, **defaults
     return deco if factory is None else deco(factory)
 
 
+def register_scheme(scheme: str, factory: Callable[..., Solver], argument: str) -> None:
+    """Solvers built from an argument: `get("<scheme>:<value>")` is `factory(<argument>=value)`,
+    and `get("<scheme>", <argument>=value)` the same (the form Hydra configs use)."""
+    if scheme in _REGISTRY:
+        raise ValueError(f"scheme {scheme!r} clashes with a registered solver name")
+    _SCHEMES[scheme] = (factory, argument)
+
+
+def is_solver_name(name) -> bool:
+    """True for a registered name, a scheme (e.g. "plan") or "<scheme>:<argument>"."""
+    return isinstance(name, str) and (name in _REGISTRY or name.split(":", 1)[0] in _SCHEMES)
+
+
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
@@ -176,8 +192,17 @@ def get(name: "str | Solver", **options) -> Solver:
         if options:
             raise ValueError(f"options {sorted(options)} given with an already-built solver {name!r}")
         return name
+    scheme = name.split(":", 1)[0] if isinstance(name, str) else None
+    if scheme in _SCHEMES and name not in _REGISTRY:
+        factory, arg = _SCHEMES[scheme]
+        if name != scheme:
+            if arg in options:
+                raise ValueError(f"solver {name!r} already names its {arg}; got {arg}={options[arg]!r} too")
+            options = {**options, arg: name.split(":", 1)[1]}
+        return factory(**options)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
+        schemes = "".join(f", {s}:<{a}>" for s, (_, a) in sorted(_SCHEMES.items()))
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}{schemes}")
     factory, defaults = _REGISTRY[name]
     kwargs = {**defaults, **options}
     params = inspect.signature(factory).parameters

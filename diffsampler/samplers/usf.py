@@ -1,0 +1,670 @@
+"""Solver plans as data: the unified sampling framework (USF; Liu et al. 2024, "A Unified Sampling
+Framework for Solver Searching of Diffusion Probabilistic Models", arXiv:2312.07243).
+
+A `SolverPlan` is a whole trajectory written as per-step decisions (`StepPlan`): the prediction
+integrated (data D or noise eps), the Taylor order, how the derivatives are estimated, whether a
+UniPC-style corrector runs, and whether the first step is analytic; plus schedule-independent
+time points.  `SolverPlan.compile(schedule)` turns it into the engine's `Plan` (samplers/plan.py),
+so plans run through the same `run_plan` as every registered solver.
+
+The step from lambda_s to lambda_t (h = lambda_t - lambda_s) is the exponential integrator of the
+PF-ODE with the prediction expanded in lambda (Lu et al. 2022, DPM-Solver eq. 3.4 and
+DPM-Solver++ eq. 9):
+
+    data:   x_t = (sigma_t / sigma_s) x_s + alpha_t sum_n h^{n+1} phi_{n+1}(-h) D^{(n)}(lambda_s)
+    noise:  x_t = (alpha_t / alpha_s) x_s - sigma_t sum_n h^{n+1} phi_{n+1}(h) eps^{(n)}(lambda_s)
+
+with phi_n(z) = sum_k z^k / (n + k)! the exponential-integrator phi functions (phi_1(z) =
+(e^z - 1)/z) and n = 0 .. order-1.  The derivatives are those of the Lagrange polynomial through
+the chosen points (exact finite differences), so the weight of output M_j is
+sum_n n! c_jn h phi_{n+1}(-+h) with c_jn the coefficients of the basis polynomial l_j in
+tau = (lambda - lambda_s) / h.
+
+Derivative estimators (`StepPlan.estimator`):
+
+* ``multistep``      history: outputs at the previous `order - 1` grid points (exact Taylor weights).
+* ``multistep_dpm``  the coefficients of DPM-Solver++(2M/3M) as published and coded by Lu et al.:
+                     at order 2 the first-derivative weight is h phi_1(-h)/2 instead of h phi_2(-h)
+                     (Alg. 2 of the paper), at order 3 the second-derivative term has half its
+                     Taylor weight (D2 = h^2 f[lambda_i, lambda_{i-1}, lambda_{i-2}] with phi_3).
+                     It is what `dpmpp_2m` / `dpmpp_3m` compute.  Data prediction only.
+* ``multistep_t``    history with the Lagrange basis in t instead of lambda, integrated in rho
+                     (tAB-DEIS, Zhang & Chen 2023, eq. 15): what `deis_k` computes.  Noise only.
+* ``unipc``          UniPC-bh2 weights (Zhao et al. 2023, Alg. 1 with B(h) = e^h - 1 in the step's
+                     prediction): exact Taylor weights, except that two points (order-2 predictor,
+                     first-order step's corrector) use h phi_1/2 as DPM-Solver++(2M) does.  With a
+                     corrector on every step but the last it is diffusers' UniPCMultistepScheduler.
+* ``singlestep``     `order - 1` intermediate points inside the step at fractions `r` of h, each
+                     reached by the lower-order step through the points before it (DPM-Solver-k
+                     style, exact Taylor weights); costs `order` model calls.
+* ``fallback``       ``multistep`` at the highest order the history allows (<= `order`): the
+                     warm-up rule of the registered multistep solvers, made explicit.
+
+Corrector (`corrector: true` on step i): after x_{i+1} is predicted and the model is evaluated
+there for step i+1, x_{i+1} is recomputed with the Lagrange polynomial through that new output
+and the step's points (order + 1; UniC of Zhao et al. 2023, UniPC eq. 8, with exact weights);
+the new output is reused as is, so the corrector costs no model call.
+
+Analytic first step (`analytic: true` on step 0): at t_max the data prediction is taken as the
+data mean, assumed 0 (so eps(x_T, T) = x_T / sigma_T; USF Sec. 4.2): x_1 = (sigma_1/sigma_0) x_T
+with no model call.  The zero data prediction can serve as history of later data steps.
+
+Time points live in a normalised coordinate u in [0, 1] (u = 0 at t_max, u = 1 at t_min or, with
+final "zero", at sigma = 0): normalised log-SNR (default) or normalised time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from numpy.polynomial import polynomial as P
+
+from ..schedules import _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
+from .plan import Combo, Plan, PlanBuilder
+from .registry import Solver, register_scheme
+
+__all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PREDICTIONS", "ESTIMATORS", "COORDINATES", "plan_form", "phi",
+           "load_plan", "available_plans", "plan_dirs", "exp_weights"]
+
+PREDICTIONS = ("data", "noise")
+ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback")
+COORDINATES = ("logsnr", "time")
+FINALS = ("zero", "last")
+MAX_ORDER = 4
+FORMAT = "diffsampler.solver_plan/1"
+
+_MULTISTEP = ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback")
+_ZERO = -1  # the analytic first data prediction D(x_T, T) = 0: a history entry with no engine output
+
+
+def phi(n: int, z: float) -> float:
+    """phi_n(z) = sum_k z^k / (n + k)!  (phi_0 = e^z, phi_{n+1}(z) = (phi_n(z) - 1/n!) / z).
+    The series is used for |z| < 1, where the recursion cancels; the recursion elsewhere."""
+    if abs(z) < 1.0:
+        term, tot = 1.0 / math.factorial(n), 0.0
+        for k in range(40):
+            tot += term
+            term *= z / (n + k + 1)
+        return tot
+    f = math.exp(z)
+    for m in range(n):
+        f = (f - 1.0 / math.factorial(m)) / z
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# the data
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The decisions of one step (see the module docstring for the meaning of each field)."""
+
+    prediction: str = "data"
+    order: int = 1
+    estimator: str = "multistep"
+    corrector: bool = False
+    analytic: bool = False
+    r: tuple[float, ...] | None = None  # singlestep: intermediate points as fractions of h
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not isinstance(self.order, (int, np.integer)) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
+            raise ValueError(f"order must be an integer in 1..{MAX_ORDER}, got {self.order!r}")
+        object.__setattr__(self, "order", int(self.order))
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for name in ("corrector", "analytic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.estimator == "multistep_dpm" and (self.prediction != "data" or self.order > 3):
+            raise ValueError(f"estimator 'multistep_dpm' (DPM-Solver++ 2M/3M) needs prediction 'data' and order <= 3, "
+                             f"got prediction {self.prediction!r}, order {self.order}")
+        if self.estimator == "multistep_t" and self.prediction != "noise":
+            raise ValueError("estimator 'multistep_t' (tAB-DEIS, Lagrange basis in t) integrates the noise prediction; "
+                             f"got prediction {self.prediction!r}")
+        if self.corrector and self.estimator not in ("multistep", "unipc", "fallback"):
+            raise ValueError(f"a corrector runs on 'multistep', 'unipc' or 'fallback' steps, got estimator {self.estimator!r}")
+        if self.analytic and (self.order != 1 or self.estimator == "singlestep"):
+            raise ValueError(f"an analytic step is first order with no model call; got order {self.order}, "
+                             f"estimator {self.estimator!r}")
+        if self.r is not None:
+            if self.estimator != "singlestep":
+                raise ValueError(f"r (intermediate points) is for estimator 'singlestep', got {self.estimator!r}")
+            r = tuple(float(v) for v in self.r)
+            if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
+                raise ValueError(f"r must be {self.order - 1} increasing fractions in (0, 1) for order {self.order}, got {list(r)}")
+            object.__setattr__(self, "r", r)
+
+    @property
+    def nfe(self) -> int:
+        """Model calls this step spends."""
+        extra = self.order - 1 if self.estimator == "singlestep" else 0
+        return (0 if self.analytic else 1) + extra
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        if self.r is not None:
+            return self.r
+        return tuple(j / self.order for j in range(1, self.order))
+
+    def to_dict(self) -> dict:
+        d = {"prediction": self.prediction, "order": self.order, "estimator": self.estimator}
+        if self.corrector:
+            d["corrector"] = True
+        if self.analytic:
+            d["analytic"] = True
+        if self.r is not None:
+            d["r"] = list(self.r)
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "StepPlan":
+        if not isinstance(d, dict):
+            raise ValueError(f"a step must be a mapping, got {d!r}")
+        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r"}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ValueError(f"unknown step field(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """A trajectory: `steps[i]` goes from `times[i]` to `times[i + 1]` (normalised coordinate,
+    0 = t_max, 1 = t_min or sigma = 0 with final "zero").  Validated on construction."""
+
+    steps: tuple[StepPlan, ...]
+    times: tuple[float, ...]
+    final: str = "zero"
+    coordinate: str = "logsnr"
+    name: str = ""
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(s if isinstance(s, StepPlan) else StepPlan.from_dict(s) for s in self.steps))
+        object.__setattr__(self, "times", tuple(float(t) for t in self.times))
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the step and the rule it breaks."""
+        n = len(self.steps)
+        if n < 1:
+            raise ValueError("a plan needs at least one step")
+        if self.final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
+        if self.coordinate not in COORDINATES:
+            raise ValueError(f"coordinate must be one of {COORDINATES}, got {self.coordinate!r}")
+        t = self.times
+        if len(t) != n + 1:
+            raise ValueError(f"{n} steps need {n + 1} time points, got {len(t)}")
+        if not all(math.isfinite(v) for v in t):
+            raise ValueError(f"time points must be finite, got {list(t)}")
+        if t[0] != 0.0 or t[-1] != 1.0:
+            raise ValueError(f"time points run from 0 (t_max) to 1 (the end), got first {t[0]!r}, last {t[-1]!r}")
+        for i in range(n):
+            if not t[i + 1] > t[i]:
+                raise ValueError(f"time points must be strictly increasing (noise -> data): times[{i}]={t[i]!r} "
+                                 f"is followed by times[{i + 1}]={t[i + 1]!r}")
+        for i, s in enumerate(self.steps):
+            where = f"step {i}"
+            if s.analytic and i != 0:
+                raise ValueError(f"{where}: only the first step can be analytic")
+            k = self._orders_unchecked()[i]
+            if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc") and k < s.order:
+                need = [i - j for j in range(1, s.order)]
+                raise ValueError(
+                    f"{where}: order {s.order} with estimator {s.estimator!r} needs {s.prediction} outputs at grid "
+                    f"points {need}, but only the last {k - 1} exist (history is per prediction type; an analytic "
+                    f"first step gives no noise output); lower the order or use estimator 'fallback'")
+            last = i == n - 1
+            if last and self.final == "zero":
+                if s.estimator == "singlestep" and s.order > 1:
+                    raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step; its intermediate "
+                                     "points would sit at sigma = 0 (use order 1 or a multistep estimator)")
+                if k > 1 and s.estimator != "multistep_t":
+                    raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step, where a "
+                                     f"lambda-Taylor expansion of order {k} diverges; use order 1 there (or the noise "
+                                     "prediction with estimator 'multistep_t', whose basis in t stays finite)")
+            if s.corrector:
+                if last:
+                    raise ValueError(f"{where}: no corrector on the last step (no model call follows it to reuse)")
+                nxt = self.steps[i + 1]
+                if nxt.prediction != s.prediction:
+                    raise ValueError(f"{where}: its corrector reuses the {nxt.prediction} output of step {i + 1}, but "
+                                     f"step {i} integrates the {s.prediction} prediction")
+        nfe = self.info.get("nfe")
+        if nfe is not None and nfe != self.nfe:
+            raise ValueError(f"plan declares nfe={nfe} but its steps spend {self.nfe} model calls")
+
+    def _orders_unchecked(self) -> list[int]:
+        """Effective order of each step: for multistep estimators the largest k <= order whose
+        history (outputs of the same prediction at the previous k - 1 points) exists."""
+        avail: list[str | None] = []  # prediction type of the output at each grid point
+        orders = []
+        for i, s in enumerate(self.steps):
+            if s.analytic:
+                avail.append("data" if s.prediction == "data" else None)
+            else:
+                avail.append(s.prediction)
+            if s.estimator in _MULTISTEP:
+                k = 1
+                while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
+                    k += 1
+                orders.append(k)
+            else:
+                orders.append(s.order)
+        return orders
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        return sum(s.nfe for s in self.steps)
+
+    @property
+    def orders(self) -> list[int]:
+        return self._orders_unchecked()
+
+    def with_times(self, times: Sequence[float]) -> "SolverPlan":
+        return replace(self, times=tuple(times))
+
+    def with_steps(self, steps: Sequence[StepPlan]) -> "SolverPlan":
+        return replace(self, steps=tuple(steps))
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT}
+        if self.name:
+            d["name"] = self.name
+        d.update({"coordinate": self.coordinate, "final": self.final, "nfe": self.nfe,
+                  "times": [float(t) for t in self.times], "steps": [s.to_dict() for s in self.steps]})
+        info = {k: v for k, v in self.info.items() if k != "nfe"}
+        if info:
+            d["info"] = info
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "SolverPlan":
+        if not isinstance(d, dict):
+            raise ValueError(f"a solver plan must be a mapping, got {type(d).__name__}")
+        allowed = {"format", "name", "coordinate", "final", "nfe", "times", "steps", "info"}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ValueError(f"unknown solver-plan field(s) {unknown}; allowed: {sorted(allowed)}")
+        if d.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"unsupported plan format {d.get('format')!r}; this version reads {FORMAT!r}")
+        for key in ("times", "steps"):
+            if key not in d:
+                raise ValueError(f"solver plan has no {key!r}")
+        info = dict(d.get("info") or {})
+        if "nfe" in d:
+            info["nfe"] = d["nfe"]
+        return cls(steps=tuple(StepPlan.from_dict(s) for s in d["steps"]), times=tuple(d["times"]),
+                   final=d.get("final", "zero"), coordinate=d.get("coordinate", "logsnr"),
+                   name=d.get("name", ""), info=info)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "SolverPlan":
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SolverPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no solver plan file at {str(path)!r}")
+        try:
+            return cls.from_yaml(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def key(self) -> str:
+        """A short hash of the decisions and times (for search logs)."""
+        d = self.to_dict()
+        blob = json.dumps({"steps": d["steps"], "times": d["times"], "final": d["final"], "coordinate": d["coordinate"]},
+                          sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    # -- grid and compilation ---------------------------------------------------------------
+    def _coordinate_ends(self, schedule: NoiseSchedule) -> tuple[float, float]:
+        if self.coordinate == "logsnr":
+            return (float(schedule.lambda_(schedule.t_max).clamp(min=_LAMBDA_FLOOR)),
+                    float(schedule.lambda_(schedule.t_min)))
+        return float(schedule.t_max), float(schedule.t_min)
+
+    def grid(self, schedule: NoiseSchedule) -> TimeGrid:
+        """The plan's time points on `schedule`."""
+        import torch
+
+        c0, c1 = self._coordinate_ends(schedule)
+        u = torch.tensor(self.times, dtype=torch.float64)
+        c = c0 + u * (c1 - c0)
+        ts = schedule.t_from_lambda(c) if self.coordinate == "logsnr" else c
+        ts[0], ts[-1] = schedule.t_max, schedule.t_min  # the ends exactly
+        ts = ts.clamp(schedule.t_min, schedule.t_max)
+        return TimeGrid.from_times(schedule, ts[:-1] if self.final == "zero" else ts, self.final == "zero")
+
+    @staticmethod
+    def times_of(grid: TimeGrid, coordinate: str = "logsnr") -> list[float]:
+        """Normalised time points of an existing grid (its first point must be t_max)."""
+        sch = grid.schedule
+        if coordinate == "logsnr":
+            c0 = float(sch.lambda_(sch.t_max).clamp(min=_LAMBDA_FLOOR))
+            c1 = float(sch.lambda_(sch.t_min))
+            c = grid.lam.numpy()
+        else:
+            c0, c1, c = float(sch.t_max), float(sch.t_min), grid.t.numpy()
+        u = [(float(v) - c0) / (c1 - c0) for v in c]
+        u[0] = 0.0
+        u[-1] = 1.0
+        return u
+
+    def compile(self, schedule: NoiseSchedule | None = None, grid: TimeGrid | None = None) -> Plan:
+        """The engine Plan of this solver plan on `schedule` (at its own time points) or on an
+        explicit `grid` (the plan's decisions at the grid's points)."""
+        if grid is None:
+            if schedule is None:
+                raise ValueError("give a schedule (or an explicit grid) to compile a solver plan")
+            grid = self.grid(schedule)
+        if grid.steps != len(self.steps):
+            raise ValueError(f"plan {self.name or '(unnamed)'} has {len(self.steps)} steps, the grid has {grid.steps}")
+        if grid.final_zero != (self.final == "zero"):
+            raise ValueError(f"plan {self.name or '(unnamed)'} has final={self.final!r}, the grid ends "
+                             f"{'at sigma = 0' if grid.final_zero else 'at t_min'}")
+        return _Compiler(self, grid).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# compilation to the engine's Plan
+# ---------------------------------------------------------------------------------------------
+
+def _lagrange(nodes: np.ndarray, j: int) -> np.ndarray:
+    """Coefficients (low to high) of the Lagrange basis polynomial l_j through `nodes`."""
+    others = np.delete(nodes, j)
+    return P.polyfromroots(others) / np.prod(nodes[j] - others)
+
+
+def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a_s: float, s_s: float,
+                a_t: float, s_t: float, flavour: str = "taylor") -> tuple[float, list[float]]:
+    """(c_x, [w_j]) with x_t = c_x x_s + sum_j w_j M_j for the exponential-integrator step from
+    lambda_s to lambda_t with the prediction interpolated through outputs M_j at log-SNRs `nodes`
+    (module docstring).  `flavour="dpm"` gives DPM-Solver++(2M/3M)'s published weights, "unipc"
+    UniPC-bh2's (the "dpm" weight for two points, exact Taylor weights for more)."""
+    k = len(nodes)
+    if s_t == 0.0:  # onto sigma = 0 (h = inf): first order only -> x_0 = D_s
+        if k != 1:
+            raise ValueError("the step onto sigma = 0 is first order in lambda")
+        if kind == "data":
+            return 0.0, [a_t]
+        return a_t / a_s, [-a_t * s_s / a_s]  # x_0 = alpha_0 (x_s - sigma_s eps_s) / alpha_s
+    h = lam_t - lam_s
+    tau = (np.asarray(nodes, dtype=np.float64) - lam_s) / h
+    if kind == "data":
+        cx, scale, z = s_t / s_s, a_t, -h
+    else:
+        cx, scale, z = a_t / a_s, -s_t, h
+    # weight of d^n/dlambda^n p(lambda_s) (times h^n): h phi_{n+1}(z) (times n! for the l_j coefficient)
+    kn = [h * phi(n + 1, z) for n in range(k)]
+    if flavour in ("dpm", "unipc"):
+        if k == 2:
+            kn[1] = 0.5 * h * phi(1, z)
+        elif k == 3 and flavour == "dpm":
+            kn[2] = 0.5 * kn[2]
+    w = []
+    for j in range(k):
+        c = _lagrange(tau, j) if k > 1 else np.array([1.0])
+        w.append(scale * sum(math.factorial(n) * float(c[n]) * kn[n] for n in range(len(c))))
+    return cx, w
+
+
+class _Compiler:
+    """Walks the steps keeping (a) the engine output index of each grid point's model call and
+    (b) the pending corrector: the true state is the engine's x plus `pending` (a combination of
+    outputs), so corrections fold into the next combinations at no cost."""
+
+    def __init__(self, sp: SolverPlan, grid: TimeGrid):
+        self.sp, self.grid = sp, grid
+        self.b = PlanBuilder(grid)
+        self.lam = grid.lam.numpy()
+        self.alpha, self.sigma = grid.alpha.numpy(), grid.sigma.numpy()
+        self.out: dict[int, int] = {}
+
+    def _lift(self, cx: float, w: dict[int, float], pending: dict[int, float]) -> Combo:
+        """c_x x_true + sum w M, with x_true = x_engine + sum pending M, as an engine Combo."""
+        terms: dict[int, float] = {}
+        for m, c in pending.items():
+            terms[m] = terms.get(m, 0.0) + cx * c
+        for m, c in w.items():
+            if m != _ZERO:
+                terms[m] = terms.get(m, 0.0) + c
+        return Combo(float(cx), tuple((m, float(c)) for m, c in terms.items()))
+
+    def _point(self, i: int) -> tuple[float, float, float]:
+        return float(self.lam[i]), float(self.alpha[i]), float(self.sigma[i])
+
+    def _multistep(self, i: int, s: StepPlan, k: int, with_next: bool = False) -> tuple[float, dict[int, float]]:
+        """Weights over grid points (i+1 if with_next,) i, i-1, ..., i-k+1 for step i."""
+        pts = ([i + 1] if with_next else []) + [i - j for j in range(k)]
+        l_s, a_s, s_s = self._point(i)
+        l_t, a_t, s_t = self._point(i + 1)
+        if s.estimator == "multistep_t":
+            from .deis import DEIS
+
+            ints = DEIS(order=min(k, MAX_ORDER), basis="t", lower_order_final=False).basis_integrals(self.grid, i, k)
+            return a_t / a_s, {p: a_t * float(c) for p, c in zip(pts, ints)}
+        flavour = {"multistep_dpm": "dpm", "unipc": "unipc"}.get(s.estimator, "taylor")
+        cx, w = exp_weights(s.prediction, [self.lam[p] for p in pts], l_s, l_t, a_s, s_s, a_t, s_t, flavour)
+        return cx, dict(zip(pts, w))
+
+    def run(self) -> Plan:
+        sp, b = self.sp, self.b
+        orders = sp.orders
+        pending: dict[int, float] = {}
+        correction: dict[int, float] | None = None  # over grid points, applied once point i+1 is evaluated
+        for i, s in enumerate(sp.steps):
+            k = orders[i]
+            if s.analytic:
+                self.out[i] = _ZERO  # D(x_T, T) = 0; as noise it is never read (validated)
+            else:
+                self.out[i] = b.eval_at(i, s.prediction)  # at the engine's (predicted) x: UniPC reuses it
+            if correction is not None:
+                pending = {self.out[p]: c for p, c in correction.items() if self.out[p] != _ZERO}
+                correction = None
+            if s.analytic:  # D(x_T, T) = 0 in either form: x_1 = (sigma_1 / sigma_0) x_T
+                cx, w = float(self.sigma[i + 1] / self.sigma[i]), {}
+            elif s.estimator == "singlestep" and k > 1:
+                cx, w = self._singlestep(i, s, pending)
+            else:
+                cx, wp = self._multistep(i, s, k)
+                w = {self.out[p]: c for p, c in wp.items()}
+                if s.corrector:
+                    _, wc = self._multistep(i, s, k, with_next=True)  # same c_x: the difference is in M only
+                    correction = {p: wc[p] - wp.get(p, 0.0) for p in wc}
+            b.end_step(self._lift(cx, w, pending), order=k)
+            pending = {}
+        return b.plan(sp.name or "usf_plan", spacing="plan", solver_plan=sp.name)
+
+    def _singlestep(self, i: int, s: StepPlan, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
+        """Intermediate points at lambda_s + r_j h, each from the lower-order step through the
+        points before it; the step itself through all of them."""
+        sched = self.grid.schedule
+        l_s, a_s, s_s = self._point(i)
+        l_t, a_t, s_t = self._point(i + 1)
+        h = l_t - l_s
+        lams, outs = [l_s], [self.out[i]]
+        for r in s.fractions:
+            l_j = l_s + r * h
+            t_j = float(sched.t_from_lambda(l_j))
+            a_j, s_j = float(sched.alpha(t_j)), float(sched.sigma(t_j))
+            cx, w = exp_weights(s.prediction, lams, l_s, l_j, a_s, s_s, a_j, s_j)
+            m = self.b.eval(t_j, a_j, s_j, s.prediction, self._lift(cx, dict(zip(outs, w)), pending))
+            lams.append(l_j)
+            outs.append(m)
+        cx, w = exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t)
+        return cx, dict(zip(outs, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# registered solvers written as plans
+# ---------------------------------------------------------------------------------------------
+
+#: registered solver -> (prediction, estimator) of its plan form
+PLAN_FORMS = {
+    "ddim": ("data", "multistep"),
+    "euler": ("data", "multistep"),
+    "dpmpp_2m": ("data", "multistep_dpm"),
+    "dpmpp_3m": ("data", "multistep_dpm"),
+    "deis_1": ("noise", "multistep_t"),
+    "deis_2": ("noise", "multistep_t"),
+    "deis_3": ("noise", "multistep_t"),
+}
+
+
+#: solvers of other libraries written as plans: name -> (prediction, estimator, order)
+EXTERNAL_FORMS = {
+    "unipc_2": ("data", "unipc", 2),  # diffusers UniPCMultistepScheduler(solver_order=2), bh2, data prediction
+    "unipc_3": ("data", "unipc", 3),
+}
+
+
+def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_uniform", final: str = "zero",
+              coordinate: str = "logsnr") -> SolverPlan:
+    """The SolverPlan that computes what registered `solver` computes at this NFE / spacing
+    (its per-step orders, warm-up and cool-down included).  Also "unipc_2" / "unipc_3": diffusers'
+    UniPC-bh2 multistep scheduler (orders min(p, i + 1, steps - i), corrector on every step but the
+    last; with spacing="linspace" its default grid)."""
+    from .loop import make_plan
+    from ..schedules import time_grid
+
+    if solver in EXTERNAL_FORMS:
+        pred, est, p = EXTERNAL_FORMS[solver]
+        grid = time_grid(schedule, nfe, spacing, final=final)
+        n = grid.steps
+        steps = tuple(StepPlan(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
+        return SolverPlan(steps, tuple(SolverPlan.times_of(grid, coordinate)), final, coordinate,
+                          name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
+    if solver not in PLAN_FORMS:
+        raise ValueError(f"no plan form for solver {solver!r}; plan forms exist for {sorted(PLAN_FORMS)} "
+                         f"and {sorted(EXTERNAL_FORMS)}")
+    plan = make_plan(solver, schedule, nfe, spacing, final)
+    pred, est = PLAN_FORMS[solver]
+    steps = tuple(StepPlan(pred, k, est) for k in plan.orders)
+    return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
+                      name=f"{solver}_{spacing}_nfe{nfe}")
+
+
+# ---------------------------------------------------------------------------------------------
+# plans as solvers: "plan:<name or path>"
+# ---------------------------------------------------------------------------------------------
+
+#: environment variable with extra plan directories (os.pathsep-separated), searched first
+PLAN_PATH_ENV = "DIFFSAMPLER_PLAN_PATH"
+#: the plans shipped with the package
+PACKAGE_PLAN_DIR = Path(__file__).resolve().parent.parent / "plans"
+
+
+def plan_dirs() -> list[Path]:
+    """Directories searched for a plan given by name: $DIFFSAMPLER_PLAN_PATH, then the package's."""
+    import os
+
+    extra = [Path(p).expanduser() for p in os.environ.get(PLAN_PATH_ENV, "").split(os.pathsep) if p]
+    return extra + [PACKAGE_PLAN_DIR]
+
+
+def available_plans() -> list[str]:
+    """Names of the plans in `plan_dirs()`."""
+    names = set()
+    for d in plan_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_plan(name_or_path) -> SolverPlan:
+    """A SolverPlan from a YAML file path, or by name (file stem) in `plan_dirs()`."""
+    if isinstance(name_or_path, SolverPlan):
+        return name_or_path
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+        raise ValueError(f"a plan is a YAML file path or a plan name, got {name_or_path!r}")
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_file():
+        return SolverPlan.load(p)
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        raise ValueError(f"no solver plan file at {str(p)!r}")
+    for d in plan_dirs():
+        f = d / f"{p.name}.yaml"
+        if f.is_file():
+            return SolverPlan.load(f)
+    raise ValueError(f"unknown plan {str(name_or_path)!r}: not a file, and not a name in {[str(d) for d in plan_dirs()]} "
+                     f"(plans there: {available_plans()})")
+
+
+class PlanSolver(Solver):
+    """A SolverPlan behind the Solver interface: `get("plan:<name or path>")`,
+    `get("plan", path=...)` or `get("plan", plan=SolverPlan)`.
+
+    The plan fixes its NFE, its time points and its final point: `steps_for_nfe` accepts only
+    the plan's NFE, and `build` runs the plan's decisions on the grid it is given (its own grid,
+    `own_grid(schedule)`, unless the caller passes explicit times)."""
+
+    stochastic = False
+
+    def __init__(self, path=None, plan: SolverPlan | None = None):
+        if (path is None) == (plan is None):
+            raise ValueError("solver 'plan' needs exactly one of path=<plan YAML file or plan name> or plan=<SolverPlan>; "
+                             f"plans by name: {available_plans()}")
+        self.plan = load_plan(plan if plan is not None else path)
+        self.source = str(path) if path is not None else "(in memory)"
+        self.name = f"plan:{path}" if path is not None else f"plan:{self.plan.name or '(in memory)'}"
+        self.order = max(self.plan.orders)
+        self.nfe_per_step = max(s.nfe for s in self.plan.steps)
+        self.min_nfe = self.plan.nfe
+        kinds = [s.prediction for s in self.plan.steps]
+        self.kind = max(set(kinds), key=kinds.count)
+
+    def check_nfe(self, nfe) -> None:
+        if nfe != self.plan.nfe:
+            raise ValueError(f"{self.name} spends exactly {self.plan.nfe} model calls (its steps fix it), got nfe={nfe!r}")
+
+    def steps_for_nfe(self, nfe: int, final_zero: bool = True) -> int:
+        self.check_nfe(nfe)
+        if final_zero != (self.plan.final == "zero"):
+            raise ValueError(f"{self.name} ends {'at sigma = 0' if self.plan.final == 'zero' else 'at t_min'} "
+                             f"(final={self.plan.final!r}); got final={'zero' if final_zero else 'last'!r}")
+        return len(self.plan.steps)
+
+    def own_grid(self, schedule: NoiseSchedule) -> TimeGrid:
+        return self.plan.grid(schedule)
+
+    def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
+        if nfe is not None:
+            self.check_nfe(nfe)
+        plan = self.plan.compile(grid=grid)
+        plan.solver = self.name
+        return plan
+
+    def __repr__(self) -> str:
+        return f"PlanSolver({self.name!r}, nfe={self.plan.nfe}, orders={self.plan.orders})"
+
+
+register_scheme("plan", PlanSolver, "path")

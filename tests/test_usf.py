@@ -1,0 +1,280 @@
+"""Solver plans (USF): registered solvers as plans, YAML, validation, measured orders, use by name."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import diffsampler as ds
+from diffsampler.eval.gmm import GaussianMixture, GMMModel, gmm_denoiser
+from diffsampler.samplers.usf import SolverPlan, StepPlan, available_plans, load_plan, plan_form
+
+D, M, DT, N = "data", "multistep", torch.float64, 64
+
+
+@pytest.fixture(scope="module")
+def vp():
+    gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
+    sch = ds.DiscreteVP.linear()
+    x = torch.randn(N, 8, generator=torch.Generator().manual_seed(0), dtype=DT)
+    return gmm, sch, gmm_denoiser(gmm, sch, "epsilon"), x
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered solvers are plans
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "deis_3"])
+@pytest.mark.parametrize("nfe,spacing,final", [(4, "logsnr", "zero"), (5, "time_uniform", "zero"),
+                                               (10, "time_quadratic", "last"), (20, "logsnr", "last")])
+def test_plan_form_gives_the_named_solvers_samples(vp, name, nfe, spacing, final):
+    """Same samples (float64, exact mixture) through YAML and back: max abs diff <= 1e-5 (measured
+    <= 1e-12: the only difference is the time round trip through the normalised log-SNR)."""
+    gmm, sch, den, x = vp
+    sp = SolverPlan.from_yaml(plan_form(name, sch, nfe, spacing, final).to_yaml())
+    a = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing, final=final)
+    b = ds.sample(den, x.clone(), solver=sp.compile(sch))
+    assert sp.nfe == nfe and float((a - b).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("nfe", [4, 5, 10])
+def test_unipc_plan_equals_diffusers_unipc(vp, order, nfe):
+    """The 'unipc' estimator with a corrector on every step but the last is diffusers'
+    UniPCMultistepScheduler (bh2, data prediction) on its default grid: max abs diff <= 1e-4
+    (measured <= 3e-6, diffusers computes in float32 inside; solvers differ by 0.05-0.4 here)."""
+    import diffusers
+
+    gmm, sch, den, x = vp
+    s = diffusers.UniPCMultistepScheduler(solver_order=order)
+    s.set_timesteps(nfe)
+    model, y = GMMModel(gmm, sch, "epsilon"), x.clone()
+    for t in s.timesteps:
+        y = s.step(model(y, t).sample, t, y).prev_sample
+    sp = plan_form(f"unipc_{order}", sch, nfe, "linspace")
+    assert all(st.corrector for st in sp.steps[:-1]) and sp.nfe == nfe
+    assert float((ds.sample(den, x.clone(), solver=sp.compile(sch)) - y).abs().max()) <= 1e-4
+
+
+def test_yaml_round_trip_and_fields():
+    sp = SolverPlan((StepPlan(D, 1, M, analytic=True), StepPlan(D, 2, "singlestep", r=(0.4,)),
+                     StepPlan(D, 2, M, corrector=True), StepPlan(D, 3, M), StepPlan(D, 1, M)),
+                    (0.0, 0.1, 0.3, 0.6, 0.8, 1.0), name="demo")
+    text = sp.to_yaml()
+    back = SolverPlan.from_yaml(text)
+    assert back == sp and back.nfe == 5 == sp.nfe  # analytic: 0 calls, singlestep order 2: 2 calls
+    assert "analytic: true" in text and "corrector: true" in text and "r: [0.4]" in text
+    assert sp.orders == [1, 2, 2, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+T3 = (0.0, 0.3, 0.6, 1.0)
+
+
+@pytest.mark.parametrize("steps,times,kw,message", [
+    ((StepPlan(D, 2, M), StepPlan(D, 1, M), StepPlan(D, 1, M)), T3, {},
+     "step 0: order 2 with estimator 'multistep' needs data outputs at grid points [-1]"),
+    ((StepPlan(D, 1, M), StepPlan("noise", 2, M), StepPlan(D, 1, M)), T3, {},
+     "step 1: order 2 with estimator 'multistep' needs noise outputs"),
+    ((StepPlan("noise", 1, M, analytic=True), StepPlan("noise", 2, "multistep_t"), StepPlan("noise", 1, M)), T3, {},
+     "an analytic first step gives no noise output"),
+    ((StepPlan(D, 1, M),) * 3, (0.0, 0.6, 0.3, 1.0), {}, "strictly increasing (noise -> data): times[1]=0.6"),
+    ((StepPlan(D, 1, M),) * 3, (0.0, 0.3, 1.0), {}, "3 steps need 4 time points, got 3"),
+    ((StepPlan(D, 1, M),) * 3, (0.1, 0.3, 0.6, 1.0), {}, "time points run from 0"),
+    ((StepPlan(D, 1, M), StepPlan(D, 1, M), StepPlan(D, 1, M, corrector=True)), T3, {}, "no corrector on the last step"),
+    ((StepPlan(D, 1, M, corrector=True), StepPlan("noise", 1, M), StepPlan(D, 1, M)), T3, {},
+     "its corrector reuses the noise output of step 1"),
+    ((StepPlan(D, 1, M), StepPlan(D, 1, M, analytic=True), StepPlan(D, 1, M)), T3, {}, "only the first step can be analytic"),
+    ((StepPlan(D, 1, M), StepPlan(D, 2, M), StepPlan(D, 2, M)), T3, {}, "the step onto sigma = 0"),
+    ((StepPlan(D, 1, M), StepPlan(D, 1, M), StepPlan(D, 2, "singlestep")), T3, {}, "intermediate points would sit at sigma = 0"),
+    ((StepPlan(D, 1, M),) * 3, T3, {"info": {"nfe": 4}}, "declares nfe=4 but its steps spend 3 model calls"),
+    ((StepPlan(D, 1, M),) * 3, T3, {"final": "end"}, "final must be one of ('zero', 'last')"),
+])
+def test_invalid_plans_are_rejected(steps, times, kw, message):
+    with pytest.raises(ValueError, match=None) as e:
+        SolverPlan(steps, times, **kw)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(prediction="x0"), "prediction must be one of ('data', 'noise'), got 'x0'"),
+    (dict(order=5), "order must be an integer in 1..4, got 5"),
+    (dict(estimator="rk"), "estimator must be one of"),
+    (dict(estimator="multistep_t"), "integrates the noise prediction"),
+    (dict(order=2, estimator="singlestep", corrector=True), "a corrector runs on 'multistep', 'unipc' or 'fallback' steps"),
+    (dict(order=3, estimator="singlestep", r=(0.6, 0.3)), "r must be 2 increasing fractions in (0, 1)"),
+    (dict(order=2, analytic=True), "an analytic step is first order"),
+])
+def test_invalid_steps_are_rejected(kw, message):
+    with pytest.raises(ValueError) as e:
+        StepPlan(**kw)
+    assert message in str(e.value)
+
+
+def test_yaml_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown step field\(s\) \['oder'\]"):
+        SolverPlan.from_yaml("times: [0.0, 1.0]\nsteps:\n- {prediction: data, oder: 1}\n")
+    with pytest.raises(ValueError, match="solver plan has no 'times'"):
+        SolverPlan.from_yaml("steps: []\n")
+    with pytest.raises(ValueError, match="declares nfe=3"):
+        SolverPlan.from_yaml("nfe: 3\ntimes: [0.0, 1.0]\nsteps:\n- {prediction: data, order: 1}\n")
+
+
+def test_fallback_uses_the_history_it_has():
+    sp = SolverPlan((StepPlan(D, 3, "fallback"),) * 4 + (StepPlan(D, 1, M),), (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+    assert sp.orders == [1, 2, 3, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# measured convergence orders (as tests/test_convergence.py: continuous VP, RMSE vs the exact
+# PF-ODE endpoint at t_min, final="last", least-squares slope of log error vs log NFE, +-0.3)
+# ---------------------------------------------------------------------------------------------
+
+def _uniform(step: StepPlan, n: int, first: StepPlan | None = None) -> SolverPlan:
+    steps = [step] * n
+    if step.corrector:
+        steps[-1] = StepPlan(step.prediction, step.order, step.estimator)
+    if first is not None:
+        steps[0] = first
+    return SolverPlan(tuple(steps), tuple(np.linspace(0.0, 1.0, n + 1)), final="last")
+
+
+ORDERS = {  # plan -> (expected order, steps, why)
+    "data, multistep 1": (StepPlan(D, 1, "fallback"), 1, (80, 160, 320), "DDIM"),
+    "data, multistep 2": (StepPlan(D, 2, "fallback"), 2, (40, 80, 160), "exact Taylor, 2 points"),
+    "data, multistep 3": (StepPlan(D, 3, "fallback"), 3, (40, 80, 160),
+                          "exact Taylor weights keep order 3 despite the first-order start"),
+    "data, DPM-Solver++ 3M weights": (StepPlan(D, 3, "fallback"), 2, (160, 320, 640),
+                                      "half-weight second derivative: second order (see dpmpp_3m)"),
+    "noise, multistep 3": (StepPlan("noise", 3, "fallback"), 3, (40, 80, 160), "DPM-Solver multistep, exact Taylor"),
+    "data, singlestep 2": (StepPlan(D, 2, "singlestep"), 2, (40, 80, 160), "one midpoint"),
+    "data, singlestep 3": (StepPlan(D, 3, "singlestep"), 3, (20, 40, 80), "two intermediate points"),
+    "data, multistep 1 + corrector": (StepPlan(D, 1, "fallback", corrector=True), 2, (40, 80, 160), "UniC raises the order by 1"),
+    "data, multistep 2 + corrector": (StepPlan(D, 2, "fallback", corrector=True), 3, (40, 80, 160), "UniC raises the order by 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def linear_vp():
+    gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
+    sch = ds.LinearVP()
+    x = torch.randn(N, 8, generator=torch.Generator().manual_seed(0), dtype=DT)
+    a0, s0 = float(sch.alpha(sch.t_max)), float(sch.sigma(sch.t_max))
+    a1, s1 = float(sch.alpha(sch.t_min)), float(sch.sigma(sch.t_min))
+    return sch, gmm_denoiser(gmm, sch, "epsilon"), x, gmm.ode_endpoint(x, a0, s0, a1, s1)
+
+
+@pytest.mark.parametrize("label", sorted(ORDERS))
+def test_plan_convergence_order(linear_vp, label):
+    sch, den, x, ref = linear_vp
+    step, order, steps, why = ORDERS[label]
+    errs, nfes = [], []
+    for n in steps:
+        sp = _uniform(step, n)
+        if "DPM-Solver++" in label:
+            sp = sp.with_steps([StepPlan(D, k, "multistep_dpm") for k in sp.orders])
+        plan = sp.compile(sch)
+        errs.append(float((ds.sample(den, x.clone(), solver=plan) - ref).pow(2).mean().sqrt()))
+        nfes.append(plan.nfe)
+    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+    assert abs(slope - order) <= 0.3, f"{label}: measured order {slope:.2f}, expected {order} ({why}); errors {errs}"
+
+
+def test_corrector_and_analytic_first_step_cost_no_model_call(vp):
+    gmm, sch, den, x = vp
+    times = (0.0, 0.3, 0.5, 0.7, 1.0)
+    plain = SolverPlan((StepPlan(D, 1, M), StepPlan(D, 2, M), StepPlan(D, 2, M), StepPlan(D, 1, M)), times)
+    corr = SolverPlan((StepPlan(D, 1, M, corrector=True), StepPlan(D, 2, M, corrector=True), StepPlan(D, 2, M),
+                       StepPlan(D, 1, M)), times)
+    ana = SolverPlan((StepPlan(D, 1, M, analytic=True),) + plain.steps[1:], times)
+    den.reset_nfe()
+    ds.sample(den, x.clone(), solver=corr.compile(sch))
+    assert den.nfe == plain.nfe == corr.nfe == 4
+    p = ana.compile(sch)
+    assert ana.nfe == p.nfe == 3 and p.steps[0].evals == ()
+    g = p.grid
+    assert p.steps[0].update.cx == pytest.approx(float(g.sigma[1] / g.sigma[0])) and not p.steps[0].update.terms
+    den.reset_nfe()
+    ds.sample(den, x.clone(), solver=p)
+    assert den.nfe == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# use by name
+# ---------------------------------------------------------------------------------------------
+
+def test_plan_by_path_and_by_name_in_sample(vp, tmp_path, monkeypatch):
+    gmm, sch, den, x = vp
+    sp = plan_form("dpmpp_3m", sch, 6, "logsnr")
+    path = sp.save(tmp_path / "mine.yaml")
+    ref = ds.sample(den, x.clone(), solver="dpmpp_3m", nfe=6, spacing="logsnr")
+
+    def same(y):  # float64; the times differ from the solver's by the log-SNR round trip (~1e-15)
+        return float((y - ref).abs().max()) <= 1e-10
+
+    assert same(ds.sample(den, x.clone(), solver=f"plan:{path}", nfe=6))
+    assert same(ds.sample(den, x.clone(), solver="plan", path=str(path), nfe=None))
+    monkeypatch.setenv("DIFFSAMPLER_PLAN_PATH", str(tmp_path))
+    assert "mine" in available_plans()
+    assert same(ds.sample(den, x.clone(), solver="plan:mine", nfe=6))
+    assert ds.samplers.info("plan:mine")["min_nfe"] == 6
+    with pytest.raises(ValueError, match="spends exactly 6 model calls .* got nfe=5"):
+        ds.sample(den, x.clone(), solver="plan:mine", nfe=5)
+    with pytest.raises(ValueError, match="carries its own time points; spacing='karras'"):
+        ds.sample(den, x.clone(), solver="plan:mine", nfe=6, spacing="karras")
+    with pytest.raises(ValueError, match="unknown plan 'nope'"):
+        ds.sample(den, x.clone(), solver="plan:nope", nfe=6)
+    with pytest.raises(ValueError, match="solver 'plan' needs exactly one of path="):
+        ds.sample(den, x.clone(), solver="plan", nfe=6)
+    with pytest.raises(ValueError, match="final='last'"):
+        ds.sample(den, x.clone(), solver="plan:mine", nfe=6, final="last")
+
+
+def test_plan_in_the_diffusers_adapter(vp, tmp_path):
+    """The adapter runs a plan at the plan's own times, model call by model call, exactly as it
+    runs the registered solver the plan reproduces."""
+    from diffsampler.pipelines.scheduler import DiffSamplerScheduler
+
+    gmm, sch, den, x = vp
+    path = plan_form("dpmpp_3m", sch, 6, "logsnr").save(tmp_path / "p.yaml")
+    model = GMMModel(gmm, sch, "epsilon")
+    outs = []
+    for kw in (dict(solver=f"plan:{path}"), dict(solver="dpmpp_3m", spacing="logsnr")):
+        s = DiffSamplerScheduler(**kw)
+        s.set_timesteps(6)
+        y = x.clone()
+        for t in s.timesteps:
+            y = s.step(model(y, t).sample, t, y).prev_sample
+        outs.append((s.timesteps.clone(), y))
+    assert torch.equal(outs[0][0], outs[1][0]) and float((outs[0][1] - outs[1][1]).abs().max()) <= 1e-10
+    with pytest.raises(ValueError, match="spends exactly 6 model calls"):
+        DiffSamplerScheduler(solver=f"plan:{path}").set_timesteps(7)
+
+
+def test_plan_from_hydra(tmp_path):
+    path = plan_form("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr").save(tmp_path / "p.yaml")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", f"solver.path={path}", "nfe=5",
+                        "num_samples=16", "progress=false", f"hydra.run.dir={run}"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(run / "results.csv")
+    assert df.solver[0] == "plan" and df.nfe_counted[0] == 5 and df.spacing[0] == "plan" and str(path) in df.solver_options[0]
+    r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", "nfe=5", f"hydra.run.dir={run}2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "solver 'plan' needs exactly one of path=" in r.stderr
+
+
+def test_shipped_plans_load_by_name():
+    """benchmarks/search.py ships the plans it found for the mixture at NFE 4, 5, 6, 8 and 10."""
+    names = [n for n in available_plans() if n.startswith("gmm_nfe")]
+    assert sorted(names) == sorted(f"gmm_nfe{k}" for k in (4, 5, 6, 8, 10)), names
+    for n in names:
+        sp = load_plan(n)
+        assert sp.nfe == int(n.rsplit("nfe", 1)[1]) and ds.samplers.get(f"plan:{n}").plan == sp
