@@ -21,13 +21,14 @@ Typical use::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._pretrained import SafetensorsModule
 
 __all__ = ["ASSET_DIR", "TRAIN_COMMAND", "digits_dataset", "DigitsClassifier", "load_digits_pipeline",
            "load_digits_classifier", "classifier_features", "frechet_distance", "fid_proxy"]
@@ -73,12 +74,10 @@ def digits_dataset(split: str = "train", size: int = 16) -> tuple[torch.Tensor, 
     return x, torch.from_numpy(labels)
 
 
-class DigitsClassifier(nn.Module):
+class DigitsClassifier(SafetensorsModule, nn.Module):
     """Small CNN on (B, 1, size, size) images in [-1, 1]: two 3x3 conv + ReLU + 2x2 max-pool stages
     (1 -> c1 -> c2 channels), adaptive average pooling to 4x4, a linear layer to ``feature_dim``
     (+ ReLU) -- the penultimate features -- and a linear layer to ``num_classes`` logits."""
-
-    CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
     def __init__(self, channels: tuple[int, int] = (16, 32), feature_dim: int = 64, num_classes: int = 10,
                  size: int = 16):
@@ -101,28 +100,10 @@ class DigitsClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / self.CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / self.WEIGHTS_NAME))
-
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "DigitsClassifier":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (cls.CONFIG_NAME, cls.WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no {name} in {directory}")
-        cfg = json.loads((directory / cls.CONFIG_NAME).read_text())
-        model = cls(channels=tuple(cfg["channels"]), feature_dim=cfg["feature_dim"],
-                    num_classes=cfg["num_classes"], size=cfg.get("size", 16))
-        model.load_state_dict(load_file(str(directory / cls.WEIGHTS_NAME)))
-        return model.eval()
+    def _from_config(cls, cfg: dict) -> "DigitsClassifier":
+        return cls(channels=tuple(cfg["channels"]), feature_dim=cfg["feature_dim"],
+                   num_classes=cfg["num_classes"], size=cfg.get("size", 16))
 
 
 def _asset(path: str | Path | None, sub: str, marker: str) -> Path:

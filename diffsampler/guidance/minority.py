@@ -15,7 +15,6 @@ Models", ICLR): steer sampling toward the low-density (rare) features of the dat
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._pretrained import SafetensorsModule
 from ..denoisers import Denoiser, DenoiserTransform
 
 __all__ = ["minority_score", "minority_labels", "MinorityClassifier", "train_minority_classifier",
@@ -96,13 +96,13 @@ def minority_labels(scores: torch.Tensor, num_classes: int, thresholds: Sequence
 # 3. The time-conditioned classifier
 # ---------------------------------------------------------------------------------------------
 
-class MinorityClassifier(nn.Module):
+class MinorityClassifier(SafetensorsModule, nn.Module):
     """p_psi(c | x_t, lambda_t), conditioned on the log-SNR lambda = log(alpha/sigma) (so it does not
     depend on how a schedule numbers its times).  Vectors (shape (d,)): an MLP on [x, emb(lambda)];
     images (C, H, W): two conv stages whose features are shifted by a projection of emb(lambda)."""
 
-    CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
     NUM_FREQ = 8
+    _MISSING_HINT = " (write one with MinorityClassifier.save_pretrained or `diffsampler minority-classifier`)"
 
     def __init__(self, sample_shape: Sequence[int], num_classes: int, hidden: int = 128,
                  thresholds: Sequence[float] | None = None, meta: dict | None = None):
@@ -150,30 +150,10 @@ class MinorityClassifier(nn.Module):
         th = self.config.get("thresholds")
         return None if th is None else torch.tensor(th, dtype=torch.float64)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / self.CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / self.WEIGHTS_NAME))
-        return directory
-
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MinorityClassifier":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (cls.CONFIG_NAME, cls.WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no {name} in {directory} (write one with MinorityClassifier.save_pretrained "
-                                        "or `diffsampler minority-classifier`)")
-        cfg = json.loads((directory / cls.CONFIG_NAME).read_text())
-        model = cls(cfg["sample_shape"], cfg["num_classes"], cfg.get("hidden", 128), cfg.get("thresholds"),
-                    cfg.get("meta"))
-        model.load_state_dict(load_file(str(directory / cls.WEIGHTS_NAME)))
-        return model.eval()
+    def _from_config(cls, cfg: dict) -> "MinorityClassifier":
+        return cls(cfg["sample_shape"], cfg["num_classes"], cfg.get("hidden", 128), cfg.get("thresholds"),
+                   cfg.get("meta"))
 
 
 load_minority_classifier = MinorityClassifier.from_pretrained

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..samplers.plan import Plan, combine, frees_per_step
+from ..samplers.plan import Plan, run_plan
 
 __all__ = ["SVDD", "ValueNet", "train_value_model", "check_reward_values", "stochastic_solvers"]
 
@@ -118,37 +118,16 @@ class SVDD:
         self._check_plan(plan)
         if noise_fn is None:  # noise_fn(like) -> N(0, I) of like's shape, batch row k from sample k's stream
             raise ValueError("SVDD draws candidate noise: pass seeds= (or generator=) to sample()")
-        grid, batch, start = plan.grid, x.shape[0], denoiser.nfe
-        times = sorted({ev.t for s in plan.steps for ev in s.evals} | {float(t) for t in grid.t[1:]})
+        start = denoiser.nfe
+        # candidates are valued at the grid times t_{i+1}: their model time inputs, built once
+        times = sorted(float(t) for t in plan.grid.t[1:])
         model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
         t_in = {t: model_t[j] for j, t in enumerate(times)}
-        frees = frees_per_step(plan)
-        outs: dict[int, torch.Tensor] = {}
-        carried = None  # chosen candidate's model output = the next step's first model call
-        n = 0
-        it = range(len(plan.steps))
-        if progress:
-            from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"svdd[{plan.solver}]", unit="step")
-        for i in it:
-            s = plan.steps[i]
-            for k, ev in enumerate(s.evals):
-                if k == 0 and carried is not None:
-                    outs[n], carried = carried, None
-                else:
-                    y = x if ev.x.is_identity else combine(x, ev.x, outs)
-                    outs[n] = denoiser._predict(y, t_in[ev.t].expand(batch), ev.alpha, ev.sigma, ev.kind)
-                n += 1
-            x_next = combine(x, s.update, outs)  # deterministic part of the step
-            if s.noise != 0.0:
-                x_next, carried = self._select(plan, i, denoiser, x_next, s.noise, noise_fn, t_in)
-            if callback is not None:
-                callback(i, x_next, outs[n - 1] if s.evals else None)
-            x = x_next
-            for m in frees[i]:
-                del outs[m]
-        denoiser.raise_if_nonfinite()
+        def transition(i, mean, c_z):  # the engine's stochastic step, replaced by the M-candidate choice
+            return self._select(plan, i, denoiser, mean, c_z, noise_fn, t_in)
+
+        x = run_plan(plan, denoiser, x, noise_fn, callback, progress, transition=transition)
         self.last_nfe = denoiser.nfe - start
         return x
 

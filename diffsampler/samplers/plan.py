@@ -145,9 +145,13 @@ def run_plan(
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
     time_shift=None,
+    transition: Callable[[int, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Run `plan` from x = x_{t_0}.  State (x, model outputs) lives only in this call.
-    `time_shift` (a samplers.time_shift.TimeShift) shifts each step's first model call per sample."""
+    `time_shift` (a samplers.time_shift.TimeShift) shifts each step's first model call per sample.
+    `transition(i, mean, c)` replaces the noise of stochastic step i (x_{i+1} = mean + c z): it returns
+    x_{i+1} and, optionally, the model output the next step's first call would compute at x_{i+1}
+    (reused instead of calling the model again).  Sampling strategies such as SVDD use it."""
     if plan.stochastic and noise_fn is None:
         raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
     batch = x.shape[0]
@@ -158,6 +162,7 @@ def run_plan(
     frees = frees_per_step(plan)
     shifts = time_shift.tables(plan, denoiser.schedule, x.device) if time_shift is not None else {}
     outs: dict[int, torch.Tensor] = {}
+    carried = None  # a model output handed over by `transition` for the next step's first call
     n = 0
     it = range(len(plan.steps))
     if progress:
@@ -167,15 +172,21 @@ def run_plan(
     for i in it:
         s = plan.steps[i]
         for k, ev in enumerate(s.evals):
-            y = x if ev.x.is_identity else combine(x, ev.x, outs)
-            if k == 0 and i in shifts:
-                outs[n] = denoiser._predict(y, *time_shift.shift(y, shifts[i]), ev.kind)
+            if k == 0 and carried is not None:
+                outs[n], carried = carried, None
             else:
-                outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
+                y = x if ev.x.is_identity else combine(x, ev.x, outs)
+                if k == 0 and i in shifts:
+                    outs[n] = denoiser._predict(y, *time_shift.shift(y, shifts[i]), ev.kind)
+                else:
+                    outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
             n += 1
         x_next = combine(x, s.update, outs)
         if s.noise != 0.0:
-            x_next.add_(noise_fn(x), alpha=s.noise)
+            if transition is not None:
+                x_next, carried = transition(i, x_next, s.noise)
+            else:
+                x_next.add_(noise_fn(x), alpha=s.noise)
         if callback is not None:
             callback(i, x_next, outs[n - 1] if s.evals else None)
         x = x_next
