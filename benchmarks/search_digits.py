@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffsampler as ds  # noqa: E402
 from diffsampler.eval.digits import digits_dataset, fid_proxy, load_digits_classifier, load_digits_pipeline  # noqa: E402
-from diffsampler.pipelines import DiffSamplerScheduler, denoiser_from_pipeline  # noqa: E402
+from diffsampler.pipelines import denoiser_from_pipeline  # noqa: E402
 from diffsampler.samplers.search import search  # noqa: E402
 
-from _common import RESULTS_DIR, machine_line, md_table, write_csv, write_section  # noqa: E402
+from _common import RESULTS_DIR, machine_line, md_table, run_diffusers, write_csv, write_section  # noqa: E402
 
 FIXED = ("ddim", "deis_3", "dpmpp_2m", "dpmpp_3m", "ghvb")
 SPACINGS = ("time_uniform", "logsnr", "trailing")
@@ -68,11 +68,9 @@ def main():
         import diffusers
 
         sched = getattr(diffusers, cls).from_config(pipe.scheduler.config, **({"solver_order": 3} if "DPM" in cls else {}))
-        x = ds.samplers.initial_noise((a.n_eval, *shape), den.schedule, seeds=held_out)
-        sched.set_timesteps(a.nfe)
+        x_T = ds.samplers.initial_noise((a.n_eval, *shape), den.schedule, seeds=held_out)
         with torch.no_grad():
-            for t in sched.timesteps:
-                x = sched.step(pipe.unet(x, t).sample, t, x).prev_sample
+            x = run_diffusers(sched, pipe.unet, a.nfe, x_T)
         rows.append({"method": label + " (default sigmas)", "fid_proxy": metric(x, None)})
     floor = fid_proxy(digits_dataset("train")[0][: min(a.n_eval, 1437)], ref, clf)
     fixed = min((row for row in rows[1:] if not row["method"].startswith("diffusers")), key=lambda q: q["fid_proxy"])

@@ -692,10 +692,9 @@ class ConditionalGMMModel(GMMModel):
 
         if class_labels is None:
             return super().forward(sample, timestep, return_dict=return_dict)
-        y = torch.as_tensor(class_labels).flatten().expand(sample.shape[0]) if torch.as_tensor(class_labels).numel() == 1 \
-            else torch.as_tensor(class_labels).flatten()
-        t = torch.as_tensor(timestep).flatten()
-        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        n = sample.shape[0]
+        y = torch.as_tensor(class_labels).flatten().expand(n)  # one label for the batch, or one per sample
+        t = torch.as_tensor(timestep).flatten().expand(n)
         out = torch.empty_like(sample)
         for label in y.unique().tolist():
             if label not in self._branches:

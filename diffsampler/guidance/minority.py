@@ -26,6 +26,7 @@ from torch import nn
 
 from .._pretrained import SafetensorsModule
 from ..denoisers import Denoiser, DenoiserTransform
+from ..samplers.loop import per_sample_generators, per_sample_noise
 
 __all__ = ["minority_score", "minority_labels", "MinorityClassifier", "train_minority_classifier",
            "fit_minority_classifier", "MinorityGuidance", "load_minority_classifier"]
@@ -64,11 +65,11 @@ def minority_score(
     out = []
     for start in range(0, len(x0), batch_size):
         xb = x0[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(xb))]
+        gens = per_sample_generators(range(seed + start, seed + start + len(xb)))
         ref = xb if feature is None else feature(xb)
         acc = torch.zeros(len(xb), dtype=torch.float64)
         for _ in range(num_draws):
-            eps = torch.stack([torch.randn(xb.shape[1:], generator=g) for g in gens]).to(xb)
+            eps = per_sample_noise(xb.shape, gens, xb.device).to(xb.dtype)
             rec = denoiser.data_pred(alpha * xb + sigma * eps, t)
             rec = rec if feature is None else feature(rec)
             acc += (rec - ref).double().pow(2).flatten(1).mean(1).cpu()
@@ -135,8 +136,9 @@ class MinorityClassifier(SafetensorsModule, nn.Module):
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"minority classifier was trained on samples of shape {self.sample_shape}, "
                              f"got {tuple(x.shape[1:])} (a classifier for another resolution?)")
-        lam = torch.as_tensor(lam, device=x.device).flatten().expand(x.shape[0]) if torch.as_tensor(lam).numel() == 1 \
-            else torch.as_tensor(lam, device=x.device).flatten()
+        lam = torch.as_tensor(lam, device=x.device).flatten()
+        if lam.numel() == 1:
+            lam = lam.expand(x.shape[0])
         e = self.embed(lam.clamp(-20.0, 20.0))
         x = x.float()
         if len(self.sample_shape) == 1:
@@ -295,7 +297,7 @@ class _MinorityGuided(DenoiserTransform):
         s = torch.as_tensor(sigma, dtype=torch.float64).flatten()
         if self.guidance.scale == 0.0 or bool((s == 0).all()):
             return d
-        lam = torch.log(a / s).expand(x.shape[0]) if a.numel() == 1 else torch.log(a / s)
+        lam = torch.log(a / s).expand(x.shape[0])  # one (alpha, sigma) for the batch, or one per sample
         on = (lam >= self._lam_range[0]) & (lam <= self._lam_range[1])
         if not bool(on.any()):
             return d

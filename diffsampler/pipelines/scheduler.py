@@ -321,7 +321,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
-        self._evals = [ev for s in plan.steps for ev in s.evals]
+        self._evals = self._evals_of(plan)
         self._step_of = [(i, j) for i, s in enumerate(plan.steps) for j in range(len(s.evals))]
         t = torch.tensor([ev.t for ev in self._evals], dtype=torch.float64)
         self._t_model = self.schedule.model_time(t).to(torch.float32)
@@ -353,7 +353,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         img2img adds its noise) and keeps the full grid's spacing: the new points sit uniformly in the
         grid-index coordinate, between call k's position and the end."""
         g, m = full.grid, full.nfe - k
-        t_k = float(self._evals_full(full)[k].t)
+        t_k = float(self._evals_of(full)[k].t)
         t = g.t.numpy()
         u = np.arange(len(t), dtype=np.float64)
         u_k = float(np.interp(t_k, t[::-1], u[::-1]))
@@ -367,7 +367,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         return plan
 
     @staticmethod
-    def _evals_full(plan: Plan) -> list:
+    def _evals_of(plan: Plan) -> list:
         return [ev for s in plan.steps for ev in s.evals]
 
     # ------------------------------------------------------------------------------------------
