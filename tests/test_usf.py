@@ -278,3 +278,53 @@ def test_shipped_plans_load_by_name():
     for n in names:
         sp = load_plan(n)
         assert sp.nfe == int(n.rsplit("nfe", 1)[1]) and ds.samplers.get(f"plan:{n}").plan == sp
+
+
+# ---------------------------------------------------------------------------------------------
+# linear relaxation of the first-derivative estimate
+# ---------------------------------------------------------------------------------------------
+
+def test_relaxation_scales_the_first_derivative_term():
+    """exp_weights with relax = c differs from the plain weights by exactly the first-derivative
+    term times c h: alpha_t h^2 phi_2(-h) * c h * (D_s - D_prev) / (lambda_s - lambda_prev)."""
+    from diffsampler.samplers.usf import exp_weights, phi
+
+    lam_prev, lam_s, lam_t = -1.3, -0.4, 0.9
+    a_s, s_s, a_t, s_t = 0.55, 0.83, 0.93, 0.37
+    h, c = lam_t - lam_s, 0.35
+    _, w0 = exp_weights("data", [lam_s, lam_prev], lam_s, lam_t, a_s, s_s, a_t, s_t)
+    _, w1 = exp_weights("data", [lam_s, lam_prev], lam_s, lam_t, a_s, s_s, a_t, s_t, relax=c)
+    extra = a_t * h ** 2 * phi(2, -h) * c * h / (lam_s - lam_prev)
+    assert np.allclose(np.subtract(w1, w0), [extra, -extra], rtol=1e-12, atol=0)
+    # with three points D' is the derivative at lambda_s of the quadratic through them: the change
+    # of each weight is the first-derivative weight times c h times l_j'(lambda_s)
+    nodes = [lam_s, lam_prev, lam_prev - 0.7]
+    _, v0 = exp_weights("data", nodes, lam_s, lam_t, a_s, s_s, a_t, s_t)
+    _, v1 = exp_weights("data", nodes, lam_s, lam_t, a_s, s_s, a_t, s_t, relax=c)
+    dl = [np.polyval(np.polyder(np.polyfit(nodes, np.eye(3)[j], 2)), lam_s) for j in range(3)]
+    assert np.allclose(np.subtract(v1, v0), a_t * h ** 2 * phi(2, -h) * c * h * np.array(dl), rtol=1e-9, atol=1e-12)
+
+
+def test_relaxation_round_trip_validation_and_order(linear_vp):
+    sp = SolverPlan((StepPlan(D, 1, M), StepPlan(D, 2, M, relax=-0.25), StepPlan(D, 2, "singlestep", relax=0.1),
+                     StepPlan(D, 1, M)), (0.0, 0.3, 0.5, 0.7, 1.0))
+    text = sp.to_yaml()
+    assert "relax: -0.25" in text and SolverPlan.from_yaml(text) == sp
+    for kw, msg in [(dict(order=1, relax=0.2), "order 1"), (dict(prediction="noise", order=2, estimator="multistep_t", relax=0.2),
+                    "multistep_t"), (dict(order=2, relax=float("nan")), "relax must be a finite number, got nan"),
+                    (dict(order=2, relax="big"), "relax must be a finite number, got 'big'")]:
+        with pytest.raises(ValueError, match=msg):
+            StepPlan(**kw)
+    # relax = c adds an O(h) relative error to the first-derivative term: an order-2 step keeps
+    # order 2, an order-3 step drops to 2; relaxing does change the samples
+    sch, den, x, ref = linear_vp
+    for order, expected in ((2, 2), (3, 2)):
+        errs, nfes = [], []
+        for n in (40, 80, 160):
+            plan = _uniform(StepPlan(D, order, "fallback", relax=0.5), n).compile(sch)
+            errs.append(float((ds.sample(den, x.clone(), solver=plan) - ref).pow(2).mean().sqrt()))
+            nfes.append(plan.nfe)
+        slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+        assert abs(slope - expected) <= 0.3, (order, slope, errs)
+    plain = _uniform(StepPlan(D, 3, "fallback"), 40).compile(sch)
+    assert float((ds.sample(den, x.clone(), solver=plain) - ref).pow(2).mean().sqrt()) < errs[0]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,6 +51,7 @@ ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
 JITTERS = (TIME_JITTER, 0.01, 0.003)
 N_PARENTS = 15
+RELAX_P, RELAX_RANGE, RELAX_JITTER = 0.25, 0.5, 0.1  # linear relaxation c: how often drawn, its range, refinement sd
 MIN_GAP = 2e-3  # smallest step in the normalised time coordinate
 INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
@@ -81,7 +82,7 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
         steps[-1] = StepPlan(last.prediction, 1, "multistep", analytic=last.analytic and n == 1)
     for i, s in enumerate(steps):
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
-            steps[i] = StepPlan(s.prediction, s.order, s.estimator, analytic=s.analytic, r=s.r)
+            steps[i] = replace(s, corrector=False)
             s = steps[i]
     avail: list[str | None] = []  # prediction type of each grid point's output (none for an analytic noise step)
     for i, s in enumerate(steps):
@@ -91,24 +92,37 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
             while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
                 k += 1
             est = "multistep" if s.estimator == "fallback" else s.estimator
-            steps[i] = StepPlan(s.prediction, k, est, s.corrector, s.analytic)
+            steps[i] = StepPlan(s.prediction, k, est, s.corrector, s.analytic, relax=s.relax if k >= 2 else 0.0)
     try:
         return SolverPlan(tuple(steps), tuple(times), final, coordinate)
     except ValueError:
         return None
 
 
+def _relax(rng, s: StepPlan) -> float:
+    """A relaxation coefficient for step `s`: none for steps without a first-derivative term;
+    otherwise a fresh draw (0 or uniform in +-RELAX_RANGE) or, for a relaxed step, a nudge."""
+    if s.order < 2 or s.estimator == "multistep_t" or s.analytic:
+        return 0.0
+    if s.relax != 0.0 and rng.random() < 0.6:
+        return float(s.relax + rng.normal(0.0, RELAX_JITTER))
+    return float(rng.uniform(-RELAX_RANGE, RELAX_RANGE)) if rng.random() < 0.7 else 0.0
+
+
 def _random_step(rng, budget: int, prediction: str) -> StepPlan:
     if budget >= 2 and rng.random() < 0.15:
-        return StepPlan(prediction, int(rng.integers(2, min(3, budget) + 1)), "singlestep")
-    k = _order(rng)
-    r = rng.random()
-    if prediction == "noise" and r < 0.25:
-        return StepPlan(prediction, k, "multistep_t")
-    if prediction == "data" and r < 0.15 and k <= 3:
-        return StepPlan(prediction, k, "multistep_dpm")
-    est = "unipc" if rng.random() < 0.3 else "multistep"
-    return StepPlan(prediction, k, est, corrector=bool(rng.random() < 0.3))
+        s = StepPlan(prediction, int(rng.integers(2, min(3, budget) + 1)), "singlestep")
+    else:
+        k = _order(rng)
+        r = rng.random()
+        if prediction == "noise" and r < 0.25:
+            return StepPlan(prediction, k, "multistep_t")
+        if prediction == "data" and r < 0.15 and k <= 3:
+            s = StepPlan(prediction, k, "multistep_dpm")
+        else:
+            est = "unipc" if rng.random() < 0.3 else "multistep"
+            s = StepPlan(prediction, k, est, corrector=bool(rng.random() < 0.3))
+    return replace(s, relax=_relax(rng, s)) if rng.random() < RELAX_P else s
 
 
 def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepPlan]:
@@ -183,19 +197,22 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
             for i, s in enumerate(steps):
                 if rng.random() >= P_FIELD:
                     continue
-                what = rng.choice(["prediction", "order", "corrector", "estimator"])
+                what = rng.choice(["prediction", "order", "corrector", "estimator", "relax"])
                 if s.analytic:
                     continue
                 if what == "prediction":
                     other = "noise" if s.prediction == "data" else "data"
                     s = StepPlan(other, s.order, "singlestep") if s.estimator == "singlestep" else _random_step(rng, 1, other)
                 elif what == "order" and s.estimator != "singlestep":
-                    s = StepPlan(s.prediction, _order(rng, 3 if s.estimator == "multistep_dpm" else 4), s.estimator,
-                                 s.corrector and s.estimator in ("multistep", "unipc"))
+                    k = _order(rng, 3 if s.estimator == "multistep_dpm" else 4)
+                    s = StepPlan(s.prediction, k, s.estimator, s.corrector and s.estimator in ("multistep", "unipc"),
+                                 relax=s.relax if k >= 2 else 0.0)
                 elif what == "corrector" and s.estimator in ("multistep", "unipc"):
-                    s = StepPlan(s.prediction, s.order, s.estimator, not s.corrector)
+                    s = replace(s, corrector=not s.corrector)
                 elif what == "estimator" and s.estimator != "singlestep":
                     s = _random_step(rng, 1, s.prediction)
+                elif what == "relax":
+                    s = replace(s, relax=_relax(rng, s))
                 steps[i] = s
     # USF's jitter sd is 0.03; smaller ones refine good grids at higher NFE
     times = _jitter(rng, times, sd=float(rng.choice(JITTERS)), p=0.5 if not times_only else 0.7)
@@ -232,13 +249,14 @@ _EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep")
 
 def encode(sp: SolverPlan, slots: int) -> np.ndarray:
     """Fixed-length encoding: per step slot (present, time, step size, prediction, effective order,
-    corrector, estimator one-hot), the number of steps, the final point and the last step's start."""
-    per = 6 + len(_EST)
+    corrector, relaxation, estimator one-hot), the number of steps, the final point and the last
+    step's start."""
+    per = 7 + len(_EST)
     f = np.zeros(slots * per + 3)
     orders = sp.orders
     for i, s in enumerate(sp.steps[:slots]):
         row = [1.0, sp.times[i], sp.times[i + 1] - sp.times[i], float(s.prediction == "data"), orders[i] / 4.0,
-               float(s.corrector)] + [float(s.estimator == e) for e in _EST]
+               float(s.corrector), s.relax] + [float(s.estimator == e) for e in _EST]
         f[i * per:(i + 1) * per] = row
         if s.analytic:
             f[i * per + 4] = 0.0

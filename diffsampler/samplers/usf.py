@@ -40,6 +40,10 @@ Derivative estimators (`StepPlan.estimator`):
 * ``fallback``       ``multistep`` at the highest order the history allows (<= `order`): the
                      warm-up rule of the registered multistep solvers, made explicit.
 
+Relaxation (`relax: c`): the first-derivative estimate of a step of order >= 2 is scaled by
+(1 + c h), USF's linear relaxation (D <- D (1 + c h)); c = 0 is the plain estimate.  A
+``fallback`` step relaxes only where its history lets it run at order >= 2.
+
 Corrector (`corrector: true` on step i): after x_{i+1} is predicted and the model is evaluated
 there for step i+1, x_{i+1} is recomputed with the Lagrange polynomial through that new output
 and the step's points (order + 1; UniC of Zhao et al. 2023, UniPC eq. 8, with exact weights);
@@ -112,6 +116,7 @@ class StepPlan:
     corrector: bool = False
     analytic: bool = False
     r: tuple[float, ...] | None = None  # singlestep: intermediate points as fractions of h
+    relax: float = 0.0  # linear relaxation of the first-derivative estimate: D' <- D' (1 + relax h)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -142,6 +147,12 @@ class StepPlan:
             if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
                 raise ValueError(f"r must be {self.order - 1} increasing fractions in (0, 1) for order {self.order}, got {list(r)}")
             object.__setattr__(self, "r", r)
+        if isinstance(self.relax, bool) or not isinstance(self.relax, (int, float, np.floating)) or not math.isfinite(self.relax):
+            raise ValueError(f"relax must be a finite number, got {self.relax!r}")
+        object.__setattr__(self, "relax", float(self.relax))
+        if self.relax != 0.0 and (self.order < 2 or self.estimator == "multistep_t" or self.analytic):
+            raise ValueError(f"relax scales the first-derivative estimate of a lambda-Taylor step of order >= 2; "
+                             f"got order {self.order}, estimator {self.estimator!r} (relax={self.relax})")
 
     @property
     def nfe(self) -> int:
@@ -163,13 +174,15 @@ class StepPlan:
             d["analytic"] = True
         if self.r is not None:
             d["r"] = list(self.r)
+        if self.relax != 0.0:
+            d["relax"] = self.relax
         return d
 
     @classmethod
     def from_dict(cls, d) -> "StepPlan":
         if not isinstance(d, dict):
             raise ValueError(f"a step must be a mapping, got {d!r}")
-        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r"}
+        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown step field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -405,11 +418,12 @@ def _lagrange(nodes: np.ndarray, j: int) -> np.ndarray:
 
 
 def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a_s: float, s_s: float,
-                a_t: float, s_t: float, flavour: str = "taylor") -> tuple[float, list[float]]:
+                a_t: float, s_t: float, flavour: str = "taylor", relax: float = 0.0) -> tuple[float, list[float]]:
     """(c_x, [w_j]) with x_t = c_x x_s + sum_j w_j M_j for the exponential-integrator step from
     lambda_s to lambda_t with the prediction interpolated through outputs M_j at log-SNRs `nodes`
     (module docstring).  `flavour="dpm"` gives DPM-Solver++(2M/3M)'s published weights, "unipc"
-    UniPC-bh2's (the "dpm" weight for two points, exact Taylor weights for more)."""
+    UniPC-bh2's (the "dpm" weight for two points, exact Taylor weights for more).  `relax` = c applies
+    USF's linear relaxation to the first-derivative term, D' <- D' (1 + c h) (USF's derivative-estimation relaxation)."""
     k = len(nodes)
     if s_t == 0.0:  # onto sigma = 0 (h = inf): first order only -> x_0 = D_s
         if k != 1:
@@ -430,6 +444,8 @@ def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a
             kn[1] = 0.5 * h * phi(1, z)
         elif k == 3 and flavour == "dpm":
             kn[2] = 0.5 * kn[2]
+    if k >= 2:
+        kn[1] *= 1.0 + relax * h
     w = []
     for j in range(k):
         c = _lagrange(tau, j) if k > 1 else np.array([1.0])
@@ -473,7 +489,7 @@ class _Compiler:
             ints = DEIS(order=min(k, MAX_ORDER), basis="t", lower_order_final=False).basis_integrals(self.grid, i, k)
             return a_t / a_s, {p: a_t * float(c) for p, c in zip(pts, ints)}
         flavour = {"multistep_dpm": "dpm", "unipc": "unipc"}.get(s.estimator, "taylor")
-        cx, w = exp_weights(s.prediction, [self.lam[p] for p in pts], l_s, l_t, a_s, s_s, a_t, s_t, flavour)
+        cx, w = exp_weights(s.prediction, [self.lam[p] for p in pts], l_s, l_t, a_s, s_s, a_t, s_t, flavour, s.relax)
         return cx, dict(zip(pts, w))
 
     def run(self) -> Plan:
@@ -520,7 +536,7 @@ class _Compiler:
             m = self.b.eval(t_j, a_j, s_j, s.prediction, self._lift(cx, dict(zip(outs, w)), pending))
             lams.append(l_j)
             outs.append(m)
-        cx, w = exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t)
+        cx, w = exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t, relax=s.relax)
         return cx, dict(zip(outs, w))
 
 
