@@ -34,8 +34,27 @@ def _get(cfg, dotted: str):
     return node
 
 
+def _resolve_final(cfg) -> None:
+    """final: null means the solver's own end point: a solver plan's `final`, sigma = 0 otherwise."""
+    if cfg.get("final") is not None:
+        return
+    final = "zero"
+    if cfg.solver.name == "plan" and cfg.solver.get("path"):
+        from .samplers.usf import load_plan
+
+        try:
+            final = load_plan(str(cfg.solver.path)).final
+        except ValueError as e:
+            raise ConfigError(f"solver.path: {e}") from None
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.final = final
+
+
 def validate(cfg) -> None:
     """Fail before any work, naming the bad key."""
+    _resolve_final(cfg)
     for key in ("nfe", "num_samples", "batch_size", "shard_size"):
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

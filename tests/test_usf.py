@@ -266,6 +266,13 @@ def test_plan_from_hydra(tmp_path):
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(run / "results.csv")
     assert df.solver[0] == "plan" and df.nfe_counted[0] == 5 and df.spacing[0] == "plan" and str(path) in df.solver_options[0]
+    # a plan that ends at t_min runs without final=last: the plan's own end point is the default
+    last = plan_form("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr", final="last").save(tmp_path / "last.yaml")
+    r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", f"solver.path={last}", "nfe=5",
+                        "num_samples=16", "progress=false", f"hydra.run.dir={run}3"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(run / "results.csv").final.tolist() == ["zero"] and pd.read_csv(run.parent / "run3" / "results.csv").final[0] == "last"
     r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", "nfe=5", f"hydra.run.dir={run}2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "solver 'plan' needs exactly one of path=" in r.stderr
