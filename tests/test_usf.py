@@ -27,7 +27,7 @@ def vp():
 # the registered solvers are plans
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "deis_3"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "deis_3", "ghvb"])
 @pytest.mark.parametrize("nfe,spacing,final", [(4, "logsnr", "zero"), (5, "time_uniform", "zero"),
                                                (10, "time_quadratic", "last"), (20, "logsnr", "last")])
 def test_plan_form_gives_the_named_solvers_samples(vp, name, nfe, spacing, final):
@@ -95,6 +95,8 @@ T3 = (0.0, 0.3, 0.6, 1.0)
     ((StepPlan(D, 1, M), StepPlan(D, 1, M), StepPlan(D, 2, "singlestep")), T3, {}, "intermediate points would sit at sigma = 0"),
     ((StepPlan(D, 1, M),) * 3, T3, {"info": {"nfe": 4}}, "declares nfe=4 but its steps spend 3 model calls"),
     ((StepPlan(D, 1, M),) * 3, T3, {"final": "end"}, "final must be one of ('zero', 'last')"),
+    ((StepPlan(D, 1, M), StepPlan(D, 2, "ghvb", beta=0.5), StepPlan(D, 1, M)), T3, {},
+     "step 1: order 2 with estimator 'ghvb' needs velocities at the previous 1 grid points"),
 ])
 def test_invalid_plans_are_rejected(steps, times, kw, message):
     with pytest.raises(ValueError, match=None) as e:
@@ -110,6 +112,10 @@ def test_invalid_plans_are_rejected(steps, times, kw, message):
     (dict(order=2, estimator="singlestep", corrector=True), "a corrector runs on 'multistep', 'unipc' or 'fallback' steps"),
     (dict(order=3, estimator="singlestep", r=(0.6, 0.3)), "r must be 2 increasing fractions in (0, 1)"),
     (dict(order=2, analytic=True), "an analytic step is first order"),
+    (dict(order=2, beta=0.5), "beta (momentum) is given with estimator 'ghvb' and only there"),
+    (dict(order=2, estimator="ghvb"), "beta (momentum) is given with estimator 'ghvb' and only there"),
+    (dict(order=2, estimator="ghvb", beta=1.5), "beta (GHVB momentum) must be in (0, 1], got 1.5"),
+    (dict(order=2, estimator="ghvb", beta=0.5, relax=0.1), "relax scales the first-derivative estimate"),
 ])
 def test_invalid_steps_are_rejected(kw, message):
     with pytest.raises(ValueError) as e:

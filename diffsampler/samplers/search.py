@@ -54,7 +54,9 @@ N_PARENTS = 15
 RELAX_P, RELAX_RANGE, RELAX_JITTER = 0.25, 0.5, 0.1  # linear relaxation c: how often drawn, its range, refinement sd
 MIN_GAP = 2e-3  # smallest step in the normalised time coordinate
 INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
-INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
+INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3", "ghvb")
+# GHVB: how often a whole trajectory / a single drawn step is GHVB, the momentum range, its nudge sd
+P_GHVB_RUN, P_GHVB_STEP, BETA_RANGE, BETA_JITTER = 0.12, 0.02, (0.2, 1.0), 0.1
 
 
 def calibration_seeds(n: int, offset: int = 0) -> list[int]:
@@ -78,7 +80,7 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
     steps = list(steps)
     n = len(steps)
     last = steps[-1]
-    if final == "zero" and last.estimator != "multistep_t":
+    if final == "zero" and last.estimator not in ("multistep_t", "ghvb"):
         steps[-1] = StepPlan(last.prediction, 1, "multistep", analytic=last.analytic and n == 1)
     for i, s in enumerate(steps):
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
@@ -87,7 +89,12 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
     avail: list[str | None] = []  # prediction type of each grid point's output (none for an analytic noise step)
     for i, s in enumerate(steps):
         avail.append(None if (s.analytic and s.prediction == "noise") else s.prediction)
-        if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback"):
+        if s.estimator == "ghvb":  # order limited by the run of ghvb steps of this prediction
+            k = 1
+            while k < s.order and i - k >= 0 and steps[i - k].estimator == "ghvb" and steps[i - k].prediction == s.prediction:
+                k += 1
+            steps[i] = replace(s, order=k)
+        elif s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback"):
             k = 1
             while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
                 k += 1
@@ -102,14 +109,23 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
 def _relax(rng, s: StepPlan) -> float:
     """A relaxation coefficient for step `s`: none for steps without a first-derivative term;
     otherwise a fresh draw (0 or uniform in +-RELAX_RANGE) or, for a relaxed step, a nudge."""
-    if s.order < 2 or s.estimator == "multistep_t" or s.analytic:
+    if s.order < 2 or s.estimator in ("multistep_t", "ghvb") or s.analytic:
         return 0.0
     if s.relax != 0.0 and rng.random() < 0.6:
         return float(s.relax + rng.normal(0.0, RELAX_JITTER))
     return float(rng.uniform(-RELAX_RANGE, RELAX_RANGE)) if rng.random() < 0.7 else 0.0
 
 
+def _beta(rng, s: StepPlan | None = None) -> float:
+    """GHVB momentum: a fresh draw in BETA_RANGE or, for a ghvb step, a nudge (kept in (0, 1])."""
+    if s is not None and s.beta is not None and rng.random() < 0.6:
+        return float(np.clip(s.beta + rng.normal(0.0, BETA_JITTER), 0.05, 1.0))
+    return float(rng.uniform(*BETA_RANGE))
+
+
 def _random_step(rng, budget: int, prediction: str) -> StepPlan:
+    if rng.random() < P_GHVB_STEP:
+        return StepPlan(prediction, _order(rng), "ghvb", beta=_beta(rng))
     if budget >= 2 and rng.random() < 0.15:
         s = StepPlan(prediction, int(rng.integers(2, min(3, budget) + 1)), "singlestep")
     else:
@@ -132,6 +148,9 @@ def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepPlan]:
     if rng.random() < 0.2:
         steps.append(StepPlan(main, 1, "multistep", analytic=True))
     budget = nfe
+    if rng.random() < P_GHVB_RUN:  # a GHVB trajectory: momentum works over runs of steps
+        beta = _beta(rng)
+        return steps + [StepPlan(main, _order(rng), "ghvb", beta=beta) for _ in range(budget)]
     while budget > 0:
         pred = main if rng.random() > prediction_mix else ("noise" if main == "data" else "data")
         s = _random_step(rng, budget, pred)
@@ -206,11 +225,13 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                 elif what == "order" and s.estimator != "singlestep":
                     k = _order(rng, 3 if s.estimator == "multistep_dpm" else 4)
                     s = StepPlan(s.prediction, k, s.estimator, s.corrector and s.estimator in ("multistep", "unipc"),
-                                 relax=s.relax if k >= 2 else 0.0)
+                                 relax=s.relax if k >= 2 else 0.0, beta=s.beta)
                 elif what == "corrector" and s.estimator in ("multistep", "unipc"):
                     s = replace(s, corrector=not s.corrector)
                 elif what == "estimator" and s.estimator != "singlestep":
                     s = _random_step(rng, 1, s.prediction)
+                elif what == "relax" and s.estimator == "ghvb":  # its continuous parameter is the momentum
+                    s = replace(s, beta=_beta(rng, s))
                 elif what == "relax":
                     s = replace(s, relax=_relax(rng, s))
                 steps[i] = s
@@ -244,19 +265,19 @@ def crossover(rng, a: SolverPlan, b: SolverPlan, times_only: bool = False) -> So
 # the predictor
 # ---------------------------------------------------------------------------------------------
 
-_EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep")
+_EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "ghvb")
 
 
 def encode(sp: SolverPlan, slots: int) -> np.ndarray:
     """Fixed-length encoding: per step slot (present, time, step size, prediction, effective order,
-    corrector, relaxation, estimator one-hot), the number of steps, the final point and the last
-    step's start."""
-    per = 7 + len(_EST)
+    corrector, relaxation, GHVB momentum, estimator one-hot), the number of steps, the final point and
+    the last step's start."""
+    per = 8 + len(_EST)
     f = np.zeros(slots * per + 3)
     orders = sp.orders
     for i, s in enumerate(sp.steps[:slots]):
         row = [1.0, sp.times[i], sp.times[i + 1] - sp.times[i], float(s.prediction == "data"), orders[i] / 4.0,
-               float(s.corrector), s.relax] + [float(s.estimator == e) for e in _EST]
+               float(s.corrector), s.relax, s.beta or 0.0] + [float(s.estimator == e) for e in _EST]
         f[i * per:(i + 1) * per] = row
         if s.analytic:
             f[i * per + 4] = 0.0

@@ -39,6 +39,12 @@ Derivative estimators (`StepPlan.estimator`):
                      style, exact Taylor weights); costs `order` model calls.
 * ``fallback``       ``multistep`` at the highest order the history allows (<= `order`): the
                      warm-up rule of the registered multistep solvers, made explicit.
+* ``ghvb``           generalized heavy ball (Wizadwongsa et al. 2023, GHVB; `samplers/momentum.py`)
+                     with momentum `beta`: over a run of consecutive ghvb steps of one prediction,
+                     V_i = (1 - beta) V_{i-1} + beta M_i (V = M at the run's first step), the step's
+                     prediction is P_i = (1/beta) sum_j c_j(beta) V_{i-j} (j < order; the GHVB
+                     weights, Adams-Bashforth at beta = 1) and P_i is carried by the first-order
+                     exponential step.  What the registered `ghvb` computes.
 
 Relaxation (`relax: c`): the first-derivative estimate of a step of order >= 2 is scaled by
 (1 + c h), USF's linear relaxation (D <- D (1 + c h)); c = 0 is the plain estimate.  A
@@ -77,7 +83,7 @@ __all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PREDICTIONS", "ESTIMATORS", 
            "load_plan", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
-ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback")
+ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback", "ghvb")
 COORDINATES = ("logsnr", "time")
 FINALS = ("zero", "last")
 MAX_ORDER = 4
@@ -117,6 +123,7 @@ class StepPlan:
     analytic: bool = False
     r: tuple[float, ...] | None = None  # singlestep: intermediate points as fractions of h
     relax: float = 0.0  # linear relaxation of the first-derivative estimate: D' <- D' (1 + relax h)
+    beta: float | None = None  # ghvb: momentum in (0, 1]
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -135,6 +142,13 @@ class StepPlan:
         if self.estimator == "multistep_t" and self.prediction != "noise":
             raise ValueError("estimator 'multistep_t' (tAB-DEIS, Lagrange basis in t) integrates the noise prediction; "
                              f"got prediction {self.prediction!r}")
+        if (self.beta is not None) != (self.estimator == "ghvb"):
+            raise ValueError(f"beta (momentum) is given with estimator 'ghvb' and only there; got estimator "
+                             f"{self.estimator!r}, beta={self.beta!r}")
+        if self.beta is not None:
+            if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float, np.floating)) or not 0 < self.beta <= 1:
+                raise ValueError(f"beta (GHVB momentum) must be in (0, 1], got {self.beta!r}")
+            object.__setattr__(self, "beta", float(self.beta))
         if self.corrector and self.estimator not in ("multistep", "unipc", "fallback"):
             raise ValueError(f"a corrector runs on 'multistep', 'unipc' or 'fallback' steps, got estimator {self.estimator!r}")
         if self.analytic and (self.order != 1 or self.estimator == "singlestep"):
@@ -150,7 +164,7 @@ class StepPlan:
         if isinstance(self.relax, bool) or not isinstance(self.relax, (int, float, np.floating)) or not math.isfinite(self.relax):
             raise ValueError(f"relax must be a finite number, got {self.relax!r}")
         object.__setattr__(self, "relax", float(self.relax))
-        if self.relax != 0.0 and (self.order < 2 or self.estimator == "multistep_t" or self.analytic):
+        if self.relax != 0.0 and (self.order < 2 or self.estimator in ("multistep_t", "ghvb") or self.analytic):
             raise ValueError(f"relax scales the first-derivative estimate of a lambda-Taylor step of order >= 2; "
                              f"got order {self.order}, estimator {self.estimator!r} (relax={self.relax})")
 
@@ -176,13 +190,15 @@ class StepPlan:
             d["r"] = list(self.r)
         if self.relax != 0.0:
             d["relax"] = self.relax
+        if self.beta is not None:
+            d["beta"] = self.beta
         return d
 
     @classmethod
     def from_dict(cls, d) -> "StepPlan":
         if not isinstance(d, dict):
             raise ValueError(f"a step must be a mapping, got {d!r}")
-        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax"}
+        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax", "beta"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown step field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -232,6 +248,10 @@ class SolverPlan:
             if s.analytic and i != 0:
                 raise ValueError(f"{where}: only the first step can be analytic")
             k = self._orders_unchecked()[i]
+            if s.estimator == "ghvb" and k < s.order:
+                raise ValueError(f"{where}: order {s.order} with estimator 'ghvb' needs velocities at the previous "
+                                 f"{s.order - 1} grid points (a run of ghvb steps of prediction {s.prediction}), but the "
+                                 f"run is {k} step(s) long here; lower the order")
             if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc") and k < s.order:
                 need = [i - j for j in range(1, s.order)]
                 raise ValueError(
@@ -243,7 +263,7 @@ class SolverPlan:
                 if s.estimator == "singlestep" and s.order > 1:
                     raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step; its intermediate "
                                      "points would sit at sigma = 0 (use order 1 or a multistep estimator)")
-                if k > 1 and s.estimator != "multistep_t":
+                if k > 1 and s.estimator not in ("multistep_t", "ghvb"):
                     raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step, where a "
                                      f"lambda-Taylor expansion of order {k} diverges; use order 1 there (or the noise "
                                      "prediction with estimator 'multistep_t', whose basis in t stays finite)")
@@ -268,7 +288,13 @@ class SolverPlan:
                 avail.append("data" if s.prediction == "data" else None)
             else:
                 avail.append(s.prediction)
-            if s.estimator in _MULTISTEP:
+            if s.estimator == "ghvb":  # the run of ghvb steps of this prediction ending here
+                k = 1
+                while k < s.order and i - k >= 0 and self.steps[i - k].estimator == "ghvb" \
+                        and self.steps[i - k].prediction == s.prediction:
+                    k += 1
+                orders.append(k)
+            elif s.estimator in _MULTISTEP:
                 k = 1
                 while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
                     k += 1
@@ -497,6 +523,7 @@ class _Compiler:
         orders = sp.orders
         pending: dict[int, float] = {}
         correction: dict[int, float] | None = None  # over grid points, applied once point i+1 is evaluated
+        velocity: list[dict[int, float]] = []  # GHVB: V of the current run of ghvb steps, newest first
         for i, s in enumerate(sp.steps):
             k = orders[i]
             if s.analytic:
@@ -510,6 +537,9 @@ class _Compiler:
                 cx, w = float(self.sigma[i + 1] / self.sigma[i]), {}
             elif s.estimator == "singlestep" and k > 1:
                 cx, w = self._singlestep(i, s, pending)
+            elif s.estimator == "ghvb":
+                same_run = i > 0 and sp.steps[i - 1].estimator == "ghvb" and sp.steps[i - 1].prediction == s.prediction
+                cx, w, velocity = self._ghvb(i, s, k, velocity if same_run else [])
             else:
                 cx, wp = self._multistep(i, s, k)
                 w = {self.out[p]: c for p, c in wp.items()}
@@ -519,6 +549,25 @@ class _Compiler:
             b.end_step(self._lift(cx, w, pending), order=k)
             pending = {}
         return b.plan(sp.name or "usf_plan", spacing="plan", solver_plan=sp.name)
+
+    def _ghvb(self, i: int, s: StepPlan, k: int, velocity: list[dict[int, float]]):
+        """GHVB step: V_i = (1 - beta) V_{i-1} + beta M_i, P_i = (1/beta) sum_j c_j(beta) V_{i-j},
+        x_{i+1} = first-order exponential step carrying P_i.  Returns (c_x, weights, velocities)."""
+        from .momentum import ghvb_weights
+
+        b, m = s.beta, self.out[i]
+        v = {m: 1.0} if not velocity else {q: (1.0 - b) * c for q, c in velocity[0].items()}
+        if velocity:
+            v[m] = v.get(m, 0.0) + b
+        velocity = [v] + velocity[:MAX_ORDER - 1]
+        p: dict[int, float] = {}
+        for c, vj in zip(ghvb_weights(k, b), velocity[:k]):
+            for q, cq in vj.items():
+                p[q] = p.get(q, 0.0) + c / b * cq
+        l_s, a_s, s_s = self._point(i)
+        l_t, a_t, s_t = self._point(i + 1)
+        cx, (g,) = exp_weights(s.prediction, [l_s], l_s, l_t, a_s, s_s, a_t, s_t)
+        return cx, {q: g * c for q, c in p.items()}, velocity
 
     def _singlestep(self, i: int, s: StepPlan, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
         """Intermediate points at lambda_s + r_j h, each from the lower-order step through the
@@ -553,6 +602,7 @@ PLAN_FORMS = {
     "deis_1": ("noise", "multistep_t"),
     "deis_2": ("noise", "multistep_t"),
     "deis_3": ("noise", "multistep_t"),
+    "ghvb": ("noise", "ghvb"),  # the default base "pndm" (noise prediction); beta from the solver
 }
 
 
@@ -584,7 +634,8 @@ def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unif
                          f"and {sorted(EXTERNAL_FORMS)}")
     plan = make_plan(solver, schedule, nfe, spacing, final)
     pred, est = PLAN_FORMS[solver]
-    steps = tuple(StepPlan(pred, k, est) for k in plan.orders)
+    beta = plan.info.get("beta") if est == "ghvb" else None
+    steps = tuple(StepPlan(pred, k, est, beta=beta) for k in plan.orders)
     return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
 
