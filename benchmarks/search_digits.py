@@ -110,9 +110,10 @@ def main():
     ]
     print("\n".join(body))
     if not a.no_write:
-        write_csv("search_digits.csv", rows + [{"method": "converged", "fid_proxy": converged, "excess": 0.0}])
-        write_section("search_digits", "\n".join(body))
-        r.plan.save(RESULTS_DIR / f"digits_nfe{a.nfe}_plan.yaml")
+        tag = "" if a.metric == "rmse" else f"_{a.metric}"  # one RESULTS.md section per search metric
+        write_csv(f"search_digits{tag}.csv", rows + [{"method": "converged", "fid_proxy": converged, "excess": 0.0}])
+        write_section(f"search_digits{tag}", "\n".join(body).replace("(FID proxy) (", f"(FID proxy, searched on {a.metric}) (", 1))
+        r.plan.save(RESULTS_DIR / f"digits_nfe{a.nfe}{tag}_plan.yaml")
 
 
 if __name__ == "__main__":
