@@ -17,6 +17,7 @@ value: the part of the FID proxy a solver can remove.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,10 @@ def main():
     x_T = ds.samplers.initial_noise((a.n_eval, *shape), den.schedule, seeds=held_out)
     for label, cls, extra in (("diffusers UniPC", "UniPCMultistepScheduler", {}),
                               ("diffusers DPM++ 3M", "DPMSolverMultistepScheduler", {"solver_order": 3})):
+        accepted = inspect.signature(getattr(diffusers, cls).__init__).parameters
         for sig, skw in (("default", {}), ("Karras", {"use_karras_sigmas": True}), ("logSNR", {"use_lu_lambdas": True})):
+            if not set(skw) <= set(accepted):  # e.g. UniPC has no use_lu_lambdas: from_config would ignore it
+                continue
             sched = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra, **skw)
             with torch.no_grad():
                 x = run_diffusers(sched, pipe.unet, a.nfe, x_T)
