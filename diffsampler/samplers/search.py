@@ -41,7 +41,7 @@ import torch
 from ..schedules import time_grid
 from .loop import initial_noise
 from .plan import run_plan
-from .usf import FINALS, SolverPlan, StepPlan, plan_form
+from .usf import FINALS, SolverPlan, StepPlan, effective_orders, plan_form
 
 __all__ = ["search", "SearchResult", "calibration_seeds", "CALIBRATION_SEED_BASE", "random_plan", "mutate",
            "crossover", "encode"]
@@ -86,18 +86,11 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
             steps[i] = replace(s, corrector=False)
             s = steps[i]
-    avail: list[str | None] = []  # prediction type of each grid point's output (none for an analytic noise step)
-    for i, s in enumerate(steps):
-        avail.append(None if (s.analytic and s.prediction == "noise") else s.prediction)
-        if s.estimator == "ghvb":  # order limited by the run of ghvb steps of this prediction
-            k = 1
-            while k < s.order and i - k >= 0 and steps[i - k].estimator == "ghvb" and steps[i - k].prediction == s.prediction:
-                k += 1
+    # the orders depend only on predictions, estimators and the analytic flag, which the loop keeps
+    for i, (s, k) in enumerate(zip(list(steps), effective_orders(steps))):
+        if s.estimator == "ghvb":
             steps[i] = replace(s, order=k)
         elif s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback"):
-            k = 1
-            while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
-                k += 1
             est = "multistep" if s.estimator == "fallback" else s.estimator
             steps[i] = StepPlan(s.prediction, k, est, s.corrector, s.analytic, relax=s.relax if k >= 2 else 0.0)
     try:
@@ -216,7 +209,7 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
             for i, s in enumerate(steps):
                 if rng.random() >= P_FIELD:
                     continue
-                what = rng.choice(["prediction", "order", "corrector", "estimator", "relax"])
+                what = rng.choice(["prediction", "order", "corrector", "estimator", "parameter"])
                 if s.analytic:
                     continue
                 if what == "prediction":
@@ -230,10 +223,8 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                     s = replace(s, corrector=not s.corrector)
                 elif what == "estimator" and s.estimator != "singlestep":
                     s = _random_step(rng, 1, s.prediction)
-                elif what == "relax" and s.estimator == "ghvb":  # its continuous parameter is the momentum
-                    s = replace(s, beta=_beta(rng, s))
-                elif what == "relax":
-                    s = replace(s, relax=_relax(rng, s))
+                elif what == "parameter":  # the step's continuous parameter: GHVB momentum or relaxation
+                    s = replace(s, beta=_beta(rng, s)) if s.estimator == "ghvb" else replace(s, relax=_relax(rng, s))
                 steps[i] = s
     # USF's jitter sd is 0.03; smaller ones refine good grids at higher NFE
     times = _jitter(rng, times, sd=float(rng.choice(JITTERS)), p=0.5 if not times_only else 0.7)

@@ -146,7 +146,7 @@ class StepPlan:
             raise ValueError(f"beta (momentum) is given with estimator 'ghvb' and only there; got estimator "
                              f"{self.estimator!r}, beta={self.beta!r}")
         if self.beta is not None:
-            if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float, np.floating)) or not 0 < self.beta <= 1:
+            if not _is_number(self.beta) or not 0 < self.beta <= 1:
                 raise ValueError(f"beta (GHVB momentum) must be in (0, 1], got {self.beta!r}")
             object.__setattr__(self, "beta", float(self.beta))
         if self.corrector and self.estimator not in ("multistep", "unipc", "fallback"):
@@ -161,7 +161,7 @@ class StepPlan:
             if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
                 raise ValueError(f"r must be {self.order - 1} increasing fractions in (0, 1) for order {self.order}, got {list(r)}")
             object.__setattr__(self, "r", r)
-        if isinstance(self.relax, bool) or not isinstance(self.relax, (int, float, np.floating)) or not math.isfinite(self.relax):
+        if not _is_number(self.relax) or not math.isfinite(self.relax):
             raise ValueError(f"relax must be a finite number, got {self.relax!r}")
         object.__setattr__(self, "relax", float(self.relax))
         if self.relax != 0.0 and (self.order < 2 or self.estimator in ("multistep_t", "ghvb") or self.analytic):
@@ -198,11 +198,45 @@ class StepPlan:
     def from_dict(cls, d) -> "StepPlan":
         if not isinstance(d, dict):
             raise ValueError(f"a step must be a mapping, got {d!r}")
-        allowed = {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax", "beta"}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ValueError(f"unknown step field(s) {unknown}; allowed: {sorted(allowed)}")
+        _reject_unknown(d, {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax", "beta"}, "step")
         return cls(**d)
+
+
+def continues_ghvb_run(steps: Sequence[StepPlan], i: int, j: int) -> bool:
+    """Whether step j (< i) belongs to the run of ghvb steps of step i's prediction."""
+    return steps[j].estimator == "ghvb" and steps[j].prediction == steps[i].prediction
+
+
+def effective_orders(steps: Sequence[StepPlan]) -> list[int]:
+    """Effective order of each step (not validated): for multistep estimators the largest k <= order
+    whose history (outputs of the same prediction at the previous k - 1 points) exists; for ghvb the
+    largest k <= order within its run of ghvb steps; otherwise the declared order."""
+    avail: list[str | None] = []  # prediction type of the output at each grid point (none: analytic noise step)
+    orders = []
+    for i, s in enumerate(steps):
+        avail.append(None if (s.analytic and s.prediction == "noise") else s.prediction)
+        if s.estimator == "ghvb":
+            k = 1
+            while k < s.order and i - k >= 0 and continues_ghvb_run(steps, i, i - k):
+                k += 1
+        elif s.estimator in _MULTISTEP:
+            k = 1
+            while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
+                k += 1
+        else:
+            k = s.order
+        orders.append(k)
+    return orders
+
+
+def _reject_unknown(d: dict, allowed: set[str], what: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.floating))
 
 
 @dataclass(frozen=True)
@@ -279,29 +313,7 @@ class SolverPlan:
             raise ValueError(f"plan declares nfe={nfe} but its steps spend {self.nfe} model calls")
 
     def _orders_unchecked(self) -> list[int]:
-        """Effective order of each step: for multistep estimators the largest k <= order whose
-        history (outputs of the same prediction at the previous k - 1 points) exists."""
-        avail: list[str | None] = []  # prediction type of the output at each grid point
-        orders = []
-        for i, s in enumerate(self.steps):
-            if s.analytic:
-                avail.append("data" if s.prediction == "data" else None)
-            else:
-                avail.append(s.prediction)
-            if s.estimator == "ghvb":  # the run of ghvb steps of this prediction ending here
-                k = 1
-                while k < s.order and i - k >= 0 and self.steps[i - k].estimator == "ghvb" \
-                        and self.steps[i - k].prediction == s.prediction:
-                    k += 1
-                orders.append(k)
-            elif s.estimator in _MULTISTEP:
-                k = 1
-                while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
-                    k += 1
-                orders.append(k)
-            else:
-                orders.append(s.order)
-        return orders
+        return effective_orders(self.steps)
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -334,10 +346,7 @@ class SolverPlan:
     def from_dict(cls, d) -> "SolverPlan":
         if not isinstance(d, dict):
             raise ValueError(f"a solver plan must be a mapping, got {type(d).__name__}")
-        allowed = {"format", "name", "coordinate", "final", "nfe", "times", "steps", "info"}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ValueError(f"unknown solver-plan field(s) {unknown}; allowed: {sorted(allowed)}")
+        _reject_unknown(d, {"format", "name", "coordinate", "final", "nfe", "times", "steps", "info"}, "solver-plan")
         if d.get("format", FORMAT) != FORMAT:
             raise ValueError(f"unsupported plan format {d.get('format')!r}; this version reads {FORMAT!r}")
         for key in ("times", "steps"):
@@ -538,7 +547,7 @@ class _Compiler:
             elif s.estimator == "singlestep" and k > 1:
                 cx, w = self._singlestep(i, s, pending)
             elif s.estimator == "ghvb":
-                same_run = i > 0 and sp.steps[i - 1].estimator == "ghvb" and sp.steps[i - 1].prediction == s.prediction
+                same_run = i > 0 and continues_ghvb_run(sp.steps, i, i - 1)
                 cx, w, velocity = self._ghvb(i, s, k, velocity if same_run else [])
             else:
                 cx, wp = self._multistep(i, s, k)
