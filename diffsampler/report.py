@@ -43,8 +43,19 @@ def _read_table(path: Path):
     df[X] = nfe.astype(int)
     for m in MEASURED:
         if m in df.columns:
-            df[m] = pd.to_numeric(df[m].replace("", None), errors="coerce")
+            df[m] = _numbers(df[m], path, m)
     return df
+
+
+def _numbers(col, path: Path, name: str):
+    """A measured column as floats; an empty cell is a missing value, any other non-number is refused."""
+    import pandas as pd
+
+    x = pd.to_numeric(col.replace("", None), errors="coerce")
+    bad = col[x.isna() & (col != "") & (col.str.lower() != "nan")]
+    if len(bad):
+        raise ValueError(f"{path}: {name} must be a number, got {bad.iloc[0]!r} (row {bad.index[0] + 1})")
+    return x
 
 
 def _dedupe(df):

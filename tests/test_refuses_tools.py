@@ -98,6 +98,9 @@ def test_item07_report_refuses_a_table_without_nfe(tmp_path):
     (tmp_path / "results.csv").write_text("solver,rmse\nddim,0.1\n")
     with pytest.raises(ValueError, match=r"results.csv.*'nfe'"):
         report(tmp_path)
+    (tmp_path / "results.csv").write_text("solver,nfe,rmse\nddim,5,0.1\nddim,10,oops\n")
+    with pytest.raises(ValueError, match=r"results.csv: rmse must be a number, got 'oops' \(row 2\)"):
+        report(tmp_path)
 
 
 # --- search log -------------------------------------------------------------------------------
