@@ -327,7 +327,11 @@ def _feature_fn(spec: str | None, device) -> Callable[[torch.Tensor], torch.Tens
     raise ValueError(f"feature must be 'none', 'digits' or 'module:callable', got {spec!r}")
 
 
+DATA_SUFFIXES = (".pt", ".npy")
+
+
 def _load_data(spec: str) -> torch.Tensor:
+    """The training data: 'digits' or a tensor file, read without executing any pickled object."""
     if spec == "digits":
         from ..eval.digits import digits_dataset
 
@@ -335,8 +339,36 @@ def _load_data(spec: str) -> torch.Tensor:
     p = Path(spec)
     if not p.is_file():
         raise ValueError(f"data {spec!r} is neither 'digits' nor a .pt/.npy file")
-    x = torch.load(p) if p.suffix == ".pt" else torch.from_numpy(np.load(p))
-    return torch.as_tensor(x).float()
+    if p.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"data {spec!r}: expected a .pt or .npy file holding a tensor (N, ...), got suffix {p.suffix!r}")
+    x = _load_pt(p) if p.suffix == ".pt" else _load_npy(p)
+    return x.float()
+
+
+def _load_pt(p: Path) -> torch.Tensor:
+    import pickle
+
+    try:
+        x = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error: ")[-1].split(" Please use")[0].strip().splitlines()[0]
+        raise ValueError(f"data {str(p)!r} refused by torch.load(weights_only=True): it holds Python objects other "
+                         f"than tensors ({detail}), and loading them could run code from the file; save a plain "
+                         "tensor (torch.save(x, path)) or a .npy array") from None
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"data {str(p)!r}: expected a tensor (N, ...), got a {type(x).__name__}")
+    return x
+
+
+def _load_npy(p: Path) -> torch.Tensor:
+    try:
+        x = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"data {str(p)!r}: {e} (object arrays are pickles and are never loaded); save a numeric "
+                         "array") from None
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"data {str(p)!r}: expected a .npy array (N, ...), got a {type(x).__name__}")
+    return torch.from_numpy(x)
 
 
 def build_from_args(argv: Sequence[str]) -> Path:
@@ -357,6 +389,7 @@ def build_from_args(argv: Sequence[str]) -> Path:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args(list(argv))
+    x0 = _load_data(a.data)  # before any model is loaded: bad data fails first
     from ..pipelines import denoiser_from_pipeline
 
     if a.pipeline is None:
@@ -369,7 +402,7 @@ def build_from_args(argv: Sequence[str]) -> Path:
         pipe = DiffusionPipeline.from_pretrained(a.pipeline)
     pipe.to(a.device)
     den = denoiser_from_pipeline(pipe)
-    x0 = _load_data(a.data).to(a.device)
+    x0 = x0.to(a.device)
     feature = _feature_fn(a.feature, a.device)
     print(f"scoring {len(x0)} samples ({a.draws} draws, t_frac={a.t_frac}, feature={a.feature})")
     scores = minority_score(den, x0, a.t_frac, a.draws, feature, seed=a.seed)
