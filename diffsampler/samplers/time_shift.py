@@ -109,8 +109,8 @@ class TimeShift:
         if max(starts) <= self.cutoff:
             raise ValueError(f"time_shift cutoff={self.cutoff:g} is at or above every step it could shift: steps "
                              f"1..{len(plan.steps) - 1} of this {len(plan.steps)}-step plan start at training steps "
-                             f"{min(starts):.4g}..{max(starts):.4g}, so nothing would be shifted; allowed: cutoff < "
-                             f"{max(starts):.4g} on this plan ({_range_text(schedule)})")
+                             f"{min(starts):g}..{max(starts):g}, so nothing would be shifted; allowed: cutoff < "
+                             f"{max(starts):g} on this plan ({_range_text(schedule)})")
 
     def tables(self, plan, schedule: NoiseSchedule, device) -> dict[int, tuple]:
         """Candidate times and their (noise level, model time, alpha, sigma) for every step whose
