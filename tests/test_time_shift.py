@@ -16,6 +16,7 @@ import torch
 import diffsampler as ds
 from diffsampler.eval.fid import frechet_distance
 from diffsampler.eval.gmm import gmm_denoiser
+from diffsampler.samplers.time_shift import TimeShift
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_gmm_mlp import load_gmm_mlp  # noqa: E402
@@ -67,17 +68,22 @@ def test_time_shift_changes_the_samples(trained):
     x = torch.randn(64, gmm.dim, generator=torch.Generator().manual_seed(1))
     a = ds.sample(den, x.clone(), "ddim", nfe=10)
     b = ds.sample(den, x.clone(), "ddim", nfe=10, time_shift=dict(window=30, cutoff=300))
-    c = ds.sample(den, x.clone(), "ddim", nfe=10, time_shift=dict(window=30, cutoff=1000))  # never active
     assert not torch.allclose(a, b)
-    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    # a cutoff above every step would never be active: refused instead of silently returning `a`
+    with pytest.raises(ValueError, match=r"time_shift cutoff=1000 is outside"):
+        ds.sample(den, x.clone(), "ddim", nfe=10, time_shift=dict(window=30, cutoff=1000))
+    # the cutoff gates the shift: only steps planned above it (step i starts at 999 - 99.9 i) are shifted
+    plan = ds.samplers.loop.make_plan("ddim", den.schedule, 10, "time_uniform")
+    shifted = {c: sorted(TimeShift(30, c).tables(plan, den.schedule, "cpu")) for c in (300, 850)}
+    assert shifted == {300: [1, 2, 3, 4, 5, 6], 850: [1]}
 
 
 def test_bad_time_shift_specs():
     den = gmm_denoiser(ds.eval.gmm.GaussianMixture.random(4, 2, seed=0), ds.DiscreteVP.linear())
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"window must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"window must be an integer >= 2 .*, got 0"):
         ds.sample(den, x, "ddim", nfe=5, time_shift=dict(window=0))
-    with pytest.raises(ValueError, match=r"window must be an integer >= 1, got 2.5"):
+    with pytest.raises(ValueError, match=r"window must be an integer >= 2 .*, got 2.5"):
         ds.sample(den, x, "ddim", nfe=5, time_shift=dict(window=2.5))
     with pytest.raises(ValueError, match=r"unknown keys \['width'\]; allowed: \['cutoff', 'window'\]"):
         ds.sample(den, x, "ddim", nfe=5, time_shift=dict(width=10))
@@ -131,8 +137,14 @@ def test_time_shift_lowers_fd_of_a_trained_network(trained, x_T, solver, nfe, sp
 
 @pytest.mark.parametrize("solver,nfe,spec,ratio", TRAINED_CASES)
 def test_time_shift_changes_little_with_the_exact_model(trained, x_T, solver, nfe, spec, ratio):
-    """The exact mixture has no exposure bias to correct: measured changes are below 1.5 %."""
+    """The exact mixture has no exposure bias to correct: measured changes are below 1.5 %, and
+    smaller than the gain (1 - ratio) the trained network must show with the same setting.  The
+    shift does act here (the samples move), so a shift that did nothing could not pass."""
     gmm = trained[1]
     den = gmm_denoiser(gmm, ds.DiscreteVP.linear())
-    base, shifted = fd_pair(den, gmm, x_T.double(), solver, nfe, spec)
+    plain = ds.sample(den, x_T.double().clone(), solver, nfe=nfe)
+    moved = ds.sample(den, x_T.double().clone(), solver, nfe=nfe, time_shift=spec)
+    assert (moved - plain).abs().max() > 1e-5  # measured 1.2e-4 (ddim 5) to 0.14
+    base, shifted = fd_to_mixture(plain, gmm), fd_to_mixture(moved, gmm)
     assert abs(shifted - base) < 0.03 * base, (base, shifted)
+    assert abs(shifted - base) < (1 - ratio) * base, (base, shifted, ratio)

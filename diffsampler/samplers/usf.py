@@ -79,8 +79,8 @@ from ..schedules import _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .plan import Combo, Plan, PlanBuilder
 from .registry import Solver, register_scheme
 
-__all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PREDICTIONS", "ESTIMATORS", "COORDINATES", "plan_form", "phi",
-           "load_plan", "available_plans", "plan_dirs", "exp_weights"]
+__all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PlanFormatError", "PREDICTIONS", "ESTIMATORS", "COORDINATES",
+           "plan_form", "phi", "load_plan", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
 ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback", "ghvb")
@@ -106,6 +106,112 @@ def phi(n: int, z: float) -> float:
     for m in range(n):
         f = (f - 1.0 / math.factorial(m)) / z
     return f
+
+
+# ---------------------------------------------------------------------------------------------
+# field types of plan files
+# ---------------------------------------------------------------------------------------------
+
+class PlanFormatError(ValueError):
+    """A solver plan (YAML text or mapping) that is not valid YAML or has a field of the wrong type.
+    The message names the field (e.g. ``steps[2].order``), the expected type and, when the plan came
+    from a file, the file."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _of_type(ok, expected: str):
+    """A field check: `ok(value)` or PlanFormatError '<field>: expected <expected>, got <value> (<type>)'."""
+    def check(where: str, v) -> None:
+        if not ok(v):
+            raise PlanFormatError(f"{where}: expected {expected}, got {v!r} ({type(v).__name__})")
+    return check
+
+
+def _is_list(v) -> bool:
+    return isinstance(v, (list, tuple))
+
+
+def _numbers(where: str, v) -> None:
+    _of_type(_is_list, "a list of numbers")(where, v)
+    for j, x in enumerate(v):
+        _NUMBER(f"{where}[{j}]", x)
+
+
+def _optional(check):
+    return lambda where, v: None if v is None else check(where, v)
+
+
+def _one_of(values) -> str:
+    return " or ".join(map(repr, values)) if len(values) == 2 else "one of " + ", ".join(map(repr, values))
+
+
+_NUMBER = _of_type(lambda v: _is_number(v), "a number")
+_INT = _of_type(_is_int, "an integer")
+_BOOL = _of_type(lambda v: isinstance(v, bool), "true or false")
+_STRING = _of_type(lambda v: isinstance(v, str), "a string")
+
+
+def _string_of(values):
+    return _of_type(lambda v: isinstance(v, str), f"a string ({_one_of(values)})")
+
+
+def _check_fields(d: dict, fields: dict, what: str, where: str | None) -> None:
+    """Refuse unknown keys, then check each present field's type; errors name `where.field`."""
+    try:
+        _reject_unknown(d, set(fields), what)
+    except ValueError as e:
+        raise PlanFormatError(f"{where}: {e}" if where else str(e)) from None
+    for key, value in d.items():
+        fields[key](f"{where}.{key}" if where else str(key), value)
+
+
+def _prefixed(e: ValueError, prefix: str) -> ValueError:
+    """The same kind of error (PlanFormatError or ValueError) with `prefix` in front of its message."""
+    return (PlanFormatError if isinstance(e, PlanFormatError) else ValueError)(f"{prefix}{e}")
+
+
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a repeated key.  PyYAML's own loaders silently keep the last
+    value of a repeated mapping key (the YAML spec requires keys to be unique), so a plan file with
+    `nfe:` or `order:` twice would load with one of the two values dropped without a word."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in getattr(node, "value", ()):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader refuses it below
+                    continue
+                if first is not key_node.start_mark:
+                    raise ConstructorError(None, None, f"duplicate key {key!r} (first at line {first.line + 1}; "
+                                           "each key may appear once in a mapping)", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _parse_yaml(text: str):
+    """The YAML document in `text`; PlanFormatError 'not valid YAML: line L, column C: <problem>'."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        context = f" ({e.context})" if e.context else ""
+        raise PlanFormatError(f"not valid YAML: {where}{e.problem}{context}") from None
+    except yaml.YAMLError as e:
+        raise PlanFormatError(f"not valid YAML: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +263,7 @@ class StepPlan:
         if self.r is not None:
             if self.estimator != "singlestep":
                 raise ValueError(f"r (intermediate points) is for estimator 'singlestep', got {self.estimator!r}")
+            _numbers("r", self.r)
             r = tuple(float(v) for v in self.r)
             if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
                 raise ValueError(f"r must be {self.order - 1} increasing fractions in (0, 1) for order {self.order}, got {list(r)}")
@@ -195,11 +302,26 @@ class StepPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d) -> "StepPlan":
-        if not isinstance(d, dict):
-            raise ValueError(f"a step must be a mapping, got {d!r}")
-        _reject_unknown(d, {"prediction", "order", "estimator", "corrector", "analytic", "r", "relax", "beta"}, "step")
-        return cls(**d)
+    def from_dict(cls, d, where: str | None = None) -> "StepPlan":
+        """A step from its mapping; `where` (e.g. "steps[2]") prefixes every error."""
+        _of_type(lambda v: isinstance(v, dict), "a mapping of step fields")(where or "step", d)
+        _check_fields(d, _STEP_FIELDS, "step", where)
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise _prefixed(e, f"{where}: " if where else "") from None
+
+
+_STEP_FIELDS = {
+    "prediction": _string_of(PREDICTIONS),
+    "order": _INT,
+    "estimator": _string_of(ESTIMATORS),
+    "corrector": _BOOL,
+    "analytic": _BOOL,
+    "r": _optional(_numbers),
+    "relax": _NUMBER,
+    "beta": _optional(_NUMBER),
+}
 
 
 def continues_ghvb_run(steps: Sequence[StepPlan], i: int, j: int) -> bool:
@@ -252,7 +374,10 @@ class SolverPlan:
     info: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "steps", tuple(s if isinstance(s, StepPlan) else StepPlan.from_dict(s) for s in self.steps))
+        _of_type(_is_list, "a list of steps")("steps", self.steps)
+        _numbers("times", self.times)
+        object.__setattr__(self, "steps", tuple(s if isinstance(s, StepPlan) else StepPlan.from_dict(s, f"steps[{i}]")
+                                                for i, s in enumerate(self.steps)))
         object.__setattr__(self, "times", tuple(float(t) for t in self.times))
         self.validate()
 
@@ -344,19 +469,21 @@ class SolverPlan:
 
     @classmethod
     def from_dict(cls, d) -> "SolverPlan":
-        if not isinstance(d, dict):
-            raise ValueError(f"a solver plan must be a mapping, got {type(d).__name__}")
-        _reject_unknown(d, {"format", "name", "coordinate", "final", "nfe", "times", "steps", "info"}, "solver-plan")
+        """A plan from its mapping; every field's type is checked (PlanFormatError naming the field)."""
+        _of_type(lambda v: isinstance(v, dict), "a mapping of solver-plan fields")("solver plan", d)
+        _check_fields(d, _PLAN_FIELDS, "solver-plan", None)
         if d.get("format", FORMAT) != FORMAT:
             raise ValueError(f"unsupported plan format {d.get('format')!r}; this version reads {FORMAT!r}")
         for key in ("times", "steps"):
             if key not in d:
                 raise ValueError(f"solver plan has no {key!r}")
-        info = dict(d.get("info") or {})
+        info = dict(d.get("info", {}))
+        if "nfe" in info:
+            _INT("info.nfe", info["nfe"])
         if "nfe" in d:
             info["nfe"] = d["nfe"]
-        return cls(steps=tuple(StepPlan.from_dict(s) for s in d["steps"]), times=tuple(d["times"]),
-                   final=d.get("final", "zero"), coordinate=d.get("coordinate", "logsnr"),
+        return cls(steps=tuple(StepPlan.from_dict(s, f"steps[{i}]") for i, s in enumerate(d["steps"])),
+                   times=tuple(d["times"]), final=d.get("final", "zero"), coordinate=d.get("coordinate", "logsnr"),
                    name=d.get("name", ""), info=info)
 
     def to_yaml(self) -> str:
@@ -366,9 +493,8 @@ class SolverPlan:
 
     @classmethod
     def from_yaml(cls, text: str) -> "SolverPlan":
-        import yaml
-
-        return cls.from_dict(yaml.safe_load(text))
+        """A plan from YAML text: refuses invalid YAML and repeated keys (PlanFormatError)."""
+        return cls.from_dict(_parse_yaml(text))
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -384,7 +510,7 @@ class SolverPlan:
         try:
             return cls.from_yaml(path.read_text())
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise _prefixed(e, f"{path}: ") from None
 
     def key(self) -> str:
         """A short hash of the decisions and times (for search logs)."""
@@ -440,6 +566,18 @@ class SolverPlan:
             raise ValueError(f"plan {self.name or '(unnamed)'} has final={self.final!r}, the grid ends "
                              f"{'at sigma = 0' if grid.final_zero else 'at t_min'}")
         return _Compiler(self, grid).run()
+
+
+_PLAN_FIELDS = {
+    "format": _of_type(lambda v: isinstance(v, str), f"a string ({FORMAT!r})"),
+    "name": _STRING,
+    "coordinate": _string_of(COORDINATES),
+    "final": _string_of(FINALS),
+    "nfe": _INT,
+    "times": _numbers,
+    "steps": _of_type(_is_list, "a list of step mappings"),
+    "info": _of_type(lambda v: isinstance(v, dict), "a mapping"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +843,12 @@ class PlanSolver(Solver):
 
     stochastic = False
 
-    def __init__(self, path=None, plan: SolverPlan | None = None):
+    def __init__(self, path=None, plan: SolverPlan | None = None, **options):
+        if options:
+            name = f"plan:{path}" if path is not None else "plan"
+            raise ValueError(f"solver {name!r} takes no options; got {sorted(options)}: its steps, times and NFE come "
+                             "from the plan file (edit the plan, or use a registered solver for these options); "
+                             "allowed: none besides path= or plan=")
         if (path is None) == (plan is None):
             raise ValueError("solver 'plan' needs exactly one of path=<plan YAML file or plan name> or plan=<SolverPlan>; "
                              f"plans by name: {available_plans()}")
