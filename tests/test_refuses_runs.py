@@ -180,12 +180,18 @@ def test_item03_recorded_range_is_read(tmp_path):
 
 
 def test_item03_contradicting_range_refused(tmp_path):
-    generate_shards(lambda s: images(len(s), 1), range(8), tmp_path, progress=False, value_range=(0, 1))
+    generate_shards(lambda s: images(len(s), 1), range(8), tmp_path / "01", progress=False, value_range=(0, 1))
+    generate_shards(lambda s: images(len(s), 1) * 2 - 1, range(8), tmp_path / "pm1", progress=False,
+                    value_range=(-1, 1))
     ref = stats_from_features(Projection()(images(100, 2)))
-    for bad in [(-1, 1), None]:
+    for d, bad, recorded in [("01", (-1, 1), "(0.0, 1.0)"), ("01", (0, 255), "(0.0, 1.0)"),
+                             ("pm1", None, "(-1.0, 1.0)"), ("pm1", (0, 1), "(-1.0, 1.0)")]:
         with pytest.raises(ValueError) as e:
-            fid_from_shards(tmp_path, ref, Projection(), value_range=bad)
-        assert f"value_range={bad!r}" in str(e.value) and "(0.0, 1.0)" in str(e.value), str(e.value)
+            fid_from_shards(tmp_path / d, ref, Projection(), value_range=bad)
+        assert f"value_range={bad!r}" in str(e.value) and recorded in str(e.value), str(e.value)
+    # None passes samples through as [0, 1]: it agrees with a recorded (0, 1)
+    assert fid_from_shards(tmp_path / "01", ref, Projection(), value_range=None) == pytest.approx(
+        fid_from_shards(tmp_path / "01", ref, Projection()), rel=1e-12)
 
 
 def test_item03_samples_outside_declared_range_refused(tmp_path):
