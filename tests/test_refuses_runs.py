@@ -157,10 +157,11 @@ def test_item01_generate_shards_stores_fingerprint_and_refuses_mix(tmp_path):
 class Projection(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.register_buffer("w", torch.randn(3 * 4 * 4, 6, generator=torch.Generator().manual_seed(0)))
+        self.w = torch.randn(3 * 4 * 4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def forward(self, x):
-        return x.flatten(1).double() @ self.w.double()
+        x = x.flatten(1).double()
+        return x[:, :48] @ self.w if x.shape[1] >= 48 else x @ self.w[:x.shape[1]]
 
 
 def images(n, seed):
@@ -211,21 +212,22 @@ def test_item03_samples_outside_declared_range_refused(tmp_path):
         generate_shards(lambda s: x[s], range(4), tmp_path / "bad", progress=False, value_range=(1, 0))
 
 
-def test_item03_runner_records_image_range(tmp_path, monkeypatch):
-    seen = {}
-    import diffsampler.eval.generate as gen
-
-    orig = gen.generate_shards
-
-    def spy(*a, **k):
-        seen.update(k)
-        return orig(*a, **k)
-
-    monkeypatch.setattr(gen, "generate_shards", spy)
-    runner.run(compose("solver=ddim", "nfe=2"), tmp_path, tmp_path / "results.csv")
-    assert seen["value_range"] is None  # gmm vectors: no image range
-    cfg = compose("model=digits", "solver=ddim", "nfe=2", "num_samples=4", "grid_size=4")
-    assert runner._value_range(cfg) == (0.0, 1.0)  # decoded images
+def test_item03_runner_records_image_range(tmp_path):
+    gmm = tmp_path / "gmm"
+    runner.run(compose("solver=ddim", "nfe=2"), gmm, gmm / "results.csv")
+    assert shard_record(gmm / "samples").value_range is None  # mixture samples are vectors, not images
+    digits = tmp_path / "digits"
+    runner.run(compose("model=digits", "solver=ddim", "nfe=2", "num_samples=16", "grid_size=4",
+                       f"eval.cache_dir={tmp_path / 'cache'}"), digits, digits / "results.csv")
+    assert shard_record(digits / "samples").value_range == (0.0, 1.0)  # decoded images
+    x = torch.load(next((digits / "samples").glob("shard_*.pt")), weights_only=True)["samples"]
+    ref = stats_from_features(Projection()(torch.rand(100, 1, 16, 16, generator=torch.Generator().manual_seed(3))))
+    ev = FIDEvaluator(Projection())
+    ev.set_reference(ref)
+    ev.update_fake(x)
+    assert fid_from_shards(digits / "samples", ref, Projection()) == pytest.approx(ev.compute(), rel=1e-9)
+    with pytest.raises(ValueError, match=r"contradicts the range \(0.0, 1.0\)"):
+        fid_from_shards(digits / "samples", ref, Projection(), value_range=(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
