@@ -7,6 +7,7 @@ import csv
 import fcntl
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def validate(cfg) -> None:
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     if not is_solver_name(cfg.solver.name):
         raise ConfigError(f"solver.name {cfg.solver.name!r} is not a registered solver; available: {available()} "
                           "and solver=plan solver.path=<plan YAML or name>")
@@ -169,14 +172,76 @@ def _pipeline_denoiser(cfg, device):
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def _container(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _fingerprint(cfg, device: torch.device) -> dict:
+    """Everything that determines a run's samples, as JSON values: the model, the solver and its
+    options (a saved plan by its content), NFE, grid, end point, guidance, time shift, dtype and
+    device class.  Not the seeds (each shard lists its own) nor their number (more samples, more
+    shards), nor batch and shard sizes (per-seed noise: they never change a sample)."""
+    plan = None
+    if cfg.solver.name == "plan" and cfg.solver.get("path"):
+        from .samplers.usf import load_plan
+
+        plan = load_plan(str(cfg.solver.path)).to_dict()
+    return {"model": _container(cfg.model), "solver": _container(cfg.solver), "plan": plan, "nfe": cfg.nfe,
+            "spacing": cfg.spacing, "final": cfg.final, "guidance": _container(cfg.guidance),
+            "time_shift": _container(cfg.time_shift) if cfg.get("time_shift") else None,
+            "dtype": str(cfg.model.get("dtype") or "float32"), "device": device.type}
+
+
+def _value_range(cfg) -> tuple[float, float] | None:
+    """Range of the saved samples: decoded images are in [0, 1]; mixture samples are vectors."""
+    return None if cfg.model.name == "gmm" else (0.0, 1.0)
+
+
+def _check_writable(run_dir: Path, table: Path) -> None:
+    """The run directory and the results table can be written, probed before any work: metrics are
+    never computed only to be lost."""
+    for what, d in (("run directory", run_dir), ("results_file", table.parent)):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d, prefix=".write_probe"):
+                pass
+        except OSError as e:
+            target = table if what == "results_file" else d
+            raise ConfigError(f"{what} {target} cannot be written ({e.strerror or e}); "
+                              "give a path in a writable directory") from None
+    if table.is_dir():
+        raise ConfigError(f"results_file {table} is a directory; give a file path such as {table / 'results.csv'}")
+
+
+def _check_resumable(samples_dir: Path, fingerprint: dict, value_range) -> None:
+    """Shards already in the run's samples directory were made with this very configuration."""
+    from .eval.generate import ShardMismatchError, check_shards
+
+    try:
+        check_shards(samples_dir, fingerprint, value_range)
+    except ShardMismatchError as e:
+        raise ConfigError(f"{samples_dir} holds samples of another configuration ({'; '.join(e.differences)}); "
+                          f"resuming would score them under this one. Start fresh with a new hydra.run.dir, "
+                          f"or delete {samples_dir} to regenerate here") from None
+
+
 def run(cfg, run_dir: Path, table: Path) -> dict:
-    """Sample, score, append a row to `table`; returns the row (on every rank)."""
+    """Sample, score, write `metrics.json` and append a row to `table`; returns the row (on every rank).
+
+    Before any model is built: the config is validated, the run directory and the table are probed
+    for writing, and shards left in `run_dir/samples` must carry this configuration's fingerprint
+    (an interrupted run resumes; another configuration is refused)."""
     from .eval.generate import barrier, dist_env, generate_shards, load_shards, save_image_grid
 
     validate(cfg)
     rank, world = dist_env()
     device = _device(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, table = Path(run_dir), Path(table)
+    _check_writable(run_dir, table)
+    fingerprint, value_range = _fingerprint(cfg, device), _value_range(cfg)
+    _check_resumable(run_dir / "samples", fingerprint, value_range)
     t0 = time.perf_counter()
     gmm = None
     if cfg.model.name == "gmm":
@@ -209,7 +274,8 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
 
     with torch.no_grad():
         generate_shards(sample_fn, seeds, run_dir / "samples", cfg.shard_size, rank, world,
-                        progress=cfg.progress and rank == 0, desc=f"{cfg.solver.name} nfe={cfg.nfe}")
+                        progress=cfg.progress and rank == 0, desc=f"{cfg.solver.name} nfe={cfg.nfe}",
+                        fingerprint=fingerprint, value_range=value_range)
     gen_time = time.perf_counter() - t0
     barrier()
     row: dict[str, Any] = {}
@@ -233,8 +299,12 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
             **metrics, "wall_time_s": round(time.perf_counter() - t0, 3), "gen_time_s": round(gen_time, 3),
             "world_size": world, "run_dir": str(run_dir),
         }
-        append_row(table, row)
-        (run_dir / "metrics.json").write_text(json.dumps(row, indent=2))
+        (run_dir / "metrics.json").write_text(json.dumps({**row, "fingerprint": fingerprint}, indent=2))
+        try:
+            append_row(table, row)
+        except OSError as e:
+            raise OSError(f"the row could not be appended to {table} ({e}); the metrics are saved in "
+                          f"{run_dir / 'metrics.json'}") from e
     barrier()
     return row
 

@@ -655,33 +655,75 @@ def reference_stats(dataset_name: str, images_fn: Callable[[], Iterable[torch.Te
     return _load_stats(path)
 
 
+def _declared_range(shard_dir: Path, value_range) -> tuple[float, float] | None:
+    """The range to read the shards in: the one they recorded (an explicit ``value_range`` must agree;
+    None agrees with (0, 1), which it passes through), else the argument ("recorded": (-1, 1))."""
+    from .generate import _value_range, shard_record
+
+    recorded = shard_record(shard_dir).value_range
+    if isinstance(value_range, str):
+        if value_range != "recorded":
+            raise ValueError(f"value_range must be 'recorded', None or (lo, hi), got {value_range!r}")
+        return recorded or (-1.0, 1.0)
+    given = _value_range(value_range)
+    if recorded is None or given == recorded or (given is None and recorded == (0.0, 1.0)):
+        return given if recorded is None else recorded
+    raise ValueError(f"value_range={value_range!r} contradicts the range {recorded} recorded in the shards of "
+                     f"{shard_dir}; omit value_range to read them in the recorded range")
+
+
+def _out_of_range(x: torch.Tensor, value_range, where) -> str | None:
+    """Why ``x`` is not in ``value_range`` (up to float rounding), or None."""
+    lo, hi = value_range
+    tol = 1e-5 * (hi - lo)
+    mn, mx = float(x.min()), float(x.max())
+    if mn >= lo - tol and mx <= hi + tol:
+        return None
+    return (f"{where} has values in [{mn:.4g}, {mx:.4g}], outside the declared value_range ({lo}, {hi}); "
+            "declare the range the samples are in (value_range=(lo, hi)) or clamp them before saving")
+
+
 def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn.Module | FIDEvaluator = "inception", *,
-                    seeds=None, value_range: tuple[float, float] | None = (-1.0, 1.0), device="cpu",
+                    seeds=None, value_range: tuple[float, float] | None | str = "recorded", device="cpu",
                     batch_size: int = 250, weights_path=None, sha256: str | None = None, sync: bool = True) -> float:
     """FID of samples saved by :func:`~diffsampler.eval.generate.generate_shards` against ``reference``
     (statistics dict / ``.npz`` path, see :meth:`FIDEvaluator.set_reference`).
 
-    ``value_range``: the samples' range, mapped to [0, 1] (default (-1, 1), the usual diffusion
-    output); None passes them through unchanged.  Shards are read one at a time; distributed, each
-    rank scores every ``world_size``-th shard file and the result is identical on all ranks
-    (every rank must call it; with ``sync=False``, or an evaluator made with it, this process scores
-    all shards alone).
+    ``value_range``: the samples' range, mapped to [0, 1].  ``"recorded"`` (default): the range the
+    shards recorded (``generate_shards(value_range=...)``), or (-1, 1), the usual diffusion output,
+    for shards without one.  An explicit range must agree with a recorded one; None passes the
+    samples through unchanged (for feature vectors, or images already in [0, 1]).  Samples outside
+    the range are refused (``ValueError`` naming the range and the observed min/max), never clamped
+    into it.  Shards are read one at a time; distributed, each rank scores every ``world_size``-th
+    shard file and the result is identical on all ranks (every rank must call it; with
+    ``sync=False``, or an evaluator made with it, this process scores all shards alone).
     """
     from .generate import _plan
 
+    shard_dir = Path(shard_dir)
+    value_range = _declared_range(shard_dir, value_range)
     ev = extractor if isinstance(extractor, FIDEvaluator) else FIDEvaluator(
         extractor, device, weights_path=weights_path, sha256=sha256, batch_size=batch_size, sync=sync)
     ev.set_reference(reference)
-    _, rank, world = _dist_info()
+    is_dist, rank, world = _dist_info()
     if not ev.sync:
-        rank, world = 0, 1
-    plan = _plan(Path(shard_dir), seeds)
+        is_dist, rank, world = False, 0, 1
+    plan = _plan(shard_dir, seeds)
+    error = None
     for i, (f, rows, _) in enumerate(plan):
-        if i % world != rank:
+        if i % world != rank or error:
             continue
         x = torch.load(f, map_location="cpu", weights_only=True)["samples"][rows]
         if value_range is not None:
+            error = _out_of_range(x, value_range, f)
             lo, hi = value_range
             x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
-        ev.update_fake(x)
+        if not error:
+            ev.update_fake(x)
+    if is_dist and world > 1:  # every rank raises together, or none does
+        errors = [None] * world
+        torch.distributed.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ValueError(error)
     return ev.compute()

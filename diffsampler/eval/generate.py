@@ -5,13 +5,18 @@
   of a world of 1.
 * :func:`generate_shards` -- split a list of seeds into consecutive shards; shard ``j`` is produced
   by rank ``j % world_size`` and saved as ``shard_{first:08d}_{last:08d}.pt`` holding
-  ``{"seeds": LongTensor, "samples": float tensor}``.  A shard is written to a temporary file and
+  ``{"seeds": LongTensor, "samples": float tensor, "fingerprint": str | None, "value_range":
+  [lo, hi] | None}``.  A shard is written to a temporary file and
   renamed into place, so a file with the final name is always complete; a restarted run skips
   every finished shard and regenerates only the missing ones (a killed run at most loses the
   shard it was working on).  Because :func:`diffsampler.sample` with ``seeds=`` makes sample k
   depend only on seed k, the result does not depend on the shard size, the world size or on how
-  often the run was interrupted.
-* :func:`load_shards` / :func:`iter_shards` -- read them back ordered by seed.
+  often the run was interrupted.  ``fingerprint=`` (a JSON-able mapping of everything that
+  determines the samples: model, solver, NFE, grid, ...) is stored in every shard, and a directory
+  holding shards of another fingerprint is refused (:class:`ShardMismatchError`) before any sample
+  is drawn; ``value_range=`` records the samples' range (images: (0, 1) or (-1, 1)).
+* :func:`load_shards` / :func:`iter_shards` -- read them back ordered by seed;
+  :func:`shard_record` -- the fingerprint and value range they were written with.
 * :func:`save_image_grid` -- a PNG grid of images in [0, 1] (PIL; no torchvision).
 
 Typical use (``torchrun --nproc_per_node=8 gen.py`` or plain ``python gen.py``)::
@@ -25,16 +30,20 @@ Typical use (``torchrun --nproc_per_node=8 gen.py`` or plain ``python gen.py``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import operator
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
 __all__ = ["dist_env", "barrier", "is_main", "shard_name", "generate_shards", "load_shards", "iter_shards",
-           "MissingSeedsError", "save_image_grid"]
+           "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards",
+           "fingerprint_digest", "save_image_grid"]
 
 _SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
 
@@ -89,18 +98,146 @@ def is_main() -> bool:
 # shards
 # ---------------------------------------------------------------------------------------------
 
+def _seed(s) -> int:
+    """A seed as a non-negative int: shard file names carry seeds as unsigned digits."""
+    try:
+        v = operator.index(s)
+    except TypeError:
+        v = None
+    if v is None or v < 0:
+        raise ValueError(f"seeds must be integers >= 0 (shard file names carry them), got {s!r}")
+    return v
+
+
 def shard_name(seeds: Sequence[int]) -> str:
     """File name of the shard holding ``seeds``: ``shard_{first:08d}_{last:08d}.pt``."""
-    return f"shard_{int(seeds[0]):08d}_{int(seeds[-1]):08d}.pt"
+    return f"shard_{_seed(seeds[0]):08d}_{_seed(seeds[-1]):08d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a shard was made with: fingerprint and value range
+# ---------------------------------------------------------------------------------------------
+
+class ShardMismatchError(ValueError):
+    """A shard directory holds shards written with another fingerprint or value range.
+
+    ``path``: the directory; ``differences``: one line per differing field."""
+
+    def __init__(self, path: Path, differences: list[str]):
+        self.path, self.differences = Path(path), list(differences)
+        super().__init__(f"{path} holds shards made with another configuration ({'; '.join(differences)}); "
+                         "use a fresh out_dir or delete its shard files")
+
+
+class ShardRecord(NamedTuple):
+    """What the shards of a directory were written with (None: not recorded)."""
+    fingerprint: dict | None
+    value_range: tuple[float, float] | None
+    digest: str | None  # fingerprint_digest(fingerprint)
+
+
+def _canonical(fingerprint: Mapping | None) -> str | None:
+    """The fingerprint as canonical JSON (sorted keys, no spaces): equal configurations, equal strings."""
+    if fingerprint is None:
+        return None
+    if not isinstance(fingerprint, Mapping):
+        raise TypeError(f"fingerprint must be a mapping of JSON values or None, got {type(fingerprint).__name__}")
+    try:
+        return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fingerprint must hold only JSON values (str, number, bool, None, lists, mappings): {e}") from None
+
+
+def fingerprint_digest(fingerprint: Mapping | None) -> str | None:
+    """First 16 hex digits of the SHA-256 of the canonical JSON of ``fingerprint``."""
+    text = _canonical(fingerprint)
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _value_range(value_range) -> tuple[float, float] | None:
+    if value_range is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range must be None or (lo, hi) with finite lo < hi, got {value_range!r}")
+    return lo, hi
+
+
+def _shard_header(path: Path) -> dict | None:
+    """Seeds, fingerprint (canonical JSON) and value range of a finished shard (memory-mapped: the
+    samples are not read), or None if the file cannot be read.  Shards written before fingerprints
+    and ranges were recorded give None for both."""
+    try:
+        d = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        vr = d.get("value_range")
+        return {"seeds": d["seeds"], "fingerprint": d.get("fingerprint"),
+                "value_range": None if vr is None else tuple(float(v) for v in vr)}
+    except Exception:  # noqa: BLE001 - an unreadable file is treated as missing
+        return None
 
 
 def _shard_seeds(path: Path) -> torch.Tensor | None:
-    """The seeds stored in a finished shard (memory-mapped: the samples are not read), or None if
-    the file cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["seeds"]
-    except Exception:  # noqa: BLE001 - an unreadable file is treated as missing
-        return None
+    h = _shard_header(path)
+    return None if h is None else h["seeds"]
+
+
+def _differences(stored: str | None, given: str | None) -> list[str]:
+    """'field: <in the shards>, <now>' for every field that differs between two canonical fingerprints."""
+    if stored is None or given is None:
+        return ["the shards carry no fingerprint" if stored is None else "this call gives none"]
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    def show(d, k):
+        return repr(d[k]) if k in d else "absent"
+
+    a, b = flat(json.loads(stored)), flat(json.loads(given))
+    diffs = [f"{k}: {show(a, k)} in the shards, {show(b, k)} now"
+             for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or repr(a[k]) != repr(b[k])]
+    return diffs or [f"fingerprint: {stored} in the shards, {given} now"]
+
+
+def _check_headers(out: Path, fingerprint: str | None, value_range) -> None:
+    """Every readable shard of ``out`` was written with ``fingerprint`` and ``value_range``."""
+    if not out.is_dir():
+        return
+    for f in _shard_files(out):
+        h = _shard_header(f)
+        if h is None:
+            continue  # unreadable: regenerated if it is one of ours
+        diffs = _differences(h["fingerprint"], fingerprint) if h["fingerprint"] != fingerprint else []
+        if h["value_range"] != value_range:
+            diffs.append(f"value_range: {h['value_range']} in the shards, {value_range} now")
+        if diffs:
+            raise ShardMismatchError(out, diffs)
+
+
+def check_shards(out_dir: str | os.PathLike, fingerprint: Mapping | None = None, value_range=None) -> None:
+    """Raise :class:`ShardMismatchError` naming the differing fields if a shard in ``out_dir`` was
+    written with another ``fingerprint`` or ``value_range`` (what :func:`generate_shards` checks
+    before drawing any sample).  A missing or empty directory passes."""
+    _check_headers(Path(out_dir), _canonical(fingerprint), _value_range(value_range))
+
+
+def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
+    """The fingerprint and value range the shards of ``out_dir`` were written with (None where not
+    recorded).  Raises :class:`ShardMismatchError` if the shards disagree, :class:`MissingSeedsError`
+    if there are none."""
+    out = Path(out_dir)
+    headers = [h for h in (_shard_header(f) for f in _shard_files(out)) if h is not None]
+    if not headers:
+        raise MissingSeedsError(f"no readable shards in {out}")
+    first = headers[0]
+    _check_headers(out, first["fingerprint"], first["value_range"])
+    fp = None if first["fingerprint"] is None else json.loads(first["fingerprint"])
+    return ShardRecord(fp, first["value_range"], fingerprint_digest(fp))
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -123,21 +260,33 @@ def generate_shards(
     world_size: int | None = None,
     progress: bool = True,
     desc: str = "generating",
+    *,
+    fingerprint: Mapping | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Generate ``sample_fn(shard_seeds)`` for consecutive shards of ``seeds`` and save each shard.
 
     Shard ``j`` (seeds ``seeds[j*shard_size:(j+1)*shard_size]``) is produced by rank
     ``j % world_size``; ``rank``/``world_size`` default to :func:`dist_env`.  Every finished shard
     is saved atomically to ``out_dir/shard_{first:08d}_{last:08d}.pt`` as
-    ``{"seeds": LongTensor, "samples": float CPU tensor}``; shards that already exist are skipped,
-    so re-running after an interruption only generates the missing shards.  An existing shard
-    file holding different seeds (a directory reused for another seed list) raises ``ValueError``.
+    ``{"seeds": LongTensor, "samples": float CPU tensor, "fingerprint", "value_range"}``; shards
+    that already exist are skipped, so re-running after an interruption only generates the missing
+    shards.  Seeds must be integers >= 0 (the file names carry them).
+
+    ``fingerprint``: a mapping of JSON values naming everything that determines the samples (model,
+    solver and its options, NFE, grid, ...; not the seeds, which each shard lists), stored in every
+    shard as canonical JSON.  ``value_range``: the samples' range, e.g. (0, 1) for decoded images
+    (None: not recorded), read back by :func:`~diffsampler.eval.fid.fid_from_shards`.  Before
+    ``sample_fn`` is called once, every shard already in ``out_dir`` is checked: one written with
+    another fingerprint or value range raises :class:`ShardMismatchError` naming the differing
+    fields, and one holding other seeds than this run's shard of the same name raises ``ValueError``.
 
     ``sample_fn`` must return a tensor whose first dimension is ``len(shard_seeds)``.  A progress
     bar with ETA is shown on rank 0 (``progress=False`` disables it).  Returns the paths of all
     shards of all ranks, in seed order (after a barrier when distributed).
     """
-    seeds = [int(s) for s in seeds]
+    seeds = [_seed(s) for s in seeds]
+    canonical, value_range = _canonical(fingerprint), _value_range(value_range)
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shard_size = int(shard_size)
@@ -148,6 +297,7 @@ def generate_shards(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     out = Path(out_dir)
+    _check_headers(out, canonical, value_range)
     out.mkdir(parents=True, exist_ok=True)
 
     shards = [seeds[i:i + shard_size] for i in range(0, len(seeds), shard_size)]
@@ -171,6 +321,7 @@ def generate_shards(
 
     from tqdm.auto import tqdm
 
+    record = {"fingerprint": canonical, "value_range": None if value_range is None else list(value_range)}
     total = sum(len(shards[j]) for j in mine)
     done = total - sum(len(shards[j]) for j in todo)
     with tqdm(total=total, initial=done, desc=desc, unit="sample", dynamic_ncols=True,
@@ -185,7 +336,7 @@ def generate_shards(
             x = x.detach().to("cpu")
             if not x.is_floating_point():
                 x = x.float()
-            _save_atomic({"seeds": torch.tensor(s, dtype=torch.long), "samples": x.contiguous()}, paths[j])
+            _save_atomic({"seeds": torch.tensor(s, dtype=torch.long), "samples": x.contiguous(), **record}, paths[j])
             bar.update(len(s))
     if world_size > 1:
         barrier()
