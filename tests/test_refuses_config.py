@@ -87,7 +87,7 @@ def test_item08_each_group_option_has_its_own_keys():
     ("batch_size=true", "batch_size must be an integer, got True"),
     ("model.dim=16.5", "model.dim must be an integer, got 16.5"),
     ("model.std=0.3", "model.std must be a list of numbers, got 0.3"),
-    ("+solver.options=3", "solver.options must be a mapping"),
+    ("solver.options=3", "solver.options must be a mapping, got 3"),
     ("time_shift=5", "time_shift must be a mapping or null, got 5"),
     ("eval.kid=yes", "eval.kid must be a boolean (true or false), got 'yes'"),
     ("seed=x", "seed must be an integer, got 'x'"),
@@ -102,8 +102,7 @@ def test_item08_deleted_keys_are_refused():
 
 def test_item08_valid_configs_pass():
     """The README's command lines, launchers, hydra.* and user-registered solvers."""
-    import diffsampler as ds
-    from diffsampler.samplers import ddim
+    from diffsampler.samplers import ddim, register, unregister
 
     for overrides in (
         ["model=gmm", "solver=dpmpp_3m", "nfe=8"],
@@ -120,11 +119,11 @@ def test_item08_valid_configs_pass():
     cfg = composed("+launcher=slurm", hydra=True)
     assert "hydra" in cfg
     validate(cfg)
-    ds.register("my_ddim_for_schema_test")(type("MyDDIM", (ddim.DDIM,), {}))
+    register("my_ddim_for_schema_test")(type("MyDDIM", (ddim.DDIM,), {}))
     try:
         validate(composed("solver=my_ddim_for_schema_test", "nfe=4"))
     finally:
-        ds.samplers.unregister("my_ddim_for_schema_test")
+        unregister("my_ddim_for_schema_test")
 
 
 def test_item08_schema_knows_every_key_of_the_shipped_yaml():
@@ -181,7 +180,9 @@ def test_item08_cli_refuses_an_unknown_key_before_any_work(tmp_path):
     (["model.schedule=flow", "model.prediction_type=v_prediction"],
      "model.schedule=flow predicts the flow velocity; model.prediction_type='v_prediction' cannot apply"),
     (["model.std=[0.3]"], "model.std must be [low, high]"),
-    (["eval.feature=nope"], "eval.feature must be auto, inception, digits or package.module:callable, got 'nope'"),
+    (["eval.feature=nope"], "eval.feature must be one of ('auto', 'inception', 'digits'"),
+    (["eval.feature=nope"], "or package.module:callable, got 'nope'"),
+    (["model=digits", "eval.feature=nosuchmodule:fn"], "eval.feature 'nosuchmodule:fn' cannot be loaded"),
     (["eval.feature=inception"], "eval.feature does not apply to model=gmm"),
     (["model=digits", "eval.weights_path=/no/such/file.pt"], "eval.weights_path '/no/such/file.pt' is not a file"),
     (["model=digits", "guidance=minority", "guidance.interval=[0.5,0.2]"],
