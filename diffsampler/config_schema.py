@@ -135,7 +135,8 @@ def check(cfg) -> None:
     for group, keys_of in GROUPS.items():
         node = cfg[group]
         option = node.get("name") if OmegaConf.is_dict(node) else None
-        _check_node(node, f"{group}.", keys_of(option), f"keys of {group} ({group}={option})")
+        where = f"keys of {group} ({group}={option})" if group != "eval" else "keys of eval"
+        _check_node(node, f"{group}.", keys_of(option), where)
 
 
 def _check_node(node, prefix: str, schema: dict[str, Type], where: str, skip=()) -> None:
@@ -150,7 +151,7 @@ def _check_node(node, prefix: str, schema: dict[str, Type], where: str, skip=())
         if key not in node.keys():
             raise ConfigError(f"missing key {prefix}{key}; the {where} are: {', '.join(schema)}")
         if OmegaConf.is_missing(node, key):
-            raise ConfigError(f"{prefix}{key} is required{_for_option(prefix, node)}: set {prefix}{key}=...")
+            raise ConfigError(f"{prefix}{key} is required{_for_option(prefix, node)}: set {prefix}{key}=<value>")
         value = _plain(node, prefix + key)
         if not t.ok(value):
             raise ConfigError(f"{prefix}{key} must be {t.what}, got {value!r}")

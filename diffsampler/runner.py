@@ -157,6 +157,21 @@ def _check_image_size(m) -> None:
     if m.get("width") is not None and m.get("height") is None:
         raise ConfigError(f"model.width={m.width} needs model.height (give both, or model.height alone for a "
                           "square image)")
+    factor = _vae_factor(m)
+    for key in ("height", "width"):
+        v = m.get(key)
+        if v is not None and factor and v % factor:
+            raise ConfigError(f"model.{key}={v} must be a multiple of {factor} (the VAE downsampling of "
+                              f"{_local_pipeline(m)}), or the image would be {v // factor * factor} pixels")
+
+
+def _vae_factor(m) -> int | None:
+    """Pixels per latent of a local pipeline's VAE (None: no VAE, or not known without a download)."""
+    d = _local_pipeline(m)
+    f = d / "vae" / "config.json" if d is not None else None
+    if f is None or not f.is_file():
+        return None
+    return 2 ** (len(json.loads(f.read_text()).get("block_out_channels", [0])) - 1)
 
 
 def _local_pipeline(m) -> Path | None:

@@ -224,6 +224,18 @@ def test_item09_spacing_checked_on_the_pipeline_schedule(tmp_path):
     validate(composed("model=digits", "spacing=trailing"))  # the digits DDPM is a DiscreteVP
 
 
+def test_item09_image_size_checked_against_the_vae(tmp_path):
+    pipe = tmp_path / "latent"
+    (pipe / "vae").mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "text_encoder": ["transformers", "CLIPTextModel"]}))
+    (pipe / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    msg = refused("model=diffusers", f"model.path={pipe}", "model.height=500")
+    assert "model.height=500 must be a multiple of 8" in msg and "496 pixels" in msg
+    validate(composed("model=diffusers", f"model.path={pipe}", "model.height=512", "model.width=384",
+                      "model.prompt=a cat", "guidance=cfg"))
+
+
 def test_item09_nothing_is_loaded_before_validation_fails(tmp_path, monkeypatch):
     """run() refuses before building the model or drawing a sample."""
     def boom(*a, **k):
