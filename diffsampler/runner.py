@@ -318,6 +318,13 @@ def _check_eval(cfg) -> None:
         if e.get(key) not in (None, "auto"):
             what = "rmse and fd against the exact mixture" if model == "gmm" else "FID-proxy against held-out digits"
             raise ConfigError(f"eval.{key} does not apply to model={model} (scored by {what}); got {e.get(key)!r}")
+    if model == "diffusers" and not e.get("reference"):
+        for key in ("feature", "weights_path"):
+            if e.get(key) not in (None, "auto"):
+                raise ConfigError(f"eval.{key} takes effect only with eval.reference (model=diffusers is scored by "
+                                  f"FID against a reference folder); got {e.get(key)!r}")
+    if e.get("sha256") and not e.get("weights_path"):
+        raise ConfigError("eval.sha256 takes effect only with eval.weights_path (the checksum of that file)")
     if e.get("weights_path") and not Path(str(e.weights_path)).expanduser().is_file():
         raise ConfigError(f"eval.weights_path {str(e.weights_path)!r} is not a file (the Inception weights, "
                           "pt_inception-2015-12-05)")
