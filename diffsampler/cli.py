@@ -103,6 +103,7 @@ def _hydra_main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .config_schema import check as check_schema
     from .runner import ConfigError, run
 
     _register_solver_configs()
@@ -113,6 +114,7 @@ def _hydra_main() -> None:
         run_dir = Path(hc.runtime.output_dir)
         base = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else run_dir
         try:
+            check_schema(cfg)  # before any value is used, even the results path
             row = run(cfg, run_dir, base / cfg.results_file)
         except ConfigError as e:
             print(f"diffsampler: error: {e}", file=sys.stderr)

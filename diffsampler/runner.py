@@ -14,18 +14,14 @@ from typing import Any
 
 import torch
 
+from .config_schema import SCHEDULES, ConfigError
+from .config_schema import check as check_schema
 from .samplers import available, is_solver_name, make_plan
 from .samplers.loop import sample
 from .samplers.time_shift import TimeShift
 from .schedules import LinearVP
 
 __all__ = ["validate", "run", "append_row", "read_rows", "ConfigError"]
-
-SCHEDULES = ("discrete_vp", "linear_vp", "cosine_vp", "edm", "flow")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, raised before any work."""
 
 
 def _get(cfg, dotted: str):
@@ -54,68 +50,360 @@ def _resolve_final(cfg) -> None:
 
 
 def validate(cfg) -> None:
-    """Fail before any work, naming the bad key."""
+    """Fail before any work, naming the bad key: the schema (known keys, value types), then every
+    value that can be checked without loading the model."""
+    check_schema(cfg)
     _resolve_final(cfg)
-    for key in ("nfe", "num_samples", "batch_size", "shard_size"):
+    _check_counts(cfg)
+    _check_solver_name(cfg)
+    _check_device(cfg)
+    _check_model(cfg)
+    _check_guidance(cfg)
+    _check_eval(cfg)
+    _check_time_shift(cfg)
+    _check_plan(cfg)
+
+
+def _check_counts(cfg) -> None:
+    for key in ("nfe", "num_samples", "batch_size", "shard_size", "grid_size"):
         v = _get(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+
+
+def _check_solver_name(cfg) -> None:
     if not is_solver_name(cfg.solver.name):
         raise ConfigError(f"solver.name {cfg.solver.name!r} is not a registered solver; available: {available()} "
                           "and solver=plan solver.path=<plan YAML or name>")
     if cfg.final not in ("zero", "last"):
         raise ConfigError(f"final must be 'zero' or 'last', got {cfg.final!r}")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _device_count(kind: str) -> int:
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    backend = getattr(torch, kind, None)
+    return backend.device_count() if backend is not None and backend.is_available() else 0
+
+
+def _check_device(cfg) -> None:
+    """device: auto, or a device type of this machine (with an index below its device count)."""
+    name = cfg.device
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:<index>, mps, xpu")
+    if dev.type == "cpu":
+        return
+    count = _device_count(dev.type)
+    if count == 0:
+        raise ConfigError(f"device {name!r} is not available on this machine (no {dev.type.upper()} device); "
+                          "use device=auto or device=cpu")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {name!r} is not available on this machine ({count} {dev.type.upper()} "
+                          f"device{'s' if count > 1 else ''}: indices 0..{count - 1})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model settings, checked without loading the model
+# ---------------------------------------------------------------------------------------------
+
+def _check_model(cfg) -> None:
     m = cfg.model
-    if m.name == "gmm" and m.schedule not in SCHEDULES:
-        raise ConfigError(f"model.schedule must be one of {SCHEDULES}, got {m.schedule!r}")
-    if m.name in ("digits", "diffusers") and m.get("path"):
+    if m.name == "gmm":
+        _check_gmm(m)
+        return
+    if m.get("path"):
         p = str(m.path)
         looks_like_hub_id = p.count("/") == 1 and not p.startswith((".", "/", "~"))
         if not Path(p).expanduser().exists() and not looks_like_hub_id:
             raise ConfigError(f"model.path {p!r} does not exist (give a local directory or a hub id like owner/name)")
-    if cfg.guidance.name == "cfg" and m.name != "diffusers":
-        raise ConfigError(f"guidance=cfg needs a conditional model (model=diffusers with a prompt or class), got model={m.name}")
-    g = cfg.guidance
-    if g.name == "minority":
-        if m.name == "gmm":
-            raise ConfigError("guidance=minority needs an image model with a minority classifier (model=digits, or "
-                              "model=diffusers with guidance.classifier=DIR from `diffsampler minority-classifier`)")
-        if m.name != "digits" and not g.get("classifier"):
-            raise ConfigError("guidance=minority on model=diffusers needs guidance.classifier=DIR "
-                              "(write one with `diffsampler minority-classifier --pipeline ... --out DIR`)")
-        if not (isinstance(g.scale, (int, float)) and g.scale >= 0):
-            raise ConfigError(f"guidance.scale must be a number >= 0, got {g.scale!r}")
-    if g.name == "svdd":
-        rewards = ("classifier", "jpeg") if m.name == "digits" else ("distance",) if m.name == "gmm" else ()
-        if _reward_name(cfg) not in rewards:
-            raise ConfigError(f"guidance.reward={g.reward!r} is not available for model={m.name}; allowed: "
-                              f"{('auto',) + rewards}")
-        for key, lo in (("num_candidates", 1), ("alpha", 0)):
-            v = g.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (key == "num_candidates" and v != int(v)):
-                raise ConfigError(f"guidance.{key} must be {'an integer >= 1' if lo else 'a number >= 0'}, got {v!r}")
-        opts = dict(cfg.solver.get("options") or {})
-        try:
-            stochastic = make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final, **opts).stochastic
-        except ValueError:
-            stochastic = True  # the solver check below names the problem
-        if not stochastic:
-            from .guidance.svdd import stochastic_solvers
+    if m.name == "diffusers":
+        _check_image_size(m)
+        _check_conditioning(cfg)
 
-            raise ConfigError(f"guidance=svdd draws candidates from a stochastic solver; solver={cfg.solver.name} "
-                              f"has no noise. Use one of: {', '.join(stochastic_solvers())}")
+
+def _check_gmm(m) -> None:
+    if m.schedule not in SCHEDULES:
+        raise ConfigError(f"model.schedule must be one of {SCHEDULES}, got {m.schedule!r}")
+    for key in ("dim", "components"):
+        if m[key] < 1:
+            raise ConfigError(f"model.{key} must be an integer >= 1, got {m[key]!r}")
+    std = list(m.std)
+    if len(std) != 2 or not 0 < std[0] <= std[1]:
+        raise ConfigError(f"model.std must be [low, high] with 0 < low <= high (the range of component "
+                          f"standard deviations), got {std}")
+    if m.scale < 0:
+        raise ConfigError(f"model.scale must be a number >= 0, got {m.scale!r}")
+    flow = m.schedule == "flow"
+    if flow and m.prediction_type not in ("epsilon", "flow"):  # epsilon: the default, replaced by flow
+        raise ConfigError(f"model.schedule=flow predicts the flow velocity; model.prediction_type="
+                          f"{m.prediction_type!r} cannot apply (leave it at its default)")
+    if not flow and m.prediction_type == "flow":
+        raise ConfigError(f"model.prediction_type='flow' needs model.schedule=flow, got {m.schedule!r}")
+
+
+def _check_image_size(m) -> None:
+    for key in ("height", "width"):
+        v = m.get(key)
+        if v is not None and v < 1:
+            raise ConfigError(f"model.{key} must be an integer >= 1, got {v!r}")
+    if m.get("width") is not None and m.get("height") is None:
+        raise ConfigError(f"model.width={m.width} needs model.height (give both, or model.height alone for a "
+                          "square image)")
+    factor = _vae_factor(m)
+    for key in ("height", "width"):
+        v = m.get(key)
+        if v is not None and factor and v % factor:
+            raise ConfigError(f"model.{key}={v} must be a multiple of {factor} (the VAE downsampling of "
+                              f"{_local_pipeline(m)}), or the image would be {v // factor * factor} pixels")
+
+
+def _vae_factor(m) -> int | None:
+    """Pixels per latent of a local pipeline's VAE (None: no VAE, or not known without a download)."""
+    d = _local_pipeline(m)
+    f = d / "vae" / "config.json" if d is not None else None
+    if f is None or not f.is_file():
+        return None
+    return 2 ** (len(json.loads(f.read_text()).get("block_out_channels", [0])) - 1)
+
+
+def _local_pipeline(m) -> Path | None:
+    """The local directory of the model's pipeline (None for a hub id)."""
+    if m.name == "digits" and not m.get("path"):
+        from .eval.digits import ASSET_DIR
+
+        return ASSET_DIR / "ddpm"
+    p = Path(str(m.path)).expanduser()
+    return p if p.is_dir() else None
+
+
+def _model_index(m) -> dict | None:
+    d = _local_pipeline(m)
+    f = d / "model_index.json" if d is not None else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def _check_conditioning(cfg) -> None:
+    """prompt, negative_prompt, class_label and null_class each take effect, or are refused."""
+    m, g = cfg.model, cfg.guidance
+    cfg_on = g.name == "cfg"
+    if m.get("prompt"):
+        _check_text_pipeline(m)
+    if m.get("negative_prompt") and not (m.get("prompt") and cfg_on):
+        raise ConfigError("model.negative_prompt takes effect only with model.prompt and guidance=cfg")
+    if m.get("null_class") is not None and not cfg_on:
+        raise ConfigError("model.null_class takes effect only with guidance=cfg (the unconditional class label)")
+    if m.get("prompt") and m.get("class_label") is not None:
+        raise ConfigError("give model.prompt or model.class_label, not both")
+    if not cfg_on or g.scale == 1.0:
+        return
+    if not m.get("prompt") and m.get("class_label") is None:
+        raise ConfigError(f"guidance=cfg with guidance.scale={g.scale} needs a condition: model.prompt or "
+                          "model.class_label")
+    if m.get("class_label") is not None and m.get("null_class") is None:
+        raise ConfigError("model.class_label with guidance=cfg needs model.null_class (the unconditional label)")
+
+
+def _check_text_pipeline(m) -> None:
+    index = _model_index(m)
+    if index is None:  # a hub id: checked when it is loaded
+        return
+    cls = index.get("_class_name", "the pipeline")
+    if "transformer" in index:
+        raise ConfigError(f"model.prompt is not supported for {cls} (a transformer pipeline) from the command "
+                          "line; encode the prompt and use denoiser_from_pipeline(prompt_embeds=...)")
+    if not (index.get("text_encoder") or [None])[0]:
+        raise ConfigError(f"model.prompt needs a text-to-image pipeline; {cls} at {_local_pipeline(m)} has no "
+                          "text encoder (use model.class_label for class-conditional models)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance and evaluation settings
+# ---------------------------------------------------------------------------------------------
+
+def _check_guidance(cfg) -> None:
+    m, g = cfg.model, cfg.guidance
+    if g.name == "cfg" and m.name != "diffusers":
+        raise ConfigError(f"guidance=cfg needs a conditional model (model=diffusers with a prompt or class), got model={m.name}")
+    if g.name == "minority":
+        _check_minority(cfg)
+    if g.name == "svdd":
+        _check_svdd(cfg)
+
+
+def _check_minority(cfg) -> None:
+    m, g = cfg.model, cfg.guidance
+    if m.name == "gmm":
+        raise ConfigError("guidance=minority needs an image model with a minority classifier (model=digits, or "
+                          "model=diffusers with guidance.classifier=DIR from `diffsampler minority-classifier`)")
+    if m.name != "digits" and not g.get("classifier"):
+        raise ConfigError("guidance=minority on model=diffusers needs guidance.classifier=DIR "
+                          "(write one with `diffsampler minority-classifier --pipeline ... --out DIR`)")
+    if not (isinstance(g.scale, (int, float)) and g.scale >= 0):
+        raise ConfigError(f"guidance.scale must be a number >= 0, got {g.scale!r}")
+    interval = list(g.interval)
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
+        raise ConfigError(f"guidance.interval must be [lo, hi] with 0 <= lo < hi <= 1, got {interval} "
+                          "(fractions of the time range)")
+    config = _minority_classifier_config(g)
+    n = config.get("num_classes")
+    if g.get("target") is not None and isinstance(n, int) and not 0 <= g.target < n:
+        raise ConfigError(f"guidance.target must be a class of the minority classifier (0..{n - 1}), got {g.target}")
+
+
+def _minority_classifier_config(g) -> dict:
+    if g.get("classifier"):
+        directory = Path(str(g.classifier)).expanduser()
+    else:
+        from .eval.digits import ASSET_DIR
+
+        directory = ASSET_DIR / "minority"
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise ConfigError(f"guidance.classifier: no {name} in {directory} (write one with "
+                              "`diffsampler minority-classifier`)")
+    return json.loads((directory / "config.json").read_text())
+
+
+def _check_svdd(cfg) -> None:
+    m, g = cfg.model, cfg.guidance
+    rewards = ("classifier", "jpeg") if m.name == "digits" else ("distance",) if m.name == "gmm" else ()
+    reward = _reward_name(cfg)
+    if reward not in rewards:
+        raise ConfigError(f"guidance.reward={g.reward!r} is not available for model={m.name}; allowed: "
+                          f"{('auto',) + rewards}")
+    for key, lo in (("num_candidates", 1), ("alpha", 0)):
+        v = g.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (key == "num_candidates" and v != int(v)):
+            raise ConfigError(f"guidance.{key} must be {'an integer >= 1' if lo else 'a number >= 0'}, got {v!r}")
+    _check_svdd_target(cfg, reward)
+    opts = dict(cfg.solver.get("options") or {})
+    try:
+        stochastic = make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final, **opts).stochastic
+    except ValueError:
+        stochastic = True  # the solver check names the problem
+    if not stochastic:
+        from .guidance.svdd import stochastic_solvers
+
+        raise ConfigError(f"guidance=svdd draws candidates from a stochastic solver; solver={cfg.solver.name} "
+                          f"has no noise. Use one of: {', '.join(stochastic_solvers())}")
+
+
+def _check_svdd_target(cfg, reward: str) -> None:
+    t = cfg.guidance.get("target")
+    if t is None:
+        return
+    if reward == "jpeg":
+        raise ConfigError(f"guidance.target does not apply to guidance.reward=jpeg, got {t!r}")
+    if reward == "classifier" and not (isinstance(t, int) and 0 <= t <= 9):
+        raise ConfigError(f"guidance.target must be a digit 0..9 for guidance.reward=classifier, got {t!r}")
+    if reward == "distance" and (isinstance(t, int) or len(t) != cfg.model.dim):
+        raise ConfigError(f"guidance.target must be a point of model.dim={cfg.model.dim} numbers for "
+                          f"guidance.reward=distance, got {list(t) if not isinstance(t, int) else t}")
+
+
+def _check_eval(cfg) -> None:
+    """eval.* keys apply to image models: each one given either takes effect or is refused."""
+    e, model = cfg.eval, cfg.model.name
+    _check_feature(e.feature)
+    unused = {"gmm": ("feature", "weights_path", "sha256", "reference"), "digits": ("reference",)}.get(model, ())
+    for key in unused:
+        if e.get(key) not in (None, "auto"):
+            what = "rmse and fd against the exact mixture" if model == "gmm" else "FID-proxy against held-out digits"
+            raise ConfigError(f"eval.{key} does not apply to model={model} (scored by {what}); got {e.get(key)!r}")
+    if model == "diffusers" and not e.get("reference"):
+        for key in ("feature", "weights_path"):
+            if e.get(key) not in (None, "auto"):
+                raise ConfigError(f"eval.{key} takes effect only with eval.reference (model=diffusers is scored by "
+                                  f"FID against a reference folder); got {e.get(key)!r}")
+    if e.get("sha256") and not e.get("weights_path"):
+        raise ConfigError("eval.sha256 takes effect only with eval.weights_path (the checksum of that file)")
+    if e.get("weights_path") and not Path(str(e.weights_path)).expanduser().is_file():
+        raise ConfigError(f"eval.weights_path {str(e.weights_path)!r} is not a file (the Inception weights, "
+                          "pt_inception-2015-12-05)")
+
+
+def _check_feature(name: str) -> None:
+    import importlib
+
+    from .eval.fid import FEATURE_EXTRACTORS
+
+    names = ("auto", *FEATURE_EXTRACTORS)
+    if name in names:
+        return
+    if ":" not in name:
+        raise ConfigError(f"eval.feature must be one of {names} or package.module:callable, got {name!r}")
+    module, _, attr = name.partition(":")
+    try:
+        getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"eval.feature {name!r} cannot be loaded: {type(err).__name__}: {err}") from None
+
+
+def _check_time_shift(cfg) -> None:
     if cfg.get("time_shift"):
         try:
             TimeShift.from_spec(dict(cfg.time_shift))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"time_shift: {e}") from None
-    try:  # the solver options and the NFE budget, checked by the solver itself
-        make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final,
-                  **dict(cfg.solver.get("options") or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Solver, NFE and time grid on the model's own schedule
+# ---------------------------------------------------------------------------------------------
+
+def _check_plan(cfg) -> None:
+    """The solver options and the NFE budget (checked by the solver itself), then the time grid of
+    `spacing` on the model's real schedule when it is known without loading the model."""
+    opts = dict(cfg.solver.get("options") or {})
+    try:
+        make_plan(cfg.solver.name, LinearVP(), cfg.nfe, "time_uniform", cfg.final, **opts)
     except ValueError as e:
         raise ConfigError(f"solver={cfg.solver.name} nfe={cfg.nfe}: {e}") from None
+    schedule, where = _validation_schedule(cfg)
+    if schedule is None:  # a hub id: spacing was checked by name
+        return
+    try:
+        make_plan(cfg.solver.name, schedule, cfg.nfe, cfg.spacing, cfg.final, **opts)
+    except ValueError as e:
+        raise ConfigError(f"spacing={cfg.spacing!r} does not apply to {where} (solver={cfg.solver.name}, "
+                          f"nfe={cfg.nfe}): {e}") from None
+
+
+def _gmm_schedule(m):
+    from . import schedules as S
+
+    return {"discrete_vp": lambda: S.DiscreteVP.linear(), "linear_vp": S.LinearVP, "cosine_vp": S.CosineVP,
+            "edm": S.EDM, "flow": S.RectifiedFlow}[m.schedule]()
+
+
+def _validation_schedule(cfg):
+    """The model's noise schedule and a description of it, from the config alone (gmm) or from the
+    pipeline's scheduler config (local pipelines); (None, None) when it needs a download."""
+    m = cfg.model
+    if m.name == "gmm":
+        return _gmm_schedule(m), f"model.schedule={m.schedule}"
+    d = _local_pipeline(m)
+    f = d / "scheduler" / "scheduler_config.json" if d is not None else None
+    if f is None or not f.is_file():
+        return None, None
+    from .pipelines.scheduler import DiffSamplerScheduler
+
+    try:
+        schedule = DiffSamplerScheduler.from_config(json.loads(f.read_text())).schedule
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.path: the scheduler config {f} is not supported: {e}") from None
+    return schedule, f"the {type(schedule).__name__} schedule of {d}"
 
 
 def _device(cfg) -> torch.device:
@@ -131,13 +419,11 @@ def _device(cfg) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 
 def _gmm(cfg):
-    from . import schedules as S
     from .eval.gmm import GaussianMixture, gmm_denoiser
 
     m = cfg.model
     gmm = GaussianMixture.random(m.dim, m.components, seed=m.seed, scale=m.scale, std=tuple(m.std))
-    schedule = {"discrete_vp": lambda: S.DiscreteVP.linear(), "linear_vp": S.LinearVP, "cosine_vp": S.CosineVP,
-                "edm": S.EDM, "flow": S.RectifiedFlow}[m.schedule]()
+    schedule = _gmm_schedule(m)
     pred = "flow" if m.schedule == "flow" else m.prediction_type
     return gmm, gmm_denoiser(gmm, schedule, pred)
 
