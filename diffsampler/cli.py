@@ -127,6 +127,16 @@ def _hydra_main() -> None:
     app()
 
 
+def _refusing(command, name: str) -> int:
+    """Run a subcommand; a refused input (ValueError, a missing file) is one line on stderr, exit 2."""
+    try:
+        command()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"diffsampler {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
@@ -135,8 +145,7 @@ def main(argv=None) -> int:
         if len(argv) != 2:
             print("usage: diffsampler report <run or sweep dir>", file=sys.stderr)
             return 2
-        print(report(Path(argv[1])))
-        return 0
+        return _refusing(lambda: print(report(Path(argv[1]))), "report")
     if argv[:1] == ["demo"]:
         demo()
         return 0
@@ -151,8 +160,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["minority-classifier"]:
         from .guidance.minority import build_from_args
 
-        build_from_args(argv[1:])
-        return 0
+        return _refusing(lambda: build_from_args(argv[1:]), "minority-classifier")
     sys.argv = [sys.argv[0]] + argv
     _hydra_main()
     return 0

@@ -374,10 +374,15 @@ def _check_plan(cfg) -> None:
     if schedule is None:  # a hub id: spacing was checked by name
         return
     try:
-        make_plan(cfg.solver.name, schedule, cfg.nfe, cfg.spacing, cfg.final, **opts)
+        plan = make_plan(cfg.solver.name, schedule, cfg.nfe, cfg.spacing, cfg.final, **opts)
     except ValueError as e:
         raise ConfigError(f"spacing={cfg.spacing!r} does not apply to {where} (solver={cfg.solver.name}, "
                           f"nfe={cfg.nfe}): {e}") from None
+    if cfg.get("time_shift"):  # a setting that shifts no step of this plan is refused here, not at sampling
+        try:
+            TimeShift.from_spec(dict(cfg.time_shift)).check(plan, schedule)
+        except ValueError as e:
+            raise ConfigError(f"time_shift on {where} (solver={cfg.solver.name}, nfe={cfg.nfe}): {e}") from None
 
 
 def _gmm_schedule(m):

@@ -221,3 +221,20 @@ def test_item16_plan_solver_refuses_solver_options_before_any_model_call():
     assert den.nfe == 0
     with pytest.raises(ValueError, match=r"takes no options; got \['eta', 'order'\]"):
         ds.samplers.get("plan", path="gmm_nfe5", eta=1, order=2)
+
+
+def test_item13_cli_refuses_a_time_shift_that_shifts_nothing_before_any_work():
+    """The Hydra config's time shift is checked against the plan on the model's own schedule in
+    validation (before the model is built), not first at sampling time."""
+    from hydra import compose, initialize_config_module
+
+    from diffsampler.cli import _register_solver_configs
+    from diffsampler.runner import ConfigError, validate
+
+    _register_solver_configs()
+    with initialize_config_module("diffsampler.configs", version_base=None):
+        ok = compose("config", overrides=["solver=ddim", "nfe=5", "time_shift={window:80,cutoff:300}"])
+        bad = compose("config", overrides=["solver=ddim", "nfe=5", "time_shift={window:8,cutoff:990}"])
+    validate(ok)
+    with pytest.raises(ConfigError, match=r"time_shift .*cutoff=990"):
+        validate(bad)

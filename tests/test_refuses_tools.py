@@ -280,3 +280,16 @@ def test_item17_no_unsafe_loads_in_sources():
             for pat in (r"allow_pickle\s*=\s*True", r"\bpickle\.loads?\(", r"yaml\.(unsafe_)?load\((?![^)]*SafeLoader)"):
                 bad += [f"{f.relative_to(root)}: {m.group(0)}" for m in re.finditer(pat, text)]
     assert not bad, bad
+
+
+def test_item07_cli_report_refuses_a_bad_table_in_one_line(tmp_path):
+    """`diffsampler report` on a table it cannot read: exit 2 and one line naming the file, no traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "results.csv").write_text("solver,rmse\nddim,1\n")
+    r = subprocess.run([sys.executable, "-m", "diffsampler", "report", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"{tmp_path / 'results.csv'} has no 'nfe' column" in r.stderr
