@@ -101,7 +101,7 @@ def test_item02_runner_scores_against_the_folder_it_was_given(tmp_path):
         cfg = compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={folder}",
                       "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}")
         score[folder] = _metrics(cfg, None, None, samples, "cpu")["fid"]
-    assert abs(score[b]) < 1e-6 < score[a]
+    assert abs(score[b]) < 1e-3 and score[a] > 1  # singular 192-d covariances: sqrtm noise ~1e-6
 
 
 def test_item02_changed_content_is_recomputed(tmp_path):
@@ -239,7 +239,7 @@ def test_item04_digits_scores_against_the_given_reference(tmp_path):
         Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), "L").save(ref / f"{i:02d}.png")
     cfg = compose("model=digits", f"eval.reference={ref}", f"eval.cache_dir={tmp_path / 'cache'}")
     samples = read_pngs(ref)[:, :1]
-    assert abs(_metrics(cfg, None, None, samples, "cpu")["fid_proxy"]) < 1e-6
+    assert abs(_metrics(cfg, None, None, samples, "cpu")["fid_proxy"]) < 1e-4  # vs the packaged split: 11
 
 
 def test_item04_cli_empty_reference_refused_before_generation(tmp_path):
