@@ -539,9 +539,11 @@ class FIDEvaluator:
         if self._kid[0]:
             from torchmetrics.image.kid import KernelInceptionDistance
 
-            self.kid_metric = KernelInceptionDistance(feature=_Passthrough(dim), subsets=self._kid[1],
-                                                      subset_size=self._kid[2], reset_real_features=False,
-                                                      normalize=False, sync_on_compute=self.sync).to(self.device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will save all extracted features.*")  # it must
+                self.kid_metric = KernelInceptionDistance(feature=_Passthrough(dim), subsets=self._kid[1],
+                                                          subset_size=self._kid[2], reset_real_features=False,
+                                                          normalize=False, sync_on_compute=self.sync).to(self.device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -643,8 +645,10 @@ class FIDEvaluator:
             return float(self.metric.compute())
 
     def compute_kid(self) -> tuple[float, float]:
-        """KID mean and std over random subsets (needs ``kid=True`` and real *images*: KID cannot use
-        mean/covariance statistics).  Subsets are drawn from a fixed seed: same result on all ranks."""
+        """KID mean and std over random subsets: torchmetrics' ``KernelInceptionDistance`` fed this
+        evaluator's features (needs ``kid=True`` and real images or ``set_reference(..., features=)``:
+        KID cannot use mean/covariance statistics).  Subsets are drawn from a fixed seed: same result
+        on all ranks."""
         if self.kid_metric is None:
             raise RuntimeError("create the evaluator with kid=True (and add real images with update_real)")
         with torch.random.fork_rng(devices=[]):
