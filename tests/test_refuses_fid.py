@@ -6,7 +6,6 @@ item 04: reference folders: png/jpg/jpeg/webp, recursive; mixed sizes, empty or 
 item 08: eval.kid puts kid_mean / kid_std in the row (torchmetrics' KernelInceptionDistance).
 """
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from diffsampler.eval import fid
-from diffsampler.eval.fid import FeatureExtractor, FIDEvaluator, get_feature_extractor, reference_stats
+from diffsampler.eval.fid import FeatureExtractor, FIDEvaluator, reference_stats
 
 
 def write_images(folder, n, seed=0, size=(8, 8), ext="png", mode="RGB"):
