@@ -316,11 +316,12 @@ def _check_eval(cfg) -> None:
     """eval.* keys apply to image models: each one given either takes effect or is refused."""
     e, model = cfg.eval, cfg.model.name
     _check_feature(e.feature)
-    unused = {"gmm": ("feature", "weights_path", "sha256", "reference"), "digits": ("reference",)}.get(model, ())
+    _check_reference_and_kid(cfg)
+    unused = {"gmm": ("feature", "weights_path", "sha256")}.get(model, ())
     for key in unused:
         if e.get(key) not in (None, "auto"):
-            what = "rmse and fd against the exact mixture" if model == "gmm" else "FID-proxy against held-out digits"
-            raise ConfigError(f"eval.{key} does not apply to model={model} (scored by {what}); got {e.get(key)!r}")
+            raise ConfigError(f"eval.{key} does not apply to model={model} (scored by rmse and fd against the exact "
+                              f"mixture); got {e.get(key)!r}")
     if model == "diffusers" and not e.get("reference"):
         for key in ("feature", "weights_path"):
             if e.get(key) not in (None, "auto"):
@@ -692,33 +693,72 @@ def _guidance_str(cfg) -> str:
     return name if not g else name + json.dumps(g, sort_keys=True)
 
 
+def _check_reference_and_kid(cfg) -> None:
+    """eval.reference: an image folder, checked without decoding; eval.kid: a bool, for image models
+    with reference images."""
+    e = cfg.get("eval") or {}
+    kid, ref = e.get("kid", False), e.get("reference")
+    if not isinstance(kid, bool):
+        raise ConfigError(f"eval.kid must be true or false, got {kid!r}")
+    if cfg.model.name == "gmm":
+        if ref:
+            raise ConfigError(f"eval.reference is for image models (model=digits or diffusers), got {ref!r} with "
+                              "model=gmm, which is scored against the exact mixture (rmse, fd)")
+        if kid:
+            raise ConfigError("eval.kid=true needs an image model (model=digits or diffusers), not model=gmm: its "
+                              "samples are scored against the exact mixture (rmse, fd), and KID's polynomial kernel "
+                              "is made for network features of images")
+    elif kid and not ref and cfg.model.name != "digits":
+        raise ConfigError(f"eval.kid=true needs reference images on model={cfg.model.name}: set eval.reference=DIR")
+    if ref:
+        from .eval.fid import ReferenceDataError, list_reference_images
+
+        try:
+            list_reference_images(Path(str(ref)).expanduser(), check_sizes=True)
+        except ReferenceDataError as ex:
+            raise ConfigError(f"eval.reference: {ex}") from None
+
+
+def _reference(cfg) -> tuple | None:
+    """(dataset, images_fn, content) of the reference data for reference_stats; None: no FID."""
+    ref = cfg.eval.reference
+    if ref:
+        return Path(str(ref)).expanduser(), None, None
+    if cfg.model.name != "digits":
+        return None
+    import hashlib
+
+    from .eval.digits import digits_dataset
+
+    x = (digits_dataset("test")[0] + 1) / 2
+    return "digits_test", lambda: x, hashlib.sha256(x.numpy().tobytes()).hexdigest()
+
+
 def _metrics(cfg, gmm, den, samples: torch.Tensor, device) -> dict:
     if gmm is not None:
         return _gmm_metrics(cfg, gmm, den, samples)
-    from .eval.fid import FIDEvaluator, get_feature_extractor, reference_stats
+    from .eval.fid import FIDEvaluator, get_feature_extractor, reference_features, reference_stats
 
     e = cfg.eval
-    if cfg.model.name == "digits":
-        from .eval.digits import digits_dataset
-
-        feature = "digits" if e.feature == "auto" else e.feature
-        extractor = get_feature_extractor(feature, e.weights_path, e.sha256, device=device)
-        ref = reference_stats("digits_test", lambda: (digits_dataset("test")[0] + 1) / 2, extractor,
-                              Path(str(e.cache_dir)).expanduser())
-        name = "fid_proxy" if feature == "digits" else "fid"
-    elif e.reference:
-        feature = "inception" if e.feature == "auto" else e.feature
-        extractor = get_feature_extractor(feature, e.weights_path, e.sha256, device=device)
-        ref = reference_stats(Path(str(e.reference)).name, lambda: _load_images(e.reference), extractor,
-                              Path(str(e.cache_dir)).expanduser())
-        name = "fid"
-    else:
+    source = _reference(cfg)
+    if source is None:
         return {}
-    ev = FIDEvaluator(extractor, device=device, sync=False)  # scored on rank 0 alone
-    ev.set_reference(ref)
+    dataset, images_fn, content = source
+    feature = e.feature if e.feature != "auto" else "digits" if cfg.model.name == "digits" else "inception"
+    extractor = get_feature_extractor(feature, e.weights_path, e.sha256, device=device)
+    cache = Path(str(e.cache_dir)).expanduser()
+    stats = reference_stats(dataset, images_fn, extractor, cache, content=content)
+    real = reference_features(dataset, images_fn, extractor, cache, content=content) if e.kid else None
+    subset = min(1000, len(samples), len(real)) if e.kid else 1000
+    ev = FIDEvaluator(extractor, device=device, sync=False, kid=bool(e.kid), kid_subset_size=subset)
+    ev.set_reference(stats, features=real)  # scored on rank 0 alone
     for i in range(0, len(samples), 256):
         ev.update_fake(samples[i:i + 256].to(device))
-    return {name: float(ev.compute())}
+    out = {"fid_proxy" if feature == "digits" else "fid": float(ev.compute())}
+    if e.kid:
+        out["kid_mean"], out["kid_std"] = ev.compute_kid()
+        out["kid_subset_size"] = subset
+    return out
 
 
 def _gmm_metrics(cfg, gmm, den, samples) -> dict:
@@ -739,17 +779,6 @@ def _gmm_metrics(cfg, gmm, den, samples) -> dict:
     mu, cov = x.mean(0).numpy(), torch.cov(x.T).numpy()
     fd = frechet_distance(mu, cov, gmm.mean.double().numpy(), gmm.covariance.double().numpy())
     return {"rmse": rmse, "fd": float(fd)}
-
-
-def _load_images(folder) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    files = sorted(Path(str(folder)).expanduser().glob("*.png"))
-    if not files:
-        raise ConfigError(f"eval.reference {folder!r} has no .png images")
-    arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_item08_valid_configs_pass():
         ["model=diffusers", f"model.path={DIGITS_DDPM}", "solver=dpmpp_2m", "nfe=10"],
         ["solver=plan", "solver.path=gmm_nfe5", "nfe=5"],
         ["solver=ghvb", "+solver.options.order=1.5", "time_shift={window:10,cutoff:300}", "nfe=6"],
-        ["eval.kid=true", "hydra.run.dir=/tmp/x", "hydra.job.chdir=true"],
+        ["model=digits", "eval.kid=true", "hydra.run.dir=/tmp/x", "hydra.job.chdir=true"],
     ):
         validate(composed(*overrides))
     cfg = composed("+launcher=slurm", hydra=True)
@@ -188,7 +188,7 @@ def test_item08_cli_refuses_an_unknown_key_before_any_work(tmp_path):
     (["model=diffusers", f"model.path={DIGITS_DDPM}", "eval.feature=inception"],
      "eval.feature takes effect only with eval.reference"),
     (["model=digits", "eval.sha256=abc"], "eval.sha256 takes effect only with eval.weights_path"),
-    (["model=digits", "eval.reference=/tmp"], "eval.reference does not apply to model=digits"),
+    (["model=digits", "eval.reference=/no/such/dir"], "eval.reference: /no/such/dir does not exist"),
     (["model=digits", "guidance=minority", "guidance.interval=[0.5,0.2]"],
      "guidance.interval must be [lo, hi] with 0 <= lo < hi <= 1, got [0.5, 0.2]"),
     (["model=digits", "guidance=minority", "guidance.target=12"],

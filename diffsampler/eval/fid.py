@@ -20,8 +20,11 @@
   the evaluator computes features itself (in batches, no grad) and feeds them to the metric
   through an identity feature module.  Under ``torch.distributed`` each rank updates with its own
   images and ``compute()`` returns the same value on every rank.
-* :func:`reference_stats` -- dataset statistics computed once and cached as
-  ``{cache_dir}/{dataset_name}__{extractor.name}.npz`` (``mu``, ``sigma``, ``n``).
+* :func:`reference_stats` / :func:`reference_features` -- dataset statistics (``mu``, ``sigma``,
+  ``n``) or features computed once and cached in ``cache_dir``, keyed and tagged by the data's
+  content, the extractor's name, weights and resize mode; the tags are verified on load.
+* :func:`list_reference_images` / :func:`reference_images` -- a reference folder's png/jpg/jpeg/webp
+  images (recursive): the cheap check (no decoding) and the streamed float batches.
 * :func:`frechet_distance` -- float64 FID from statistics (scipy ``sqrtm``), the usual
   ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 * :func:`fid_from_shards` -- score samples saved by :func:`diffsampler.eval.generate.generate_shards`.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import importlib.util
 import os
 import re
@@ -55,6 +59,8 @@ __all__ = [
     "FeatureExtractor", "FeatureExtractorUnavailable", "WeightsChecksumError", "FEATURE_EXTRACTORS",
     "register_feature_extractor", "get_feature_extractor", "FIDEvaluator", "reference_stats", "frechet_distance",
     "fid_from_shards", "stats_from_features", "torchmetrics_fid", "INCEPTION_URL", "INCEPTION_FILENAME",
+    "IMAGE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError", "list_reference_images", "reference_images",
+    "folder_fingerprint", "reference_features",
 ]
 
 #: torch-fidelity's InceptionV3 weights (converted from TF's pt_inception-2015-12-05).
@@ -153,16 +159,31 @@ def _sanitize(name: str) -> str:
 class FeatureExtractor(nn.Module):
     """Images float in [0, 1], shape (B, ...) -> features float64 (B, D).
 
-    ``name`` identifies the features (reference-statistics cache keys use it); ``num_features``
-    is D when known up front (None: found from the first batch)."""
+    ``name`` identifies the features; ``num_features`` is D when known up front (None: found from
+    the first batch); ``resize`` describes how images are brought to the network's input size (part
+    of the features' identity, with the name and the weights: see :meth:`identity`)."""
 
     def __init__(self, net: nn.Module, name: str, num_features: int | None = None,
-                 preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None, resize: str = ""):
         super().__init__()
         self.net = net
         self.name = str(name)
         self.num_features = None if num_features is None else int(num_features)
         self.preprocess = preprocess
+        self.resize = str(resize)
+
+    def weights_sha256(self) -> str:
+        """sha256 of the state dict (names, dtypes, shapes and values of all parameters and buffers)."""
+        h = hashlib.sha256()
+        for key, t in sorted(self.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        """What the features depend on: ``{"extractor", "weights", "resize"}`` (cache tags)."""
+        return {"extractor": self.name, "weights": self.weights_sha256(), "resize": self.resize}
 
     @property
     def device(self) -> torch.device:
@@ -267,7 +288,7 @@ def _make_inception(weights_path=None, sha256=None, device="cpu", antialias: boo
         raise FeatureExtractorUnavailable(_inception_help(
             f"loading the weights {weights_path} failed ({type(e).__name__}: {e})")) from None
     return FeatureExtractor(net, "inception" if not antialias else "inception-antialias", 2048,
-                            preprocess=_to_uint8_range)
+                            preprocess=_to_uint8_range, resize=f"uint8, bilinear to 299x299, antialias={antialias}")
 
 
 def _make_digits(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor:
@@ -297,11 +318,13 @@ def _make_digits(weights_path=None, sha256=None, device="cpu") -> FeatureExtract
                                                     align_corners=False, antialias=True)
             return self.clf.features((x.float() * 2 - 1).clamp(-1, 1))
 
-    return FeatureExtractor(_DigitsFeatures(clf), "digits", clf.config.get("feature_dim", 64))
+    size = clf.config.get("size", 16)
+    return FeatureExtractor(_DigitsFeatures(clf), "digits", clf.config.get("feature_dim", 64),
+                            resize=f"grey, bilinear to {size}x{size}, antialias=True")
 
 
 def _make_identity(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor:
-    return FeatureExtractor(nn.Flatten(), "identity")
+    return FeatureExtractor(nn.Flatten(), "identity", resize="none")
 
 
 #: name -> factory(weights_path=None, sha256=None, device="cpu") -> FeatureExtractor | nn.Module
@@ -324,7 +347,8 @@ def _wrap(module: nn.Module, default_name: str) -> FeatureExtractor:
         raise TypeError(f"a feature extractor must be an nn.Module, got {type(module).__name__}")
     name = getattr(module, "name", None) or default_name
     nf = getattr(module, "num_features", None)
-    return FeatureExtractor(module, _sanitize(str(name)), nf if isinstance(nf, int) else None)
+    return FeatureExtractor(module, _sanitize(str(name)), nf if isinstance(nf, int) else None,
+                            resize=str(getattr(module, "resize", "")))
 
 
 def get_feature_extractor(name: str | nn.Module = "inception", weights_path=None, sha256: str | None = None,
@@ -430,12 +454,14 @@ class _Accumulator:
 
 def _load_stats(stats) -> dict:
     if isinstance(stats, (str, os.PathLike)):
-        with np.load(stats) as d:
-            out = {"mu": d["mu"], "sigma": d["sigma"]}
-            if "n" in d:
-                out["n"] = int(d["n"])
-        stats = out
-    elif isinstance(stats, (tuple, list)):
+        path = Path(stats)
+        try:
+            return _load_stats(_read_npz(path, ("mu", "sigma"), optional=("n",))[0])
+        except ReferenceStatsCacheError:
+            raise
+        except ValueError as e:
+            raise ReferenceStatsCacheError(f"reference statistics file {path}: {e}") from None
+    if isinstance(stats, (tuple, list)):
         stats = dict(zip(("mu", "sigma", "n"), stats))
     if not isinstance(stats, Mapping) or "mu" not in stats or "sigma" not in stats:
         raise ValueError("reference statistics must be a dict with 'mu' and 'sigma' (and 'n'), a (mu, sigma[, n]) "
@@ -444,6 +470,8 @@ def _load_stats(stats) -> dict:
     sigma = np.atleast_2d(_as_np(stats["sigma"]))
     if sigma.shape != (mu.size, mu.size):
         raise ValueError(f"sigma must be ({mu.size}, {mu.size}) for mu of size {mu.size}, got {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError("reference statistics hold non-finite values")
     n = int(stats["n"]) if stats.get("n") is not None else 2
     return {"mu": mu, "sigma": sigma, "n": max(n, 2)}
 
@@ -511,9 +539,11 @@ class FIDEvaluator:
         if self._kid[0]:
             from torchmetrics.image.kid import KernelInceptionDistance
 
-            self.kid_metric = KernelInceptionDistance(feature=_Passthrough(dim), subsets=self._kid[1],
-                                                      subset_size=self._kid[2], reset_real_features=False,
-                                                      normalize=False, sync_on_compute=self.sync).to(self.device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will save all extracted features.*")  # it must
+                self.kid_metric = KernelInceptionDistance(feature=_Passthrough(dim), subsets=self._kid[1],
+                                                          subset_size=self._kid[2], reset_real_features=False,
+                                                          normalize=False, sync_on_compute=self.sync).to(self.device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -539,11 +569,23 @@ class FIDEvaluator:
         """Add real images (float in [0, 1]); they persist across :meth:`reset_fake`."""
         self._update(images, real=True)
 
-    def set_reference(self, stats) -> None:
+    def set_reference(self, stats, features=None) -> None:
         """Use precomputed reference statistics (``{"mu", "sigma", "n"}``, a tuple, or an ``.npz``
-        path as written by :func:`reference_stats`) instead of real images (replaces them)."""
+        path as written by :func:`reference_stats`) instead of real images (replaces them).
+
+        An ``.npz`` tagged by :func:`reference_stats` must have been made with this evaluator's
+        extractor (name, weights, resize), else :class:`ReferenceStatsCacheError` names the file.  ``features``: the reference features
+        ``(N, D)`` for KID (see :func:`reference_features`; needs ``kid=True``)."""
+        if features is not None and not self._kid[0]:
+            raise ValueError("features= are KID reference features; create the evaluator with kid=True")
+        if isinstance(stats, (str, os.PathLike)):
+            tags = _read_npz(Path(stats), ())[1]
+            if tags is not None:  # an untagged file (another tool's) is the caller's word
+                _check_tags(Path(stats), tags, self.extractor.identity())
         st = _load_stats(stats)
         self._ensure(st["mu"].size)
+        if features is not None:
+            self._set_kid_reference(features)
         m = self.metric
         is_dist, rank, _ = _dist_info()
         n = st["n"]
@@ -555,6 +597,16 @@ class FIDEvaluator:
         m.real_features_cov_sum = (sigma * (n - 1) + n * torch.outer(mu, mu)) if keep else torch.zeros_like(sigma)
         m.real_features_num_samples = torch.tensor(n if keep else 0, dtype=torch.long, device=self.device)
         m._computed = None
+
+    def _set_kid_reference(self, features) -> None:
+        f = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
+        f = f.to(self.device, torch.float64)
+        if f.ndim != 2 or f.shape[1] != self.metric.inception.num_features:
+            raise ValueError(f"KID reference features must be (N, {self.metric.inception.num_features}), "
+                             f"got {tuple(f.shape)}")
+        is_dist, rank, _ = _dist_info()
+        keep = not (is_dist and self.sync) or rank == 0  # gathered over ranks: hold them on rank 0 only
+        self.kid_metric.real_features = [f] if keep else []
 
     def reset_fake(self) -> None:
         """Forget the generated images (the reference stays)."""
@@ -593,8 +645,10 @@ class FIDEvaluator:
             return float(self.metric.compute())
 
     def compute_kid(self) -> tuple[float, float]:
-        """KID mean and std over random subsets (needs ``kid=True`` and real *images*: KID cannot use
-        mean/covariance statistics).  Subsets are drawn from a fixed seed: same result on all ranks."""
+        """KID mean and std over random subsets: torchmetrics' ``KernelInceptionDistance`` fed this
+        evaluator's features (needs ``kid=True`` and real images or ``set_reference(..., features=)``:
+        KID cannot use mean/covariance statistics).  Subsets are drawn from a fixed seed: same result
+        on all ranks."""
         if self.kid_metric is None:
             raise RuntimeError("create the evaluator with kid=True (and add real images with update_real)")
         with torch.random.fork_rng(devices=[]):
@@ -604,8 +658,97 @@ class FIDEvaluator:
 
 
 # ---------------------------------------------------------------------------------------------
+# reference images
+# ---------------------------------------------------------------------------------------------
+
+#: file name endings read as reference images (case-insensitive)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")
+
+
+class ReferenceDataError(ValueError):
+    """A reference image folder that cannot be used (missing, empty, unreadable or mixed sizes)."""
+
+
+def _image_size(folder: Path, f: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ReferenceDataError(f"{folder}: {f.relative_to(folder).as_posix()} cannot be read as an image "
+                                 f"({type(e).__name__}: {e})") from None
+
+
+def _check_size(folder: Path, f: Path, size, first: Path, first_size) -> None:
+    if tuple(size) != tuple(first_size):
+        raise ReferenceDataError(
+            f"{folder}: {f.relative_to(folder).as_posix()} is {size[0]}x{size[1]} but "
+            f"{first.relative_to(folder).as_posix()} is {first_size[0]}x{first_size[1]}; all reference images "
+            "must have one size (resize them first)")
+
+
+def list_reference_images(folder: str | os.PathLike, check_sizes: bool = False) -> list[Path]:
+    """The images (``*.png``, ``*.jpg``, ``*.jpeg``, ``*.webp``, any case) under ``folder`` and its
+    subfolders, sorted by relative path.  A missing folder or one without images raises
+    :class:`ReferenceDataError`; so does, with ``check_sizes``, a file that is not an image or whose
+    size differs from the first one's (read from the file headers: nothing is decoded)."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ReferenceDataError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise ReferenceDataError(f"{folder} is not a directory")
+    files = sorted((f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
+                   key=lambda f: f.relative_to(folder).as_posix())
+    if not files:
+        raise ReferenceDataError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
+    if check_sizes:
+        first_size = _image_size(folder, files[0])
+        for f in files[1:]:
+            _check_size(folder, f, _image_size(folder, f), files[0], first_size)
+    return files
+
+
+def reference_images(folder: str | os.PathLike, batch_size: int = 250) -> Iterable[torch.Tensor]:
+    """The images of :func:`list_reference_images` as float32 RGB batches ``(B, 3, H, W)`` in [0, 1]
+    (streamed: one batch in memory); an image of another size than the first raises
+    :class:`ReferenceDataError` naming it."""
+    from PIL import Image
+
+    folder = Path(folder).expanduser()
+    files = list_reference_images(folder)
+    first_size = None
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i:i + batch_size]:
+            size = _image_size(folder, f)
+            first_size = first_size or size
+            _check_size(folder, f, size, files[0], first_size)
+            with Image.open(f) as im:
+                batch.append(np.asarray(im.convert("RGB")))
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of the reference image list: relative path, size in bytes and mtime of every file."""
+    folder = Path(folder).expanduser()
+    h = hashlib.sha256()
+    for f in list_reference_images(folder):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
 # reference statistics cache, scoring shards
 # ---------------------------------------------------------------------------------------------
+
+_CACHE_FORMAT = 2
+
+
+class ReferenceStatsCacheError(ValueError):
+    """A reference cache file that is unreadable or was made for other data or features."""
+
 
 def _iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
     if torch.is_tensor(images) or isinstance(images, np.ndarray):
@@ -619,40 +762,135 @@ def _iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
             yield torch.as_tensor(b)
 
 
-def reference_stats(dataset_name: str, images_fn: Callable[[], Iterable[torch.Tensor] | torch.Tensor],
-                    extractor: str | nn.Module = "inception", cache_dir: str | os.PathLike = "fid_stats", *,
-                    device="cpu", batch_size: int = 250, weights_path=None, sha256: str | None = None,
-                    wait_timeout_s: float = 7200.0) -> dict:
-    """Reference statistics ``{"mu", "sigma", "n"}`` (float64) of a dataset, cached.
+def _features_of(fx: FeatureExtractor, images, batch_size: int) -> Iterable[torch.Tensor]:
+    with torch.no_grad():
+        for batch in _iter_batches(images, batch_size):
+            for i in range(0, batch.shape[0], batch_size):
+                yield fx(batch[i:i + batch_size])
 
-    ``images_fn()`` returns the images (float in [0, 1]) as a tensor or an iterable of batches
-    (streamed: only one batch is in memory).  It is called only when
-    ``{cache_dir}/{dataset_name}__{extractor.name}.npz`` does not exist; the file is then written
-    atomically.  Distributed: rank 0 computes and writes; other ranks that call this wait for the
-    file (polling, no collective, so calling it on rank 0 alone is fine too).
-    """
+
+def _compute_stats(fx, images, batch_size) -> dict:
+    acc = _Accumulator()
+    for f in _features_of(fx, images, batch_size):
+        acc.add(f)
+    st = acc.stats()
+    return {"mu": st["mu"], "sigma": st["sigma"], "n": np.int64(st["n"])}
+
+
+def _compute_features(fx, images, batch_size) -> dict:
+    # float32 on disk: the networks' own precision; returned as float64
+    return {"features": torch.cat([f.float().cpu() for f in _features_of(fx, images, batch_size)]).numpy()}
+
+
+_KINDS = {"stats": (_compute_stats, ("mu", "sigma", "n")), "features": (_compute_features, ("features",))}
+
+
+def _read_npz(path: Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> tuple[dict, dict | None]:
+    """Arrays ``keys`` (and ``optional`` ones present) and the tags (None when the file has none) of an
+    .npz file, or an error naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            missing = [k for k in keys if k not in d.files]
+            arrays = {k: d[k] for k in keys + optional if k in d.files}
+            tags = json.loads(str(d["tags"])) if "tags" in d.files else None
+    except Exception as e:  # noqa: BLE001 - any damage: name the file
+        raise ReferenceStatsCacheError(f"reference cache file {path} cannot be read ({type(e).__name__}: {e}); "
+                                       "delete it to recompute it") from None
+    if missing:
+        raise ReferenceStatsCacheError(f"reference cache file {path} lacks {missing} (has {sorted(arrays)}); "
+                                       "delete it to recompute it")
+    return arrays, tags
+
+
+def _check_tags(path: Path, tags: dict | None, expected: Mapping) -> None:
+    """Refuse a file whose tags differ from ``expected`` (only the keys of ``expected`` are compared)."""
+    if tags is None:
+        raise ReferenceStatsCacheError(f"reference cache file {path} has no tags (written by another tool or an "
+                                       "older diffsampler), so what it was computed from is unknown; delete it "
+                                       "to recompute it")
+    bad = [f"{k} is {tags.get(k)!r}, expected {v!r}" for k, v in expected.items() if tags.get(k) != v]
+    if bad:
+        raise ReferenceStatsCacheError(f"reference cache file {path} was made for other data or features: "
+                                       f"{'; '.join(bad)}. Delete it to recompute it")
+
+
+def _write_npz(path: Path, arrays: dict, tags: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays, tags=np.array(json.dumps(tags, sort_keys=True)))
+    os.replace(tmp, path)
+
+
+def _source(dataset, images_fn, content, batch_size):
+    """(name, content identity, images_fn) of a folder (images_fn None) or of named data."""
+    if images_fn is None:
+        if content is not None:
+            raise ValueError("content= identifies data given by images_fn; a folder's content is its file list")
+        folder = Path(dataset).expanduser()
+        return folder.name, folder_fingerprint(folder), lambda: reference_images(folder, batch_size)
+    if not isinstance(dataset, str):
+        raise TypeError(f"with images_fn, dataset is the data's name (str), got {type(dataset).__name__}; "
+                        "pass images_fn=None to read a folder")
+    return dataset, None if content is None else str(content), images_fn
+
+
+def _cached_reference(kind, dataset, images_fn, extractor, cache_dir, *, content, device, batch_size,
+                      weights_path, sha256, wait_timeout_s) -> dict:
     fx = extractor if isinstance(extractor, FeatureExtractor) else get_feature_extractor(
         extractor, weights_path=weights_path, sha256=sha256, device=device)
-    path = Path(cache_dir) / f"{_sanitize(dataset_name)}__{_sanitize(fx.name)}.npz"
+    name, content, images_fn = _source(dataset, images_fn, content, batch_size)
+    tags = {"format": _CACHE_FORMAT, "kind": kind, "dataset": name, "content": content, **fx.identity()}
+    key = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:16]
+    suffix = "" if kind == "stats" else f"__{kind}"
+    path = Path(cache_dir).expanduser() / f"{_sanitize(name)}__{_sanitize(fx.name)}{suffix}__{key}.npz"
+    compute, keys = _KINDS[kind]
     _, rank, _ = _dist_info()
     if not path.is_file() and rank == 0:
-        acc = _Accumulator()
-        with torch.no_grad():
-            for batch in _iter_batches(images_fn(), batch_size):
-                for i in range(0, batch.shape[0], batch_size):
-                    acc.add(fx(batch[i:i + batch_size]))
-        st = acc.stats()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=st["mu"], sigma=st["sigma"], n=np.int64(st["n"]), dataset=dataset_name, extractor=fx.name)
-        os.replace(tmp, path)
+        _write_npz(path, compute(fx, images_fn(), batch_size), tags)
     deadline = time.monotonic() + wait_timeout_s
     while not path.is_file():
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {rank}: waited {wait_timeout_s:.0f} s for rank 0 to write {path}")
         time.sleep(0.5)
-    return _load_stats(path)
+    arrays, found = _read_npz(path, keys)
+    _check_tags(path, found, tags)
+    return arrays
+
+
+def reference_stats(dataset: str | os.PathLike, images_fn: Callable[[], Iterable[torch.Tensor] | torch.Tensor] | None = None,
+                    extractor: str | nn.Module = "inception", cache_dir: str | os.PathLike = "fid_stats", *,
+                    content: str | None = None, device="cpu", batch_size: int = 250, weights_path=None,
+                    sha256: str | None = None, wait_timeout_s: float = 7200.0) -> dict:
+    """Reference statistics ``{"mu", "sigma", "n"}`` (float64) of a dataset, cached.
+
+    The data: a folder of images (``images_fn=None``; read by :func:`reference_images`), or a name
+    and ``images_fn()`` returning images (float in [0, 1]) as a tensor or an iterable of batches
+    (streamed: only one batch is in memory), with ``content`` a string identifying the data (a
+    version or hash; None: the name alone identifies them).
+
+    The cache file ``{cache_dir}/{name}__{extractor}__{key}.npz`` is keyed, and tagged, by the data
+    (a folder: its file list with relative paths, sizes and mtimes), the extractor's name, its
+    weights (sha256 of the state dict) and its resize mode; the tags are verified on load, and an
+    unreadable or foreign file raises :class:`ReferenceStatsCacheError` naming it.  ``images_fn`` is
+    called only when the file does not exist; it is then written atomically.  Distributed: rank 0
+    computes and writes; other ranks that call this wait for the file (polling, no collective).
+    """
+    st = _cached_reference("stats", dataset, images_fn, extractor, cache_dir, content=content, device=device,
+                           batch_size=batch_size, weights_path=weights_path, sha256=sha256,
+                           wait_timeout_s=wait_timeout_s)
+    return _load_stats(st)
+
+
+def reference_features(dataset: str | os.PathLike, images_fn=None, extractor: str | nn.Module = "inception",
+                       cache_dir: str | os.PathLike = "fid_stats", *, content: str | None = None, device="cpu",
+                       batch_size: int = 250, weights_path=None, sha256: str | None = None,
+                       wait_timeout_s: float = 7200.0) -> np.ndarray:
+    """The reference features ``(N, D)`` (float64, stored as float32) themselves, cached like
+    :func:`reference_stats` (same arguments): KID needs them, statistics do not suffice."""
+    return _cached_reference("features", dataset, images_fn, extractor, cache_dir, content=content, device=device,
+                             batch_size=batch_size, weights_path=weights_path, sha256=sha256,
+                             wait_timeout_s=wait_timeout_s)["features"].astype(np.float64)
 
 
 def _declared_range(shard_dir: Path, value_range) -> tuple[float, float] | None:
