@@ -141,14 +141,15 @@ def test_item12_make_plan_grid_with_other_nfe_refused():
             make_plan(solver, LinearVP(), 3, grid=grid)
 
 
-@pytest.mark.parametrize("kw, bad", [(dict(nfe=12), r"nfe=12.*plan.*10 model calls"),
-                                     (dict(spacing="karras"), r"spacing='karras'"),
-                                     (dict(final="last"), r"final='last'"),
-                                     (dict(eta=1.0), r"\['eta'\]"),
-                                     (dict(order=3), r"\['order'\]")])
+@pytest.mark.parametrize("kw, bad", [
+    (dict(nfe=12), r"nfe=12 cannot apply to a compiled Plan.*10 model calls"),
+    (dict(spacing="karras"), r"spacing='karras' cannot apply to a compiled Plan"),
+    (dict(final="last"), r"final='last' cannot apply with the compiled Plan.*final='zero'"),
+    (dict(eta=1.0), r"solver options \['eta'\] cannot apply to a compiled Plan.*make_plan"),
+    (dict(order=3), r"solver options \['order'\] cannot apply to a compiled Plan.*make_plan")])
 def test_item12_precompiled_plan_refuses_options(den, kw, bad):
     plan = make_plan("dpmpp_2m", LinearVP(), 10)
-    with pytest.raises(ValueError, match=bad + r".*(compiled|Plan)"):
+    with pytest.raises(ValueError, match=bad):
         ds.sample(den, x_T(), solver=plan, **kw)
     with pytest.raises(ValueError, match=r"grid="):
         ds.sample(den, x_T(), solver=plan, grid=time_grid(LinearVP(), 10))
@@ -162,7 +163,7 @@ def test_item12_grid_or_plan_of_another_schedule_refused(den):
         ds.sample(den, x_T(), solver="dpmpp_2m", grid=time_grid(CosineVP(), 4))
     with pytest.raises(ValueError, match=r"plan.*CosineVP.*denoiser.*LinearVP"):
         ds.sample(den, x_T(), solver=make_plan("dpmpp_2m", CosineVP(), 4))
-    with pytest.raises(ValueError, match=r"LinearVP\(beta_0=0.1, beta_1=10"):
+    with pytest.raises(ValueError, match=r"plan was built for another schedule.*beta_1: 10 vs 20"):
         ds.sample(den, x_T(), solver=make_plan("dpmpp_2m", LinearVP(beta_1=10.0), 4))
     with pytest.raises(ValueError, match=r"grid.*CosineVP.*LinearVP"):
         make_plan("dpmpp_2m", LinearVP(), grid=time_grid(CosineVP(), 4))
