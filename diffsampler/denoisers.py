@@ -102,8 +102,9 @@ class Denoiser:
             "sample" (x0) or "flow" (velocity u = eps - x0 of a rectified flow).
         cond: keyword arguments passed to every call (class labels, text embeddings...).
         check_finite: "step" raises at the call that returned NaN/Inf (a host sync per call);
-            "end" records it on the device and lets the sampling loop raise after the loop,
-            naming the call; "auto" (default) is "step" for CPU tensors and "end" on accelerators,
+            "end" records a per-element test on the device and lets the sampling loop raise after
+            the loop, naming the run's first bad call (each run starts with no flags, so calls
+            outside a run or of an aborted run never fail a later one); "auto" (default) is "step" for CPU tensors and "end" on accelerators,
             so the step loop never waits on the device; "off" trusts the network.
     """
 

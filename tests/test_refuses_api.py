@@ -212,6 +212,27 @@ def test_item12_seeds_must_be_integers(den, seeds, why):
     assert den.nfe == 2
 
 
+@pytest.mark.parametrize("kw, bad", [
+    (dict(generator=42), r"generator must be a torch.Generator.*got int 42"),
+    (dict(callback=3), r"callback must be callable.*got int"),
+    (dict(progress="no"), r"progress must be a bool, got str 'no'"),
+    (dict(spacing={"rho": 5.0}), r"spacing given as a dict needs its 'name'.*got keys \['rho'\]"),
+])
+def test_item12_other_sample_arguments_checked(den, kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        ds.sample(den, shape=(2, 8), nfe=3, **kw)
+    assert den.nfe == 0
+
+
+def test_item12_solver_plan_spends_its_own_nfe(den):
+    """The default NFE applies only where nothing else fixes it: a solver plan brings its own."""
+    ds.sample(den, x_T(), solver="plan:gmm_nfe4")
+    assert den.nfe == 4
+    with pytest.raises(ValueError, match=r"spends exactly 4 model calls.*nfe=10"):
+        ds.sample(den, x_T(), solver="plan:gmm_nfe4", nfe=10)
+    assert den.nfe == 4
+
+
 @pytest.mark.parametrize("solver, opt, value, want", [
     ("dpmpp_2m", "lower_order_final", "false", "bool"),
     ("dpmpp_2m", "lower_order_final", 0, "bool"),

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..schedules import FINALS, TimeGrid, schedule_differences, time_grid
+from ..schedules import FINALS, SPACINGS, TimeGrid, schedule_differences, time_grid
 from .plan import Plan, run_plan
 from .registry import Solver, get
 from .time_shift import TimeShift
@@ -18,8 +18,8 @@ DEFAULT_SPACING = "time_uniform"
 #: the number of model calls of `sample` when neither nfe, a grid nor a plan fixes it
 DEFAULT_NFE = 10
 
-__all__ = ["sample", "make_plan", "check_seeds", "check_schedule", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise",
-           "ondemand_noise"]
+__all__ = ["sample", "make_plan", "check_seeds", "check_schedule", "per_sample_generators", "per_sample_noise",
+           "initial_noise", "predrawn_noise", "ondemand_noise", "DEFAULT_SPACING", "DEFAULT_NFE"]
 
 
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -100,6 +100,9 @@ def make_plan(
     spacing = DEFAULT_SPACING if spacing is None else spacing
     spacing_kw = {}
     if isinstance(spacing, dict):
+        if "name" not in spacing:
+            raise ValueError(f"a spacing given as a dict needs its 'name' (one of {SPACINGS}), "
+                             f"got keys {sorted(spacing)}")
         spacing_kw = dict(spacing)
         spacing = spacing_kw.pop("name")
     steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
@@ -128,12 +131,18 @@ def _plan_on_grid(s: Solver, schedule, grid: TimeGrid, nfe, spacing, final) -> P
     try:
         plan = _built(s, grid, nfe, "explicit")
     except ValueError:
-        plan = None
-    if plan is None or plan.nfe != nfe:
         own = s.build(grid).nfe
-        raise ValueError(f"nfe={nfe} cannot apply with grid=: solver {s.name!r} spends {own} model calls on this "
-                         f"grid ({grid.steps} steps); drop nfe (the grid decides it), or drop grid")
+        if own == nfe:  # not about the budget: the solver's own error stands
+            raise
+        raise _nfe_on_grid(s, grid, nfe, own) from None
+    if plan.nfe != nfe:
+        raise _nfe_on_grid(s, grid, nfe, plan.nfe)
     return plan
+
+
+def _nfe_on_grid(s: Solver, grid: TimeGrid, nfe: int, own: int) -> ValueError:
+    return ValueError(f"nfe={nfe} cannot apply with grid=: solver {s.name!r} spends {own} model calls on this "
+                      f"grid ({grid.steps} steps); drop nfe (the grid decides it), or drop grid")
 
 
 def _check_final(final, grid: TimeGrid, what: str) -> None:
@@ -258,6 +267,8 @@ def sample(
     _check_randomness(seeds, generator)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable (i, x, model_output), got {type(callback).__name__}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be a bool, got {type(progress).__name__} {progress!r}")
     if x_T is not None:
         _check_x_T(x_T, shape)
     plan = _resolve_plan(denoiser.schedule, solver, nfe, spacing, final, grid, solver_options)
