@@ -5,7 +5,10 @@
 
 The conditional and unconditional inputs go through the network in one batched forward pass.
 Combining raw outputs equals combining data predictions, because at fixed (x, t) every
-prediction type is affine in the output with the same coefficients.
+prediction type is affine in the output with the same coefficients.  `ClassifierFreeGuidance`
+guides the network call of the innermost Denoiser, so transforms around it (thresholding, minority
+guidance) act on the guided prediction and model calls count on the user's denoiser; `CFGModel`
+is the same combination as a plain network (used by the pipeline loaders).
 """
 
 from __future__ import annotations
