@@ -20,7 +20,6 @@ not exceed the NFE budget, and the actual count is reported.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from _common import CountingModel, fmt_e, machine_line, md_table, run_diffusers,
 
 SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 #: the package's default spacing (read from `diffsampler.sample`, so the tables follow the package)
-DEFAULT_SPACING = inspect.signature(ds.sample).parameters["spacing"].default
+DEFAULT_SPACING = ds.samplers.loop.DEFAULT_SPACING
 DTYPE = torch.float64
 DIM, K, GMM_SEED, X_SEED = 16, 6, 0, 1
 

@@ -19,7 +19,6 @@ also run with clipping disabled (`dpmpp_2m (no clip)`).
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from diffsampler.samplers.loop import initial_noise  # noqa: E402
 
 from _common import CountingModel, machine_line, md_table, run_diffusers, write_csv, write_section, RESULTS_DIR  # noqa: E402
 
-DEFAULT_SPACING = inspect.signature(ds.sample).parameters["spacing"].default
+DEFAULT_SPACING = ds.samplers.loop.DEFAULT_SPACING
 
 # (label, solver name, options)
 OURS = [

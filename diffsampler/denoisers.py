@@ -8,13 +8,15 @@ solver ever branches on it.  Transforms (thresholding, guidance) are Denoisers w
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 
 from .schedules import NoiseSchedule, RectifiedFlow
 
-__all__ = ["Denoiser", "DenoiserTransform", "Thresholded", "NonFiniteModelOutput", "PREDICTION_TYPES"]
+__all__ = ["Denoiser", "DenoiserTransform", "Thresholded", "NonFiniteModelOutput", "PREDICTION_TYPES",
+           "model_output_tensor"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 KINDS = ("data", "noise")
@@ -22,6 +24,53 @@ KINDS = ("data", "noise")
 
 class NonFiniteModelOutput(FloatingPointError):
     """The network returned NaN or Inf."""
+
+
+#: what a network may return; the message of every refused output lists it
+ACCEPTED_OUTPUTS = ("a floating-point torch.Tensor, an object with such a tensor as `.sample` (diffusers' "
+                    "BaseOutput, a dataclass), a dict with key 'sample', or a tuple whose first element is "
+                    "the tensor (return_dict=False)")
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor"
+    if isinstance(obj, dict):
+        return f"a dict with keys {sorted(map(str, obj))}"
+    if isinstance(obj, tuple) and not obj:
+        return "an empty tuple"
+    t = type(obj)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _checked_tensor(out, source: str = "model") -> torch.Tensor:
+    """`out` itself if it is a floating-point tensor; otherwise a TypeError naming what came back."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        return out
+    raise TypeError(f"{source} returned {_describe(out)}; accepted: {ACCEPTED_OUTPUTS}")
+
+
+def model_output_tensor(out) -> torch.Tensor:
+    """The prediction tensor in what a network returned (the forms diffusers models return)."""
+    if isinstance(out, torch.Tensor):
+        return _checked_tensor(out)
+    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict with a `sample` field
+        if "sample" not in out:
+            raise TypeError(f"model returned {_describe(out)} (no 'sample'); accepted: {ACCEPTED_OUTPUTS}")
+        return _checked_tensor(out["sample"], "model (its 'sample')")
+    if isinstance(out, tuple):
+        if not out:
+            return _checked_tensor(out)
+        if not isinstance(out[0], torch.Tensor):
+            raise TypeError(f"model returned a tuple whose first element is {_describe(out[0])}; "
+                            f"accepted: {ACCEPTED_OUTPUTS}")
+        return _checked_tensor(out[0], "model (its first tuple element)")
+    if hasattr(out, "sample"):
+        if not isinstance(out.sample, torch.Tensor):
+            raise TypeError(f"model returned {_describe(out)} with .sample of type {_describe(out.sample)}; "
+                            f"accepted: {ACCEPTED_OUTPUTS}")
+        return _checked_tensor(out.sample, "model (its .sample)")
+    return _checked_tensor(out)
 
 
 def _bcast(c, x: torch.Tensor):
@@ -44,15 +93,18 @@ class Denoiser:
     """Wraps `model(x, t_model, **cond)` returning a prediction of type `prediction_type`.
 
     Args:
-        model: callable; `output_fn` extracts a tensor from its return value (default: the return
-            value itself, or `.sample` for diffusers outputs).
+        model: callable returning a floating-point tensor, an object with it as `.sample`
+            (diffusers outputs), a dict with key 'sample' or a tuple whose first element is it
+            (return_dict=False); anything else, and int/bool/complex tensors, are refused by type.
+            `output_fn`, if given, extracts the tensor instead (its result is checked the same way).
         schedule: the noise schedule the network was trained with.
         prediction_type: "epsilon", "v_prediction" (v = alpha eps - sigma x0, Salimans & Ho 2022),
             "sample" (x0) or "flow" (velocity u = eps - x0 of a rectified flow).
         cond: keyword arguments passed to every call (class labels, text embeddings...).
         check_finite: "step" raises at the call that returned NaN/Inf (a host sync per call);
-            "end" records it on the device and lets the sampling loop raise after the loop,
-            naming the call; "auto" (default) is "step" for CPU tensors and "end" on accelerators,
+            "end" records a per-element test on the device and lets the sampling loop raise after
+            the loop, naming the run's first bad call (each run starts with no flags, so calls
+            outside a run or of an aborted run never fail a later one); "auto" (default) is "step" for CPU tensors and "end" on accelerators,
             so the step loop never waits on the device; "off" trusts the network.
     """
 
@@ -124,11 +176,15 @@ class Denoiser:
 
     def raw(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         """One network call in its own parametrisation, cast back to x's dtype and checked."""
-        out = self.model(x.to(self._model_dtype(x)), t_model, **self.cond)
+        return self.call(x, t_model, self.cond)
+
+    def call(self, x: torch.Tensor, t_model: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One counted, checked network call with conditioning `cond` (guidance passes its own)."""
+        out = self.model(x.to(self._model_dtype(x)), t_model, **cond)
         if self.output_fn is not None:
-            out = self.output_fn(out)
-        elif not isinstance(out, torch.Tensor):
-            out = out.sample if hasattr(out, "sample") else out[0]
+            out = _checked_tensor(self.output_fn(out), "output_fn")
+        else:
+            out = model_output_tensor(out)
         if out.shape != x.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} does not match input shape {tuple(x.shape)}")
         self.nfe += 1
@@ -147,20 +203,26 @@ class Denoiser:
         mode = self.check_finite
         if mode == "auto":
             mode = "step" if out.device.type == "cpu" else "end"
-        if mode == "step":  # one reduction: a NaN/Inf anywhere makes the sum non-finite
+        if mode == "step":  # fast path: a finite sum proves every element finite; else test elements
             if not bool(out.sum().isfinite()) and not bool(torch.isfinite(out).all()):
                 raise NonFiniteModelOutput(
                     f"model returned NaN/Inf at model call {self.nfe} (prediction_type={self.prediction_type!r})")
-        elif mode == "end":  # device-side flags, read once after the loop
-            self._flags.append(~out.sum().isfinite())
+        elif mode == "end":  # per-element test kept on the device, read once after the loop
+            self._flags.append(~torch.isfinite(out).all())
+
+    def start_run(self) -> None:
+        """Begin a sampling run: deferred finite flags from earlier calls (an aborted run, direct
+        `data_pred` calls) are dropped, so a run reports only its own model calls."""
+        self._flags = []
 
     def raise_if_nonfinite(self) -> None:
-        """For check_finite='end': one host sync after the loop, naming the first bad model call."""
+        """For check_finite='end': one host sync after the loop, naming the first bad model call
+        of the run."""
         if self._flags:
             bad = torch.nonzero(torch.stack(self._flags).cpu()).flatten()
             self._flags = []
             if len(bad):
-                raise NonFiniteModelOutput(f"model returned NaN/Inf first at model call {int(bad[0]) + 1}")
+                raise NonFiniteModelOutput(f"model returned NaN/Inf first at model call {int(bad[0]) + 1} of the run")
 
 
 class DenoiserTransform(Denoiser):
@@ -170,7 +232,15 @@ class DenoiserTransform(Denoiser):
         self.inner = inner
 
     def __getattr__(self, name):  # schedule, nfe, cond... come from the wrapped denoiser
+        if "inner" not in self.__dict__:  # during construction or copying
+            raise AttributeError(name)
         return getattr(self.__dict__["inner"], name)
+
+    def with_inner(self, inner: Denoiser) -> "DenoiserTransform":
+        """This transform, with the same settings, over another inner Denoiser."""
+        new = copy.copy(self)
+        new.inner = inner
+        return new
 
     @property
     def nfe(self) -> int:
@@ -178,6 +248,9 @@ class DenoiserTransform(Denoiser):
 
     def reset_nfe(self) -> None:
         self.inner.reset_nfe()
+
+    def start_run(self) -> None:
+        self.inner.start_run()
 
     def raise_if_nonfinite(self) -> None:
         self.inner.raise_if_nonfinite()

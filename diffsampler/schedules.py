@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "NoiseSchedule",
+    "schedule_differences",
     "DiscreteVP",
     "LinearVP",
     "CosineVP",
@@ -242,6 +243,38 @@ class RectifiedFlow(NoiseSchedule):
 
     def t_from_lambda(self, lam) -> torch.Tensor:
         return torch.sigmoid(-_f64(lam))
+
+
+def _same_value(u, v) -> bool:
+    if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor):
+        return (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.shape == v.shape
+                and bool(torch.equal(u.to(v.dtype), v)))
+    if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+        return bool(np.array_equal(u, v))
+    try:
+        return bool(u == v)
+    except Exception:  # an uncomparable value: not provably the same
+        return False
+
+
+def schedule_differences(a: NoiseSchedule, b: NoiseSchedule) -> list[str]:
+    """What makes two schedules different processes ([] when they are the same one, e.g. built twice
+    from the same config).  `time_scale` is left out: it maps t to the network's input only, and
+    samplers take that from the denoiser's own schedule."""
+    if a is b:
+        return []
+    if type(a) is not type(b):
+        return [f"type: {type(a).__name__} vs {type(b).__name__}"]
+    va = {k: v for k, v in vars(a).items() if k != "time_scale"}
+    vb = {k: v for k, v in vars(b).items() if k != "time_scale"}
+    keys = [k for k in sorted(set(va) | set(vb)) if not _same_value(va.get(k), vb.get(k))]
+    public = [k for k in keys if not k.startswith("_")] or keys
+    return [f"{k}: {va[k]:g} vs {vb[k]:g}" if _is_number(va.get(k)) and _is_number(vb.get(k)) else f"{k} differs"
+            for k in public]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..schedules import TimeGrid, time_grid
+from ..schedules import FINALS, SPACINGS, TimeGrid, schedule_differences, time_grid
 from .plan import Plan, run_plan
 from .registry import Solver, get
 from .time_shift import TimeShift
 
 #: the spacing of `sample` / `make_plan` when none is given
 DEFAULT_SPACING = "time_uniform"
+#: the number of model calls of `sample` when neither nfe, a grid nor a plan fixes it
+DEFAULT_NFE = 10
 
-__all__ = ["sample", "make_plan", "per_sample_generators", "per_sample_noise", "initial_noise", "predrawn_noise",
-           "ondemand_noise"]
+__all__ = ["sample", "make_plan", "check_seeds", "check_schedule", "per_sample_generators", "per_sample_noise",
+           "initial_noise", "predrawn_noise", "ondemand_noise", "DEFAULT_SPACING", "DEFAULT_NFE"]
 
 
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One generator per sample (as edm's StackedRandomGenerator): sample k depends only on seed k."""
-    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    return [torch.Generator(device).manual_seed(int(s)) for s in check_seeds(seeds)]
+
+
+def check_seeds(seeds) -> list:
+    """`seeds` as a list of integers, one per sample; anything else is refused, naming it."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.ndim != 1 or seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+            raise ValueError(f"seeds must be integers, one per sample (e.g. range(16)); got a {seeds.dtype} "
+                             f"tensor of shape {tuple(seeds.shape)}")
+        return seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"seeds must be a sequence of integers, one per sample (e.g. range(16)); "
+                         f"got {type(seeds).__name__} {seeds!r}")
+    seeds = list(seeds)
+    for i, s in enumerate(seeds):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise ValueError(f"seeds must be integers, one per sample (e.g. range(16)); "
+                             f"seeds[{i}] = {s!r} is a {type(s).__name__}")
+    return seeds
 
 
 def per_sample_noise(shape: Sequence[int], generators, device, dtype=torch.float32) -> torch.Tensor:
@@ -38,6 +60,7 @@ def per_sample_noise(shape: Sequence[int], generators, device, dtype=torch.float
 
 def initial_noise(shape, schedule, seeds=None, generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """x_T ~ N(0, prior_std^2 I) for `schedule`, per-sample seeded."""
+    _check_randomness(seeds, generator)
     gens = per_sample_generators(seeds) if seeds is not None else generator
     return per_sample_noise(shape, gens, device, dtype) * schedule.prior_std
 
@@ -46,40 +69,162 @@ def make_plan(
     solver: str | Solver,
     schedule,
     nfe: int | None = None,
-    spacing=DEFAULT_SPACING,
+    spacing=None,
     final: str | None = None,
     grid: TimeGrid | None = None,
     **options,
 ) -> Plan:
     """Resolve solver name + NFE budget + spacing into a Plan (nothing runs).
 
-    final: "zero" or "last"; None means "zero" (a solver plan: its own final point).
+    spacing: None means DEFAULT_SPACING.  final: "zero" or "last"; None means "zero" (a solver
+    plan: its own final point).
+    grid: explicit time points (built for `schedule`); they fix the spacing and the final point, so
+    `spacing` is refused and `final` / `nfe` must agree with the grid (singlestep solvers: `nfe`
+    chooses between the budgets a grid allows).
     A solver plan (`"plan:<name or path>"`, samplers/usf.py) brings its own time points, NFE and
     final point: `nfe` may be None or must equal the plan's, `spacing` must stay at its default."""
     s = get(solver, **options)
+    if grid is not None:
+        return _plan_on_grid(s, schedule, grid, nfe, spacing, final)
     own_grid = getattr(s, "own_grid", None)  # a solver plan carries its own time points and NFE
-    if grid is None and own_grid is not None:
-        if not (spacing == "plan" or spacing == DEFAULT_SPACING):
+    if own_grid is not None:
+        if spacing not in (None, "plan", DEFAULT_SPACING):
             raise ValueError(f"solver {s.name!r} carries its own time points; spacing={spacing!r} cannot apply "
                              "(leave spacing at its default, or pass grid= to run the plan's steps on other times)")
         final = s.plan.final if final is None else final
         s.steps_for_nfe(s.min_nfe if nfe is None else nfe, final_zero=(final == "zero"))
-        grid, spacing = own_grid(schedule), "plan"
+        return _built(s, own_grid(schedule), nfe, "plan")
+    if nfe is None:
+        raise ValueError("give nfe (number of model calls) or an explicit grid")
     final = "zero" if final is None else final
-    if grid is None:
-        if nfe is None:
-            raise ValueError("give nfe (number of model calls) or an explicit grid")
-        spacing_kw = {}
-        if isinstance(spacing, dict):
-            spacing_kw = dict(spacing)
-            spacing = spacing_kw.pop("name")
-        steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
-        grid = time_grid(schedule, steps, spacing, final=final, **spacing_kw)
-    elif nfe is not None:
-        s.check_nfe(nfe)
+    spacing = DEFAULT_SPACING if spacing is None else spacing
+    spacing_kw = {}
+    if isinstance(spacing, dict):
+        if "name" not in spacing:
+            raise ValueError(f"a spacing given as a dict needs its 'name' (one of {SPACINGS}), "
+                             f"got keys {sorted(spacing)}")
+        spacing_kw = dict(spacing)
+        spacing = spacing_kw.pop("name")
+    steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
+    grid = time_grid(schedule, steps, spacing, final=final, **spacing_kw)
+    return _built(s, grid, nfe, spacing if isinstance(spacing, str) else "explicit")
+
+
+def _built(s: Solver, grid: TimeGrid, nfe: int | None, spacing: str) -> Plan:
     plan = s.build(grid, nfe)
-    plan.info.setdefault("spacing", spacing if isinstance(spacing, str) else "explicit")
+    plan.info.setdefault("spacing", spacing)
     return plan
+
+
+def _plan_on_grid(s: Solver, schedule, grid: TimeGrid, nfe, spacing, final) -> Plan:
+    """A plan on explicit times: every argument the grid already fixes must agree with it."""
+    if not isinstance(grid, TimeGrid):
+        raise ValueError(f"grid must be a TimeGrid (time_grid(schedule, steps, ...)), got {type(grid).__name__}")
+    check_schedule(grid, schedule, "grid", "the schedule given")
+    if spacing is not None:
+        raise ValueError(f"spacing={spacing!r} cannot apply with grid=: the grid fixes the time points "
+                         "(drop spacing, or drop grid)")
+    _check_final(final, grid, "grid")
+    if nfe is None:
+        return _built(s, grid, None, "explicit")
+    s.check_nfe(nfe)
+    try:
+        plan = _built(s, grid, nfe, "explicit")
+    except ValueError:
+        own = s.build(grid).nfe
+        if own == nfe:  # not about the budget: the solver's own error stands
+            raise
+        raise _nfe_on_grid(s, grid, nfe, own) from None
+    if plan.nfe != nfe:
+        raise _nfe_on_grid(s, grid, nfe, plan.nfe)
+    return plan
+
+
+def _nfe_on_grid(s: Solver, grid: TimeGrid, nfe: int, own: int) -> ValueError:
+    return ValueError(f"nfe={nfe} cannot apply with grid=: solver {s.name!r} spends {own} model calls on this "
+                      f"grid ({grid.steps} steps); drop nfe (the grid decides it), or drop grid")
+
+
+def _check_final(final, grid: TimeGrid, what: str) -> None:
+    if final is None:
+        return
+    if final not in FINALS:
+        raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+    own = "zero" if grid.final_zero else "last"
+    if final != own:
+        raise ValueError(f"final={final!r} cannot apply with the {what}: it ends with final={own!r} "
+                         f"({'at sigma = 0' if grid.final_zero else 'at its last time'}); drop final")
+
+
+def check_schedule(grid: TimeGrid, schedule, what: str, against: str = "the denoiser's schedule") -> None:
+    """Refuse a grid (or a plan's grid) built for another noise schedule than `schedule`."""
+    if grid.schedule is None:
+        raise ValueError(f"the {what} records no noise schedule; build it with time_grid(schedule, ...) or "
+                         "TimeGrid.from_times(schedule, ...)")
+    diff = schedule_differences(grid.schedule, schedule)
+    if diff:
+        raise ValueError(f"the {what} was built for another schedule, {grid.schedule!r}, than {against}, "
+                         f"{schedule!r} ({'; '.join(diff)}); build it for {against}")
+
+
+def _check_compiled(plan: Plan, nfe, spacing, final, grid, options: dict) -> None:
+    """A compiled Plan fixes its solver, options, times and NFE: only agreeing values pass."""
+    if options:
+        raise ValueError(f"solver options {sorted(options)} cannot apply to a compiled Plan (its coefficients are "
+                         f"fixed); build it with make_plan(solver, schedule, nfe, ..., {next(iter(options))}=...)")
+    if nfe is not None and nfe != plan.nfe:
+        raise ValueError(f"nfe={nfe!r} cannot apply to a compiled Plan: the plan spends {plan.nfe} model calls; "
+                         "drop nfe, or build another plan with make_plan")
+    if spacing is not None:
+        raise ValueError(f"spacing={spacing!r} cannot apply to a compiled Plan (its time points are fixed); "
+                         "build it with make_plan(..., spacing=...)")
+    if grid is not None and grid is not plan.grid:
+        raise ValueError("grid= cannot apply to a compiled Plan (its time points are fixed); "
+                         "build it with make_plan(solver, schedule, grid=grid)")
+    _check_final(final, plan.grid, "compiled Plan")
+
+
+def _check_randomness(seeds, generator) -> None:
+    if seeds is not None and generator is not None:
+        raise ValueError("seeds= and generator= both given: pass one of them (seeds: one integer per sample; "
+                         "generator: a torch.Generator, or a list of one per sample)")
+    if seeds is not None:
+        check_seeds(seeds)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    bad = [g for g in gens if g is not None and not isinstance(g, torch.Generator)]
+    if bad:
+        raise ValueError(f"generator must be a torch.Generator or a list of one per sample, got "
+                         f"{type(bad[0]).__name__} {bad[0]!r}")
+
+
+def _check_guidance(guidance) -> None:
+    if guidance is None or callable(getattr(guidance, "wrap", None)) or callable(getattr(guidance, "run", None)):
+        return
+    raise ValueError(f"guidance= got {type(guidance).__name__} {guidance!r}; accepted: None, an object with "
+                     "wrap(denoiser) -> denoiser (e.g. ClassifierFreeGuidance(scale, uncond=...), "
+                     "MinorityGuidance) or one with run(plan, denoiser, x, ...) (e.g. SVDD)")
+
+
+def _check_x_T(x_T, shape) -> None:
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        what = f"a {x_T.dtype} tensor" if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be a floating-point torch.Tensor, got {what}")
+    if shape is not None and tuple(shape) != tuple(x_T.shape):
+        raise ValueError(f"shape={tuple(shape)} disagrees with x_T of shape {tuple(x_T.shape)}; "
+                         "give x_T, or shape (with seeds or generator), not both")
+
+
+def _resolve_plan(schedule, solver, nfe, spacing, final, grid, options: dict) -> Plan:
+    if isinstance(solver, Plan):
+        _check_compiled(solver, nfe, spacing, final, grid, options)
+        check_schedule(solver.grid, schedule, "plan")
+        return solver
+    s = get(solver, **options)
+    if nfe is None and grid is None and getattr(s, "own_grid", None) is None:
+        nfe = DEFAULT_NFE
+    if grid is not None and isinstance(grid, TimeGrid):
+        check_schedule(grid, schedule, "grid")
+    return make_plan(s, schedule, nfe, spacing, final, grid)
 
 
 @torch.no_grad()  # sampling never needs the autograd graph (guidance that does enables it locally)
@@ -87,8 +232,8 @@ def sample(
     denoiser,
     x_T: torch.Tensor | None = None,
     solver: str | Solver | Plan = "dpmpp_2m",
-    nfe: int | None = 10,
-    spacing="time_uniform",
+    nfe: int | None = None,
+    spacing=None,
     final: str | None = None,
     grid: TimeGrid | None = None,
     *,
@@ -104,19 +249,34 @@ def sample(
 ) -> torch.Tensor:
     """Sample with `solver` spending exactly `nfe` model calls.
 
-    x_T: initial noise; if None it is drawn for `shape` from `seeds` (one per sample, on the CPU so
-    every device gets the same numbers) or `generator`, then moved to `device`.
+    Every argument takes effect or is refused (ValueError naming it) before any model call.
+    nfe: None means DEFAULT_NFE (10), unless `grid`, a compiled Plan or a solver plan fixes it
+    (then a given nfe must agree).  spacing: None means DEFAULT_SPACING; refused with `grid` or a
+    Plan.  final: "zero" | "last"; with `grid` or a Plan it must agree with their last point.
+    solver: a name, a Solver, or a Plan from make_plan (built for the denoiser's schedule; solver
+    options then belong to make_plan).
+    x_T: initial noise; if None it is drawn for `shape` from `seeds` (integers, one per sample, on
+    the CPU so every device gets the same numbers) or `generator` (not both), then moved to `device`.
     Stochastic solvers draw their step noise from the same per-sample generators, so with `seeds`
     sample k depends only on seed k whatever the batch size.
     time_shift: dict(window=..., cutoff=...) turns on the Time-Shift sampler for any solver.
     guidance: an object with `wrap(denoiser) -> denoiser` (e.g. CFG) or a `run(plan, denoiser, x,
     noise_fn, ...)` strategy (e.g. SVDD); samplers never import guidance.
     """
-    if isinstance(solver, Plan):
-        plan = solver
-    else:
-        plan = make_plan(solver, denoiser.schedule, nfe if grid is None else None, spacing, final, grid,
-                         **solver_options)
+    _check_guidance(guidance)
+    _check_randomness(seeds, generator)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable (i, x, model_output), got {type(callback).__name__}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be a bool, got {type(progress).__name__} {progress!r}")
+    if x_T is not None:
+        _check_x_T(x_T, shape)
+    plan = _resolve_plan(denoiser.schedule, solver, nfe, spacing, final, grid, solver_options)
+    strategy = guidance is not None and callable(getattr(guidance, "run", None))
+    if strategy and time_shift is not None:
+        raise ValueError(f"time_shift cannot be combined with the sampling strategy {type(guidance).__name__} "
+                         "(it runs its own loop); drop one of them")
+    shift = TimeShift.from_spec(time_shift)
     gens = per_sample_generators(seeds) if seeds is not None else generator
     if x_T is None:
         if shape is None:
@@ -127,22 +287,18 @@ def sample(
             raise ValueError(f"got {len(seeds)} seeds for a batch of {x_T.shape[0]}")
         if device is not None:
             x_T = x_T.to(device)
-    strategy = guidance is not None and hasattr(guidance, "run")
-    if strategy and time_shift is not None:
-        raise ValueError(f"time_shift cannot be combined with the sampling strategy {type(guidance).__name__} "
-                         "(it runs its own loop); drop one of them")
     noise_fn = None
     if plan.stochastic:
         if gens is None:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
         # a strategy (SVDD) draws a data-dependent amount of noise: drawn per call, still per sample
         noise_fn = ondemand_noise(gens, x_T) if strategy else predrawn_noise(plan, gens, x_T)
-    if guidance is not None and hasattr(guidance, "wrap"):
+    if guidance is not None and callable(getattr(guidance, "wrap", None)):
         denoiser = guidance.wrap(denoiser)
     if strategy:
         return guidance.run(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress)
     return run_plan(plan, denoiser, x_T, noise_fn=noise_fn, callback=callback, progress=progress,
-                    time_shift=TimeShift.from_spec(time_shift))
+                    time_shift=shift)
 
 
 def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -154,6 +154,9 @@ def run_plan(
     (reused instead of calling the model again).  Sampling strategies such as SVDD use it."""
     if plan.stochastic and noise_fn is None:
         raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
+    start = getattr(denoiser, "start_run", None)
+    if start is not None:  # deferred finite checks report this run's model calls only
+        start()
     batch = x.shape[0]
     # model time inputs are built once, in one call, not per step
     times = sorted({ev.t for s in plan.steps for ev in s.evals})

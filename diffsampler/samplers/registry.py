@@ -6,6 +6,9 @@ Names are used alike by `sample()`, the diffusers adapter, Hydra configs and res
 from __future__ import annotations
 
 import inspect
+import numbers
+import types
+import typing
 from typing import Callable
 
 import numpy as np
@@ -186,6 +189,49 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_CHECKED_TYPES = (bool, int, float, str, type(None))
+
+
+def _option_types(factory: Callable, key: str) -> tuple | None:
+    """The types option `key` of `factory` takes (from its annotation, else its default's type);
+    None when that is not a plain scalar type (then the factory validates it itself)."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hint = typing.get_type_hints(target).get(key)
+    except Exception:  # unresolvable annotations: fall back to the default's type
+        hint = None
+    if hint is None:
+        param = inspect.signature(factory).parameters.get(key)
+        if param is None or param.default is param.empty or param.default is None:
+            return None
+        hint = type(param.default)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    return allowed if all(a in _CHECKED_TYPES for a in allowed) else None
+
+
+def _fits(value, allowed: tuple) -> bool:
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, (bool, np.bool_)):
+        return bool in allowed
+    if isinstance(value, numbers.Integral):
+        return int in allowed or float in allowed
+    if isinstance(value, numbers.Real):
+        return float in allowed
+    return isinstance(value, str) and str in allowed
+
+
+def _check_option_types(name: str, factory: Callable, options: dict) -> None:
+    """Options of the types the solver declares: "false" is not a bool, 2.0 is not an int order."""
+    for key, value in options.items():
+        allowed = _option_types(factory, key)
+        if allowed is not None and not _fits(value, allowed):
+            names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+            raise ValueError(f"solver {name!r}: option {key}={value!r} must be {names}, "
+                             f"got {type(value).__name__}")
+
+
 def get(name: "str | Solver", **options) -> Solver:
     """Instantiate solver `name` with `options` (on top of the name's bound defaults)."""
     if isinstance(name, Solver):
@@ -199,6 +245,7 @@ def get(name: "str | Solver", **options) -> Solver:
             if arg in options:
                 raise ValueError(f"solver {name!r} already names its {arg}; got {arg}={options[arg]!r} too")
             options = {**options, arg: name.split(":", 1)[1]}
+        _check_option_types(name, factory, options)
         return factory(**options)
     if name not in _REGISTRY:
         schemes = "".join(f", {s}:<{a}>" for s, (_, a) in sorted(_SCHEMES.items()))
@@ -211,6 +258,7 @@ def get(name: "str | Solver", **options) -> Solver:
         if unknown:
             allowed = sorted(set(params) - set(defaults))
             raise ValueError(f"solver {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+    _check_option_types(name, factory, options)
     try:
         solver = factory(**kwargs)
     except ValueError as e:  # option errors name the registered solver
