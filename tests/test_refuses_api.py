@@ -375,3 +375,25 @@ def test_item15_output_fn_result_checked_too():
     den = Denoiser(lambda x, t: x, LinearVP(), output_fn=lambda out: out.int())
     with pytest.raises(TypeError, match=r"output_fn returned a torch.int32 tensor"):
         den.data_pred(torch.randn(3, 4), 0.5)
+
+
+def test_item14_adapter_aborted_trajectory_flags_do_not_leak(gmm16):
+    """The diffusers adapter: a trajectory aborted after a NaN model output (check_finite='end') does
+    not fail the next, healthy trajectory started by set_timesteps."""
+    from diffsampler.eval.gmm import GMMModel
+    from diffsampler.pipelines import DiffSamplerScheduler
+
+    sched = DiffSamplerScheduler(solver="dpmpp_2m")
+    sched._denoiser.check_finite = "end"
+    model = GMMModel(gmm16, sched.schedule)
+    x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    sched.set_timesteps(5)
+    x = x0.clone()
+    for t in sched.timesteps[:2]:  # the pipeline is interrupted after two calls, the first was NaN
+        out = model(x, t).sample
+        x = sched.step(torch.full_like(out, float("nan")) if t == sched.timesteps[0] else out, t, x).prev_sample
+    sched.set_timesteps(5)
+    x = x0.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t).sample, t, x).prev_sample
+    assert torch.isfinite(x).all()

@@ -315,6 +315,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._device = device
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
+        self._denoiser.start_run()  # finite flags of an earlier (aborted) trajectory are not this one's
         self.timesteps = self._t_model.to(device, copy=True)
         self._offset = 0
         self._begin_index = None  # as diffusers: a new schedule starts at its first call
