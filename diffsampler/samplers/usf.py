@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import yaml
 from numpy.polynomial import polynomial as P
 
 from ..schedules import _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
@@ -173,38 +174,33 @@ def _prefixed(e: ValueError, prefix: str) -> ValueError:
     return (PlanFormatError if isinstance(e, PlanFormatError) else ValueError)(f"{prefix}{e}")
 
 
-def _unique_key_loader():
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """A YAML SafeLoader that refuses a repeated key.  PyYAML's own loaders silently keep the last
     value of a repeated mapping key (the YAML spec requires keys to be unique), so a plan file with
     `nfe:` or `order:` twice would load with one of the two values dropped without a word."""
-    import yaml
-    from yaml.constructor import ConstructorError
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen: dict = {}
-            for key_node, _ in getattr(node, "value", ()):
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark)
-                except TypeError:  # an unhashable key: SafeLoader refuses it below
-                    continue
-                if first is not key_node.start_mark:
-                    raise ConstructorError(None, None, f"duplicate key {key!r} (first at line {first.line + 1}; "
-                                           "each key may appear once in a mapping)", key_node.start_mark)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in getattr(node, "value", ()):
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader refuses it below
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}; each key may appear "
+                    "once in a mapping)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_yaml(text: str):
     """The YAML document in `text`; PlanFormatError 'not valid YAML: line L, column C: <problem>'."""
-    import yaml
 
     try:
-        return yaml.load(text, Loader=_unique_key_loader())
+        return yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
