@@ -198,7 +198,6 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
 
 def _parse_yaml(text: str):
     """The YAML document in `text`; PlanFormatError 'not valid YAML: line L, column C: <problem>'."""
-
     try:
         return yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.MarkedYAMLError as e:
