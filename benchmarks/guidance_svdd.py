@@ -4,7 +4,7 @@
    with c next to the lightest mode; ddim (eta = 1, i.e. DDPM) with 20 steps on diffusers' linear
    1000-step schedule.  SVDD-PM with M candidates costs 1 + 19 M model calls; best-of-K runs the
    sampler K times (20 K calls) and keeps the best sample.  Mean reward +- standard error.
-2. The 1-d toy of ALGORITHMS.md section 7 (0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50
+2. The 1-d toy of SVDD (Li et al. 2024; 0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50
    DDPM steps): fraction of samples in the rare mode.
 3. The packaged digits model (1x16x16 DDPM UNet): r = log p_clf(target digit | x0_hat) with the
    packaged digits classifier; share of samples the classifier labels as the target digit, base
@@ -82,7 +82,7 @@ def toy_table(n: int, rows: list) -> str:
         lines.append((M, alpha, den.nfe, f"{f:.3f}", want))
         rows.append({"experiment": "toy1d", "method": "SVDD-PM", "M_or_N": M, "alpha": alpha, "model_calls": den.nfe,
                      "rare_fraction": f, "n": n})
-    return md_table(["M", "alpha", "model calls", "rare-mode fraction (here)", "reference (ALGORITHMS.md)"], lines)
+    return md_table(["M", "alpha", "model calls", "rare-mode fraction (here)", "expected"], lines)
 
 
 def digits_table(n: int, target: int, rows: list) -> str:
@@ -148,7 +148,7 @@ Best-of-N: N independent runs of the same 20-step sampler, the best sample of ea
 
 {gmm}
 
-**1-d toy of ALGORITHMS.md section 7** (0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50 DDPM
+**1-d toy of SVDD** (Li et al. 2024; 0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50 DDPM
 steps), fraction of samples in the rare mode:
 
 {toy}

@@ -86,7 +86,7 @@ def test_nfe_accounting_matches_model_calls(tri):
 
 
 def test_rare_mode_toy_of_the_paper():
-    """ALGORITHMS.md section 7: 0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50 DDPM steps.
+    """The 1-d toy of SVDD (Li et al. 2024): 0.9 N(-2, .3^2) + 0.1 N(2, .3^2), r = sigmoid(5x), 50 DDPM steps.
     Reference: rare-mode fraction 0.09 (M = 1), 0.97 (M = 2), 1.00 (M >= 4); alpha = 0.1, M = 8: 0.37."""
     g = GaussianMixture(torch.tensor([[-2.0], [2.0]]), [0.3, 0.3], [0.9, 0.1])
     n = 2000  # standard error of a fraction <= 0.011

@@ -1,4 +1,7 @@
-"""Solver-side items of shared/USER_NEEDS.md, each with a test (numbers refer to that table)."""
+"""What users of other sampler libraries keep asking for, one test each (the number in a test's name
+indexes the need): explicit grids used verbatim (1), a finite first-order final step (2), order
+warm-up and cool-down (3), batch-independent seeds (5), low-precision networks (7), every prediction
+type (8, 17), per-sample times (13), no solver state between calls (14), registry metadata (15)."""
 
 import threading
 
