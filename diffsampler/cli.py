@@ -47,7 +47,7 @@ def search_main(argv) -> int:
     from omegaconf import OmegaConf
 
     from .runner import SCHEDULES, _gmm
-    from .samplers.search import search
+    from .tools.search import search
 
     p = argparse.ArgumentParser(prog="diffsampler search", description=search_main.__doc__)
     p.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
