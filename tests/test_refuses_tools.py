@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from diffsampler.report import report
-from diffsampler.runner import append_row
+from diffsampler.tools.report import report
+from diffsampler.tools.runner import append_row
 
 
 def _row(run_dir, rmse, solver="ddim", nfe=5, spacing="logsnr", final="zero", **kw):
@@ -216,7 +216,7 @@ class _Payload:
 
 
 def test_item17_malicious_pickle_in_data_is_refused_not_executed(tmp_path):
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     marker, data = tmp_path / "pwned", tmp_path / "x.pt"
     torch.save({"x": torch.zeros(2), "payload": _Payload(marker)}, data)
@@ -226,7 +226,7 @@ def test_item17_malicious_pickle_in_data_is_refused_not_executed(tmp_path):
 
 
 def test_item17_cli_refuses_malicious_data_before_loading_a_model(tmp_path, monkeypatch):
-    from diffsampler.guidance import minority
+    from diffsampler.tools import minority_classifier as minority
 
     marker, data = tmp_path / "pwned", tmp_path / "x.pt"
     torch.save(_Payload(marker), data)
@@ -240,7 +240,7 @@ def test_item17_cli_refuses_malicious_data_before_loading_a_model(tmp_path, monk
 def test_item17_object_npy_is_refused(tmp_path):
     import numpy as np
 
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     data = tmp_path / "x.npy"
     np.save(data, np.array([_Payload(tmp_path / "pwned")], dtype=object), allow_pickle=True)
@@ -252,7 +252,7 @@ def test_item17_object_npy_is_refused(tmp_path):
 def test_item17_data_loads_tensors_and_arrays(tmp_path):
     import numpy as np
 
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     torch.save(torch.ones(3, 2), tmp_path / "x.pt")
     np.save(tmp_path / "y.npy", np.zeros((2, 2), dtype=np.float32))
