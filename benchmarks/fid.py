@@ -1,7 +1,7 @@
 """FID-proxy vs NFE on the packaged digits model (1x16x16 DDPM UNet), our solvers next to diffusers'
 schedulers on the same UNet, with the same initial noise.
 
-Metric: the FID-proxy of `diffsampler.runner` -- Frechet distance in the 64-d penultimate features
+Metric: the FID-proxy of `diffsampler.tools.runner` -- Frechet distance in the 64-d penultimate features
 of the packaged digits classifier (`get_feature_extractor("digits")`) between the generated images
 (in [0, 1]) and the held-out test split (`digits_dataset("test")`, 360 images, mapped to [0, 1]).
 All runs use the same seeds 0..n-1 and hence the same x_T (`initial_noise(shape, schedule,
@@ -193,7 +193,7 @@ def render(rows, table, scale, thr, inc_note, gpu, nfes, ours, hf_list, n, quick
     L.append(f"Setup: the packaged digits `DDPMPipeline` (epsilon UNet, linear 1000-step DDPM schedule), {n} samples "
              f"from seeds 0..{n - 1} (the same x_T for every run, also for diffusers), FID-proxy = Frechet distance "
              "in the 64-d features of the packaged digits classifier against the 360 held-out test digits "
-             "(as `diffsampler.runner`).  Our solvers: `diffsampler.sample(..., nfe=k)` with the default spacing "
+             "(as `diffsampler.tools.runner`).  Our solvers: `diffsampler.sample(..., nfe=k)` with the default spacing "
              f"(`{DEFAULT_SPACING}`) on the default `denoiser_from_pipeline(pipe)`, which honours the scheduler's "
              "`clip_sample=True` (x0 clipped to [-1, 1]); `dpmpp_2m (no clip)` is built from a "
              "`DDPMScheduler(clip_sample=False)` config, for a 1:1 comparison with diffusers' DPM-Solver (which "

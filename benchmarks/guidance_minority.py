@@ -14,9 +14,9 @@ import torch
 
 import diffsampler as ds
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
-from diffsampler.guidance.minority import (MinorityClassifier, MinorityGuidance, _feature_fn,
-                                           fit_minority_classifier, minority_score)
+from diffsampler.guidance.minority import MinorityClassifier, MinorityGuidance, fit_minority_classifier, minority_score
 from diffsampler.schedules import LinearVP
+from diffsampler.tools.minority_classifier import feature_fn
 
 from _common import machine_line, md_table, write_csv, write_section
 
@@ -58,7 +58,7 @@ def digits_table(n: int = 256, nfe: int = 20, solver: str = "dpmpp_2m"):
     den = denoiser_from_pipeline(load_digits_pipeline())
     clf = MinorityClassifier.from_pretrained(ASSET_DIR / "minority")
     meta, top = clf.config["meta"], float(clf.thresholds[-1])
-    feature = _feature_fn(meta["feature"], "cpu")
+    feature = feature_fn(meta["feature"], "cpu")
 
     def share(x):
         s = minority_score(den, x, meta["t_frac"], meta["num_draws"], feature, seed=10**6)

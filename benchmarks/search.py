@@ -3,7 +3,7 @@ registered solver and the best diffusers scheduler, on held-out seeds.
 
 Setup (as benchmarks/accuracy.py): GaussianMixture.random(16, 6, seed=0), diffusers' default linear
 betas as a DiscreteVP, the exact mixture as an epsilon model, float64, RMSE against the exact PF-ODE
-endpoint at sigma = 0.  The search (`diffsampler.samplers.search`) sees only calibration seeds
+endpoint at sigma = 0.  The search (`diffsampler.tools.search`) sees only calibration seeds
 (>= 1,000,000); every method is then scored on the held-out seeds 0 .. N_EVAL-1:
 
 * best fixed registered solver: every deterministic solver x spacing (logsnr, time_uniform,
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffsampler as ds  # noqa: E402
 from diffsampler.samplers import initial_noise  # noqa: E402
-from diffsampler.samplers.search import search  # noqa: E402
+from diffsampler.tools.search import search  # noqa: E402
 
 from _common import RESULTS_DIR, fmt_e, machine_line, md_table, write_csv, write_section  # noqa: E402
 from accuracy import DTYPE, Setup, rmse  # noqa: E402

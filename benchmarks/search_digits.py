@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffsampler as ds  # noqa: E402
-from diffsampler.eval.digits import digits_dataset, fid_proxy, load_digits_classifier, load_digits_pipeline  # noqa: E402
+from diffsampler.eval.digits import digits_dataset, load_digits_classifier, load_digits_pipeline  # noqa: E402
+from diffsampler.eval.fid import fid_proxy  # noqa: E402
 from diffsampler.pipelines import denoiser_from_pipeline  # noqa: E402
-from diffsampler.samplers.search import search  # noqa: E402
+from diffsampler.tools.search import search  # noqa: E402
 
 from _common import RESULTS_DIR, machine_line, md_table, run_diffusers, write_csv, write_section  # noqa: E402
 

@@ -46,8 +46,10 @@ def search_main(argv) -> int:
 
     from omegaconf import OmegaConf
 
-    from .runner import SCHEDULES, _gmm
-    from .samplers.search import search
+    from .config_schema import SCHEDULES
+    from .tools.run_spec import model_spec
+    from .tools.runner import build_gmm
+    from .tools.search import search
 
     p = argparse.ArgumentParser(prog="diffsampler search", description=search_main.__doc__)
     p.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
@@ -65,7 +67,7 @@ def search_main(argv) -> int:
     m = OmegaConf.load(Path(__file__).parent / "configs" / "model" / "gmm.yaml")
     if a.schedule:
         m.schedule = a.schedule
-    gmm, den = _gmm(OmegaConf.create({"model": m}))
+    gmm, den = build_gmm(model_spec(OmegaConf.to_container(m, resolve=True)))
     sch = den.schedule
     t0, t1 = float(sch.t_max), float(sch.t_min)
 
@@ -103,8 +105,9 @@ def _hydra_main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config_schema import check as check_schema
-    from .runner import ConfigError, run
+    from .config_schema import ConfigError
+    from .tools.run_checks import validate
+    from .tools.runner import execute
 
     _register_solver_configs()
 
@@ -114,8 +117,8 @@ def _hydra_main() -> None:
         run_dir = Path(hc.runtime.output_dir)
         base = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else run_dir
         try:
-            check_schema(cfg)  # before any value is used, even the results path
-            row = run(cfg, run_dir, base / cfg.results_file)
+            spec = validate(cfg)  # before any value is used, even the results path
+            row = execute(spec, run_dir, base / spec.results_file)
         except ConfigError as e:
             print(f"diffsampler: error: {e}", file=sys.stderr)
             raise SystemExit(2)
@@ -140,7 +143,7 @@ def _refusing(command, name: str) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
-        from .report import report
+        from .tools.report import report
 
         if len(argv) != 2:
             print("usage: diffsampler report <run or sweep dir>", file=sys.stderr)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
             print(info(name))
         return 0
     if argv[:1] == ["minority-classifier"]:
-        from .guidance.minority import build_from_args
+        from .tools.minority_classifier import build_from_args
 
         return _refusing(lambda: build_from_args(argv[1:]), "minority-classifier")
     sys.argv = [sys.argv[0]] + argv

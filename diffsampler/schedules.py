@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # lambda below this is treated as "pure noise" (alpha ~ 1e-13); keeps h finite for alpha = 0 schedules.
-_LAMBDA_FLOOR = -30.0
+LAMBDA_FLOOR = -30.0
 
 
 def _f64(t) -> torch.Tensor:
@@ -322,7 +322,7 @@ class TimeGrid:
         if float(t.max()) > hi + tol or float(t.min()) < lo - tol:
             raise ValueError(f"time grid {t.tolist()} leaves the schedule's range [{lo:g}, {hi:g}]")
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        lam = schedule.lambda_(t).clamp(min=_LAMBDA_FLOOR)
+        lam = schedule.lambda_(t).clamp(min=LAMBDA_FLOOR)
         if final_zero:
             t = torch.cat([t, t.new_tensor([schedule.t_min])])
             alpha = torch.cat([alpha, alpha.new_ones(1)])
@@ -391,10 +391,10 @@ def time_grid(
     elif spacing == "time_quadratic":
         ts = torch.linspace(math.sqrt(t0), math.sqrt(t1), n, dtype=torch.float64) ** 2
     elif spacing == "logsnr":
-        l0, l1 = schedule.lambda_(t0).clamp(min=_LAMBDA_FLOOR), schedule.lambda_(t1)
+        l0, l1 = schedule.lambda_(t0).clamp(min=LAMBDA_FLOOR), schedule.lambda_(t1)
         ts = schedule.t_from_lambda(torch.linspace(float(l0), float(l1), n, dtype=torch.float64))
     else:  # karras: interpolate rho^(1/r) linearly (Karras et al. 2022, eq. 5)
-        r0 = float(schedule.rho(t0).clamp(max=math.exp(-_LAMBDA_FLOOR)))
+        r0 = float(schedule.rho(t0).clamp(max=math.exp(-LAMBDA_FLOOR)))
         r1 = float(schedule.rho(t1))
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         sig = (r0 ** (1 / rho) + ramp * (r1 ** (1 / rho) - r0 ** (1 / rho))) ** rho

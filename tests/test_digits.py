@@ -8,8 +8,10 @@ from diffusers import DDPMPipeline
 
 import diffsampler as ds
 from diffsampler.eval import digits
-from diffsampler.eval.digits import (DigitsClassifier, classifier_features, digits_dataset, frechet_distance,
-                                     load_digits_classifier, load_digits_pipeline)
+from diffsampler.eval import fid
+from diffsampler.eval.digits import (DigitsClassifier, classifier_features, digits_dataset, load_digits_classifier,
+                                     load_digits_pipeline)
+from diffsampler.eval.fid import features_frechet_distance as frechet_distance
 from diffsampler.pipelines.loaders import denoiser_from_pipeline
 
 
@@ -127,7 +129,7 @@ def test_fid_proxy_falls_with_nfe_and_flags_a_bad_configuration(pipe, clf, test_
 
     def score(solver, nfe):
         x = den.decode(ds.sample(den, shape=den.sample_shape(128), seeds=range(128), solver=solver, nfe=nfe))
-        return digits.fid_proxy(x * 2 - 1, ref, clf)
+        return fid.fid_proxy(x * 2 - 1, ref, clf)
 
     good_lo, good_hi, bad = score("dpmpp_2m", 4), score("dpmpp_2m", 20), score("heun", 3)
     assert good_hi < good_lo, (good_lo, good_hi)

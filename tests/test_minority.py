@@ -138,7 +138,7 @@ def test_minority_guidance_on_digits():
     raises the share of samples whose minority score lies in the real data's top decile (measured on
     128 samples, 10 NFE: 10% unguided -> 20% at w = 5; here 96 samples)."""
     from diffsampler.eval.digits import ASSET_DIR, load_digits_pipeline
-    from diffsampler.guidance.minority import _feature_fn
+    from diffsampler.tools.minority_classifier import feature_fn as _feature_fn
     from diffsampler.pipelines import denoiser_from_pipeline
 
     den = denoiser_from_pipeline(load_digits_pipeline())

@@ -12,11 +12,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from diffsampler import runner
+import diffsampler
+from diffsampler.tools import runner
 from diffsampler.cli import _register_solver_configs
-from diffsampler.runner import ConfigError, validate
+from diffsampler.tools.runner import ConfigError, validate
 
-DIGITS_DDPM = Path(runner.__file__).parent / "assets" / "digits" / "ddpm"
+DIGITS_DDPM = Path(diffsampler.__file__).parent / "assets" / "digits" / "ddpm"
 
 
 def composed(*overrides, hydra=False):
@@ -132,7 +133,7 @@ def test_item08_schema_knows_every_key_of_the_shipped_yaml():
 
     from diffsampler.config_schema import GROUPS, TOP
 
-    root = Path(runner.__file__).parent / "configs"
+    root = Path(diffsampler.__file__).parent / "configs"
     top = {k for k in yaml.safe_load((root / "config.yaml").read_text()) if k not in ("defaults", "hydra")}
     assert top == set(TOP) - set(GROUPS)
     for group in GROUPS:
@@ -245,7 +246,7 @@ def test_item09_nothing_is_loaded_before_validation_fails(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("the model was built before validation")
 
-    monkeypatch.setattr(runner, "_gmm", boom)
+    monkeypatch.setattr(runner, "build_gmm", boom)
     monkeypatch.setattr(runner, "_pipeline_denoiser", boom)
     for overrides in (["spacing=bogus"], ["model.schedule=edm", "spacing=linspace"], ["device=gpu"],
                       ["solver=plan", "solver.path=gmm_nfe5", "nfe=5", "spacing=karras"], ["model=diffusers"],

@@ -89,7 +89,7 @@ def test_item02_two_folders_with_one_name_get_their_own_statistics(tmp_path):
 
 def test_item02_runner_scores_against_the_folder_it_was_given(tmp_path):
     """The runner's FID for model=diffusers: the same base name in two places, one cache dir."""
-    from diffsampler.runner import _metrics
+    from diffsampler.tools.runner import _metrics, resolve
 
     a, b = tmp_path / "a" / "ref", tmp_path / "b" / "ref"
     write_images(a, 8, seed=1)
@@ -99,7 +99,7 @@ def test_item02_runner_scores_against_the_folder_it_was_given(tmp_path):
     for folder in (a, b):
         cfg = compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={folder}",
                       "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}")
-        score[folder] = _metrics(cfg, None, None, samples, "cpu")["fid"]
+        score[folder] = _metrics(resolve(cfg), None, None, samples, "cpu")["fid"]
     assert abs(score[b]) < 1e-3 and score[a] > 1  # singular 192-d covariances: sqrtm noise ~1e-6
 
 
@@ -203,7 +203,7 @@ def test_item04_unreadable_image_is_named(tmp_path):
 
 @pytest.mark.parametrize("make", ["missing", "empty", "only_text"])
 def test_item04_empty_or_missing_reference_refused_in_validate(tmp_path, make):
-    from diffsampler.runner import ConfigError, validate
+    from diffsampler.tools.runner import ConfigError, validate
 
     ref = tmp_path / "ref"
     if make != "missing":
@@ -219,7 +219,7 @@ def test_item04_empty_or_missing_reference_refused_in_validate(tmp_path, make):
 
 
 def test_item04_reference_refused_for_the_gmm_model(tmp_path):
-    from diffsampler.runner import ConfigError, validate
+    from diffsampler.tools.runner import ConfigError, validate
 
     write_images(tmp_path / "ref", 2)
     with pytest.raises(ConfigError, match="eval.reference is for image models"):
@@ -229,7 +229,7 @@ def test_item04_reference_refused_for_the_gmm_model(tmp_path):
 def test_item04_digits_scores_against_the_given_reference(tmp_path):
     """model=digits with eval.reference: the FID-proxy is against that folder, not the packaged test split."""
     from diffsampler.eval.digits import digits_dataset
-    from diffsampler.runner import _metrics
+    from diffsampler.tools.runner import _metrics, resolve
 
     x = (digits_dataset("test")[0][:40] + 1) / 2
     ref = tmp_path / "ref"
@@ -238,7 +238,7 @@ def test_item04_digits_scores_against_the_given_reference(tmp_path):
         Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), "L").save(ref / f"{i:02d}.png")
     cfg = compose("model=digits", f"eval.reference={ref}", f"eval.cache_dir={tmp_path / 'cache'}")
     samples = read_pngs(ref)[:, :1]
-    assert abs(_metrics(cfg, None, None, samples, "cpu")["fid_proxy"]) < 1e-4  # vs the packaged split: 11
+    assert abs(_metrics(resolve(cfg), None, None, samples, "cpu")["fid_proxy"]) < 1e-4  # vs the packaged split: 11
 
 
 def test_item04_cli_empty_reference_refused_before_generation(tmp_path):
@@ -277,7 +277,7 @@ def test_item08_kid_is_torchmetrics_kernel_inception_distance():
 
 
 def test_item08_kid_in_the_row_for_image_models(tmp_path):
-    from diffsampler.runner import _metrics
+    from diffsampler.tools.runner import _metrics, resolve
 
     ref = tmp_path / "ref"
     write_images(ref, 30, seed=1)
@@ -287,18 +287,19 @@ def test_item08_kid_in_the_row_for_image_models(tmp_path):
     for name, samples in (("near", near), ("far", far)):
         cfg = compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}", "eval.feature=identity",
                       "eval.kid=true", f"eval.cache_dir={tmp_path / 'cache'}")
-        rows[name] = _metrics(cfg, None, None, samples, "cpu")
+        rows[name] = _metrics(resolve(cfg), None, None, samples, "cpu")
     for row in rows.values():
         assert {"fid", "kid_mean", "kid_std", "kid_subset_size"} <= set(row)
         assert row["kid_subset_size"] == 30
     assert abs(rows["near"]["kid_mean"]) < 0.1 * rows["far"]["kid_mean"]
-    off = _metrics(compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}",
-                           "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}"), None, None, near, "cpu")
+    off = _metrics(resolve(compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}",
+                                   "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}")), None, None, near,
+                   "cpu")
     assert "kid_mean" not in off
 
 
 def test_item08_kid_refused_for_the_gmm_model():
-    from diffsampler.runner import ConfigError, validate
+    from diffsampler.tools.runner import ConfigError, validate
 
     with pytest.raises(ConfigError, match=r"eval.kid=true .* model=gmm"):
         validate(compose("model=gmm", "eval.kid=true"))

@@ -229,7 +229,7 @@ def test_item13_cli_refuses_a_time_shift_that_shifts_nothing_before_any_work():
     from hydra import compose, initialize_config_module
 
     from diffsampler.cli import _register_solver_configs
-    from diffsampler.runner import ConfigError, validate
+    from diffsampler.tools.runner import ConfigError, validate
 
     _register_solver_configs()
     with initialize_config_module("diffsampler.configs", version_base=None):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsampler import runner
+from diffsampler.tools import runner
 from diffsampler.eval.fid import FIDEvaluator, fid_from_shards, stats_from_features
 from diffsampler.eval.generate import ShardMismatchError, generate_shards, shard_name, shard_record
-from diffsampler.runner import ConfigError
+from diffsampler.tools.runner import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was built: the refusal came too late")
 
-    monkeypatch.setattr(runner, "_gmm", refuse)
+    monkeypatch.setattr(runner, "build_gmm", refuse)
     monkeypatch.setattr(runner, "_pipeline_denoiser", refuse)
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from diffsampler.report import report
-from diffsampler.runner import append_row
+from diffsampler.tools.report import report
+from diffsampler.tools.runner import append_row
 
 
 def _row(run_dir, rmse, solver="ddim", nfe=5, spacing="logsnr", final="zero", **kw):
@@ -108,7 +108,7 @@ def test_item07_report_refuses_a_table_without_nfe(tmp_path):
 def _tiny_search(log, budget=8):
     import diffsampler as ds
     from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
-    from diffsampler.samplers.search import search
+    from diffsampler.tools.search import search
 
     gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
     sch = ds.DiscreteVP.linear()
@@ -131,7 +131,7 @@ def test_item10_truncated_last_line_is_skipped_with_warning(tmp_path):
 
 
 def _log_lines(tmp_path):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log = tmp_path / "s.jsonl"
     book = _Log(log, {"nfe": 3})
@@ -143,14 +143,14 @@ def _log_lines(tmp_path):
 def test_item10_log_reads_back_its_records(tmp_path):
     import math
 
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, _ = _log_lines(tmp_path)
     assert _Log(log, {"nfe": 3}).cache == {("calib", "a"): 0.5, ("calib", "b"): math.inf}
 
 
 def test_item10_complete_last_line_without_newline_is_kept(tmp_path):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, lines = _log_lines(tmp_path)
     log.write_text("\n".join(lines))  # the last record is whole, only its newline is missing
@@ -161,7 +161,7 @@ def test_item10_complete_last_line_without_newline_is_kept(tmp_path):
 
 
 def test_item10_first_line_must_be_the_config(tmp_path):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, lines = _log_lines(tmp_path)
     log.write_text("\n".join(lines[1:]) + "\n")
@@ -170,7 +170,7 @@ def test_item10_first_line_must_be_the_config(tmp_path):
 
 
 def test_item10_damaged_middle_line_names_file_and_line(tmp_path):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, lines = _log_lines(tmp_path)
     lines[1] = lines[1][:20]
@@ -186,7 +186,7 @@ def test_item10_damaged_middle_line_names_file_and_line(tmp_path):
     ([1, 2], "expected a JSON object"),
 ])
 def test_item10_malformed_record_names_file_line_and_field(tmp_path, record, message):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, lines = _log_lines(tmp_path)
     lines.insert(2, json.dumps(record))
@@ -196,7 +196,7 @@ def test_item10_malformed_record_names_file_line_and_field(tmp_path, record, mes
 
 
 def test_item10_log_of_another_search_names_file_and_difference(tmp_path):
-    from diffsampler.samplers.search import _Log
+    from diffsampler.tools.search_log import SearchLog as _Log
 
     log, _ = _log_lines(tmp_path)
     with pytest.raises(ValueError, match=rf"{re.escape(str(log))} was written by a different search \(line 1.*nfe: 3 vs 4"):
@@ -216,7 +216,7 @@ class _Payload:
 
 
 def test_item17_malicious_pickle_in_data_is_refused_not_executed(tmp_path):
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     marker, data = tmp_path / "pwned", tmp_path / "x.pt"
     torch.save({"x": torch.zeros(2), "payload": _Payload(marker)}, data)
@@ -226,7 +226,7 @@ def test_item17_malicious_pickle_in_data_is_refused_not_executed(tmp_path):
 
 
 def test_item17_cli_refuses_malicious_data_before_loading_a_model(tmp_path, monkeypatch):
-    from diffsampler.guidance import minority
+    from diffsampler.tools import minority_classifier as minority
 
     marker, data = tmp_path / "pwned", tmp_path / "x.pt"
     torch.save(_Payload(marker), data)
@@ -240,7 +240,7 @@ def test_item17_cli_refuses_malicious_data_before_loading_a_model(tmp_path, monk
 def test_item17_object_npy_is_refused(tmp_path):
     import numpy as np
 
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     data = tmp_path / "x.npy"
     np.save(data, np.array([_Payload(tmp_path / "pwned")], dtype=object), allow_pickle=True)
@@ -252,7 +252,7 @@ def test_item17_object_npy_is_refused(tmp_path):
 def test_item17_data_loads_tensors_and_arrays(tmp_path):
     import numpy as np
 
-    from diffsampler.guidance.minority import _load_data
+    from diffsampler.tools.minority_classifier import load_data as _load_data
 
     torch.save(torch.ones(3, 2), tmp_path / "x.pt")
     np.save(tmp_path / "y.npy", np.zeros((2, 2), dtype=np.float32))

@@ -13,7 +13,8 @@ import diffsampler as ds
 from diffsampler.denoisers import DenoiserTransform
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.samplers import initial_noise
-from diffsampler.samplers.search import CALIBRATION_SEED_BASE, _Predictor, calibration_seeds, random_plan, search
+from diffsampler.samplers.search import _Predictor, random_plan
+from diffsampler.tools.search import CALIBRATION_SEED_BASE, calibration_seeds, search
 from diffsampler.samplers.usf import SolverPlan, plan_form
 
 NFE = 4

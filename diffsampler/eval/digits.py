@@ -3,7 +3,8 @@
 * :func:`digits_dataset` -- the 1797 8x8 digits of ``sklearn.datasets.load_digits`` upsampled to
   ``size x size`` (bilinear), scaled to [-1, 1], with a fixed stratified 80/20 train/test split.
 * :class:`DigitsClassifier` -- a small CNN; its 64-d penultimate ``features`` are the feature
-  extractor of an FID-proxy (:func:`fid_proxy`), its logits a "is this a recognisable digit" check.
+  extractor of an FID-proxy (:func:`diffsampler.eval.fid.fid_proxy`), its logits a "is this a
+  recognisable digit" check.
 * :func:`load_digits_pipeline` / :func:`load_digits_classifier` -- the packaged, pre-trained
   ``DDPMPipeline`` (an epsilon-prediction ``UNet2DModel`` with diffusers' linear 1000-step
   ``DDPMScheduler``) and classifier, from ``diffsampler/assets/digits/``, built by
@@ -11,7 +12,8 @@
 
 Typical use::
 
-    from diffsampler.eval.digits import load_digits_pipeline, load_digits_classifier, digits_dataset, fid_proxy
+    from diffsampler.eval.digits import load_digits_pipeline, load_digits_classifier, digits_dataset
+    from diffsampler.eval.fid import fid_proxy
     from diffsampler.pipelines.loaders import denoiser_from_pipeline
     den = denoiser_from_pipeline(load_digits_pipeline())
     x = ds.sample(den, shape=den.sample_shape(1000), seeds=range(1000), solver="dpmpp_2m", nfe=10)
@@ -31,7 +33,7 @@ from torch import nn
 from .._pretrained import SafetensorsModule
 
 __all__ = ["ASSET_DIR", "TRAIN_COMMAND", "digits_dataset", "DigitsClassifier", "load_digits_pipeline",
-           "load_digits_classifier", "classifier_features", "frechet_distance", "fid_proxy"]
+           "load_digits_classifier", "classifier_features"]
 
 #: Where the packaged pre-trained models live (``ddpm/`` and ``classifier/``).
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
@@ -135,19 +137,3 @@ def classifier_features(classifier: DigitsClassifier, x: torch.Tensor, batch: in
     classifier.eval()
     x = x.float().clamp(-1, 1)
     return torch.cat([classifier.features(x[i:i + batch]) for i in range(0, len(x), batch)]).double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a (N, d) and b (M, d), through
-    `diffsampler.eval.fid` (one implementation for FID and the FID-proxy)."""
-    from .fid import frechet_distance as fd, stats_from_features
-
-    sa, sb = stats_from_features(np.asarray(a, np.float64)), stats_from_features(np.asarray(b, np.float64))
-    return fd(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"])
-
-
-def fid_proxy(samples: torch.Tensor, reference: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:
-    """Frechet distance between classifier features of ``samples`` and ``reference`` (both images
-    in [-1, 1]; samples are clamped), e.g. generated digits vs ``digits_dataset("test")[0]``."""
-    classifier = classifier if classifier is not None else load_digits_classifier()
-    return frechet_distance(classifier_features(classifier, samples), classifier_features(classifier, reference))

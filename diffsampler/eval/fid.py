@@ -26,7 +26,8 @@
 * :func:`list_reference_images` / :func:`reference_images` -- a reference folder's png/jpg/jpeg/webp
   images (recursive): the cheap check (no decoding) and the streamed float batches.
 * :func:`frechet_distance` -- float64 FID from statistics (scipy ``sqrtm``), the usual
-  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``; :func:`features_frechet_distance` of two
+  feature sets, and :func:`fid_proxy` on the digits classifier's features.
 * :func:`fid_from_shards` -- score samples saved by :func:`diffsampler.eval.generate.generate_shards`.
 
 Environment note: a torch-fidelity whose package ``__init__`` cannot be imported (it imports
@@ -58,6 +59,7 @@ from torch import nn
 __all__ = [
     "FeatureExtractor", "FeatureExtractorUnavailable", "WeightsChecksumError", "FEATURE_EXTRACTORS",
     "register_feature_extractor", "get_feature_extractor", "FIDEvaluator", "reference_stats", "frechet_distance",
+    "features_frechet_distance", "fid_proxy",
     "fid_from_shards", "stats_from_features", "torchmetrics_fid", "INCEPTION_URL", "INCEPTION_FILENAME",
     "IMAGE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError", "list_reference_images", "reference_images",
     "folder_fingerprint", "reference_features",
@@ -426,6 +428,21 @@ def stats_from_features(features) -> dict:
     """``{"mu", "sigma", "n"}`` (float64 numpy; unbiased covariance) of features (N, D)."""
     f = _as_np(features).reshape(len(features), -1)
     return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), "n": int(f.shape[0])}
+
+
+def features_frechet_distance(a, b) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, d) and b (M, d)."""
+    sa, sb = stats_from_features(a), stats_from_features(b)
+    return frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"])
+
+
+def fid_proxy(samples: torch.Tensor, reference: torch.Tensor, classifier=None) -> float:
+    """Frechet distance between digits-classifier features of ``samples`` and ``reference`` (both
+    images in [-1, 1]; samples are clamped), e.g. generated digits vs ``digits_dataset("test")[0]``."""
+    from .digits import classifier_features, load_digits_classifier
+
+    classifier = classifier if classifier is not None else load_digits_classifier()
+    return features_frechet_distance(classifier_features(classifier, samples), classifier_features(classifier, reference))
 
 
 class _Accumulator:
@@ -896,14 +913,14 @@ def reference_features(dataset: str | os.PathLike, images_fn=None, extractor: st
 def _declared_range(shard_dir: Path, value_range) -> tuple[float, float] | None:
     """The range to read the shards in: the one they recorded (an explicit ``value_range`` must agree;
     None agrees with (0, 1), which it passes through), else the argument ("recorded": (-1, 1))."""
-    from .generate import _value_range, shard_record
+    from .generate import checked_value_range, shard_record
 
     recorded = shard_record(shard_dir).value_range
     if isinstance(value_range, str):
         if value_range != "recorded":
             raise ValueError(f"value_range must be 'recorded', None or (lo, hi), got {value_range!r}")
         return recorded or (-1.0, 1.0)
-    given = _value_range(value_range)
+    given = checked_value_range(value_range)
     if recorded is None or given == recorded or (given is None and recorded == (0.0, 1.0)):
         return given if recorded is None else recorded
     raise ValueError(f"value_range={value_range!r} contradicts the range {recorded} recorded in the shards of "
@@ -936,7 +953,7 @@ def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn
     shard file and the result is identical on all ranks (every rank must call it; with
     ``sync=False``, or an evaluator made with it, this process scores all shards alone).
     """
-    from .generate import _plan
+    from .generate import shard_index
 
     shard_dir = Path(shard_dir)
     value_range = _declared_range(shard_dir, value_range)
@@ -946,9 +963,9 @@ def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn
     is_dist, rank, world = _dist_info()
     if not ev.sync:
         is_dist, rank, world = False, 0, 1
-    plan = _plan(shard_dir, seeds)
+    index = shard_index(shard_dir, seeds)
     error = None
-    for i, (f, rows, _) in enumerate(plan):
+    for i, (f, rows, _) in enumerate(index):
         if i % world != rank or error:
             continue
         x = torch.load(f, map_location="cpu", weights_only=True)["samples"][rows]

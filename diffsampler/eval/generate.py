@@ -42,8 +42,8 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import torch
 
 __all__ = ["dist_env", "barrier", "is_main", "shard_name", "generate_shards", "load_shards", "iter_shards",
-           "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards",
-           "fingerprint_digest", "save_image_grid"]
+           "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards", "shard_index",
+           "checked_value_range", "fingerprint_digest", "save_image_grid"]
 
 _SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
 
@@ -154,7 +154,8 @@ def fingerprint_digest(fingerprint: Mapping | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _value_range(value_range) -> tuple[float, float] | None:
+def checked_value_range(value_range) -> tuple[float, float] | None:
+    """`value_range` as (lo, hi) floats (None stays None); a ValueError unless finite lo < hi."""
     if value_range is None:
         return None
     try:
@@ -223,7 +224,7 @@ def check_shards(out_dir: str | os.PathLike, fingerprint: Mapping | None = None,
     """Raise :class:`ShardMismatchError` naming the differing fields if a shard in ``out_dir`` was
     written with another ``fingerprint`` or ``value_range`` (what :func:`generate_shards` checks
     before drawing any sample).  A missing or empty directory passes."""
-    _check_headers(Path(out_dir), _canonical(fingerprint), _value_range(value_range))
+    _check_headers(Path(out_dir), _canonical(fingerprint), checked_value_range(value_range))
 
 
 def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
@@ -286,7 +287,7 @@ def generate_shards(
     shards of all ranks, in seed order (after a barrier when distributed).
     """
     seeds = [_seed(s) for s in seeds]
-    canonical, value_range = _canonical(fingerprint), _value_range(value_range)
+    canonical, value_range = _canonical(fingerprint), checked_value_range(value_range)
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shard_size = int(shard_size)
@@ -354,13 +355,13 @@ def _shard_files(out_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: tuple(int(g) for g in _SHARD_RE.match(p.name).groups()))
 
 
-def _plan(out_dir: Path, seeds: Sequence[int] | None):
+def shard_index(out_dir: Path, seeds: Sequence[int] | None):
     """[(file, rows to take, seeds taken)] covering `seeds` (or every seed once), each seed taken from
     the first file (in name order) that holds it."""
     files = _shard_files(Path(out_dir))
     taken: set[int] = set()
     want = None if seeds is None else {int(s) for s in seeds}
-    plan = []
+    index = []
     for f in files:
         stored = _shard_seeds(f)
         if stored is None:
@@ -373,13 +374,13 @@ def _plan(out_dir: Path, seeds: Sequence[int] | None):
             rows.append(i)
             got.append(s)
         if rows:
-            plan.append((f, rows, got))
+            index.append((f, rows, got))
     if want is not None and len(taken) != len(want):
         missing = sorted(want - taken)
         raise MissingSeedsError(
             f"{len(missing)} of {len(want)} requested seeds are not in any shard of {out_dir} "
             f"(first missing: {missing[:10]}); generate them with generate_shards first")
-    return plan
+    return index
 
 
 def iter_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None
@@ -387,7 +388,7 @@ def iter_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None
     """Yield ``(seeds, samples)`` shard by shard (shard files in seed order, each seed once), restricted
     to ``seeds`` if given; checks first that every requested seed exists (:class:`MissingSeedsError`).
     Memory stays at one shard, so it suits scoring tens of thousands of images."""
-    for f, rows, got in _plan(Path(out_dir), seeds):
+    for f, rows, got in shard_index(Path(out_dir), seeds):
         d = torch.load(f, map_location="cpu", weights_only=True)
         yield torch.tensor(got, dtype=torch.long), d["samples"][rows]
 

@@ -5,12 +5,11 @@ from .loop import initial_noise, make_plan, per_sample_generators, sample
 from .plan import Combo, Eval, Plan, PlanBuilder, Step, run_plan
 from .registry import (MultistepSolver, SinglestepSolver, Solver, available, get, info, is_solver_name, register,
                        unregister)
-from .search import SearchResult, search
 from .usf import PlanSolver, SolverPlan, StepPlan, available_plans, load_plan, plan_form
 
 __all__ = [
     "available", "get", "info", "register", "unregister", "sample", "make_plan", "initial_noise",
     "per_sample_generators", "Solver", "MultistepSolver", "SinglestepSolver", "Plan", "PlanBuilder",
     "Step", "Eval", "Combo", "run_plan", "is_solver_name", "SolverPlan", "StepPlan", "PlanSolver", "load_plan",
-    "available_plans", "plan_form", "search", "SearchResult",
+    "available_plans", "plan_form",
 ]

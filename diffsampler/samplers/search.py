@@ -1,53 +1,32 @@
-"""Solver-schedule search (S^3; Liu et al. 2024, "A Unified Sampling Framework for Solver Searching of
-Diffusion Probabilistic Models", arXiv:2312.07243, and its released evolutionary search).
+"""The space of solver plans searched by S^3 (Liu et al. 2024, "A Unified Sampling Framework for
+Solver Searching of Diffusion Probabilistic Models", arXiv:2312.07243, and its released evolutionary
+search); the search driver is `diffsampler.tools.search`.
 
-For a denoiser, an NFE budget and a metric, `search` looks for the `SolverPlan` (samplers/usf.py)
-with the lowest metric on a small calibration batch:
+* `initial_plans`: the plan forms of registered solvers on several spacings (so a search starts
+  from the best fixed solvers); `random_plan`: random valid plans;
+* `crossover` (0.5) and `mutate`: per-field mutation (0.3), structure mutation (0.2: re-draw how the
+  NFE is spent, times interpolated), time jitter (sd 0.03 in the normalised coordinate, or 0.01 /
+  0.003 to refine), order prior {1: .2, 2: .4, 3: .3, 4: .1}, no corrector on the last step (the
+  released USF search settings);
+* `encode` and the predictor: gradient-boosted trees on a fixed-length plan encoding, which screen
+  offspring before they are evaluated for real.
 
-1. an initial population: the plan forms of registered solvers on several spacings (so the search
-   starts from the best fixed solvers) and random plans;
-2. generations: parents from the top 15, crossover (0.5), per-field mutation (0.3), structure
-   mutation (0.2: re-draw how the NFE is spent, times interpolated), time jitter (sd 0.03 in the
-   normalised coordinate, or 0.01 / 0.003 to refine), order prior {1: .2, 2: .4, 3: .3, 4: .1}, no corrector on the last step
-   (the released USF search settings);
-3. a light predictor (gradient-boosted trees on a fixed-length plan encoding, refitted every
-   generation on all evaluated plans) screens `screen` x more offspring than are evaluated; the
-   best-predicted ones (plus a few random ones, to keep exploring) are evaluated for real;
-4. the top `n_verify` plans are re-evaluated on a separate verification batch (more calibration
-   seeds) and the best there is returned and written as YAML.
-
-Seeds: calibration and verification noise come from seeds in `calibration_seeds` (by default
->= CALIBRATION_SEED_BASE = 1_000_000; evaluation conventionally uses seeds 0, 1, ...); `holdout_seeds`
-given to `search` are checked to be disjoint from every seed it uses.  The search is
-deterministic, logs every true evaluation to an append-only JSONL file, and re-running it with
-the same log replays the log and only evaluates what is missing.
-
-Time-grid optimisation for a fixed solver is the same search with `base=<solver or SolverPlan>`:
-only the time points mutate.
+Time-grid optimisation for a fixed solver searches with `base=<SolverPlan>`: only the time points
+mutate.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
-import warnings
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..schedules import time_grid
-from .loop import initial_noise
-from .plan import run_plan
 from .usf import FINALS, SolverPlan, StepPlan, effective_orders, plan_form
 
-__all__ = ["search", "SearchResult", "calibration_seeds", "CALIBRATION_SEED_BASE", "random_plan", "mutate",
-           "crossover", "encode"]
+__all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode"]
 
-CALIBRATION_SEED_BASE = 1_000_000
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
 JITTERS = (TIME_JITTER, 0.01, 0.003)
@@ -58,11 +37,6 @@ INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3", "ghvb")
 # GHVB: how often a whole trajectory / a single drawn step is GHVB, the momentum range, its nudge sd
 P_GHVB_RUN, P_GHVB_STEP, BETA_RANGE, BETA_JITTER = 0.12, 0.02, (0.2, 1.0), 0.1
-
-
-def calibration_seeds(n: int, offset: int = 0) -> list[int]:
-    """Seeds of calibration noise: CALIBRATION_SEED_BASE + offset + k (disjoint from 0..10^6-1)."""
-    return list(range(CALIBRATION_SEED_BASE + offset, CALIBRATION_SEED_BASE + offset + n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,365 +279,16 @@ class _Predictor:
 
 
 # ---------------------------------------------------------------------------------------------
-# the search
+# the initial population
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class SearchResult:
-    plan: SolverPlan                 # the best plan (verified)
-    calib_score: float
-    verify_score: float
-    evaluations: int                 # true evaluations of plans on the calibration batch
-    model_calls: int                 # batched network calls spent by the search (evaluations + verification)
-    sample_evaluations: int          # network calls x batch rows
-    reference_seconds: float
-    seconds: float
-    seeds: list[int]                 # every seed whose noise the search used
-    history: list[dict] = field(default_factory=list, repr=False)  # calib evaluations in order
-    top: list[tuple[SolverPlan, float, float]] = field(default_factory=list, repr=False)
-
-
-PHASES = ("calib", "verify")
-
-
-class _Log:
-    """Append-only JSONL: a config line, then one line per true evaluation.  Reading it back skips an
-    incomplete last line (a write the interrupted run did not finish; it is cut off, with a warning);
-    any other damage is an error naming the file and line."""
-
-    def __init__(self, path, config: dict):
-        self.path = Path(path) if path is not None else None
-        self.cache: dict[tuple[str, str], float] = {}
-        if self.path is None:
-            return
-        records = _read_log(self.path) if self.path.exists() else []
-        if records:
-            _check_config(self.path, records[0][1], config)
-            for _, rec in records[1:]:
-                self.cache[(rec["phase"], rec["key"])] = math.inf if rec["score"] is None else float(rec["score"])
-        else:  # a new log (or one whose only line was cut off while being written)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"type": "config", "config": config})
-
-    def _append(self, rec: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-
-    def record(self, phase: str, sp: SolverPlan, score: float, seconds: float) -> None:
-        self.cache[(phase, sp.key())] = score
-        if self.path is not None:
-            self._append({"type": "eval", "phase": phase, "key": sp.key(), "score": score if math.isfinite(score) else None,
-                          "seconds": round(seconds, 4), "plan": sp.to_dict()})
-
-
-def _read_log(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of every line of a search log, checked; then the file ends with a newline."""
-    text = path.read_text(errors="replace")
-    *lines, tail = text.split("\n")  # tail: what follows the last newline ('' for a complete file)
-    records = [(i, _parse_line(path, i, line)) for i, line in enumerate(lines, 1) if line.strip()]
-    partial = False
-    if tail.strip():
-        try:
-            records.append((len(lines) + 1, _parse_line(path, len(lines) + 1, tail)))
-        except ValueError:
-            partial = True
-    for k, (i, rec) in enumerate(records):
-        _check_record(path, i, rec, first=k == 0)
-    if partial:
-        _cut_partial_line(path, text, tail, len(lines) + 1)
-    elif tail.strip():  # a complete last record without its newline: end the line before appending
-        with path.open("a") as f:
-            f.write("\n")
-    return records
-
-
-def _parse_line(path: Path, i: int, line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}, column {e.colno}); "
-                         "the log is damaged: repair that line or use a new log file") from None
-
-
-def _cut_partial_line(path: Path, text: str, tail: str, i: int) -> None:
-    keep = len(text[: len(text) - len(tail)].encode())
-    with path.open("r+b") as f:
-        f.truncate(keep)
-    warnings.warn(f"{path}, line {i}: incomplete last line (an interrupted write) dropped; "
-                  "its evaluation will be redone", stacklevel=4)
-
-
-def _check_record(path: Path, i: int, rec, first: bool) -> None:
-    where = f"{path}, line {i}"
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    kind = rec.get("type")
-    if first:
-        if kind != "config" or not isinstance(rec.get("config"), dict):
-            raise ValueError(f"{path} is not a search log (line {i} is not a config line)")
-        return
-    if kind != "eval":
-        what = "a second config line" if kind == "config" else f"unknown record type {kind!r}"
-        raise ValueError(f"{where}: {what} (allowed after line 1: 'eval')")
-    for name in ("phase", "key", "score"):
-        if name not in rec:
-            raise ValueError(f"{where}: eval record missing {name!r} (has {', '.join(map(repr, rec))})")
-    if rec["phase"] not in PHASES:
-        raise ValueError(f"{where}: 'phase' must be one of {PHASES}, got {rec['phase']!r}")
-    if not isinstance(rec["key"], str):
-        raise ValueError(f"{where}: 'key' must be a string, got {rec['key']!r}")
-    score = rec["score"]
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        raise ValueError(f"{where}: 'score' must be a number or null, got {score!r}")
-
-
-def _check_config(path: Path, rec: dict, config: dict) -> None:
-    old = rec["config"]
-    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k) and k != "budget")
-    if diff:
-        changes = ", ".join(f"{k}: {old.get(k)!r} vs {config.get(k)!r}" for k in diff)
-        raise ValueError(f"{path} was written by a different search (line 1, logged vs now: {changes}); "
-                         "use a new log file")
-
-
-def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref.double()).pow(2).mean().sqrt())
-
-
-def search(
-    denoiser,
-    nfe: int,
-    *,
-    shape: Sequence[int],
-    metric: str | Callable[[torch.Tensor, torch.Tensor], float] = "rmse",
-    reference: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
-    reference_solver: str = "dpmpp_3m",
-    reference_nfe: int = 200,
-    budget: int = 200,
-    n_calib: int = 128,
-    n_verify_samples: int | None = None,
-    n_verify: int = 5,
-    seed: int = 0,
-    seeds: Sequence[int] | None = None,
-    holdout_seeds: Sequence[int] | None = None,
-    base: str | SolverPlan | None = None,
-    final: str | None = None,
-    coordinate: str = "logsnr",
-    batch: int = 8,
-    screen: int = 8,
-    log: str | Path | None = None,
-    out: str | Path | None = None,
-    name: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-) -> SearchResult:
-    """Search a SolverPlan of exactly `nfe` model calls for `denoiser` (see the module docstring).
-
-    shape: one sample's shape (without the batch dimension).
-    metric: "rmse" against `reference` (the exact solution: a tensor for the calibration noise or a
-        callable x_T -> x_0; default: `reference_solver` at `reference_nfe` model calls), or a
-        callable (samples, x_T) -> float, lower is better (e.g. an FID proxy).
-    budget: true evaluations on the calibration batch (verification not included).
-    n_calib / n_verify_samples: calibration and verification batch sizes (seeds from
-        `calibration_seeds`, or `seeds`: the first n_calib for calibration, the next for verification).
-    holdout_seeds: evaluation seeds; a ValueError if any seed the search would use is among them.
-    base: a solver with a plan form (`samplers.usf.PLAN_FORMS`) or a SolverPlan: time-grid-only search.
-    final: "zero" or "last" to fix where plans end; None searches both (the metric's reference is
-        at sigma = 0 either way; "last" stops at t_min).
-    batch: true evaluations per generation (the predictor is refitted once per generation, as S^3
-        retrains it in stages; raise it with the budget); `screen` x batch offspring are screened.
-    log: JSONL log; re-running with it resumes.  out: write the best plan there as YAML.
-    """
-    if not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget (true evaluations) must be a positive integer, got {budget!r}")
-    if n_calib < 1:
-        raise ValueError(f"n_calib must be >= 1, got {n_calib}")
-    n_ver = n_calib if n_verify_samples is None else int(n_verify_samples)
-    if seeds is None:
-        seeds = calibration_seeds(n_calib + n_ver)
-    seeds = [int(s) for s in seeds]
-    if len(seeds) < n_calib + n_ver:
-        raise ValueError(f"seeds: need {n_calib + n_ver} (calibration {n_calib} + verification {n_ver}), got {len(seeds)}")
-    seeds = seeds[:n_calib + n_ver]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError("seeds must be distinct")
-    if holdout_seeds is not None:
-        clash = sorted(set(seeds) & {int(s) for s in holdout_seeds})
-        if clash:
-            raise ValueError(f"calibration/verification seeds overlap the held-out evaluation seeds: {clash[:10]}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    if isinstance(metric, str) and metric != "rmse":
-        raise ValueError(f"metric must be 'rmse' or a callable (samples, x_T) -> float, got {metric!r}")
-    if final not in (None,) + FINALS:
-        raise ValueError(f"final must be None (search both) or one of {FINALS}, got {final!r}")
-    schedule = denoiser.schedule
-    base_plan = None
+def initial_plans(schedule, nfe: int, finals: Sequence[str], coordinate: str = "logsnr",
+                  base: SolverPlan | None = None) -> list[SolverPlan]:
+    """Where a search starts: the plan forms of INIT_SOLVERS on each of INIT_SPACINGS and `finals`;
+    with `base`, the base plan and its steps on each spacing."""
     if base is not None:
-        base_plan = base if isinstance(base, SolverPlan) else plan_form(base, schedule, nfe, "logsnr", final or "zero",
-                                                                        coordinate)
-        if base_plan.nfe != nfe:
-            raise ValueError(f"base plan spends {base_plan.nfe} model calls, nfe={nfe}")
-        final, coordinate = base_plan.final, base_plan.coordinate
-    t_start = time.perf_counter()
-    x_cal = initial_noise((n_calib, *shape), schedule, seeds=seeds[:n_calib]).to(dtype)
-    x_ver = initial_noise((n_ver, *shape), schedule, seeds=seeds[n_calib:]).to(dtype)
-    ref_seconds = 0.0
-    model_calls = 0
-    sample_evals = 0
-    if metric == "rmse":
-        t0 = time.perf_counter()
-        if reference is None:
-            from .loop import sample
-
-            def reference(x):
-                return sample(denoiser, x.clone(), solver=reference_solver, nfe=reference_nfe, spacing="logsnr")
-            model_calls += 2 * reference_nfe
-            sample_evals += reference_nfe * (n_calib + n_ver)
-        if callable(reference):
-            ref_cal, ref_ver = reference(x_cal), reference(x_ver)
-        else:
-            ref_cal, ref_ver = torch.as_tensor(reference), None
-            if ref_cal.shape != x_cal.shape:
-                raise ValueError(f"reference has shape {tuple(ref_cal.shape)}, the calibration batch {tuple(x_cal.shape)}; "
-                                 "give a callable x_T -> reference for verification too")
-            n_verify = 0
-        ref_seconds = time.perf_counter() - t0
-
-        def score_fn(x, which):
-            return _rmse(x, ref_cal if which == "calib" else ref_ver)
-    else:
-        def score_fn(x, which):
-            return float(metric(x, x_cal if which == "calib" else x_ver))
-
-    config = {"nfe": nfe, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
-              "n_calib": n_calib, "n_verify_samples": n_ver, "seed": seed, "seeds": [seeds[0], seeds[-1], len(seeds)],
-              "base": base_plan.to_dict()["steps"] if base_plan is not None else None, "final": final,
-              "coordinate": coordinate, "batch": batch, "screen": screen}
-    book = _Log(log, config)
-    counts = {"model_calls": model_calls, "sample_evals": sample_evals}
-
-    def evaluate(sp: SolverPlan, phase: str) -> float:
-        key = (phase, sp.key())
-        if key in book.cache:
-            return book.cache[key]
-        x0 = x_cal if phase == "calib" else x_ver
-        t0 = time.perf_counter()
-        try:
-            x = run_plan(sp.compile(schedule), denoiser, x0.clone())
-            s = score_fn(x, phase)
-        except (ValueError, FloatingPointError):
-            s = math.inf
-        if not math.isfinite(s):
-            s = math.inf
-        counts["model_calls"] += sp.nfe
-        counts["sample_evals"] += sp.nfe * x0.shape[0]
-        book.record(phase, sp, s, time.perf_counter() - t0)
-        return s
-
-    times_only = base_plan is not None
-    finals = FINALS if final is None else (final,)
-    evaluated: dict[str, tuple[SolverPlan, float]] = {}
-    history: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=budget, desc=f"search nfe={nfe}", unit="plan")
-
-    def consider(sp: SolverPlan) -> None:
-        k = sp.key()
-        if k in evaluated or len(evaluated) >= budget:
-            return
-        s = evaluate(sp, "calib")
-        evaluated[k] = (sp, s)
-        history.append({"key": k, "score": s})
-        if bar is not None:
-            bar.update(1)
-            best = min(v[1] for v in evaluated.values())
-            bar.set_postfix(best=f"{best:.3e}")
-
-    # initial population: registered solvers' plan forms on several spacings, then random plans
-    rng = np.random.default_rng([seed, 0])
-    init: list[SolverPlan] = []
-    if base_plan is not None:
-        init.append(base_plan)
-        for sp_name in INIT_SPACINGS:
-            t = _spacing_times(schedule, len(base_plan.steps), sp_name, final, coordinate)
-            c = _try(base_plan.with_times, t)
-            if c is not None:
-                init.append(c)
-    else:
-        for solver in INIT_SOLVERS:
-            for sp_name in INIT_SPACINGS:
-                for fin in finals:
-                    c = _try(plan_form, solver, schedule, nfe, sp_name, fin, coordinate)
-                    if c is not None:
-                        init.append(c)
-    n_init = max(len(init), 48)  # independent of the budget, so a resumed search with a larger budget replays exactly
-    while len(init) < n_init:
-        init.append(random_plan(rng, nfe, schedule, final, coordinate, base_plan))
-    for sp in init:
-        consider(sp)
-
-    slots = nfe + 1
-    predictor = _Predictor(slots)
-    gen = 0
-    stall = 0
-    while len(evaluated) < budget and stall < 50:
-        gen += 1
-        rng = np.random.default_rng([seed, gen])
-        ranked = sorted(evaluated.values(), key=lambda v: v[1])
-        parents = [p for p, s in ranked[:N_PARENTS]]
-        predictor.fit([p for p, _ in evaluated.values()], [s for _, s in evaluated.values()])
-        pool: dict[str, SolverPlan] = {}
-        tries = 0
-        while len(pool) < screen * batch and tries < 50 * screen * batch:
-            tries += 1
-            a = parents[int(rng.integers(len(parents)))]
-            child = a
-            if rng.random() < P_CROSSOVER and len(parents) > 1:
-                b = parents[int(rng.integers(len(parents)))]
-                child = crossover(rng, a, b, times_only) or a
-            child = mutate(rng, child, times_only, finals)
-            if child is not None and child.nfe == nfe and child.key() not in evaluated:
-                pool[child.key()] = child
-        if not pool:
-            stall += 1
-            continue
-        cands = list(pool.values())
-        pred = predictor.predict(cands)
-        order = list(np.argsort(pred, kind="stable"))
-        n_explore = max(1, batch // 4)
-        chosen = order[:batch - n_explore]
-        rest = order[batch - n_explore:]
-        if rest:
-            chosen += list(rng.choice(rest, size=min(n_explore, len(rest)), replace=False))
-        before = len(evaluated)
-        for j in chosen:
-            consider(cands[int(j)])
-        stall = stall + 1 if len(evaluated) == before else 0
-    if bar is not None:
-        bar.close()
-
-    ranked = sorted(evaluated.values(), key=lambda v: v[1])
-    top = []
-    for sp, s in ranked[:max(1, n_verify)]:
-        v = evaluate(sp, "verify") if n_verify > 0 else s
-        top.append((sp, s, v))
-    best, s_cal, s_ver = min(top, key=lambda r: (r[2], r[1]))
-    info = {"search": {"metric": config["metric"], "calib_score": s_cal, "verify_score": s_ver, "budget": budget,
-                       "evaluations": len(evaluated), "n_calib": n_calib, "n_verify_samples": n_ver,
-                       "seed": seed, "seeds": f"{seeds[0]}..{seeds[-1]}", "base": None if base is None else str(
-                           base if isinstance(base, str) else base.name or "plan")}}
-    nm = name or f"searched_nfe{nfe}"
-    best = SolverPlan(best.steps, best.times, best.final, best.coordinate, name=nm, info=info)
-    if out is not None:
-        best.save(out)
-    return SearchResult(plan=best, calib_score=s_cal, verify_score=s_ver, evaluations=len(evaluated),
-                        model_calls=counts["model_calls"], sample_evaluations=counts["sample_evals"],
-                        reference_seconds=ref_seconds, seconds=time.perf_counter() - t_start, seeds=seeds,
-                        history=history, top=top)
+        times = (_spacing_times(schedule, len(base.steps), s, base.final, base.coordinate) for s in INIT_SPACINGS)
+        return [base] + [p for p in (_try(base.with_times, t) for t in times) if p is not None]
+    forms = (_try(plan_form, solver, schedule, nfe, spacing, fin, coordinate)
+             for solver in INIT_SOLVERS for spacing in INIT_SPACINGS for fin in finals)
+    return [p for p in forms if p is not None]

@@ -76,7 +76,7 @@ import numpy as np
 import yaml
 from numpy.polynomial import polynomial as P
 
-from ..schedules import _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
+from ..schedules import LAMBDA_FLOOR as _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .plan import Combo, Plan, PlanBuilder
 from .registry import Solver, register_scheme
 

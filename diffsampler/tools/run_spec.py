@@ -1,0 +1,151 @@
+"""The run spec: a composed Hydra config, checked by `config_schema`, turned once into typed, frozen
+values.  Everything below the command line reads these (or plain arguments), never the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config_schema import ConfigError
+from ..config_schema import check as check_schema
+
+__all__ = ["RunSpec", "ModelSpec", "SolverSpec", "GuidanceSpec", "EvalSpec", "SamplingSpec", "resolve", "model_spec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """model=gmm (the exact mixture), digits (the packaged pipeline) or diffusers (a pipeline)."""
+
+    name: str
+    path: str | None = None
+    dim: int | None = None
+    components: int | None = None
+    seed: int | None = None
+    scale: float | None = None
+    std: tuple[float, ...] = ()
+    schedule: str | None = None
+    prediction_type: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    class_label: int | None = None
+    null_class: int | None = None
+    dtype: str | None = None
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # as composed (for fingerprints)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+    path: str | None = None  # solver=plan: the plan's YAML file or name
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """guidance=none, cfg (scale, rescale), minority (classifier, scale, target, interval) or svdd
+    (reward, target, num_candidates, alpha)."""
+
+    name: str
+    scale: float = 1.0
+    rescale: float = 0.0
+    classifier: str | None = None
+    target: Any = None  # a class, a digit, or a point (svdd reward=distance)
+    interval: tuple[float, ...] = (0.0, 1.0)
+    reward: str = "auto"
+    num_candidates: Any = 1
+    alpha: Any = 0.0
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    feature: str = "auto"
+    weights_path: str | None = None
+    sha256: str | None = None
+    reference: str | None = None
+    cache_dir: str = "~/.cache/diffsampler"
+    kid: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    nfe: int
+    spacing: str
+    final: str            # resolved: "zero" or "last" (a saved plan's own when the config left it null)
+    time_shift: dict | None
+    num_samples: int
+    seed: int
+    batch_size: int
+    shard_size: int
+    device: str
+    progress: bool
+    grid_size: int
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.num_samples))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec
+    solver: SolverSpec
+    guidance: GuidanceSpec
+    eval: EvalSpec
+    sampling: SamplingSpec
+    results_file: str
+
+
+def resolve(cfg) -> RunSpec:
+    """The run spec of a composed config (checked against the schema first); the config is read,
+    never written."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(cfg)
+    check_schema(cfg)
+    plain = {key: _plain(cfg[key]) for key in cfg.keys() if key != "hydra"}
+    model, solver, guidance = plain["model"], plain["solver"], plain["guidance"]
+    sampling = {k: plain[k] for k in SamplingSpec.__dataclass_fields__}
+    sampling["final"] = _final(plain["final"], solver)
+    sampling["time_shift"] = plain["time_shift"] or None
+    return RunSpec(
+        model=model_spec(model),
+        solver=SolverSpec(solver["name"], dict(solver.get("options") or {}), solver.get("path"), config=solver),
+        guidance=GuidanceSpec(**_tupled(guidance, "interval"), config=guidance),
+        eval=EvalSpec(**plain["eval"]),
+        sampling=SamplingSpec(**sampling),
+        results_file=plain["results_file"],
+    )
+
+
+def model_spec(model: dict) -> ModelSpec:
+    """The ModelSpec of a model group as plain values (e.g. configs/model/gmm.yaml)."""
+    return ModelSpec(**{**model, "std": tuple(model.get("std") or ())}, config=model)
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _tupled(d: dict, key: str) -> dict:
+    return {**d, key: tuple(d[key])} if d.get(key) is not None else {k: v for k, v in d.items() if k != key}
+
+
+def _final(final: str | None, solver: dict) -> str:
+    """final: null means the solver's own end point: a solver plan's `final`, sigma = 0 otherwise."""
+    if final is not None:
+        return final
+    if solver["name"] != "plan" or not solver.get("path"):
+        return "zero"
+    from ..samplers.usf import load_plan
+
+    try:
+        return load_plan(str(solver["path"])).final
+    except ValueError as e:
+        raise ConfigError(f"solver.path: {e}") from None

@@ -1,0 +1,478 @@
+"""The S^3 search driver (Liu et al. 2024, arXiv:2312.07243): the plan space lives in
+`diffsampler.samplers.search`; this module spends a budget of true evaluations in it.
+
+Three pieces, each usable on its own:
+
+* the objective: a plan's score on a batch (x_T from calibration seeds, sampled with the plan, scored
+  against a reference or by a metric), cached and logged (`Objective`, `evaluate`);
+* the evolution loop: an initial population (registered solvers' plan forms on several spacings,
+  then random plans), then generations of offspring screened by a light predictor (`evolve`);
+* verification: the top-k plans re-scored on a second batch, the best there wins (`verify`).
+
+`search` ties them together with the settings of one `S3Settings`.  Calibration and verification
+noise come from seeds >= CALIBRATION_SEED_BASE (evaluation conventionally uses seeds 0, 1, ...);
+`holdout_seeds` are checked to be disjoint from every seed the search uses.  The search is
+deterministic and logs every true evaluation to an append-only JSONL file (`diffsampler.tools.
+search_log`); re-running it with the same log replays the log and only evaluates what is missing.
+Time-grid optimisation for a fixed solver is the same search with `base=<solver or SolverPlan>`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..samplers.loop import initial_noise, sample
+from ..samplers.plan import run_plan
+from ..samplers.search import N_PARENTS, P_CROSSOVER, _Predictor, crossover, initial_plans, mutate, random_plan
+from ..samplers.usf import FINALS, SolverPlan, plan_form
+from .search_log import SearchLog
+
+__all__ = ["search", "SearchResult", "S3Settings", "calibration_seeds", "CALIBRATION_SEED_BASE", "Batch",
+           "Objective", "evaluate", "evolve", "verify", "best_verified", "PlanSpace",
+           "Population", "run_search"]
+
+CALIBRATION_SEED_BASE = 1_000_000
+MIN_POPULATION = 48  # initial population, independent of the budget: a resumed search replays exactly
+MAX_STALL = 50       # generations in a row without a new plan end the loop
+
+
+def calibration_seeds(n: int, offset: int = 0) -> list[int]:
+    """Seeds of calibration noise: CALIBRATION_SEED_BASE + offset + k (disjoint from 0..10^6-1)."""
+    return list(range(CALIBRATION_SEED_BASE + offset, CALIBRATION_SEED_BASE + offset + n))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How the search spends its budget.
+
+    budget: true evaluations on the calibration batch (verification not included).
+    n_calib / n_verify_samples: calibration and verification batch sizes (None: as many as n_calib).
+    top_k: plans re-scored on the verification batch.
+    seeds: the noise seeds (first n_calib for calibration, the next for verification); None:
+        `calibration_seeds`.  holdout_seeds: evaluation seeds the search must not touch.
+    batch: true evaluations per generation; `screen` x batch offspring are screened by the predictor.
+    final: "zero" or "last" to fix where plans end; None searches both.
+    """
+
+    budget: int = 200
+    n_calib: int = 128
+    n_verify_samples: int | None = None
+    top_k: int = 5
+    seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    holdout_seeds: tuple[int, ...] | None = None
+    batch: int = 8
+    screen: int = 8
+    final: str | None = None
+    coordinate: str = "logsnr"
+
+    @property
+    def n_verify_batch(self) -> int:
+        return self.n_calib if self.n_verify_samples is None else int(self.n_verify_samples)
+
+    def check(self) -> None:
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget (true evaluations) must be a positive integer, got {self.budget!r}")
+        if self.n_calib < 1:
+            raise ValueError(f"n_calib must be >= 1, got {self.n_calib}")
+        self.noise_seeds()
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+    def noise_seeds(self) -> list[int]:
+        """The calibration then verification seeds, checked: enough, distinct, none held out."""
+        n = self.n_calib + self.n_verify_batch
+        seeds = [int(s) for s in (calibration_seeds(n) if self.seeds is None else self.seeds)]
+        if len(seeds) < n:
+            raise ValueError(f"seeds: need {n} (calibration {self.n_calib} + verification {self.n_verify_batch}), "
+                             f"got {len(seeds)}")
+        seeds = seeds[:n]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        clash = sorted(set(seeds) & {int(s) for s in self.holdout_seeds or ()})
+        if clash:
+            raise ValueError(f"calibration/verification seeds overlap the held-out evaluation seeds: {clash[:10]}")
+        return seeds
+
+
+@dataclass
+class SearchResult:
+    plan: SolverPlan                 # the best plan (verified)
+    calib_score: float
+    verify_score: float
+    evaluations: int                 # true evaluations of plans on the calibration batch
+    model_calls: int                 # batched network calls spent by the search (evaluations + verification)
+    sample_evaluations: int          # network calls x batch rows
+    reference_seconds: float
+    seconds: float
+    seeds: list[int]                 # every seed whose noise the search used
+    history: list[dict] = field(default_factory=list, repr=False)  # calib evaluations in order
+    top: list[tuple[SolverPlan, float, float]] = field(default_factory=list, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A batch to score plans on: its initial noise and a score of the samples (lower is better)."""
+
+    x_T: torch.Tensor
+    score: Callable[[torch.Tensor], float]
+
+
+def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).pow(2).mean().sqrt())
+
+
+def evaluate(plan: SolverPlan, denoiser, batch: Batch) -> float:
+    """The plan's score on the batch; inf for a plan that fails or gives a non-finite score."""
+    try:
+        s = batch.score(run_plan(plan.compile(denoiser.schedule), denoiser, batch.x_T.clone()))
+    except (ValueError, FloatingPointError):
+        s = math.inf
+    return s if math.isfinite(s) else math.inf
+
+
+class Objective:
+    """`evaluate` on the batch of a phase ("calib", "verify"), answered from the log when the plan was
+    evaluated before; counts the model calls it spends."""
+
+    def __init__(self, denoiser, batches: dict[str, Batch], log: SearchLog | None = None):
+        self.denoiser, self.batches, self.log = denoiser, batches, log or SearchLog(None, {})
+        self.model_calls = 0
+        self.sample_evaluations = 0
+
+    def __call__(self, plan: SolverPlan, phase: str = "calib") -> float:
+        key = (phase, plan.key())
+        if key in self.log.cache:
+            return self.log.cache[key]
+        batch = self.batches[phase]
+        t0 = time.perf_counter()
+        s = evaluate(plan, self.denoiser, batch)
+        self.model_calls += plan.nfe
+        self.sample_evaluations += plan.nfe * batch.x_T.shape[0]
+        self.log.record(phase, plan, s, time.perf_counter() - t0)
+        return s
+
+
+@dataclass
+class Calibration:
+    """The batches of a search and what their reference cost."""
+
+    batches: dict[str, Batch]
+    seconds: float = 0.0
+    model_calls: int = 0
+    sample_evaluations: int = 0
+
+
+def calibration(denoiser, shape, seeds: list[int], n_calib: int, metric, reference, dtype,
+                reference_solver: str = "dpmpp_3m", reference_nfe: int = 200) -> Calibration:
+    """Calibration and verification batches from `seeds`; scored by RMSE against `reference` (a
+    tensor for the calibration batch alone, or a callable x_T -> x_0; None: `reference_solver` at
+    `reference_nfe` model calls) when metric is "rmse", else by metric(samples, x_T).  A tensor
+    reference gives no verification batch."""
+    schedule = denoiser.schedule
+    x_cal = initial_noise((n_calib, *shape), schedule, seeds=seeds[:n_calib]).to(dtype)
+    x_ver = initial_noise((len(seeds) - n_calib, *shape), schedule, seeds=seeds[n_calib:]).to(dtype)
+    if metric != "rmse":
+        return Calibration({"calib": _metric_batch(x_cal, metric), "verify": _metric_batch(x_ver, metric)})
+    t0 = time.perf_counter()
+    cost = Calibration({})
+    if reference is None:
+        def reference(x):
+            return sample(denoiser, x.clone(), solver=reference_solver, nfe=reference_nfe, spacing="logsnr")
+        cost.model_calls, cost.sample_evaluations = 2 * reference_nfe, reference_nfe * len(seeds)
+    if callable(reference):
+        cost.batches = {"calib": _rmse_batch(x_cal, reference(x_cal)), "verify": _rmse_batch(x_ver, reference(x_ver))}
+    else:
+        ref = torch.as_tensor(reference)
+        if ref.shape != x_cal.shape:
+            raise ValueError(f"reference has shape {tuple(ref.shape)}, the calibration batch {tuple(x_cal.shape)}; "
+                             "give a callable x_T -> reference for verification too")
+        cost.batches = {"calib": _rmse_batch(x_cal, ref)}
+    cost.seconds = time.perf_counter() - t0
+    return cost
+
+
+def _rmse_batch(x_T, ref) -> Batch:
+    return Batch(x_T, lambda x: rmse(x, ref))
+
+
+def _metric_batch(x_T, metric) -> Batch:
+    return Batch(x_T, lambda x: float(metric(x, x_T)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the evolution loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanSpace:
+    """The plans searched: `nfe` model calls on `schedule`, ending at one of `finals`; with `base`
+    only the time points change."""
+
+    schedule: object
+    nfe: int
+    finals: tuple[str, ...]
+    coordinate: str = "logsnr"
+    base: SolverPlan | None = None
+
+    def seed_plans(self) -> list[SolverPlan]:
+        """Registered solvers' plan forms on several spacings (with `base`: its steps on them)."""
+        return initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base)
+
+    def random(self, rng) -> SolverPlan:
+        final = None if self.base is None and len(self.finals) > 1 else self.finals[0]
+        return random_plan(rng, self.nfe, self.schedule, final, self.coordinate, self.base)
+
+    def child(self, rng, parents: list[SolverPlan]) -> SolverPlan | None:
+        """An offspring: crossover of two parents (sometimes), then mutation."""
+        times_only = self.base is not None
+        a = parents[int(rng.integers(len(parents)))]
+        child = a
+        if rng.random() < P_CROSSOVER and len(parents) > 1:
+            b = parents[int(rng.integers(len(parents)))]
+            child = crossover(rng, a, b, times_only) or a
+        return mutate(rng, child, times_only, self.finals)
+
+
+class Population:
+    """The plans evaluated on the calibration batch, in order, up to `budget`."""
+
+    def __init__(self, objective: Callable[[SolverPlan], float], budget: int, on_new: Callable | None = None):
+        self.objective, self.budget, self.on_new = objective, budget, on_new
+        self.scored: dict[str, tuple[SolverPlan, float]] = {}
+        self.history: list[dict] = []
+
+    def full(self) -> bool:
+        return len(self.scored) >= self.budget
+
+    def consider(self, plan: SolverPlan) -> None:
+        k = plan.key()
+        if k in self.scored or self.full():
+            return
+        s = self.objective(plan)
+        self.scored[k] = (plan, s)
+        self.history.append({"key": k, "score": s})
+        if self.on_new is not None:
+            self.on_new(min(v[1] for v in self.scored.values()))
+
+    def ranked(self) -> list[tuple[SolverPlan, float]]:
+        return sorted(self.scored.values(), key=lambda v: v[1])
+
+
+def evolve(space: PlanSpace, population: Population, seed: int, batch: int, screen: int) -> Population:
+    """Fill `population` up to its budget: the initial population, then generations of `batch`
+    evaluations chosen among `screen` x batch offspring by the predictor."""
+    rng = np.random.default_rng([seed, 0])
+    init = space.seed_plans()
+    n_init = max(len(init), MIN_POPULATION)
+    while len(init) < n_init:
+        init.append(space.random(rng))
+    for plan in init:
+        population.consider(plan)
+    predictor = _Predictor(space.nfe + 1)
+    gen = stall = 0
+    while not population.full() and stall < MAX_STALL:
+        gen += 1
+        before = len(population.scored)
+        generation(space, population, predictor, np.random.default_rng([seed, gen]), batch, screen)
+        stall = stall + 1 if len(population.scored) == before else 0
+    return population
+
+
+def generation(space: PlanSpace, population: Population, predictor, rng, batch: int, screen: int) -> None:
+    """One generation: refit the predictor, draw offspring of the best, evaluate the screened ones."""
+    scored = list(population.scored.values())
+    predictor.fit([p for p, _ in scored], [s for _, s in scored])
+    parents = [p for p, _ in population.ranked()[:N_PARENTS]]
+    candidates = offspring(space, parents, population.scored, rng, screen * batch)
+    for plan in screened(candidates, predictor, rng, batch):
+        population.consider(plan)
+
+
+def offspring(space: PlanSpace, parents, seen, rng, n: int) -> list[SolverPlan]:
+    """Up to `n` distinct new children of `parents` (none of `seen`), in the order drawn."""
+    pool: dict[str, SolverPlan] = {}
+    tries = 0
+    while len(pool) < n and tries < 50 * n:
+        tries += 1
+        child = space.child(rng, parents)
+        if child is not None and child.nfe == space.nfe and child.key() not in seen:
+            pool[child.key()] = child
+    return list(pool.values())
+
+
+def screened(candidates: list[SolverPlan], predictor, rng, batch: int) -> list[SolverPlan]:
+    """The best-predicted candidates, plus a few random others (a quarter of the batch) to explore."""
+    if not candidates:
+        return []
+    order = list(np.argsort(predictor.predict(candidates), kind="stable"))
+    n_explore = max(1, batch // 4)
+    chosen, rest = order[:batch - n_explore], order[batch - n_explore:]
+    if rest:
+        chosen += list(rng.choice(rest, size=min(n_explore, len(rest)), replace=False))
+    return [candidates[int(j)] for j in chosen]
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------------------------
+
+def verify(ranked: list[tuple[SolverPlan, float]], objective: Callable[[SolverPlan], float] | None,
+           top_k: int) -> list[tuple[SolverPlan, float, float]]:
+    """(plan, calibration score, verification score) of the top_k plans of `ranked`, in its order;
+    without an objective (or top_k 0) the best calibration plan alone, its calibration score
+    standing in for the verification score."""
+    if objective is None or top_k <= 0:
+        return [(p, s, s) for p, s in ranked[:1]]
+    return [(p, s, objective(p)) for p, s in ranked[:top_k]]
+
+
+def best_verified(top: list[tuple[SolverPlan, float, float]]) -> tuple[SolverPlan, float, float]:
+    """The verified winner: lowest verification score, ties broken by the calibration score."""
+    return min(top, key=lambda r: (r[2], r[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------
+
+def search(
+    denoiser,
+    nfe: int,
+    *,
+    shape: Sequence[int],
+    metric: str | Callable[[torch.Tensor, torch.Tensor], float] = "rmse",
+    reference: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference_solver: str = "dpmpp_3m",
+    reference_nfe: int = 200,
+    budget: int = 200,
+    n_calib: int = 128,
+    n_verify_samples: int | None = None,
+    n_verify: int = 5,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    holdout_seeds: Sequence[int] | None = None,
+    base: str | SolverPlan | None = None,
+    final: str | None = None,
+    coordinate: str = "logsnr",
+    batch: int = 8,
+    screen: int = 8,
+    log: str | Path | None = None,
+    out: str | Path | None = None,
+    name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> SearchResult:
+    """Search a SolverPlan of exactly `nfe` model calls for `denoiser` (see the module docstring).
+
+    shape: one sample's shape (without the batch dimension).
+    metric: "rmse" against `reference` (the exact solution: a tensor for the calibration noise or a
+        callable x_T -> x_0; default: `reference_solver` at `reference_nfe` model calls), or a
+        callable (samples, x_T) -> float, lower is better (e.g. an FID proxy).
+    n_verify: the top-k plans re-scored on the verification batch; the other settings are those of
+        `S3Settings`.  base: a solver with a plan form (`samplers.usf.PLAN_FORMS`) or a SolverPlan:
+        time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
+        plan there as YAML.
+    """
+    settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
+                          None if seeds is None else tuple(seeds),
+                          None if holdout_seeds is None else tuple(holdout_seeds), batch, screen, final, coordinate)
+    return run_search(denoiser, nfe, shape, settings, metric=metric, reference=reference,
+                      reference_solver=reference_solver, reference_nfe=reference_nfe, base=base, log=log, out=out,
+                      name=name, dtype=dtype, progress=progress)
+
+
+def run_search(denoiser, nfe: int, shape: Sequence[int], settings: S3Settings, *, metric="rmse", reference=None,
+               reference_solver: str = "dpmpp_3m", reference_nfe: int = 200, base=None, log=None, out=None,
+               name: str | None = None, dtype: torch.dtype = torch.float32, progress: bool = True) -> SearchResult:
+    """`search` with its settings in one S3Settings."""
+    _check(nfe, settings, metric)
+    seeds = settings.noise_seeds()
+    space = _space(denoiser.schedule, nfe, settings, base)
+    t_start = time.perf_counter()
+    cal = calibration(denoiser, shape, seeds, settings.n_calib, metric, reference, dtype, reference_solver,
+                      reference_nfe)
+    config = _log_config(nfe, settings, metric, seeds, space)
+    objective = Objective(denoiser, cal.batches, SearchLog(log, config))
+    bar = _progress_bar(settings.budget, nfe) if progress else None
+    population = Population(objective, settings.budget, _bar_update(bar) if bar is not None else None)
+    evolve(space, population, settings.seed, settings.batch, settings.screen)
+    if bar is not None:
+        bar.close()
+    verifier = (lambda p: objective(p, "verify")) if "verify" in cal.batches else None
+    top = verify(population.ranked(), verifier, settings.top_k)
+    best, s_cal, s_ver = best_verified(top)
+    best = _named(best, name or f"searched_nfe{nfe}", config["metric"], s_cal, s_ver, settings, len(population.scored),
+                  seeds, base)
+    if out is not None:
+        best.save(out)
+    return SearchResult(plan=best, calib_score=s_cal, verify_score=s_ver, evaluations=len(population.scored),
+                        model_calls=cal.model_calls + objective.model_calls,
+                        sample_evaluations=cal.sample_evaluations + objective.sample_evaluations,
+                        reference_seconds=cal.seconds, seconds=time.perf_counter() - t_start, seeds=seeds,
+                        history=population.history, top=top)
+
+
+def _check(nfe, settings: S3Settings, metric) -> None:
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    settings.check()
+    if isinstance(metric, str) and metric != "rmse":
+        raise ValueError(f"metric must be 'rmse' or a callable (samples, x_T) -> float, got {metric!r}")
+    if settings.final not in (None,) + FINALS:
+        raise ValueError(f"final must be None (search both) or one of {FINALS}, got {settings.final!r}")
+
+
+def _space(schedule, nfe: int, settings: S3Settings, base) -> PlanSpace:
+    final, coordinate = settings.final, settings.coordinate
+    if base is None:
+        return PlanSpace(schedule, nfe, FINALS if final is None else (final,), coordinate)
+    plan = base if isinstance(base, SolverPlan) else plan_form(base, schedule, nfe, "logsnr", final or "zero",
+                                                                coordinate)
+    if plan.nfe != nfe:
+        raise ValueError(f"base plan spends {plan.nfe} model calls, nfe={nfe}")
+    return PlanSpace(schedule, nfe, (plan.final,), plan.coordinate, plan)
+
+
+def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space: PlanSpace) -> dict:
+    """What a log's first line records: a log written under other values is refused."""
+    return {"nfe": nfe, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
+            "n_calib": settings.n_calib, "n_verify_samples": settings.n_verify_batch, "seed": settings.seed,
+            "seeds": [seeds[0], seeds[-1], len(seeds)],
+            "base": space.base.to_dict()["steps"] if space.base is not None else None,
+            "final": settings.final if space.base is None else space.base.final,
+            "coordinate": space.coordinate, "batch": settings.batch, "screen": settings.screen}
+
+
+def _named(plan: SolverPlan, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
+           evaluations: int, seeds: list[int], base) -> SolverPlan:
+    info = {"search": {"metric": metric, "calib_score": s_cal, "verify_score": s_ver, "budget": settings.budget,
+                       "evaluations": evaluations, "n_calib": settings.n_calib,
+                       "n_verify_samples": settings.n_verify_batch, "seed": settings.seed,
+                       "seeds": f"{seeds[0]}..{seeds[-1]}",
+                       "base": None if base is None else str(base if isinstance(base, str) else base.name or "plan")}}
+    return SolverPlan(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info)
+
+
+def _progress_bar(budget: int, nfe: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=budget, desc=f"search nfe={nfe}", unit="plan")
+
+
+def _bar_update(bar):
+    def update(best: float) -> None:
+        bar.update(1)
+        bar.set_postfix(best=f"{best:.3e}")
+    return update
