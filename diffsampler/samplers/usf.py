@@ -76,14 +76,16 @@ import numpy as np
 import yaml
 
 from ..schedules import _LAMBDA_FLOOR, FINALS, NoiseSchedule, TimeGrid
-from .deis import deis_weights, lagrange_basis
-from .dpm_solver import dpmpp_multistep_weights, phi
+from .ddim import heun_weights
+from .deis import deis_weights, lagrange_basis, plms_weights
+from .dpm_solver import dpmpp_2s_weights, dpmpp_multistep_weights, phi
 from .momentum import ghvb_step
+from .registry import heavy_ball
 from .plan import Combo, Plan, PlanBuilder
 from .registry import Solver, register_scheme
 
 __all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PlanFormatError", "PREDICTIONS", "ESTIMATORS", "COORDINATES",
-           "plan_form", "phi", "load_plan", "available_plans", "plan_dirs", "exp_weights"]
+           "plan_form", "plan_forms", "phi", "load_plan", "ESTIMATOR_TABLE", "Estimator", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
 COORDINATES = ("logsnr", "time")
@@ -118,6 +120,30 @@ def _deis_t(grid, i, pts, s):
     return deis_weights(grid, i, len(pts), "t")
 
 
+def _deis_rho(grid, i, pts, s):
+    return deis_weights(grid, i, len(pts), "rho")
+
+
+def _deis_logrho(grid, i, pts, s):
+    return deis_weights(grid, i, len(pts), "logrho")
+
+
+def _plms(grid, i, pts, s):
+    return plms_weights(grid, i, len(pts))
+
+
+def _heun(grid, i, pts, s):
+    return heun_weights(grid, i, len(pts))
+
+
+def _taylor_through(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
+    return exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t, relax=s.relax)
+
+
+def _dpmpp_2s(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
+    return s_t / s_s, dpmpp_2s_weights(l_s, l_t, a_t, (lams[1] - l_s) / (l_t - l_s))
+
+
 @dataclass(frozen=True)
 class Estimator:
     """What a derivative estimator allows and how its weights are computed.  `StepPlan` /
@@ -134,11 +160,13 @@ class Estimator:
     calls_per_order: bool = False  # spends `order` model calls (order - 1 intermediate points), else one
     corrector: bool = False
     relax: bool = False
-    beta: str | None = None  # momentum beta: "required" (GHVB) or None
+    beta: str | None = None  # momentum beta: "required" (GHVB), "optional" (heavy ball over a run) or None
     r: bool = False  # intermediate points may be given as fractions r of h
     to_zero: bool = False  # order > 1 allowed on the step onto sigma = 0 (finite there)
     searched: bool = True  # in the search space's encoding
-    weights: object = None  # history estimators: (grid, i, grid points, step) -> (c_x, weights)
+    weights: object = None  # one-call steps: (grid, i, grid points, step) -> (c_x, weights over those points)
+    through: object = _taylor_through  # calls_per_order: the step through its points' log-SNRs -> (c_x, weights)
+    at_end: bool = False  # calls_per_order: the intermediate point is the step's end (Heun's trapezoid)
 
 
 ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
@@ -147,11 +175,23 @@ ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
     Estimator("multistep_t", "tAB-DEIS, Lagrange basis in t", ("noise",), to_zero=True, weights=_deis_t),
     Estimator("unipc", "UniPC-bh2", corrector=True, relax=True, weights=_unipc),
     Estimator("singlestep", "DPM-Solver-k style intermediate points", history=None, calls_per_order=True,
-              relax=True, r=True),
+              relax=True, r=True, weights=_taylor),
     Estimator("fallback", "multistep at the order the history allows", fallback=True, corrector=True, relax=True,
               searched=False, weights=_taylor),
     Estimator("ghvb", "generalized heavy ball", history="run", beta="required", to_zero=True),
+    Estimator("multistep_rho", "rhoAB-DEIS, Lagrange basis in rho", ("noise",), to_zero=True, beta="optional",
+              weights=_deis_rho),
+    Estimator("multistep_logrho", "DEIS with a Lagrange basis in log rho", ("noise",), beta="optional",
+              weights=_deis_logrho),
+    Estimator("plms", "PLMS / iPNDM, equal-step Adams-Bashforth", ("noise",), to_zero=True, beta="optional",
+              weights=_plms),
+    Estimator("singlestep_dpm", "DPM-Solver++(2S)", ("data",), 2, history=None, calls_per_order=True, r=True,
+              weights=_dpmpp, through=_dpmpp_2s),
+    Estimator("heun", "Heun, trapezoid in rho", ("noise",), 2, history=None, calls_per_order=True, weights=_heun,
+              at_end=True),
 )}
+for _name in ("multistep_dpm", "multistep_t"):  # heavy ball (any multistep solver's `momentum`)
+    ESTIMATOR_TABLE[_name] = replace(ESTIMATOR_TABLE[_name], beta="optional")
 ESTIMATORS = tuple(ESTIMATOR_TABLE)
 
 
@@ -304,7 +344,7 @@ class StepPlan:
         if self.corrector and not est.corrector:
             with_corrector = [e.name for e in ESTIMATOR_TABLE.values() if e.corrector]
             raise ValueError(f"a corrector runs on {_listed(with_corrector)} steps, got estimator {self.estimator!r}")
-        if self.analytic and (self.order != 1 or est.calls_per_order):
+        if self.analytic and (self.order != 1 or est.calls_per_order or self.beta is not None):
             raise ValueError(f"an analytic step is first order with no model call; got order {self.order}, "
                              f"estimator {self.estimator!r}")
         if self.r is not None:
@@ -711,6 +751,7 @@ class _Compiler:
         pending: dict[int, float] = {}
         correction: dict[int, float] | None = None  # over grid points, applied once point i+1 is evaluated
         velocity: list[dict[int, float]] = []  # GHVB: V of the current run of ghvb steps, newest first
+        hb_velocity: dict[int, float] | None = None  # heavy ball: V of the current run of steps with beta
         for i, s in enumerate(sp.steps):
             k = orders[i]
             if s.analytic:
@@ -730,6 +771,10 @@ class _Compiler:
             else:
                 cx, wp = self._multistep(i, s, k)
                 w = {self.out[p]: c for p, c in wp.items()}
+                if s.beta is not None:  # heavy ball on the step's update direction, g its first-order weight
+                    (g,) = self._multistep(i, s, 1)[1].values()
+                    same_run = i > 0 and continues_run(sp.steps, i, i - 1)
+                    w, hb_velocity = heavy_ball(w, hb_velocity if same_run else None, s.beta, g)
                 if s.corrector:
                     _, wc = self._multistep(i, s, k, with_next=True)  # same c_x: the difference is in M only
                     correction = {p: wc[p] - wp.get(p, 0.0) for p in wc}
@@ -748,10 +793,16 @@ class _Compiler:
 
     def _singlestep(self, i: int, s: StepPlan, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
         """Intermediate points at lambda_s + r_j h, each from the lower-order step through the
-        points before it; the step itself through all of them."""
+        points before it (Heun: the end point, from the Euler step); the step itself through all of them."""
         sched = self.grid.schedule
+        est = s.capabilities
         l_s, a_s, s_s = self._point(i)
         l_t, a_t, s_t = self._point(i + 1)
+        if est.at_end:
+            cx, w = est.weights(self.grid, i, [i], s)
+            m = self.b.eval_at(i + 1, s.prediction, self._lift(cx, {self.out[i]: w[0]}, pending))
+            cx, w = est.weights(self.grid, i, [i, i + 1], s)
+            return cx, dict(zip((self.out[i], m), w))
         h = l_t - l_s
         lams, outs = [l_s], [self.out[i]]
         for r in s.fractions:
@@ -762,7 +813,7 @@ class _Compiler:
             m = self.b.eval(t_j, a_j, s_j, s.prediction, self._lift(cx, dict(zip(outs, w)), pending))
             lams.append(l_j)
             outs.append(m)
-        cx, w = exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t, relax=s.relax)
+        cx, w = est.through(lams, l_s, l_t, a_s, s_s, a_t, s_t, s)
         return cx, dict(zip(outs, w))
 
 
@@ -770,17 +821,31 @@ class _Compiler:
 # registered solvers written as plans
 # ---------------------------------------------------------------------------------------------
 
-#: registered solver -> (prediction, estimator) of its plan form
-PLAN_FORMS = {
-    "ddim": ("data", "multistep"),
-    "euler": ("data", "multistep"),
-    "dpmpp_2m": ("data", "multistep_dpm"),
-    "dpmpp_3m": ("data", "multistep_dpm"),
-    "deis_1": ("noise", "multistep_t"),
-    "deis_2": ("noise", "multistep_t"),
-    "deis_3": ("noise", "multistep_t"),
-    "ghvb": ("noise", "ghvb"),  # the default base "pndm" (noise prediction); beta from the solver
-}
+def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
+    """(prediction, estimator, beta) whose steps compute what `solver` computes (ValueError when none)."""
+    from .ddim import DDIM, Heun
+    from .deis import DEIS, PNDM
+    from .dpm_solver import DPMSolverPP, DPMSolverPP2S
+    from .momentum import GHVB
+
+    if solver.stochastic:
+        raise ValueError(f"{solver.name!r} is stochastic: a plan's steps are deterministic")
+    beta = getattr(solver, "momentum", None)
+    if isinstance(solver, GHVB):
+        return solver.kind, "ghvb", solver.beta
+    if isinstance(solver, DDIM):
+        return "data", "multistep", None
+    if isinstance(solver, DPMSolverPP):
+        return "data", "multistep_dpm", beta
+    if isinstance(solver, DEIS):
+        return "noise", {"t": "multistep_t", "rho": "multistep_rho", "logrho": "multistep_logrho"}[solver.basis], beta
+    if isinstance(solver, PNDM):
+        return "noise", "plms", beta
+    if isinstance(solver, DPMSolverPP2S):
+        return "data", "singlestep_dpm", None
+    if isinstance(solver, Heun):
+        return "noise", "heun", None
+    raise ValueError(f"no plan form for solver {solver.name!r} ({type(solver).__name__})")
 
 
 #: solvers of other libraries written as plans: name -> (prediction, estimator, order)
@@ -806,15 +871,28 @@ def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unif
         steps = tuple(StepPlan(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
         return SolverPlan(steps, tuple(SolverPlan.times_of(grid, coordinate)), final, coordinate,
                           name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
-    if solver not in PLAN_FORMS:
-        raise ValueError(f"no plan form for solver {solver!r}; plan forms exist for {sorted(PLAN_FORMS)} "
-                         f"and {sorted(EXTERNAL_FORMS)}")
+    from .registry import get
+
+    pred, est, beta = _estimator_of(get(solver))
     plan = make_plan(solver, schedule, nfe, spacing, final)
-    pred, est = PLAN_FORMS[solver]
-    beta = plan.info.get("beta") if est == "ghvb" else None
-    steps = tuple(StepPlan(pred, k, est, beta=beta) for k in plan.orders)
+    r1 = getattr(get(solver), "r1", 0.5)
+    steps = tuple(StepPlan(pred, k, est, beta=beta, r=(r1,) if k == 2 and r1 != 0.5 else None) for k in plan.orders)
     return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
+
+
+def plan_forms() -> list[str]:
+    """Registered solvers with a plan form (every deterministic one) and the external forms."""
+    from .registry import available, get
+
+    names = []
+    for n in available():
+        try:
+            _estimator_of(get(n))
+            names.append(n)
+        except ValueError:
+            pass
+    return names + sorted(EXTERNAL_FORMS)
 
 
 # ---------------------------------------------------------------------------------------------
