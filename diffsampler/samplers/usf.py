@@ -829,7 +829,7 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
     from .momentum import GHVB
 
     if solver.stochastic:
-        raise ValueError(f"{solver.name!r} is stochastic: a plan's steps are deterministic")
+        raise ValueError(f"no plan form for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
     beta = getattr(solver, "momentum", None)
     if isinstance(solver, GHVB):
         return solver.kind, "ghvb", solver.beta
