@@ -46,6 +46,15 @@ Derivative estimators (`StepPlan.estimator`):
                      weights, Adams-Bashforth at beta = 1) and P_i is carried by the first-order
                      exponential step.  What the registered `ghvb` computes.
 
+* ``multistep_rho`` / ``multistep_logrho``  DEIS with the Lagrange basis in rho / log rho (`deis_rho_k`,
+                     `deis_logrho_k`).  ``plms``  equal-step Adams-Bashforth (`pndm`).  Noise only.
+* ``singlestep_dpm`` DPM-Solver++(2S) (`dpmpp_2s`), data, order <= 2, intermediate point at r_1 (default 1/2).
+* ``heun``           Heun's trapezoid in rho (`heun`), noise, order <= 2, second call at the step's end.
+* `beta` on ``multistep_dpm``, ``multistep_t``, ``multistep_rho``, ``multistep_logrho`` or ``plms`` adds
+  heavy-ball momentum over a run of such steps (`dpmpp_2m_hb`, `pndm_hb`).
+
+What each estimator allows is one row of `ESTIMATOR_TABLE`; its weights come from its solver module.
+
 Relaxation (`relax: c`): the first-derivative estimate of a step of order >= 2 is scaled by
 (1 + c h), USF's linear relaxation (D <- D (1 + c h)); c = 0 is the plain estimate.  A
 ``fallback`` step relaxes only where its history lets it run at order >= 2.
