@@ -159,7 +159,7 @@ def test_predictor_ranks_unseen_plans(problem):
     (dict(metric="fid"), "metric must be 'rmse' or a callable"),
     (dict(final="end"), "final must be None (search both) or one of ('zero', 'last'), got 'end'"),
     (dict(seeds=[1, 2, 3]), "seeds: need 64 (calibration 32 + verification 32), got 3"),
-    (dict(base="heun"), "no plan form for solver 'heun'"),
+    (dict(base="dpmpp_2m_sde"), "no plan form for solver 'dpmpp_2m_sde': it is stochastic"),
 ])
 def test_bad_search_options(problem, kw, message):
     with pytest.raises(ValueError) as e:

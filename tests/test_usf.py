@@ -27,17 +27,32 @@ def vp():
 # the registered solvers are plans
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "deis_3", "ghvb"])
+DETERMINISTIC = [n for n in ds.available() if not ds.samplers.info(n)["stochastic"]]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
 @pytest.mark.parametrize("nfe,spacing,final", [(4, "logsnr", "zero"), (5, "time_uniform", "zero"),
-                                               (10, "time_quadratic", "last"), (20, "logsnr", "last")])
+                                               (7, "time_quadratic", "last"), (10, "logsnr", "last")])
 def test_plan_form_gives_the_named_solvers_samples(vp, name, nfe, spacing, final):
-    """Same samples (float64, exact mixture) through YAML and back: max abs diff <= 1e-5 (measured
+    """Every deterministic registered solver has a plan form with the same samples (float64, exact
+    mixture): <= 1e-12 compiled on the solver's grid; through YAML and back <= 1e-5 (measured
     <= 1e-12: the only difference is the time round trip through the normalised log-SNR)."""
     gmm, sch, den, x = vp
-    sp = SolverPlan.from_yaml(plan_form(name, sch, nfe, spacing, final).to_yaml())
+    form = plan_form(name, sch, nfe, spacing, final)
+    sp = SolverPlan.from_yaml(form.to_yaml())
     a = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing, final=final)
+    grid = ds.samplers.make_plan(name, sch, nfe, spacing, final).grid
+    assert float((a - ds.sample(den, x.clone(), solver=form.compile(grid=grid))).abs().max()) <= 1e-12
     b = ds.sample(den, x.clone(), solver=sp.compile(sch))
-    assert sp.nfe == nfe and float((a - b).abs().max()) <= 1e-5
+    assert sp == form and sp.nfe == nfe and float((a - b).abs().max()) <= 1e-5
+
+
+def test_every_deterministic_solver_has_a_plan_form():
+    from diffsampler.samplers.usf import plan_forms
+
+    assert set(DETERMINISTIC) <= set(plan_forms())
+    with pytest.raises(ValueError, match="stochastic"):
+        plan_form("dpmpp_2m_sde", ds.DiscreteVP.linear(), 5)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -112,8 +127,9 @@ def test_invalid_plans_are_rejected(steps, times, kw, message):
     (dict(order=2, estimator="singlestep", corrector=True), "a corrector runs on 'multistep', 'unipc' or 'fallback' steps"),
     (dict(order=3, estimator="singlestep", r=(0.6, 0.3)), "r must be 2 increasing fractions in (0, 1)"),
     (dict(order=2, analytic=True), "an analytic step is first order"),
-    (dict(order=2, beta=0.5), "beta (momentum) is given with estimator 'ghvb' and only there"),
-    (dict(order=2, estimator="ghvb"), "beta (momentum) is given with estimator 'ghvb' and only there"),
+    (dict(order=2, beta=0.5), "beta (momentum) is given with estimator 'multistep_dpm', 'multistep_t', 'ghvb'"),
+    (dict(order=2, estimator="ghvb"), "beta (momentum) is given with estimator"),
+    (dict(order=3, estimator="singlestep_dpm"), "integrates the data prediction with order <= 2"),
     (dict(order=2, estimator="ghvb", beta=1.5), "beta (GHVB momentum) must be in (0, 1], got 1.5"),
     (dict(order=2, estimator="ghvb", beta=0.5, relax=0.1), "relax scales the first-derivative estimate"),
 ])

@@ -14,7 +14,16 @@ from .plan import Combo
 from .plan import PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DDIM", "Heun"]
+__all__ = ["DDIM", "Heun", "heun_weights"]
+
+
+def heun_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
+    """(c_x, weights of eps_s (and eps' at t)) of Karras et al. 2022, Alg. 1 in v = x / alpha,
+    rho = sigma / alpha: the Euler step x' = alpha_t (v_s + (rho_t - rho_s) eps_s) for k = 1, the
+    trapezoid x_t = alpha_t (v_s + (rho_t - rho_s) (eps_s + eps(x', t)) / 2) for k = 2."""
+    a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
+    dr = float(grid.rho[i + 1] - grid.rho[i])
+    return a_t / a_s, [a_t * dr] if k == 1 else [0.5 * a_t * dr, 0.5 * a_t * dr]
 
 
 @register("ddim")
@@ -43,8 +52,8 @@ class DDIM(MultistepSolver):
 
 @register("heun")
 class Heun(SinglestepSolver):
-    """Karras et al. 2022, Alg. 1: Heun's method on dv/drho = eps(x, t); two model calls per step,
-    an Euler step onto sigma = 0 (and one Euler step first when the budget is even)."""
+    """Karras et al. 2022, Alg. 1: Heun's method on dv/drho = eps(x, t) (`heun_weights`); two model
+    calls per step, Euler steps where `SinglestepSolver` spends a first-order step."""
 
     name = "heun"
     order = 2
@@ -53,15 +62,14 @@ class Heun(SinglestepSolver):
     def build(self, grid, nfe=None):
         orders = self.step_orders(grid, nfe)
         b = PlanBuilder(grid)
-        rho = grid.rho
         for i, k in enumerate(orders):
-            a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
-            dr = float(rho[i + 1] - rho[i])
             e0 = b.eval_at(i, "noise")
-            euler = Combo(a_t / a_s, ((e0, a_t * dr),))  # x' = alpha_t (v_s + (rho_t - rho_s) eps_s)
+            cx, (g,) = heun_weights(grid, i, 1)
+            euler = Combo(cx, ((e0, g),))
             if k == 1:
                 b.end_step(euler, order=1)
                 continue
             e1 = b.eval_at(i + 1, "noise", euler)
-            b.end_step(Combo(a_t / a_s, ((e0, 0.5 * a_t * dr), (e1, 0.5 * a_t * dr))), order=2)
+            cx, (w0, w1) = heun_weights(grid, i, 2)
+            b.end_step(Combo(cx, ((e0, w0), (e1, w1))), order=2)
         return b.plan(self.name)

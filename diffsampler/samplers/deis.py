@@ -19,13 +19,17 @@ from numpy.polynomial import polynomial as P
 
 from .registry import MultistepSolver, register
 
-__all__ = ["DEIS", "PNDM"]
+__all__ = ["DEIS", "PNDM", "lagrange_basis", "deis_weights", "plms_weights", "AB_WEIGHTS", "BASES"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)
 
 
-def _lagrange(nodes: np.ndarray, j: int) -> np.ndarray:
-    """Coefficients (low to high) of the Lagrange basis polynomial l_j through `nodes`."""
+BASES = ("t", "rho", "logrho")
+
+
+def lagrange_basis(nodes: np.ndarray, j: int) -> np.ndarray:
+    """Coefficients (low to high) of the Lagrange basis polynomial l_j through `nodes`
+    (l_j(nodes[m]) = [j == m])."""
     others = np.delete(nodes, j)
     return P.polyfromroots(others) / np.prod(nodes[j] - others)
 
@@ -45,6 +49,33 @@ def _int_poly_exp(p: np.ndarray, u0: float, u1: float) -> float:
     return F(u1) - F(u0)
 
 
+def _basis_integrals(grid, i: int, k: int, basis: str) -> np.ndarray:
+    """int_{rho_i}^{rho_{i+1}} l_j(u(rho)) d rho for j = 0..k-1 (nodes at grid points i, i-1, ...)."""
+    rho = grid.rho.numpy()
+    r0, r1 = float(rho[i]), float(rho[i + 1])
+    idx = [i - j for j in range(k)]
+    if basis == "rho":
+        nodes = rho[idx]
+        return np.array([np.diff(P.polyval([r0, r1], P.polyint(lagrange_basis(nodes, j))))[0] for j in range(k)])
+    if basis == "logrho":
+        nodes = np.log(rho[idx])
+        u1 = -np.inf if r1 == 0.0 else np.log(r1)
+        return np.array([_int_poly_exp(lagrange_basis(nodes, j), np.log(r0), u1) for j in range(k)])
+    # basis in t: Gauss-Legendre in rho (the integrand l_j(t(rho)) is smooth)
+    nodes = grid.t.numpy()[idx]
+    mid, half = 0.5 * (r0 + r1), 0.5 * (r1 - r0)
+    rq = mid + half * _GL_NODES
+    tq = grid.schedule.t_from_lambda(-np.log(rq)).numpy()
+    return np.array([half * np.dot(_GL_WEIGHTS, P.polyval(tq, lagrange_basis(nodes, j))) for j in range(k)])
+
+
+def deis_weights(grid, i: int, k: int, basis: str = "t") -> tuple[float, list[float]]:
+    """(c_x, [C_i0, ..., C_i,k-1]) with x_{i+1} = c_x x_i + sum_j C_ij eps_{i-j}: DEIS with a Lagrange
+    basis in t, rho or log rho through grid points i, i-1, ... (Zhang & Chen 2023, eq. 15; module docstring)."""
+    a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
+    return a_t / a_s, [a_t * float(c) for c in _basis_integrals(grid, i, k, basis)]
+
+
 class DEIS(MultistepSolver):
     """Multistep DEIS with a Lagrange basis in `basis` ("t" = tAB, "rho" = rhoAB, "logrho")."""
 
@@ -55,34 +86,14 @@ class DEIS(MultistepSolver):
 
     def __init__(self, order: int = 3, basis: str = "t", lower_order_final: bool = True,
                  momentum: float | None = None):
-        if basis not in ("t", "rho", "logrho"):
+        if basis not in BASES:
             raise ValueError(f"basis must be 't', 'rho' or 'logrho', got {basis!r}")
         self.basis = basis
         self.first_order_to_zero = basis == "logrho"  # log(rho) -> -inf: diffusers never goes there
         super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
 
-    def basis_integrals(self, grid, i: int, k: int) -> np.ndarray:
-        """int_{rho_i}^{rho_{i+1}} l_j(u(rho)) d rho for j = 0..k-1 (nodes at grid points i, i-1, ...)."""
-        rho = grid.rho.numpy()
-        r0, r1 = float(rho[i]), float(rho[i + 1])
-        idx = [i - j for j in range(k)]
-        if self.basis == "rho":
-            nodes = rho[idx]
-            return np.array([np.diff(P.polyval([r0, r1], P.polyint(_lagrange(nodes, j))))[0] for j in range(k)])
-        if self.basis == "logrho":
-            nodes = np.log(rho[idx])
-            u1 = -np.inf if r1 == 0.0 else np.log(r1)
-            return np.array([_int_poly_exp(_lagrange(nodes, j), np.log(r0), u1) for j in range(k)])
-        # basis in t: Gauss-Legendre in rho (the integrand l_j(t(rho)) is smooth)
-        nodes = grid.t.numpy()[idx]
-        mid, half = 0.5 * (r0 + r1), 0.5 * (r1 - r0)
-        rq = mid + half * _GL_NODES
-        tq = grid.schedule.t_from_lambda(-np.log(rq)).numpy()
-        return np.array([half * np.dot(_GL_WEIGHTS, P.polyval(tq, _lagrange(nodes, j))) for j in range(k)])
-
     def coefficients(self, grid, i, k):
-        a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
-        return a_t / a_s, list(a_t * self.basis_integrals(grid, i, k)), 0.0
+        return (*deis_weights(grid, i, k, self.basis), 0.0)
 
 
 for _k in (1, 2, 3):
@@ -90,13 +101,21 @@ for _k in (1, 2, 3):
     register(f"deis_rho_{_k}", DEIS, order=_k, basis="rho")
     register(f"deis_logrho_{_k}", DEIS, order=_k, basis="logrho")
 
-# Adams-Bashforth weights for equal steps, newest first (iPNDM warm-up: Zhang & Chen 2023, App. B)
+#: Adams-Bashforth weights for equal steps, newest first (iPNDM warm-up: Zhang & Chen 2023, App. B)
 AB_WEIGHTS = {
     1: [1.0],
     2: [3 / 2, -1 / 2],
     3: [23 / 12, -16 / 12, 5 / 12],
     4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
 }
+
+
+def plms_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
+    """(c_x, [c_0, ..., c_{k-1}]) with x_{i+1} = c_x x_i + sum_j c_j eps_{i-j}: PLMS (Liu et al. 2022,
+    Sec. 4.2), x_{i+1} = alpha_{i+1} (v_i + (rho_{i+1} - rho_i) sum_j w_j eps_{i-j}), w = AB_WEIGHTS[k]."""
+    a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
+    dr = float(grid.rho[i + 1] - grid.rho[i])
+    return a_t / a_s, [a_t * dr * w for w in AB_WEIGHTS[k]]
 
 
 @register("pndm")
@@ -115,9 +134,7 @@ class PNDM(MultistepSolver):
         super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
 
     def coefficients(self, grid, i, k):
-        a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
-        dr = float(grid.rho[i + 1] - grid.rho[i])
-        return a_t / a_s, [a_t * dr * w for w in AB_WEIGHTS[k]], 0.0
+        return (*plms_weights(grid, i, k), 0.0)
 
 
 register("pndm_hb", PNDM, momentum=0.8)

@@ -1,20 +1,70 @@
 """DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): data-prediction exponential integrators.
 
-Notation of the paper: h = lambda_t - lambda_s, phi_1 = e^{-h} - 1, D_i data predictions,
-r_i = h_{i} / h the ratio of earlier log-SNR steps to this one.  Coefficients are float64.
+Notation of the paper: h = lambda_t - lambda_s, D_i data predictions, r_i the ratio of an earlier
+log-SNR step to this one; phi_n the exponential-integrator phi functions (`phi`), so that the
+first-order step is x_t = (sigma_t / sigma_s) x_s + alpha_t h phi_1(-h) D_s.  Coefficients are float64.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 
 from ..schedules import TimeGrid
-from .plan import Combo, Plan, PlanBuilder
+from .plan import Combo, PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverPP2S"]
+__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverPP2S", "phi", "dpmpp_multistep_weights", "dpmpp_2s_weights"]
+
+
+def phi(n: int, z: float) -> float:
+    """phi_n(z) = sum_k z^k / (n + k)!, so phi_0 = e^z, phi_1(z) = (e^z - 1) / z and
+    phi_{n+1}(z) = (phi_n(z) - 1/n!) / z (Hochbruck & Ostermann 2010, eq. 2.10).
+    The series is used for |z| < 1, where the recursion cancels; the recursion elsewhere."""
+    if abs(z) < 1.0:
+        term, tot = 1.0 / math.factorial(n), 0.0
+        for k in range(40):
+            tot += term
+            term *= z / (n + k + 1)
+        return tot
+    f = math.exp(z)
+    for m in range(n):
+        f = (f - 1.0 / math.factorial(m)) / z
+    return f
+
+
+def dpmpp_multistep_weights(lams: Sequence[float], lam_t: float, alpha_t: float, relax: float = 0.0) -> list[float]:
+    """Weights w_j of D_{i-j} in x_t = (sigma_t / sigma_s) x_s + sum_j w_j D_{i-j}, with `lams` the
+    log-SNRs lambda_i, lambda_{i-1}, ... of the k = len(lams) <= 3 outputs (newest first):
+    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) and 3M (its official code).  `relax` = c scales the
+    first-derivative estimate D1 by (1 + c h) (USF's linear relaxation)."""
+    k, (l_s, *earlier) = len(lams), lams
+    h = lam_t - l_s
+    D = np.eye(k)  # D[j] is the unit vector of D_{i-j}: the formulas act on coefficient vectors
+    w = alpha_t * h * phi(1, -h) * D[0]
+    if k >= 2:
+        r0 = (l_s - earlier[0]) / h
+        D1_0 = (D[0] - D[1]) / r0
+    if k == 2:  # x_t = ... + alpha_t h phi_1(-h) (D_i + D1 / 2), D1 = (D_i - D_{i-1}) / r_0
+        w = w + 0.5 * alpha_t * h * phi(1, -h) * (1.0 + relax * h) * D1_0
+    elif k == 3:
+        r1 = (earlier[0] - earlier[1]) / h
+        D1_1 = (D[1] - D[2]) / r1
+        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+        D2 = (D1_0 - D1_1) / (r0 + r1)
+        w = w + alpha_t * h * phi(2, -h) * (1.0 + relax * h) * D1 + alpha_t * h * phi(3, -h) * D2
+    return [float(c) for c in w]
+
+
+def dpmpp_2s_weights(lam_s: float, lam_t: float, alpha_t: float, r1: float) -> list[float]:
+    """Weights of D_s and D(u, s_1) in x_t = (sigma_t / sigma_s) x_s + w_0 D_s + w_1 D(u, s_1), with
+    lambda_{s_1} = lambda_s + r_1 h and u the first-order step to s_1: DPM-Solver++(2S) (Lu et al.
+    2022, Alg. 1), x_t = ... + alpha_t h phi_1(-h) D_s + alpha_t h phi_1(-h) / (2 r_1) (D(u, s_1) - D_s)."""
+    h = lam_t - lam_s
+    c1 = alpha_t * h * phi(1, -h) / (2.0 * r1)
+    return [alpha_t * h * phi(1, -h) - c1, c1]
 
 
 def _point(grid: TimeGrid, i: int) -> tuple[float, float, float]:
@@ -35,24 +85,10 @@ class DPMSolverPP(MultistepSolver):
         a_t, s_t, l_t = _point(grid, i + 1)
         if s_t == 0.0:  # step onto sigma = 0: x_0 = D_s (first order; h is infinite)
             return 0.0, [a_t], 0.0
-        h = l_t - l_s
-        phi1 = math.expm1(-h)
-        D = np.eye(k)  # D[j] is the unit vector of D_{i-j}: formulas below act on coefficient vectors
-        c = -a_t * phi1 * D[0]
-        if k >= 2:
-            r0 = (l_s - float(grid.lam[i - 1])) / h
-            D1_0 = (D[0] - D[1]) / r0
-        if k == 2:
-            c = c - 0.5 * a_t * phi1 * D1_0
-        elif k == 3:
-            r1 = (float(grid.lam[i - 1]) - float(grid.lam[i - 2])) / h
-            D1_1 = (D[1] - D[2]) / r1
-            D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-            D2 = (D1_0 - D1_1) / (r0 + r1)
-            phi2 = phi1 / h + 1.0
-            phi3 = phi2 / h - 0.5
-            c = c + a_t * phi2 * D1 - a_t * phi3 * D2
-        return s_t / s_s, list(c), 0.0
+        return s_t / s_s, dpmpp_multistep_weights([float(grid.lam[i - j]) for j in range(k)], l_t, a_t), 0.0
+
+
+register("dpmpp_2m_hb", DPMSolverPP, order=2, momentum=0.8)
 
 
 @register("dpmpp_2m_sde", order=2)
@@ -85,8 +121,8 @@ class DPMSolverPPSDE(MultistepSolver):
 class DPMSolverPP2S(SinglestepSolver):
     """Singlestep DPM-Solver++(2S) (Alg. 1 of the paper), r_1 = 1/2, two model calls per step.
 
-    With an odd budget one first-order step is spent first; a step onto sigma = 0 is first order
-    (its intermediate point would sit at sigma = 0, the log(0) of diffusers #9007).
+    The budget is spent as in `SinglestepSolver`; a step onto sigma = 0 is first order (its
+    intermediate point would sit at sigma = 0, where log-SNR is -inf).
     """
 
     name = "dpmpp_2s"
@@ -109,16 +145,15 @@ class DPMSolverPP2S(SinglestepSolver):
             if s_t == 0.0:
                 b.end_step(Combo(0.0, ((m0, a_t),)), order=1)
                 continue
-            h = l_t - l_s
-            phi1 = math.expm1(-h)
             if k == 1:
-                b.end_step(Combo(s_t / s_s, ((m0, -a_t * phi1),)), order=1)
+                (w0,) = dpmpp_multistep_weights([l_s], l_t, a_t)
+                b.end_step(Combo(s_t / s_s, ((m0, w0),)), order=1)
                 continue
-            l_1 = l_s + self.r1 * h  # s_1 = t_lambda(lambda_s + r_1 h)
+            l_1 = l_s + self.r1 * (l_t - l_s)  # s_1 = t_lambda(lambda_s + r_1 h)
             t_1 = float(sched.t_from_lambda(l_1))
             a_1, s_1 = float(sched.alpha(t_1)), float(sched.sigma(t_1))
-            u = Combo(s_1 / s_s, ((m0, -a_1 * math.expm1(-self.r1 * h)),))
-            m1 = b.eval(t_1, a_1, s_1, "data", u)
-            c1 = -a_t * phi1 / (2.0 * self.r1)  # - 1/(2 r_1) alpha_t phi_1 (D(u, s_1) - D_s)
-            b.end_step(Combo(s_t / s_s, ((m0, -a_t * phi1 - c1), (m1, c1))), order=2)
+            (u0,) = dpmpp_multistep_weights([l_s], l_1, a_1)
+            m1 = b.eval(t_1, a_1, s_1, "data", Combo(s_1 / s_s, ((m0, u0),)))
+            w0, w1 = dpmpp_2s_weights(l_s, l_t, a_t, self.r1)
+            b.end_step(Combo(s_t / s_s, ((m0, w0), (m1, w1))), order=2)
         return b.plan(self.name)

@@ -11,23 +11,11 @@ from __future__ import annotations
 import math
 
 from .plan import Combo, PlanBuilder
-from .registry import MultistepSolver, get, register
+from .registry import MultistepSolver, get, heavy_ball, register
 
-__all__ = ["heavy_ball", "GHVB", "ghvb_weights"]
+__all__ = ["heavy_ball", "GHVB", "ghvb_weights", "ghvb_step", "GHVB_MAX_ORDER"]
 
-
-def _axpy(a: float, u: dict, b: float, v: dict) -> dict:
-    return {m: a * u.get(m, 0.0) + b * v.get(m, 0.0) for m in {**u, **v}}
-
-
-def heavy_ball(terms: dict, velocity: dict | None, beta: float, g: float) -> tuple[dict, dict]:
-    """One HB step on coefficient maps {output index: coefficient}.
-
-    P_i = (sum_j c_j M_j) / g_i;  V_i = (1 - beta) V_{i-1} + beta P_i  (V_0 = P_0);  returns the
-    update terms g_i V_i and the new V_i.  beta = 1 gives the base solver back."""
-    p = {m: c / g for m, c in terms.items()}
-    v = p if velocity is None else _axpy(1.0 - beta, velocity, beta, p)
-    return {m: g * w for m, w in v.items()}, v
+GHVB_MAX_ORDER = 4
 
 
 def ghvb_weights(k: int, beta: float) -> list[float]:
@@ -42,6 +30,19 @@ def ghvb_weights(k: int, beta: float) -> list[float]:
     }[k]
 
 
+def ghvb_step(velocities: list[dict], m: int, beta: float, k: int) -> tuple[dict, list[dict]]:
+    """One GHVB step on coefficient maps {output: coefficient}: V_n = (1 - beta) V_{n-1} + beta M_n
+    (V_0 = M_0; the heavy-ball recursion with P = M) and P_n = (1/beta) sum_{j<k} c_j(beta) V_{n-j}.
+    `velocities` are V_{n-1}, V_{n-2}, ... (newest first); returns P_n and V_n, V_{n-1}, ..."""
+    _, v = heavy_ball({m: 1.0}, velocities[0] if velocities else None, beta, 1.0)
+    velocities = [v] + velocities[:GHVB_MAX_ORDER - 1]
+    p: dict = {}
+    for c, vj in zip(ghvb_weights(k, beta), velocities[:k]):
+        for q, cq in vj.items():
+            p[q] = p.get(q, 0.0) + c / beta * cq
+    return p, velocities
+
+
 @register("ghvb")
 class GHVB(MultistepSolver):
     """GHVB of fractional order o = k - 1 + beta (k = ceil(o); integer o means beta = 1, which is
@@ -50,7 +51,7 @@ class GHVB(MultistepSolver):
     with M = eps; "ddim" uses the data prediction) carries x_n with P_n.  Warm-up uses k_n = min(k, n + 1)."""
 
     name = "ghvb"
-    max_order = 4
+    max_order = GHVB_MAX_ORDER
     first_order_to_zero = False
 
     def __init__(self, order: float = 2.5, beta: float | None = None, base: str = "pndm",
@@ -62,7 +63,7 @@ class GHVB(MultistepSolver):
             if order != int(order):
                 raise ValueError(f"give a fractional order or an integer order with beta, got order={order}, beta={beta}")
             k = int(order)
-        if not 1 <= k <= 4 or not 0 < beta <= 1:
+        if not 1 <= k <= GHVB_MAX_ORDER or not 0 < beta <= 1:
             raise ValueError(f"GHVB order must be in (0, 4] (k = ceil(order) in 1..4, beta in (0, 1]), got order={order}, beta={beta}")
         super().__init__(order=k, lower_order_final=lower_order_final)
         self.beta, self.fractional_order = float(beta), k - 1 + float(beta)
@@ -78,16 +79,8 @@ class GHVB(MultistepSolver):
         b = PlanBuilder(grid)
         vs: list[dict] = []  # V_n as coefficient maps, newest first
         for i, k in enumerate(self.step_orders(grid)):
-            m = b.eval_at(i, self.kind)
-            new = {m: 1.0}
-            vs.insert(0, new if not vs else _axpy(1.0 - self.beta, vs[0], self.beta, new))
-            p: dict = {}
-            for c, v in zip(ghvb_weights(k, self.beta), vs[:k]):
-                p = _axpy(1.0, p, c / self.beta, v)
+            p, vs = ghvb_step(vs, b.eval_at(i, self.kind), self.beta, k)
             cx, (g,), cz = self.base.coefficients(grid, i, 1)
             b.end_step(Combo(cx, tuple((j, g * w) for j, w in p.items())), cz, k)
-            del vs[self.order:]
         return b.plan(self.name, beta=self.beta, fractional_order=self.fractional_order)
 
-
-register("dpmpp_2m_hb", get("dpmpp_2m").__class__, order=2, momentum=0.8)

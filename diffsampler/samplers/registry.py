@@ -17,7 +17,7 @@ from ..schedules import TimeGrid
 from .plan import Combo, Plan, PlanBuilder
 
 __all__ = ["Solver", "MultistepSolver", "SinglestepSolver", "register", "register_scheme", "get", "available", "info",
-           "is_solver_name", "LOWER_ORDER_FINAL_BELOW"]
+           "is_solver_name", "LOWER_ORDER_FINAL_BELOW", "heavy_ball"]
 
 #: like diffusers, multistep solvers cool down their order on the last steps of short runs
 LOWER_ORDER_FINAL_BELOW = 15
@@ -30,8 +30,9 @@ _SCHEMES: dict[str, tuple[Callable[..., "Solver"], str]] = {}
 class Solver:
     """A solver turns a time grid into a Plan.  Subclasses set the metadata and implement `build`.
 
-    Metadata (registry-visible, USER_NEEDS #15): `order` (global order on smooth ODEs; weak order
-    for SDE solvers), `nfe_per_step`, `stochastic`, `kind` of prediction it integrates.
+    Metadata (returned by `info()` for the adapter, configs and results tables): `order` (global
+    order on smooth ODEs; weak order for SDE solvers), `nfe_per_step`, `stochastic`, `kind` of
+    prediction it integrates.
     """
 
     name: str = ""
@@ -103,8 +104,6 @@ class MultistepSolver(Solver):
     def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
         if nfe is not None and nfe != grid.steps:
             raise ValueError(f"{self.name!r} spends one model call per step: nfe={nfe} needs {nfe} steps, grid has {grid.steps}")
-        from .momentum import heavy_ball
-
         b = PlanBuilder(grid)
         history: list[int] = []  # output indices, newest first
         velocity = None
@@ -120,10 +119,24 @@ class MultistepSolver(Solver):
         return b.plan(self.name)
 
 
+def _axpy(a: float, u: dict, b: float, v: dict) -> dict:
+    return {m: a * u.get(m, 0.0) + b * v.get(m, 0.0) for m in {**u, **v}}
+
+
+def heavy_ball(terms: dict, velocity: dict | None, beta: float, g: float) -> tuple[dict, dict]:
+    """One heavy-ball step (Wizadwongsa et al. 2023) on coefficient maps {output: coefficient}:
+    P_i = (sum_j c_j M_j) / g_i, V_i = (1 - beta) V_{i-1} + beta P_i (V_0 = P_0); returns the update
+    terms g_i V_i and V_i.  beta = 1 gives the base solver back."""
+    p = {m: c / g for m, c in terms.items()}
+    v = p if velocity is None else _axpy(1.0 - beta, velocity, beta, p)
+    return {m: g * w for m, w in v.items()}, v
+
+
 class SinglestepSolver(Solver):
     """Two model calls per step (Heun, DPM-Solver++ 2S).  A budget of `nfe` calls is spent as
-    second-order steps, one first-order step first when the budget is odd, and a first-order
-    step onto sigma = 0 when the grid ends there."""
+    second-order steps, a first-order step onto sigma = 0 when the grid ends there, and one
+    first-order step first when the calls left for the others are odd: an even `nfe` with a
+    final step onto sigma = 0, an odd `nfe` without one."""
 
     nfe_per_step = 2
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..schedules import time_grid
-from .usf import FINALS, SolverPlan, StepPlan, effective_orders, plan_form
+from .usf import ESTIMATOR_TABLE, FINALS, SolverPlan, StepPlan, effective_orders, plan_form
 
 __all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode"]
 
@@ -55,7 +55,7 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
     steps = list(steps)
     n = len(steps)
     last = steps[-1]
-    if final == "zero" and last.estimator not in ("multistep_t", "ghvb"):
+    if final == "zero" and not last.capabilities.to_zero:
         steps[-1] = StepPlan(last.prediction, 1, "multistep", analytic=last.analytic and n == 1)
     for i, s in enumerate(steps):
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
@@ -63,11 +63,12 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
             s = steps[i]
     # the orders depend only on predictions, estimators and the analytic flag, which the loop keeps
     for i, (s, k) in enumerate(zip(list(steps), effective_orders(steps))):
-        if s.estimator == "ghvb":
+        history = s.capabilities.history
+        if history == "run":
             steps[i] = replace(s, order=k)
-        elif s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback"):
-            est = "multistep" if s.estimator == "fallback" else s.estimator
-            steps[i] = StepPlan(s.prediction, k, est, s.corrector, s.analytic, relax=s.relax if k >= 2 else 0.0)
+        elif history == "outputs":
+            est = "multistep" if s.capabilities.fallback else s.estimator
+            steps[i] = replace(s, order=k, estimator=est, relax=s.relax if k >= 2 else 0.0)
     try:
         return SolverPlan(tuple(steps), tuple(times), final, coordinate)
     except ValueError:
@@ -77,7 +78,7 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
 def _relax(rng, s: StepPlan) -> float:
     """A relaxation coefficient for step `s`: none for steps without a first-derivative term;
     otherwise a fresh draw (0 or uniform in +-RELAX_RANGE) or, for a relaxed step, a nudge."""
-    if s.order < 2 or s.estimator in ("multistep_t", "ghvb") or s.analytic:
+    if s.order < 2 or not s.capabilities.relax or s.analytic:
         return 0.0
     if s.relax != 0.0 and rng.random() < 0.6:
         return float(s.relax + rng.normal(0.0, RELAX_JITTER))
@@ -85,7 +86,7 @@ def _relax(rng, s: StepPlan) -> float:
 
 
 def _beta(rng, s: StepPlan | None = None) -> float:
-    """GHVB momentum: a fresh draw in BETA_RANGE or, for a ghvb step, a nudge (kept in (0, 1])."""
+    """Momentum: a fresh draw in BETA_RANGE or, for a step with momentum, a nudge (kept in (0, 1])."""
     if s is not None and s.beta is not None and rng.random() < 0.6:
         return float(np.clip(s.beta + rng.normal(0.0, BETA_JITTER), 0.05, 1.0))
     return float(rng.uniform(*BETA_RANGE))
@@ -101,7 +102,7 @@ def _random_step(rng, budget: int, prediction: str) -> StepPlan:
         r = rng.random()
         if prediction == "noise" and r < 0.25:
             return StepPlan(prediction, k, "multistep_t")
-        if prediction == "data" and r < 0.15 and k <= 3:
+        if prediction == "data" and r < 0.15 and k <= ESTIMATOR_TABLE["multistep_dpm"].max_order:
             s = StepPlan(prediction, k, "multistep_dpm")
         else:
             est = "unipc" if rng.random() < 0.3 else "multistep"
@@ -187,19 +188,21 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                 what = rng.choice(["prediction", "order", "corrector", "estimator", "parameter"])
                 if s.analytic:
                     continue
+                est = s.capabilities
                 if what == "prediction":
                     other = "noise" if s.prediction == "data" else "data"
-                    s = StepPlan(other, s.order, "singlestep") if s.estimator == "singlestep" else _random_step(rng, 1, other)
-                elif what == "order" and s.estimator != "singlestep":
-                    k = _order(rng, 3 if s.estimator == "multistep_dpm" else 4)
-                    s = StepPlan(s.prediction, k, s.estimator, s.corrector and s.estimator in ("multistep", "unipc"),
+                    keep = est.calls_per_order and other in est.predictions  # intermediate points, other prediction
+                    s = StepPlan(other, s.order, s.estimator) if keep else _random_step(rng, 1, other)
+                elif what == "order" and not est.calls_per_order:
+                    k = _order(rng, est.max_order)
+                    s = StepPlan(s.prediction, k, s.estimator, s.corrector and est.corrector,
                                  relax=s.relax if k >= 2 else 0.0, beta=s.beta)
-                elif what == "corrector" and s.estimator in ("multistep", "unipc"):
+                elif what == "corrector" and est.corrector:
                     s = replace(s, corrector=not s.corrector)
-                elif what == "estimator" and s.estimator != "singlestep":
+                elif what == "estimator" and not est.calls_per_order:
                     s = _random_step(rng, 1, s.prediction)
-                elif what == "parameter":  # the step's continuous parameter: GHVB momentum or relaxation
-                    s = replace(s, beta=_beta(rng, s)) if s.estimator == "ghvb" else replace(s, relax=_relax(rng, s))
+                elif what == "parameter":  # the step's continuous parameter: momentum or relaxation
+                    s = replace(s, beta=_beta(rng, s)) if s.beta is not None else replace(s, relax=_relax(rng, s))
                 steps[i] = s
     # USF's jitter sd is 0.03; smaller ones refine good grids at higher NFE
     times = _jitter(rng, times, sd=float(rng.choice(JITTERS)), p=0.5 if not times_only else 0.7)
@@ -231,7 +234,7 @@ def crossover(rng, a: SolverPlan, b: SolverPlan, times_only: bool = False) -> So
 # the predictor
 # ---------------------------------------------------------------------------------------------
 
-_EST = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "ghvb")
+_EST = tuple(e.name for e in ESTIMATOR_TABLE.values() if e.searched)
 
 
 def encode(sp: SolverPlan, slots: int) -> np.ndarray:

@@ -46,6 +46,15 @@ Derivative estimators (`StepPlan.estimator`):
                      weights, Adams-Bashforth at beta = 1) and P_i is carried by the first-order
                      exponential step.  What the registered `ghvb` computes.
 
+* ``multistep_rho`` / ``multistep_logrho``  DEIS with the Lagrange basis in rho / log rho (`deis_rho_k`,
+                     `deis_logrho_k`).  ``plms``  equal-step Adams-Bashforth (`pndm`).  Noise only.
+* ``singlestep_dpm`` DPM-Solver++(2S) (`dpmpp_2s`), data, order <= 2, intermediate point at r_1 (default 1/2).
+* ``heun``           Heun's trapezoid in rho (`heun`), noise, order <= 2, second call at the step's end.
+* `beta` on ``multistep_dpm``, ``multistep_t``, ``multistep_rho``, ``multistep_logrho`` or ``plms`` adds
+  heavy-ball momentum over a run of such steps (`dpmpp_2m_hb`, `pndm_hb`).
+
+What each estimator allows is one row of `ESTIMATOR_TABLE`; its weights come from its solver module.
+
 Relaxation (`relax: c`): the first-derivative estimate of a step of order >= 2 is scaled by
 (1 + c h), USF's linear relaxation (D <- D (1 + c h)); c = 0 is the plain estimate.  A
 ``fallback`` step relaxes only where its history lets it run at order >= 2.
@@ -74,39 +83,130 @@ from typing import Sequence
 
 import numpy as np
 import yaml
-from numpy.polynomial import polynomial as P
 
-from ..schedules import LAMBDA_FLOOR as _LAMBDA_FLOOR, NoiseSchedule, TimeGrid
+from ..schedules import FINALS, LAMBDA_FLOOR, NoiseSchedule, TimeGrid
+from .ddim import heun_weights
+from .deis import deis_weights, lagrange_basis, plms_weights
+from .dpm_solver import dpmpp_2s_weights, dpmpp_multistep_weights, phi
+from .momentum import ghvb_step
+from .registry import heavy_ball
 from .plan import Combo, Plan, PlanBuilder
 from .registry import Solver, register_scheme
 
 __all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PlanFormatError", "PREDICTIONS", "ESTIMATORS", "COORDINATES",
-           "plan_form", "phi", "load_plan", "available_plans", "plan_dirs", "exp_weights"]
+           "plan_form", "plan_forms", "phi", "load_plan", "ESTIMATOR_TABLE", "Estimator", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
-ESTIMATORS = ("multistep", "multistep_dpm", "multistep_t", "unipc", "singlestep", "fallback", "ghvb")
 COORDINATES = ("logsnr", "time")
-FINALS = ("zero", "last")
 MAX_ORDER = 4
 FORMAT = "diffsampler.solver_plan/1"
 
-_MULTISTEP = ("multistep", "multistep_dpm", "multistep_t", "unipc", "fallback")
 _ZERO = -1  # the analytic first data prediction D(x_T, T) = 0: a history entry with no engine output
 
 
-def phi(n: int, z: float) -> float:
-    """phi_n(z) = sum_k z^k / (n + k)!  (phi_0 = e^z, phi_{n+1}(z) = (phi_n(z) - 1/n!) / z).
-    The series is used for |z| < 1, where the recursion cancels; the recursion elsewhere."""
-    if abs(z) < 1.0:
-        term, tot = 1.0 / math.factorial(n), 0.0
-        for k in range(40):
-            tot += term
-            term *= z / (n + k + 1)
-        return tot
-    f = math.exp(z)
-    for m in range(n):
-        f = (f - 1.0 / math.factorial(m)) / z
-    return f
+# ---------------------------------------------------------------------------------------------
+# the estimators: one table read by validation, the compiler and the search space
+# ---------------------------------------------------------------------------------------------
+
+def _taylor(grid: TimeGrid, i: int, pts: list[int], s: "StepPlan", flavour: str = "taylor"):
+    lam, alpha, sigma = grid.lam.numpy(), grid.alpha.numpy(), grid.sigma.numpy()
+    return exp_weights(s.prediction, [lam[p] for p in pts], float(lam[i]), float(lam[i + 1]), float(alpha[i]),
+                       float(sigma[i]), float(alpha[i + 1]), float(sigma[i + 1]), flavour, s.relax)
+
+
+def _unipc(grid, i, pts, s):
+    return _taylor(grid, i, pts, s, "unipc")
+
+
+def _dpmpp(grid, i, pts, s):
+    s_s, a_t, s_t = float(grid.sigma[i]), float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
+    if s_t == 0.0:  # onto sigma = 0: x_0 = D_s
+        return 0.0, [a_t]
+    return s_t / s_s, dpmpp_multistep_weights([float(grid.lam[p]) for p in pts], float(grid.lam[i + 1]), a_t, s.relax)
+
+
+def _deis_t(grid, i, pts, s):
+    return deis_weights(grid, i, len(pts), "t")
+
+
+def _deis_rho(grid, i, pts, s):
+    return deis_weights(grid, i, len(pts), "rho")
+
+
+def _deis_logrho(grid, i, pts, s):
+    return deis_weights(grid, i, len(pts), "logrho")
+
+
+def _plms(grid, i, pts, s):
+    return plms_weights(grid, i, len(pts))
+
+
+def _heun(grid, i, pts, s):
+    return heun_weights(grid, i, len(pts))
+
+
+def _taylor_through(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
+    return exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t, relax=s.relax)
+
+
+def _dpmpp_2s(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
+    return s_t / s_s, dpmpp_2s_weights(l_s, l_t, a_t, (lams[1] - l_s) / (l_t - l_s))
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """What a derivative estimator allows and how its weights are computed.  `StepPlan` /
+    `SolverPlan` validation, the compiler and the search space (samplers/search.py) read this
+    table, so a new estimator is one row (its weights come from its solver module)."""
+
+    name: str
+    title: str
+    predictions: tuple[str, ...] = PREDICTIONS
+    max_order: int = MAX_ORDER
+    history: str | None = "outputs"  # order k needs, at the previous k - 1 grid points, "outputs" of the
+    #                                  step's prediction, a "run" of steps of this estimator, or nothing
+    fallback: bool = False  # a history shortfall lowers the order (instead of being refused)
+    calls_per_order: bool = False  # spends `order` model calls (order - 1 intermediate points), else one
+    corrector: bool = False
+    relax: bool = False
+    beta: str | None = None  # momentum beta: "required" (GHVB), "optional" (heavy ball over a run) or None
+    r: bool = False  # intermediate points may be given as fractions r of h
+    to_zero: bool = False  # order > 1 allowed on the step onto sigma = 0 (finite there)
+    searched: bool = True  # in the search space's encoding
+    weights: object = None  # one-call steps: (grid, i, grid points, step) -> (c_x, weights over those points)
+    through: object = _taylor_through  # calls_per_order: the step through its points' log-SNRs -> (c_x, weights)
+    at_end: bool = False  # calls_per_order: the intermediate point is the step's end (Heun's trapezoid)
+
+
+ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("multistep", "exact lambda-Taylor weights", corrector=True, relax=True, weights=_taylor),
+    Estimator("multistep_dpm", "DPM-Solver++ 2M/3M", ("data",), 3, relax=True, weights=_dpmpp),
+    Estimator("multistep_t", "tAB-DEIS, Lagrange basis in t", ("noise",), to_zero=True, weights=_deis_t),
+    Estimator("unipc", "UniPC-bh2", corrector=True, relax=True, weights=_unipc),
+    Estimator("singlestep", "DPM-Solver-k style intermediate points", history=None, calls_per_order=True,
+              relax=True, r=True, weights=_taylor),
+    Estimator("fallback", "multistep at the order the history allows", fallback=True, corrector=True, relax=True,
+              searched=False, weights=_taylor),
+    Estimator("ghvb", "generalized heavy ball", history="run", beta="required", to_zero=True),
+    Estimator("multistep_rho", "rhoAB-DEIS, Lagrange basis in rho", ("noise",), to_zero=True, beta="optional",
+              weights=_deis_rho),
+    Estimator("multistep_logrho", "DEIS with a Lagrange basis in log rho", ("noise",), beta="optional",
+              weights=_deis_logrho),
+    Estimator("plms", "PLMS / iPNDM, equal-step Adams-Bashforth", ("noise",), to_zero=True, beta="optional",
+              weights=_plms),
+    Estimator("singlestep_dpm", "DPM-Solver++(2S)", ("data",), 2, history=None, calls_per_order=True, r=True,
+              weights=_dpmpp, through=_dpmpp_2s),
+    Estimator("heun", "Heun, trapezoid in rho", ("noise",), 2, history=None, calls_per_order=True, weights=_heun,
+              at_end=True),
+)}
+for _name in ("multistep_dpm", "multistep_t"):  # heavy ball (any multistep solver's `momentum`)
+    ESTIMATOR_TABLE[_name] = replace(ESTIMATOR_TABLE[_name], beta="optional")
+ESTIMATORS = tuple(ESTIMATOR_TABLE)
+
+
+def _listed(names) -> str:
+    names = [repr(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,30 +334,32 @@ class StepPlan:
         object.__setattr__(self, "order", int(self.order))
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        est = ESTIMATOR_TABLE[self.estimator]
         for name in ("corrector", "analytic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.estimator == "multistep_dpm" and (self.prediction != "data" or self.order > 3):
-            raise ValueError(f"estimator 'multistep_dpm' (DPM-Solver++ 2M/3M) needs prediction 'data' and order <= 3, "
-                             f"got prediction {self.prediction!r}, order {self.order}")
-        if self.estimator == "multistep_t" and self.prediction != "noise":
-            raise ValueError("estimator 'multistep_t' (tAB-DEIS, Lagrange basis in t) integrates the noise prediction; "
-                             f"got prediction {self.prediction!r}")
-        if (self.beta is not None) != (self.estimator == "ghvb"):
-            raise ValueError(f"beta (momentum) is given with estimator 'ghvb' and only there; got estimator "
-                             f"{self.estimator!r}, beta={self.beta!r}")
+        if self.prediction not in est.predictions or self.order > est.max_order:
+            raise ValueError(f"estimator {est.name!r} ({est.title}) integrates the {' or '.join(est.predictions)} "
+                             f"prediction with order <= {est.max_order}; got prediction {self.prediction!r}, "
+                             f"order {self.order}")
+        if (self.beta is not None and est.beta is None) or (self.beta is None and est.beta == "required"):
+            with_beta = [e.name for e in ESTIMATOR_TABLE.values() if e.beta]
+            raise ValueError(f"beta (momentum) is given with estimator {_listed(with_beta)} and only there; got "
+                             f"estimator {self.estimator!r}, beta={self.beta!r}")
         if self.beta is not None:
             if not _is_number(self.beta) or not 0 < self.beta <= 1:
                 raise ValueError(f"beta (GHVB momentum) must be in (0, 1], got {self.beta!r}")
             object.__setattr__(self, "beta", float(self.beta))
-        if self.corrector and self.estimator not in ("multistep", "unipc", "fallback"):
-            raise ValueError(f"a corrector runs on 'multistep', 'unipc' or 'fallback' steps, got estimator {self.estimator!r}")
-        if self.analytic and (self.order != 1 or self.estimator == "singlestep"):
+        if self.corrector and not est.corrector:
+            with_corrector = [e.name for e in ESTIMATOR_TABLE.values() if e.corrector]
+            raise ValueError(f"a corrector runs on {_listed(with_corrector)} steps, got estimator {self.estimator!r}")
+        if self.analytic and (self.order != 1 or est.calls_per_order or self.beta is not None):
             raise ValueError(f"an analytic step is first order with no model call; got order {self.order}, "
                              f"estimator {self.estimator!r}")
         if self.r is not None:
-            if self.estimator != "singlestep":
-                raise ValueError(f"r (intermediate points) is for estimator 'singlestep', got {self.estimator!r}")
+            if not est.r:
+                with_r = [e.name for e in ESTIMATOR_TABLE.values() if e.r]
+                raise ValueError(f"r (intermediate points) is for estimator {_listed(with_r)}, got {self.estimator!r}")
             _numbers("r", self.r)
             r = tuple(float(v) for v in self.r)
             if len(r) != self.order - 1 or not all(a < b for a, b in zip((0.0,) + r, r + (1.0,))):
@@ -266,14 +368,19 @@ class StepPlan:
         if not _is_number(self.relax) or not math.isfinite(self.relax):
             raise ValueError(f"relax must be a finite number, got {self.relax!r}")
         object.__setattr__(self, "relax", float(self.relax))
-        if self.relax != 0.0 and (self.order < 2 or self.estimator in ("multistep_t", "ghvb") or self.analytic):
+        if self.relax != 0.0 and (self.order < 2 or not est.relax or self.analytic):
             raise ValueError(f"relax scales the first-derivative estimate of a lambda-Taylor step of order >= 2; "
                              f"got order {self.order}, estimator {self.estimator!r} (relax={self.relax})")
 
     @property
+    def capabilities(self) -> Estimator:
+        """The estimator's row of `ESTIMATOR_TABLE`."""
+        return ESTIMATOR_TABLE[self.estimator]
+
+    @property
     def nfe(self) -> int:
         """Model calls this step spends."""
-        extra = self.order - 1 if self.estimator == "singlestep" else 0
+        extra = self.order - 1 if self.capabilities.calls_per_order else 0
         return (0 if self.analytic else 1) + extra
 
     @property
@@ -319,24 +426,27 @@ _STEP_FIELDS = {
 }
 
 
-def continues_ghvb_run(steps: Sequence[StepPlan], i: int, j: int) -> bool:
-    """Whether step j (< i) belongs to the run of ghvb steps of step i's prediction."""
-    return steps[j].estimator == "ghvb" and steps[j].prediction == steps[i].prediction
+def continues_run(steps: Sequence[StepPlan], i: int, j: int) -> bool:
+    """Whether step j (< i) belongs to the run of momentum steps (GHVB) of step i's estimator and prediction."""
+    return (steps[j].estimator == steps[i].estimator and steps[j].prediction == steps[i].prediction
+            and steps[j].beta is not None)
 
 
 def effective_orders(steps: Sequence[StepPlan]) -> list[int]:
-    """Effective order of each step (not validated): for multistep estimators the largest k <= order
-    whose history (outputs of the same prediction at the previous k - 1 points) exists; for ghvb the
-    largest k <= order within its run of ghvb steps; otherwise the declared order."""
+    """Effective order of each step (not validated): for estimators with a history of "outputs" the
+    largest k <= order whose history (outputs of the same prediction at the previous k - 1 points)
+    exists; for a history of a "run" (ghvb) the largest k <= order within its run; otherwise the
+    declared order."""
     avail: list[str | None] = []  # prediction type of the output at each grid point (none: analytic noise step)
     orders = []
     for i, s in enumerate(steps):
         avail.append(None if (s.analytic and s.prediction == "noise") else s.prediction)
-        if s.estimator == "ghvb":
+        history = s.capabilities.history
+        if history == "run":
             k = 1
-            while k < s.order and i - k >= 0 and continues_ghvb_run(steps, i, i - k):
+            while k < s.order and i - k >= 0 and continues_run(steps, i, i - k):
                 k += 1
-        elif s.estimator in _MULTISTEP:
+        elif history == "outputs":
             k = 1
             while k < s.order and i - k >= 0 and avail[i - k] == s.prediction:
                 k += 1
@@ -402,11 +512,12 @@ class SolverPlan:
             if s.analytic and i != 0:
                 raise ValueError(f"{where}: only the first step can be analytic")
             k = self._orders_unchecked()[i]
-            if s.estimator == "ghvb" and k < s.order:
+            est = s.capabilities
+            if est.history == "run" and k < s.order:
                 raise ValueError(f"{where}: order {s.order} with estimator 'ghvb' needs velocities at the previous "
                                  f"{s.order - 1} grid points (a run of ghvb steps of prediction {s.prediction}), but the "
                                  f"run is {k} step(s) long here; lower the order")
-            if s.estimator in ("multistep", "multistep_dpm", "multistep_t", "unipc") and k < s.order:
+            if est.history == "outputs" and not est.fallback and k < s.order:
                 need = [i - j for j in range(1, s.order)]
                 raise ValueError(
                     f"{where}: order {s.order} with estimator {s.estimator!r} needs {s.prediction} outputs at grid "
@@ -414,10 +525,10 @@ class SolverPlan:
                     f"first step gives no noise output); lower the order or use estimator 'fallback'")
             last = i == n - 1
             if last and self.final == "zero":
-                if s.estimator == "singlestep" and s.order > 1:
+                if est.calls_per_order and s.order > 1:
                     raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step; its intermediate "
                                      "points would sit at sigma = 0 (use order 1 or a multistep estimator)")
-                if k > 1 and s.estimator not in ("multistep_t", "ghvb"):
+                if k > 1 and not est.to_zero:
                     raise ValueError(f"{where}: the step onto sigma = 0 has an infinite log-SNR step, where a "
                                      f"lambda-Taylor expansion of order {k} diverges; use order 1 there (or the noise "
                                      "prediction with estimator 'multistep_t', whose basis in t stays finite)")
@@ -517,7 +628,7 @@ class SolverPlan:
     # -- grid and compilation ---------------------------------------------------------------
     def _coordinate_ends(self, schedule: NoiseSchedule) -> tuple[float, float]:
         if self.coordinate == "logsnr":
-            return (float(schedule.lambda_(schedule.t_max).clamp(min=_LAMBDA_FLOOR)),
+            return (float(schedule.lambda_(schedule.t_max).clamp(min=LAMBDA_FLOOR)),
                     float(schedule.lambda_(schedule.t_min)))
         return float(schedule.t_max), float(schedule.t_min)
 
@@ -538,7 +649,7 @@ class SolverPlan:
         """Normalised time points of an existing grid (its first point must be t_max)."""
         sch = grid.schedule
         if coordinate == "logsnr":
-            c0 = float(sch.lambda_(sch.t_max).clamp(min=_LAMBDA_FLOOR))
+            c0 = float(sch.lambda_(sch.t_max).clamp(min=LAMBDA_FLOOR))
             c1 = float(sch.lambda_(sch.t_min))
             c = grid.lam.numpy()
         else:
@@ -579,18 +690,12 @@ _PLAN_FIELDS = {
 # compilation to the engine's Plan
 # ---------------------------------------------------------------------------------------------
 
-def _lagrange(nodes: np.ndarray, j: int) -> np.ndarray:
-    """Coefficients (low to high) of the Lagrange basis polynomial l_j through `nodes`."""
-    others = np.delete(nodes, j)
-    return P.polyfromroots(others) / np.prod(nodes[j] - others)
-
-
 def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a_s: float, s_s: float,
                 a_t: float, s_t: float, flavour: str = "taylor", relax: float = 0.0) -> tuple[float, list[float]]:
     """(c_x, [w_j]) with x_t = c_x x_s + sum_j w_j M_j for the exponential-integrator step from
     lambda_s to lambda_t with the prediction interpolated through outputs M_j at log-SNRs `nodes`
-    (module docstring).  `flavour="dpm"` gives DPM-Solver++(2M/3M)'s published weights, "unipc"
-    UniPC-bh2's (the "dpm" weight for two points, exact Taylor weights for more).  `relax` = c applies
+    (module docstring).  `flavour="unipc"` gives UniPC-bh2's weights (for two points the first-derivative
+    weight h phi_1/2 of DPM-Solver++(2M), exact Taylor weights for more).  `relax` = c applies
     USF's linear relaxation to the first-derivative term, D' <- D' (1 + c h) (USF's derivative-estimation relaxation)."""
     k = len(nodes)
     if s_t == 0.0:  # onto sigma = 0 (h = inf): first order only -> x_0 = D_s
@@ -607,16 +712,13 @@ def exp_weights(kind: str, nodes: Sequence[float], lam_s: float, lam_t: float, a
         cx, scale, z = a_t / a_s, -s_t, h
     # weight of d^n/dlambda^n p(lambda_s) (times h^n): h phi_{n+1}(z) (times n! for the l_j coefficient)
     kn = [h * phi(n + 1, z) for n in range(k)]
-    if flavour in ("dpm", "unipc"):
-        if k == 2:
-            kn[1] = 0.5 * h * phi(1, z)
-        elif k == 3 and flavour == "dpm":
-            kn[2] = 0.5 * kn[2]
+    if flavour == "unipc" and k == 2:
+        kn[1] = 0.5 * h * phi(1, z)
     if k >= 2:
         kn[1] *= 1.0 + relax * h
     w = []
     for j in range(k):
-        c = _lagrange(tau, j) if k > 1 else np.array([1.0])
+        c = lagrange_basis(tau, j) if k > 1 else np.array([1.0])
         w.append(scale * sum(math.factorial(n) * float(c[n]) * kn[n] for n in range(len(c))))
     return cx, w
 
@@ -649,15 +751,7 @@ class _Compiler:
     def _multistep(self, i: int, s: StepPlan, k: int, with_next: bool = False) -> tuple[float, dict[int, float]]:
         """Weights over grid points (i+1 if with_next,) i, i-1, ..., i-k+1 for step i."""
         pts = ([i + 1] if with_next else []) + [i - j for j in range(k)]
-        l_s, a_s, s_s = self._point(i)
-        l_t, a_t, s_t = self._point(i + 1)
-        if s.estimator == "multistep_t":
-            from .deis import DEIS
-
-            ints = DEIS(order=min(k, MAX_ORDER), basis="t", lower_order_final=False).basis_integrals(self.grid, i, k)
-            return a_t / a_s, {p: a_t * float(c) for p, c in zip(pts, ints)}
-        flavour = {"multistep_dpm": "dpm", "unipc": "unipc"}.get(s.estimator, "taylor")
-        cx, w = exp_weights(s.prediction, [self.lam[p] for p in pts], l_s, l_t, a_s, s_s, a_t, s_t, flavour, s.relax)
+        cx, w = s.capabilities.weights(self.grid, i, pts, s)
         return cx, dict(zip(pts, w))
 
     def run(self) -> Plan:
@@ -666,6 +760,7 @@ class _Compiler:
         pending: dict[int, float] = {}
         correction: dict[int, float] | None = None  # over grid points, applied once point i+1 is evaluated
         velocity: list[dict[int, float]] = []  # GHVB: V of the current run of ghvb steps, newest first
+        hb_velocity: dict[int, float] | None = None  # heavy ball: V of the current run of steps with beta
         for i, s in enumerate(sp.steps):
             k = orders[i]
             if s.analytic:
@@ -677,14 +772,18 @@ class _Compiler:
                 correction = None
             if s.analytic:  # D(x_T, T) = 0 in either form: x_1 = (sigma_1 / sigma_0) x_T
                 cx, w = float(self.sigma[i + 1] / self.sigma[i]), {}
-            elif s.estimator == "singlestep" and k > 1:
+            elif s.capabilities.calls_per_order and k > 1:
                 cx, w = self._singlestep(i, s, pending)
-            elif s.estimator == "ghvb":
-                same_run = i > 0 and continues_ghvb_run(sp.steps, i, i - 1)
+            elif s.capabilities.history == "run":
+                same_run = i > 0 and continues_run(sp.steps, i, i - 1)
                 cx, w, velocity = self._ghvb(i, s, k, velocity if same_run else [])
             else:
                 cx, wp = self._multistep(i, s, k)
                 w = {self.out[p]: c for p, c in wp.items()}
+                if s.beta is not None:  # heavy ball on the step's update direction, g its first-order weight
+                    (g,) = self._multistep(i, s, 1)[1].values()
+                    same_run = i > 0 and continues_run(sp.steps, i, i - 1)
+                    w, hb_velocity = heavy_ball(w, hb_velocity if same_run else None, s.beta, g)
                 if s.corrector:
                     _, wc = self._multistep(i, s, k, with_next=True)  # same c_x: the difference is in M only
                     correction = {p: wc[p] - wp.get(p, 0.0) for p in wc}
@@ -695,17 +794,7 @@ class _Compiler:
     def _ghvb(self, i: int, s: StepPlan, k: int, velocity: list[dict[int, float]]):
         """GHVB step: V_i = (1 - beta) V_{i-1} + beta M_i, P_i = (1/beta) sum_j c_j(beta) V_{i-j},
         x_{i+1} = first-order exponential step carrying P_i.  Returns (c_x, weights, velocities)."""
-        from .momentum import ghvb_weights
-
-        b, m = s.beta, self.out[i]
-        v = {m: 1.0} if not velocity else {q: (1.0 - b) * c for q, c in velocity[0].items()}
-        if velocity:
-            v[m] = v.get(m, 0.0) + b
-        velocity = [v] + velocity[:MAX_ORDER - 1]
-        p: dict[int, float] = {}
-        for c, vj in zip(ghvb_weights(k, b), velocity[:k]):
-            for q, cq in vj.items():
-                p[q] = p.get(q, 0.0) + c / b * cq
+        p, velocity = ghvb_step(velocity, self.out[i], s.beta, k)
         l_s, a_s, s_s = self._point(i)
         l_t, a_t, s_t = self._point(i + 1)
         cx, (g,) = exp_weights(s.prediction, [l_s], l_s, l_t, a_s, s_s, a_t, s_t)
@@ -713,10 +802,16 @@ class _Compiler:
 
     def _singlestep(self, i: int, s: StepPlan, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
         """Intermediate points at lambda_s + r_j h, each from the lower-order step through the
-        points before it; the step itself through all of them."""
+        points before it (Heun: the end point, from the Euler step); the step itself through all of them."""
         sched = self.grid.schedule
+        est = s.capabilities
         l_s, a_s, s_s = self._point(i)
         l_t, a_t, s_t = self._point(i + 1)
+        if est.at_end:
+            cx, w = est.weights(self.grid, i, [i], s)
+            m = self.b.eval_at(i + 1, s.prediction, self._lift(cx, {self.out[i]: w[0]}, pending))
+            cx, w = est.weights(self.grid, i, [i, i + 1], s)
+            return cx, dict(zip((self.out[i], m), w))
         h = l_t - l_s
         lams, outs = [l_s], [self.out[i]]
         for r in s.fractions:
@@ -727,7 +822,7 @@ class _Compiler:
             m = self.b.eval(t_j, a_j, s_j, s.prediction, self._lift(cx, dict(zip(outs, w)), pending))
             lams.append(l_j)
             outs.append(m)
-        cx, w = exp_weights(s.prediction, lams, l_s, l_t, a_s, s_s, a_t, s_t, relax=s.relax)
+        cx, w = est.through(lams, l_s, l_t, a_s, s_s, a_t, s_t, s)
         return cx, dict(zip(outs, w))
 
 
@@ -735,17 +830,31 @@ class _Compiler:
 # registered solvers written as plans
 # ---------------------------------------------------------------------------------------------
 
-#: registered solver -> (prediction, estimator) of its plan form
-PLAN_FORMS = {
-    "ddim": ("data", "multistep"),
-    "euler": ("data", "multistep"),
-    "dpmpp_2m": ("data", "multistep_dpm"),
-    "dpmpp_3m": ("data", "multistep_dpm"),
-    "deis_1": ("noise", "multistep_t"),
-    "deis_2": ("noise", "multistep_t"),
-    "deis_3": ("noise", "multistep_t"),
-    "ghvb": ("noise", "ghvb"),  # the default base "pndm" (noise prediction); beta from the solver
-}
+def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
+    """(prediction, estimator, beta) whose steps compute what `solver` computes (ValueError when none)."""
+    from .ddim import DDIM, Heun
+    from .deis import DEIS, PNDM
+    from .dpm_solver import DPMSolverPP, DPMSolverPP2S
+    from .momentum import GHVB
+
+    if solver.stochastic:
+        raise ValueError(f"no plan form for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
+    beta = getattr(solver, "momentum", None)
+    if isinstance(solver, GHVB):
+        return solver.kind, "ghvb", solver.beta
+    if isinstance(solver, DDIM):
+        return "data", "multistep", None
+    if isinstance(solver, DPMSolverPP):
+        return "data", "multistep_dpm", beta
+    if isinstance(solver, DEIS):
+        return "noise", {"t": "multistep_t", "rho": "multistep_rho", "logrho": "multistep_logrho"}[solver.basis], beta
+    if isinstance(solver, PNDM):
+        return "noise", "plms", beta
+    if isinstance(solver, DPMSolverPP2S):
+        return "data", "singlestep_dpm", None
+    if isinstance(solver, Heun):
+        return "noise", "heun", None
+    raise ValueError(f"no plan form for solver {solver.name!r} ({type(solver).__name__})")
 
 
 #: solvers of other libraries written as plans: name -> (prediction, estimator, order)
@@ -771,15 +880,28 @@ def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unif
         steps = tuple(StepPlan(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
         return SolverPlan(steps, tuple(SolverPlan.times_of(grid, coordinate)), final, coordinate,
                           name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
-    if solver not in PLAN_FORMS:
-        raise ValueError(f"no plan form for solver {solver!r}; plan forms exist for {sorted(PLAN_FORMS)} "
-                         f"and {sorted(EXTERNAL_FORMS)}")
+    from .registry import get
+
+    pred, est, beta = _estimator_of(get(solver))
     plan = make_plan(solver, schedule, nfe, spacing, final)
-    pred, est = PLAN_FORMS[solver]
-    beta = plan.info.get("beta") if est == "ghvb" else None
-    steps = tuple(StepPlan(pred, k, est, beta=beta) for k in plan.orders)
+    r1 = getattr(get(solver), "r1", 0.5)
+    steps = tuple(StepPlan(pred, k, est, beta=beta, r=(r1,) if k == 2 and r1 != 0.5 else None) for k in plan.orders)
     return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
+
+
+def plan_forms() -> list[str]:
+    """Registered solvers with a plan form (every deterministic one) and the external forms."""
+    from .registry import available, get
+
+    names = []
+    for n in available():
+        try:
+            _estimator_of(get(n))
+            names.append(n)
+        except ValueError:
+            pass
+    return names + sorted(EXTERNAL_FORMS)
 
 
 # ---------------------------------------------------------------------------------------------
