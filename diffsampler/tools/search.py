@@ -381,8 +381,8 @@ def search(
         callable x_T -> x_0; default: `reference_solver` at `reference_nfe` model calls), or a
         callable (samples, x_T) -> float, lower is better (e.g. an FID proxy).
     n_verify: the top-k plans re-scored on the verification batch; the other settings are those of
-        `S3Settings`.  base: a solver with a plan form (`samplers.usf.plan_forms()`: every deterministic registered solver) or a SolverPlan:
-        time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
+        `S3Settings`.  base: a solver with a plan form (`samplers.usf.plan_forms()`: every
+        deterministic registered solver) or a SolverPlan: time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
         plan there as YAML.
     """
     settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
