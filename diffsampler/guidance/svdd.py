@@ -143,7 +143,7 @@ class SVDD:
             values = self._reward(flat)
         elif self.value == "pm":  # v = r(x0_hat(x^(m), t_{i+1})), one model call per candidate
             kind = plan.steps[i + 1].evals[0].kind if _reusable(plan, i + 1) else "data"
-            outs = torch.stack([denoiser._predict(c, t_in[t1].expand(B), a1, s1, kind) for c in cands])
+            outs = torch.stack([denoiser.predict_at(c, t_in[t1].expand(B), a1, s1, kind) for c in cands])
             x0 = outs if kind == "data" else (cands - s1 * outs) / a1
             values = self._reward(x0.flatten(0, 1))
         else:

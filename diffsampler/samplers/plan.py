@@ -20,7 +20,7 @@ import torch
 
 from ..schedules import TimeGrid
 
-__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "run_plan", "combine", "frees_per_step"]
+__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "Stepper", "run_plan", "combine", "frees_per_step"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,100 @@ def frees_per_step(plan: Plan) -> list[list[int]]:
     return frees
 
 
+class Stepper:
+    """The engine: one run of a Plan from x = x_{t_0}, one model call at a time.
+
+        stepper = Stepper(plan, denoiser, x_T, noise_fn)
+        while not stepper.done:
+            stepper.feed(denoiser.predict_at(*stepper.next_input()))
+        x_0 = stepper.x
+
+    `next_input()` is call k of step i: (y_k, t_model, alpha, sigma, kind) with
+    y_k = a_k x_i + sum_m b_km M_m.  `feed(M_k)` takes that call's prediction; when it is the step's
+    last, the stepper applies x_{i+1} = a x_i + sum_m b_m M_m + c z and returns x_{i+1} (else None).
+    It owns the run's state: x_i, the outputs M still needed (each freed after its last use), the
+    noise z = noise_fn(x_i), and the denoiser's deferred finite check at the end of the run.
+
+    Hooks, for sampling strategies (the loop itself has no special cases):
+      at(i, k, y) -> (t_model, alpha, sigma) or None: evaluate call k of step i elsewhere than at
+          its planned time, per sample (Time-Shift, `TimeShift.hook`);
+      transition(i, mean, c) -> (x_{i+1}, M or None): replaces x_{i+1} = mean + c z of stochastic
+          step i (SVDD); a returned M is the next step's first model output, which is then not asked for;
+      on_step(i, x_{i+1}, M): after each step, with its last model output (None if it has none).
+    """
+
+    def __init__(self, plan: Plan, denoiser, x: torch.Tensor,
+                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 at: Callable | None = None, transition: Callable | None = None, on_step: Callable | None = None):
+        if plan.stochastic and noise_fn is None:
+            raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
+        self.plan, self.denoiser, self.x, self.noise_fn = plan, denoiser, x, noise_fn
+        self.at, self.transition, self.on_step = at, transition, on_step
+        denoiser.start_run()  # deferred finite checks report this run's model calls only
+        # model time inputs are built once, in one call, not per step
+        times = sorted({ev.t for s in plan.steps for ev in s.evals})
+        model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
+        t_in = {t: model_t[j].expand(x.shape[0]) for j, t in enumerate(times)}
+        self._t = [[t_in[ev.t] for ev in s.evals] for s in plan.steps]
+        self._frees = frees_per_step(plan)
+        self.outs: dict[int, torch.Tensor] = {}
+        self.i = self.k = self.n = 0  # step i, its call k, and the run's call n (the index of M_n)
+        self._carried = None
+        self._settle()
+
+    @property
+    def done(self) -> bool:
+        return self.i == len(self.plan.steps)
+
+    @property
+    def eval(self) -> Eval:
+        """The plan's entry for the next model call."""
+        return self.plan.steps[self.i].evals[self.k]
+
+    def next_input(self) -> tuple:
+        """(y, t_model, alpha, sigma, kind) of the next model call."""
+        ev = self.eval
+        y = self.x if ev.x.is_identity else combine(self.x, ev.x, self.outs)
+        if self.at is not None:
+            where = self.at(self.i, self.k, y)
+            if where is not None:
+                return (y, *where, ev.kind)
+        return y, self._t[self.i][self.k], ev.alpha, ev.sigma, ev.kind
+
+    def feed(self, output: torch.Tensor) -> torch.Tensor | None:
+        """Take the prediction of the call `next_input` gave; x_{i+1} if it ends step i, else None."""
+        self.outs[self.n] = output
+        self.n += 1
+        self.k += 1
+        return self._settle()
+
+    def _settle(self) -> torch.Tensor | None:
+        """End every step that needs no further model call; the last state reached, or None."""
+        x_new = None
+        steps = self.plan.steps
+        while self.i < len(steps):
+            s = steps[self.i]
+            if self.k < len(s.evals):
+                if self.k > 0 or self._carried is None:
+                    return x_new
+                self.outs[self.n], self._carried = self._carried, None
+                self.n += 1
+                self.k += 1
+                continue
+            x_new = combine(self.x, s.update, self.outs)
+            if s.noise != 0.0 and self.transition is not None:
+                x_new, self._carried = self.transition(self.i, x_new, s.noise)
+            elif s.noise != 0.0:
+                x_new.add_(self.noise_fn(self.x), alpha=s.noise)
+            if self.on_step is not None:
+                self.on_step(self.i, x_new, self.outs[self.n - 1] if s.evals else None)
+            for m in self._frees[self.i]:
+                del self.outs[m]
+            self.x, self.i, self.k = x_new, self.i + 1, 0
+        self.denoiser.raise_if_nonfinite()
+        return x_new
+
+
 def run_plan(
     plan: Plan,
     denoiser,
@@ -147,54 +241,20 @@ def run_plan(
     time_shift=None,
     transition: Callable[[int, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
-    """Run `plan` from x = x_{t_0}.  State (x, model outputs) lives only in this call.
-    `time_shift` (a samplers.time_shift.TimeShift) shifts each step's first model call per sample.
-    `transition(i, mean, c)` replaces the noise of stochastic step i (x_{i+1} = mean + c z): it returns
-    x_{i+1} and, optionally, the model output the next step's first call would compute at x_{i+1}
-    (reused instead of calling the model again).  Sampling strategies such as SVDD use it."""
-    if plan.stochastic and noise_fn is None:
-        raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
-    start = getattr(denoiser, "start_run", None)
-    if start is not None:  # deferred finite checks report this run's model calls only
-        start()
-    batch = x.shape[0]
-    # model time inputs are built once, in one call, not per step
-    times = sorted({ev.t for s in plan.steps for ev in s.evals})
-    model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
-    t_in = {t: model_t[j].expand(batch) for j, t in enumerate(times)}
-    frees = frees_per_step(plan)
-    shifts = time_shift.tables(plan, denoiser.schedule, x.device) if time_shift is not None else {}
-    outs: dict[int, torch.Tensor] = {}
-    carried = None  # a model output handed over by `transition` for the next step's first call
-    n = 0
-    it = range(len(plan.steps))
+    """Run `plan` from x = x_{t_0} and return the final state: the `Stepper` loop.
+    `callback(i, x_{i+1}, M)` runs after each step; `time_shift` (a samplers.time_shift.TimeShift)
+    and `transition` (SVDD) are the stepper's `at` and `transition` hooks."""
+    at = time_shift.hook(plan, denoiser.schedule, x.device) if time_shift is not None else None
+    stepper = Stepper(plan, denoiser, x, noise_fn, at=at, transition=transition, on_step=callback)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=plan.solver or "sampling", unit="step")
-    for i in it:
-        s = plan.steps[i]
-        for k, ev in enumerate(s.evals):
-            if k == 0 and carried is not None:
-                outs[n], carried = carried, None
-            else:
-                y = x if ev.x.is_identity else combine(x, ev.x, outs)
-                if k == 0 and i in shifts:
-                    outs[n] = denoiser._predict(y, *time_shift.shift(y, shifts[i]), ev.kind)
-                else:
-                    outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
-            n += 1
-        x_next = combine(x, s.update, outs)
-        if s.noise != 0.0:
-            if transition is not None:
-                x_next, carried = transition(i, x_next, s.noise)
-            else:
-                x_next.add_(noise_fn(x), alpha=s.noise)
-        if callback is not None:
-            callback(i, x_next, outs[n - 1] if s.evals else None)
-        x = x_next
-        for m in frees[i]:
-            del outs[m]
-    denoiser.raise_if_nonfinite()
-    return x
-
+        bar = tqdm(total=len(plan.steps), desc=plan.solver or "sampling", unit="step")
+    while not stepper.done:
+        stepper.feed(denoiser.predict_at(*stepper.next_input()))
+        if bar is not None:
+            bar.update(stepper.i - bar.n)
+    if bar is not None:
+        bar.close()
+    return stepper.x
