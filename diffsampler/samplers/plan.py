@@ -14,6 +14,7 @@ The engine below executes any such plan with a few fused tensor ops per step and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -29,10 +30,10 @@ class Combo:
 
     cx: float = 1.0
     terms: tuple[tuple[int, float], ...] = ()
+    is_identity: bool = field(init=False, repr=False, compare=False)  # x_i itself
 
-    @property
-    def is_identity(self) -> bool:
-        return self.cx == 1.0 and not self.terms
+    def __post_init__(self):
+        object.__setattr__(self, "is_identity", self.cx == 1.0 and not self.terms)
 
 
 @dataclass(frozen=True)
@@ -167,68 +168,69 @@ class Stepper:
         self.plan, self.denoiser, self.x, self.noise_fn = plan, denoiser, x, noise_fn
         self.at, self.transition, self.on_step = at, transition, on_step
         denoiser.start_run()  # deferred finite checks report this run's model calls only
+        self._evals = [ev for s in plan.steps for ev in s.evals]  # call n of the run
+        self._ends = list(accumulate(len(s.evals) for s in plan.steps))  # the call after step i
         # model time inputs are built once, in one call, not per step
-        times = sorted({ev.t for s in plan.steps for ev in s.evals})
+        times = sorted({ev.t for ev in self._evals})
         model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
-        t_in = {t: model_t[j].expand(x.shape[0]) for j, t in enumerate(times)}
-        self._t = [[t_in[ev.t] for ev in s.evals] for s in plan.steps]
+        self._t_in = {t: model_t[j].expand(x.shape[0]) for j, t in enumerate(times)}
         self._frees = frees_per_step(plan)
         self.outs: dict[int, torch.Tensor] = {}
-        self.i = self.k = self.n = 0  # step i, its call k, and the run's call n (the index of M_n)
-        self._carried = None
-        self._settle()
+        self.i = self.n = 0  # step i and the run's call n (the index of M_n in outs)
+        self.done = not plan.steps
+        while not self.done and self.n == self._ends[self.i]:  # steps without model calls
+            self._end_step()
 
     @property
-    def done(self) -> bool:
-        return self.i == len(self.plan.steps)
+    def k(self) -> int:
+        """The next model call's index within step i."""
+        return self.n - self._ends[self.i] + len(self.plan.steps[self.i].evals)
 
     @property
     def eval(self) -> Eval:
         """The plan's entry for the next model call."""
-        return self.plan.steps[self.i].evals[self.k]
+        return self._evals[self.n]
 
     def next_input(self) -> tuple:
         """(y, t_model, alpha, sigma, kind) of the next model call."""
-        ev = self.eval
+        ev = self._evals[self.n]
         y = self.x if ev.x.is_identity else combine(self.x, ev.x, self.outs)
         if self.at is not None:
             where = self.at(self.i, self.k, y)
             if where is not None:
                 return (y, *where, ev.kind)
-        return y, self._t[self.i][self.k], ev.alpha, ev.sigma, ev.kind
+        return y, self._t_in[ev.t], ev.alpha, ev.sigma, ev.kind
 
     def feed(self, output: torch.Tensor) -> torch.Tensor | None:
         """Take the prediction of the call `next_input` gave; x_{i+1} if it ends step i, else None."""
         self.outs[self.n] = output
         self.n += 1
-        self.k += 1
-        return self._settle()
+        x = None
+        while not self.done and self.n == self._ends[self.i]:  # (a hook may hand over the next call)
+            x = self._end_step()
+        return x
 
-    def _settle(self) -> torch.Tensor | None:
-        """End every step that needs no further model call; the last state reached, or None."""
-        x_new = None
-        steps = self.plan.steps
-        while self.i < len(steps):
-            s = steps[self.i]
-            if self.k < len(s.evals):
-                if self.k > 0 or self._carried is None:
-                    return x_new
-                self.outs[self.n], self._carried = self._carried, None
-                self.n += 1
-                self.k += 1
-                continue
-            x_new = combine(self.x, s.update, self.outs)
-            if s.noise != 0.0 and self.transition is not None:
-                x_new, self._carried = self.transition(self.i, x_new, s.noise)
-            elif s.noise != 0.0:
-                x_new.add_(self.noise_fn(self.x), alpha=s.noise)
-            if self.on_step is not None:
-                self.on_step(self.i, x_new, self.outs[self.n - 1] if s.evals else None)
-            for m in self._frees[self.i]:
-                del self.outs[m]
-            self.x, self.i, self.k = x_new, self.i + 1, 0
-        self.denoiser.raise_if_nonfinite()
-        return x_new
+    def _end_step(self) -> torch.Tensor:
+        """x_{i+1} = a x_i + sum_m b_m M_m + c z; free the outputs step i used last."""
+        i, s, outs = self.i, self.plan.steps[self.i], self.outs
+        x = combine(self.x, s.update, outs)
+        handed = None
+        if s.noise != 0.0 and self.transition is not None:
+            x, handed = self.transition(i, x, s.noise)
+        elif s.noise != 0.0:
+            x.add_(self.noise_fn(self.x), alpha=s.noise)
+        if self.on_step is not None:
+            self.on_step(i, x, outs[self.n - 1] if s.evals else None)
+        for m in self._frees[i]:
+            del outs[m]
+        self.x, self.i = x, i + 1
+        self.done = self.i == len(self.plan.steps)
+        if self.done:
+            self.denoiser.raise_if_nonfinite()
+        elif handed is not None and self.n < self._ends[self.i]:  # the next call's output, from the hook
+            outs[self.n] = handed
+            self.n += 1
+        return x
 
 
 def run_plan(
@@ -251,8 +253,9 @@ def run_plan(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan.steps), desc=plan.solver or "sampling", unit="step")
+    predict, feed, next_input = denoiser.predict_at, stepper.feed, stepper.next_input
     while not stepper.done:
-        stepper.feed(denoiser.predict_at(*stepper.next_input()))
+        feed(predict(*next_input()))
         if bar is not None:
             bar.update(stepper.i - bar.n)
     if bar is not None:
