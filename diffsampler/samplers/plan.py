@@ -1,4 +1,4 @@
-"""The one solver engine: a compiled plan of linear combinations, run by a small state machine.
+"""The one solver engine: a compiled plan of linear combinations, run by one stepper.
 
 Every solver in this package (DDIM, Euler, Heun, PLMS, DEIS, DPM-Solver++ single/multistep/SDE)
 is, once the time grid is fixed, a list of steps of the form
@@ -8,7 +8,9 @@ is, once the time grid is fixed, a list of steps of the form
 
 where M_m are earlier model outputs (data or noise predictions, this step's or from history).
 Solvers differ only in the float64 coefficients, which they compute once per grid in `build`.
-The engine below executes any such plan with a few fused tensor ops per step and no host sync.
+`Stepper` executes any such plan, one model call at a time, with a few fused tensor ops per step
+and no host sync; `run_plan` is its loop, the diffusers adapter feeds it one call per `step`, and
+sampling strategies (Time-Shift, SVDD) are its hooks.
 """
 
 from __future__ import annotations
@@ -167,7 +169,9 @@ class Stepper:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
         self.plan, self.denoiser, self.x, self.noise_fn = plan, denoiser, x, noise_fn
         self.at, self.transition, self.on_step = at, transition, on_step
-        denoiser.start_run()  # deferred finite checks report this run's model calls only
+        start = getattr(denoiser, "start_run", None)
+        if start is not None:  # deferred finite checks report this run's model calls only
+            start()
         self._evals = [ev for s in plan.steps for ev in s.evals]  # call n of the run
         self._ends = list(accumulate(len(s.evals) for s in plan.steps))  # the call after step i
         # model time inputs are built once, in one call, not per step
@@ -206,8 +210,8 @@ class Stepper:
         self.outs[self.n] = output
         self.n += 1
         x = None
-        while not self.done and self.n == self._ends[self.i]:  # (a hook may hand over the next call)
-            x = self._end_step()
+        while not self.done and self.n == self._ends[self.i]:  # the next step may need no call: its
+            x = self._end_step()                                 # output was handed over, or it has none
         return x
 
     def _end_step(self) -> torch.Tensor:
