@@ -124,7 +124,7 @@ class SVDD:
         model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
         t_in = {t: model_t[j] for j, t in enumerate(times)}
 
-        def transition(i, mean, c_z):  # the engine's stochastic step, replaced by the M-candidate choice
+        def transition(i, mean, c_z):  # the stepper's transition hook: the M-candidate choice
             return self._select(plan, i, denoiser, mean, c_z, noise_fn, t_in)
 
         x = run_plan(plan, denoiser, x, noise_fn, callback, progress, transition=transition)
