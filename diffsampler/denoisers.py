@@ -242,7 +242,8 @@ class Denoiser:
 
 
 class DenoiserTransform(Denoiser):
-    """A Denoiser that post-processes the data prediction of an inner Denoiser."""
+    """A Denoiser that post-processes the data prediction of an inner Denoiser: a subclass defines
+    `transform(x, d, t_model, alpha, sigma) -> d'`; `predict_at` converts d' to the kind asked for."""
 
     def __init__(self, inner: Denoiser):
         self.inner = inner
