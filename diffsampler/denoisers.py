@@ -3,7 +3,9 @@
 A solver asks a Denoiser for one of two things at (x, t): the data prediction
 D = E[x0 | x_t] ("data") or the noise prediction eps = (x - alpha D) / sigma ("noise").  The
 network's own parametrisation (epsilon, v_prediction, sample, flow) is converted here, once, so no
-solver ever branches on it.  Transforms (thresholding, guidance) are Denoisers wrapping Denoisers.
+solver ever branches on it.  The protocol is one method, `Denoiser.predict_at(x, t_model, alpha,
+sigma, kind)`, what the sampling engine calls (`predict(x, t, kind)` is the same from a schedule
+time).  Transforms (thresholding, guidance) are Denoisers wrapping Denoisers.
 """
 
 from __future__ import annotations
@@ -156,14 +158,26 @@ class Denoiser:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         t_model = self.schedule.model_time(t).to(x.device, torch.float32)
-        return self._predict(x, t_model, _bcast(alpha, x), _bcast(sigma, x), kind)
+        return self.predict_at(x, t_model, _bcast(alpha, x), _bcast(sigma, x), kind)
 
     def reset_nfe(self) -> None:
         self.nfe = 0
 
-    # -- conversion -------------------------------------------------------------------------
-    def _predict(self, x, t_model, alpha, sigma, kind):
+    # -- the engine's call ------------------------------------------------------------------
+    def predict_at(self, x: torch.Tensor, t_model: torch.Tensor, alpha, sigma, kind: str) -> torch.Tensor:
+        """The data ("data") or noise ("noise") prediction at x, from one network call at model
+        time `t_model` (shape (B,)), with the schedule's alpha_t, sigma_t given (floats, or tensors
+        broadcasting against x).  The one method the sampling engine calls; a transform overrides it."""
+        return self.convert(x, self.raw(x, t_model), alpha, sigma, kind)
+
+    def predict_with_data(self, x, t_model, alpha, sigma, kind) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict_at`, and the data prediction of the same network call (equal to it for "data")."""
         out = self.raw(x, t_model)
+        pred = self.convert(x, out, alpha, sigma, kind)
+        return pred, pred if kind == "data" else self.convert(x, out, alpha, sigma, "data")
+
+    def convert(self, x: torch.Tensor, out: torch.Tensor, alpha, sigma, kind: str) -> torch.Tensor:
+        """The network output `out` at x, in its own parametrisation, as prediction `kind`."""
         p = self.prediction_type
         if p == "epsilon":
             return out if kind == "noise" else _axpby(x, out, 1.0, -sigma, alpha)
@@ -180,7 +194,8 @@ class Denoiser:
 
     def call(self, x: torch.Tensor, t_model: torch.Tensor, cond: dict) -> torch.Tensor:
         """One counted, checked network call with conditioning `cond` (guidance passes its own)."""
-        out = self.model(x.to(self._model_dtype(x)), t_model, **cond)
+        dtype = self._model_dtype(x)
+        out = self.model(x if x.dtype == dtype else x.to(dtype), t_model, **cond)
         if self.output_fn is not None:
             out = _checked_tensor(self.output_fn(out), "output_fn")
         else:
@@ -188,7 +203,8 @@ class Denoiser:
         if out.shape != x.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} does not match input shape {tuple(x.shape)}")
         self.nfe += 1
-        out = out.to(x.dtype)
+        if out.dtype != x.dtype:  # (`.to` costs ~1 us per call even when it has nothing to do)
+            out = out.to(x.dtype)
         self._check(out)
         return out
 
@@ -226,7 +242,8 @@ class Denoiser:
 
 
 class DenoiserTransform(Denoiser):
-    """A Denoiser that post-processes the data prediction of an inner Denoiser."""
+    """A Denoiser that post-processes the data prediction of an inner Denoiser: a subclass defines
+    `transform(x, d, t_model, alpha, sigma) -> d'`; `predict_at` converts d' to the kind asked for."""
 
     def __init__(self, inner: Denoiser):
         self.inner = inner
@@ -258,9 +275,12 @@ class DenoiserTransform(Denoiser):
     def transform(self, x, d, t_model, alpha, sigma) -> torch.Tensor:
         raise NotImplementedError
 
-    def _predict(self, x, t_model, alpha, sigma, kind):
-        d = self.transform(x, self.inner._predict(x, t_model, alpha, sigma, "data"), t_model, alpha, sigma)
-        return d if kind == "data" else (x - alpha * d) / sigma
+    def predict_at(self, x, t_model, alpha, sigma, kind):
+        return self.predict_with_data(x, t_model, alpha, sigma, kind)[0]
+
+    def predict_with_data(self, x, t_model, alpha, sigma, kind):
+        d = self.transform(x, self.inner.predict_at(x, t_model, alpha, sigma, "data"), t_model, alpha, sigma)
+        return (d if kind == "data" else (x - alpha * d) / sigma), d
 
 
 class Thresholded(DenoiserTransform):

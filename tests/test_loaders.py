@@ -52,6 +52,9 @@ def test_every_solver_on_pixel_and_latent_pipelines(ddpm, sd, name):
         img = den.decode(x)
         assert img.shape == (2, 3, 8 if den.vae is None else 16, 8 if den.vae is None else 16)
         assert img.min() >= 0 and img.max() <= 1
+        # the pipeline's own decoding: its VAE on unscaled latents, then [-1, 1] -> [0, 1] and clamped
+        raw = x if den.vae is None else sd.vae.decode(x / sd.vae.config.scaling_factor).sample
+        assert torch.equal(img, (raw / 2 + 0.5).clamp(0, 1))
 
 
 def test_class_conditional_guidance(tmp_path):

@@ -121,6 +121,13 @@ def test_ddpm_pipeline_every_solver(ddpm, name):
     assert images.shape == (2, 8, 8, 3)
     assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
     assert torch.isfinite(x).all()
+    # the pipeline's images are diffsampler.sample's samples on the same plan, x_T and noise, decoded
+    g = torch.Generator().manual_seed(0)  # DDPMPipeline draws x_T from it, the adapter then its step noise
+    x_T = torch.randn(2, 3, 8, 8, generator=g)
+    den = denoiser_from_pipeline(ddpm)
+    ours = ds.sample(den, x_T, solver=sched.plan, generator=g)
+    assert ((x - ours).abs().max() / ours.abs().max()).item() <= 1e-5
+    assert np.abs(images - den.decode(ours).permute(0, 2, 3, 1).numpy()).max() <= 1e-5
     assert calls == 6 == len(sched.timesteps)
     if ds.samplers.info(name)["stochastic"]:  # noise from the pipeline's generator: reproducible
         again, _, _ = run_ddpm(ddpm, DiffSamplerScheduler.from_config(ddpm.base_config, solver=name), 6)
@@ -231,6 +238,11 @@ def test_sd_pipeline_solvers(sd, name):
     assert images.shape == (1, 16, 16, 3)
     assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
     assert calls == 6
+    # the pipeline's images are diffsampler.sample's latents on the same plan, decoded
+    den = denoiser_from_pipeline(sd, sd.test_inputs["guidance_scale"], prompt_embeds=sd.test_inputs["prompt_embeds"],
+                                 negative_prompt_embeds=sd.test_inputs["negative_prompt_embeds"])
+    ours = ds.sample(den, sd.test_latents.clone(), solver=sd.scheduler.plan)
+    assert np.abs(images - den.decode(ours).permute(0, 2, 3, 1).numpy()).max() <= 1e-4
 
 
 # --------------------------------------------------------------------------------------------

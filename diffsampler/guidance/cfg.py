@@ -105,7 +105,8 @@ class _Guided(DenoiserTransform):
         _check_keys(inner.cond, cfg.uncond)
         self.cfg = cfg
 
-    _predict = Denoiser._predict  # the inner network's parametrisation, converted once
+    # the inner network's parametrisation, converted once
+    predict_at, predict_with_data = Denoiser.predict_at, Denoiser.predict_with_data
 
     def raw(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         inner, g, b = self.inner, self.cfg, x.shape[0]

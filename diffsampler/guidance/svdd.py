@@ -124,7 +124,7 @@ class SVDD:
         model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
         t_in = {t: model_t[j] for j, t in enumerate(times)}
 
-        def transition(i, mean, c_z):  # the engine's stochastic step, replaced by the M-candidate choice
+        def transition(i, mean, c_z):  # the stepper's transition hook: the M-candidate choice
             return self._select(plan, i, denoiser, mean, c_z, noise_fn, t_in)
 
         x = run_plan(plan, denoiser, x, noise_fn, callback, progress, transition=transition)
@@ -143,7 +143,7 @@ class SVDD:
             values = self._reward(flat)
         elif self.value == "pm":  # v = r(x0_hat(x^(m), t_{i+1})), one model call per candidate
             kind = plan.steps[i + 1].evals[0].kind if _reusable(plan, i + 1) else "data"
-            outs = torch.stack([denoiser._predict(c, t_in[t1].expand(B), a1, s1, kind) for c in cands])
+            outs = torch.stack([denoiser.predict_at(c, t_in[t1].expand(B), a1, s1, kind) for c in cands])
             x0 = outs if kind == "data" else (cands - s1 * outs) / a1
             values = self._reward(x0.flatten(0, 1))
         else:

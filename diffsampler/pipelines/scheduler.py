@@ -1,8 +1,8 @@
 """`DiffSamplerScheduler`: any registered diffsampler solver behind diffusers' scheduler interface.
 
 It is an adapter, not a second solver implementation: `set_timesteps` compiles the solver's Plan
-(`diffsampler.samplers.make_plan`) and `step` executes that plan one model evaluation at a time,
-using the plan engine's own combination and bookkeeping helpers.  Every model call of the plan is
+(`diffsampler.samplers.make_plan`) and `step` feeds the network output, converted from its
+prediction type, to the plan engine's `Stepper`, one model evaluation per call.  Every model call of the plan is
 one entry of `timesteps`, so a two-call solver (Heun, DPM-Solver++ 2S) exposes two timesteps per
 solver step and `len(scheduler.timesteps) == plan.nfe == num_inference_steps`.
 
@@ -34,7 +34,7 @@ from diffusers.utils import BaseOutput
 from ..denoisers import PREDICTION_TYPES, Denoiser, Thresholded
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
-from ..samplers.plan import Plan, combine, frees_per_step
+from ..samplers.plan import Plan, Stepper
 from ..schedules import SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, time_grid
 
 __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
@@ -213,7 +213,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     @property
     def step_index(self) -> int | None:
         """Index of the next model evaluation into `timesteps` (None before the first step)."""
-        return self._offset + self._n if self._started else None
+        return None if self._stepper is None else self._offset + self._stepper.n
 
     @property
     def begin_index(self) -> int | None:
@@ -232,13 +232,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self._apply_begin_index()
 
     def _reset_state(self) -> None:
-        self._n = 0                 # global eval index into the current plan
-        self._i = 0                 # solver step
-        self._j = 0                 # eval within the step
-        self._x: torch.Tensor | None = None
-        self._outs: dict[int, torch.Tensor] = {}
-        self._noise_fn = None
-        self._started = False
+        self._stepper: Stepper | None = None  # the run of the plan, from the first `step`
+        self._next: tuple | None = None       # the stepper's next model call: (y, t_model, alpha, sigma, kind)
+        self._noise = None                    # the plan's noise, drawn at its first noisy step
+        self._generator = None
         self._pending: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -312,7 +309,6 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver {self.config.solver!r}: the first model call is not at x_T; "
                              "it cannot be driven one model call at a time")
         self._full_plan = plan
-        self._device = device
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
         self._denoiser.start_run()  # finite flags of an earlier (aborted) trajectory are not this one's
@@ -322,11 +318,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
-        self._evals = self._evals_of(plan)
-        self._step_of = [(i, j) for i, s in enumerate(plan.steps) for j in range(len(s.evals))]
-        t = torch.tensor([ev.t for ev in self._evals], dtype=torch.float64)
+        t = torch.tensor([ev.t for ev in self._evals_of(plan)], dtype=torch.float64)
         self._t_model = self.schedule.model_time(t).to(torch.float32)
-        self._frees = frees_per_step(plan)
         self._reset_state()
 
     def _apply_begin_index(self) -> None:
@@ -378,6 +371,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     def _emit(self, x, t_model):  # the "network" of the internal Denoiser: the output given to step()
         return self._pending
 
+    def _noise_fn(self, x: torch.Tensor) -> torch.Tensor:  # the stepper's noise source
+        if self._noise is None:  # all the plan's noise, from the generator(s) of this step call
+            self._noise = predrawn_noise(self.plan, self._generator, x)
+        return self._noise(x)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -400,41 +398,26 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps before step")
         if sample is None:
             raise ValueError("step needs the sample the model was evaluated on")
-        if self._n >= len(self._evals):
-            raise ValueError(f"step called {self._n + 1} times, the plan has {len(self._evals)} model calls; "
+        run = self._stepper
+        if run is not None and run.done:
+            raise ValueError(f"step called {run.n + 1} times, the plan has {run.n} model calls; "
                              "call set_timesteps again to start a new trajectory")
-        self._started = True
-        plan = self.plan
-        i, j = self._step_of[self._n]
-        s = plan.steps[i]
-        ev = s.evals[j]
-        if j == 0 and ev.x.is_identity:
-            self._x = sample  # the step's state; follows edits made between steps (inpainting)
-        t_in = self._t_model[self._n].to(sample.device).expand(sample.shape[0])
+        if run is None:
+            run = self._stepper = Stepper(self.plan, self._denoiser, sample, self._noise_fn)
+            self._next = run.next_input()
+        elif run.k == 0 and run.eval.x.is_identity:
+            run.x = sample  # the step's state follows edits made between steps (inpainting)
+        self._generator = generator
+        _, t_model, alpha, sigma, kind = self._next
         self._pending = model_output
-        out = self._denoiser._predict(sample, t_in, ev.alpha, ev.sigma, ev.kind)
-        x0 = out if ev.kind == "data" else self._denoiser._predict(sample, t_in, ev.alpha, ev.sigma, "data")
+        out, x0 = self._denoiser.predict_with_data(sample, t_model, alpha, sigma, kind)
         self._pending = None
-        self._outs[self._n] = out
-        self._n += 1
-        if j + 1 < len(s.evals):
-            nxt = s.evals[j + 1]
-            prev = self._x if nxt.x.is_identity else combine(self._x, nxt.x, self._outs)
+        run.feed(out)
+        if run.done:
+            prev = run.x
         else:
-            x_next = combine(self._x, s.update, self._outs)
-            if s.noise != 0.0:
-                if self._noise_fn is None:
-                    self._noise_fn = predrawn_noise(plan, generator, self._x)
-                x_next.add_(self._noise_fn(self._x), alpha=s.noise)
-            if i + 1 < len(plan.steps):
-                first = plan.steps[i + 1].evals[0]
-                prev = x_next if first.x.is_identity else combine(x_next, first.x, self._outs)
-            else:
-                prev = x_next
-                self._denoiser.raise_if_nonfinite()
-            self._x = x_next
-            for m in self._frees[i]:
-                self._outs.pop(m, None)
+            self._next = run.next_input()
+            prev = self._next[0]
         if not return_dict:
             return (prev, x0)
         return DiffSamplerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -1,4 +1,4 @@
-"""The one solver engine: a compiled plan of linear combinations, run by a small state machine.
+"""The one solver engine: a compiled plan of linear combinations, run by one stepper.
 
 Every solver in this package (DDIM, Euler, Heun, PLMS, DEIS, DPM-Solver++ single/multistep/SDE)
 is, once the time grid is fixed, a list of steps of the form
@@ -8,19 +8,22 @@ is, once the time grid is fixed, a list of steps of the form
 
 where M_m are earlier model outputs (data or noise predictions, this step's or from history).
 Solvers differ only in the float64 coefficients, which they compute once per grid in `build`.
-The engine below executes any such plan with a few fused tensor ops per step and no host sync.
+`Stepper` executes any such plan, one model call at a time, with a few fused tensor ops per step
+and no host sync; `run_plan` is its loop, the diffusers adapter feeds it one call per `step`, and
+sampling strategies (Time-Shift, SVDD) are its hooks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable
 
 import torch
 
 from ..schedules import TimeGrid
 
-__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "run_plan", "combine", "frees_per_step"]
+__all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "Stepper", "run_plan", "combine", "frees_per_step"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,10 @@ class Combo:
 
     cx: float = 1.0
     terms: tuple[tuple[int, float], ...] = ()
+    is_identity: bool = field(init=False, repr=False, compare=False)  # x_i itself
 
-    @property
-    def is_identity(self) -> bool:
-        return self.cx == 1.0 and not self.terms
+    def __post_init__(self):
+        object.__setattr__(self, "is_identity", self.cx == 1.0 and not self.terms)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,103 @@ def frees_per_step(plan: Plan) -> list[list[int]]:
     return frees
 
 
+class Stepper:
+    """The engine: one run of a Plan from x = x_{t_0}, one model call at a time.
+
+        stepper = Stepper(plan, denoiser, x_T, noise_fn)
+        while not stepper.done:
+            stepper.feed(denoiser.predict_at(*stepper.next_input()))
+        x_0 = stepper.x
+
+    `next_input()` is call k of step i: (y_k, t_model, alpha, sigma, kind) with
+    y_k = a_k x_i + sum_m b_km M_m.  `feed(M_k)` takes that call's prediction; when it is the step's
+    last, the stepper applies x_{i+1} = a x_i + sum_m b_m M_m + c z and returns x_{i+1} (else None).
+    It owns the run's state: x_i, the outputs M still needed (each freed after its last use), the
+    noise z = noise_fn(x_i), and the denoiser's deferred finite check at the end of the run.
+
+    Hooks, for sampling strategies (the loop itself has no special cases):
+      at(i, k, y) -> (t_model, alpha, sigma) or None: evaluate call k of step i elsewhere than at
+          its planned time, per sample (Time-Shift, `TimeShift.hook`);
+      transition(i, mean, c) -> (x_{i+1}, M or None): replaces x_{i+1} = mean + c z of stochastic
+          step i (SVDD); a returned M is the next step's first model output, which is then not asked for;
+      on_step(i, x_{i+1}, M): after each step, with its last model output (None if it has none).
+    """
+
+    def __init__(self, plan: Plan, denoiser, x: torch.Tensor,
+                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 at: Callable | None = None, transition: Callable | None = None, on_step: Callable | None = None):
+        if plan.stochastic and noise_fn is None:
+            raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
+        self.plan, self.denoiser, self.x, self.noise_fn = plan, denoiser, x, noise_fn
+        self.at, self.transition, self.on_step = at, transition, on_step
+        start = getattr(denoiser, "start_run", None)
+        if start is not None:  # deferred finite checks report this run's model calls only
+            start()
+        self._evals = [ev for s in plan.steps for ev in s.evals]  # call n of the run
+        self._ends = list(accumulate(len(s.evals) for s in plan.steps))  # the call after step i
+        # model time inputs are built once, in one call, not per step
+        times = sorted({ev.t for ev in self._evals})
+        model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
+        self._t_in = {t: model_t[j].expand(x.shape[0]) for j, t in enumerate(times)}
+        self._frees = frees_per_step(plan)
+        self.outs: dict[int, torch.Tensor] = {}
+        self.i = self.n = 0  # step i and the run's call n (the index of M_n in outs)
+        self.done = not plan.steps
+        while not self.done and self.n == self._ends[self.i]:  # steps without model calls
+            self._end_step()
+
+    @property
+    def k(self) -> int:
+        """The next model call's index within step i."""
+        return self.n - self._ends[self.i] + len(self.plan.steps[self.i].evals)
+
+    @property
+    def eval(self) -> Eval:
+        """The plan's entry for the next model call."""
+        return self._evals[self.n]
+
+    def next_input(self) -> tuple:
+        """(y, t_model, alpha, sigma, kind) of the next model call."""
+        ev = self._evals[self.n]
+        y = self.x if ev.x.is_identity else combine(self.x, ev.x, self.outs)
+        if self.at is not None:
+            where = self.at(self.i, self.k, y)
+            if where is not None:
+                return (y, *where, ev.kind)
+        return y, self._t_in[ev.t], ev.alpha, ev.sigma, ev.kind
+
+    def feed(self, output: torch.Tensor) -> torch.Tensor | None:
+        """Take the prediction of the call `next_input` gave; x_{i+1} if it ends step i, else None."""
+        self.outs[self.n] = output
+        self.n += 1
+        x = None
+        while not self.done and self.n == self._ends[self.i]:  # the next step may need no call: its
+            x = self._end_step()                                 # output was handed over, or it has none
+        return x
+
+    def _end_step(self) -> torch.Tensor:
+        """x_{i+1} = a x_i + sum_m b_m M_m + c z; free the outputs step i used last."""
+        i, s, outs = self.i, self.plan.steps[self.i], self.outs
+        x = combine(self.x, s.update, outs)
+        handed = None
+        if s.noise != 0.0 and self.transition is not None:
+            x, handed = self.transition(i, x, s.noise)
+        elif s.noise != 0.0:
+            x.add_(self.noise_fn(self.x), alpha=s.noise)
+        if self.on_step is not None:
+            self.on_step(i, x, outs[self.n - 1] if s.evals else None)
+        for m in self._frees[i]:
+            del outs[m]
+        self.x, self.i = x, i + 1
+        self.done = self.i == len(self.plan.steps)
+        if self.done:
+            self.denoiser.raise_if_nonfinite()
+        elif handed is not None and self.n < self._ends[self.i]:  # the next call's output, from the hook
+            outs[self.n] = handed
+            self.n += 1
+        return x
+
+
 def run_plan(
     plan: Plan,
     denoiser,
@@ -147,54 +247,21 @@ def run_plan(
     time_shift=None,
     transition: Callable[[int, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
-    """Run `plan` from x = x_{t_0}.  State (x, model outputs) lives only in this call.
-    `time_shift` (a samplers.time_shift.TimeShift) shifts each step's first model call per sample.
-    `transition(i, mean, c)` replaces the noise of stochastic step i (x_{i+1} = mean + c z): it returns
-    x_{i+1} and, optionally, the model output the next step's first call would compute at x_{i+1}
-    (reused instead of calling the model again).  Sampling strategies such as SVDD use it."""
-    if plan.stochastic and noise_fn is None:
-        raise ValueError(f"solver {plan.solver!r} is stochastic: pass a generator or seeds for its noise")
-    start = getattr(denoiser, "start_run", None)
-    if start is not None:  # deferred finite checks report this run's model calls only
-        start()
-    batch = x.shape[0]
-    # model time inputs are built once, in one call, not per step
-    times = sorted({ev.t for s in plan.steps for ev in s.evals})
-    model_t = denoiser.schedule.model_time(torch.tensor(times, dtype=torch.float64)).to(x.device, torch.float32)
-    t_in = {t: model_t[j].expand(batch) for j, t in enumerate(times)}
-    frees = frees_per_step(plan)
-    shifts = time_shift.tables(plan, denoiser.schedule, x.device) if time_shift is not None else {}
-    outs: dict[int, torch.Tensor] = {}
-    carried = None  # a model output handed over by `transition` for the next step's first call
-    n = 0
-    it = range(len(plan.steps))
+    """Run `plan` from x = x_{t_0} and return the final state: the `Stepper` loop.
+    `callback(i, x_{i+1}, M)` runs after each step; `time_shift` (a samplers.time_shift.TimeShift)
+    and `transition` (SVDD) are the stepper's `at` and `transition` hooks."""
+    at = time_shift.hook(plan, denoiser.schedule, x.device) if time_shift is not None else None
+    stepper = Stepper(plan, denoiser, x, noise_fn, at=at, transition=transition, on_step=callback)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=plan.solver or "sampling", unit="step")
-    for i in it:
-        s = plan.steps[i]
-        for k, ev in enumerate(s.evals):
-            if k == 0 and carried is not None:
-                outs[n], carried = carried, None
-            else:
-                y = x if ev.x.is_identity else combine(x, ev.x, outs)
-                if k == 0 and i in shifts:
-                    outs[n] = denoiser._predict(y, *time_shift.shift(y, shifts[i]), ev.kind)
-                else:
-                    outs[n] = denoiser._predict(y, t_in[ev.t], ev.alpha, ev.sigma, ev.kind)
-            n += 1
-        x_next = combine(x, s.update, outs)
-        if s.noise != 0.0:
-            if transition is not None:
-                x_next, carried = transition(i, x_next, s.noise)
-            else:
-                x_next.add_(noise_fn(x), alpha=s.noise)
-        if callback is not None:
-            callback(i, x_next, outs[n - 1] if s.evals else None)
-        x = x_next
-        for m in frees[i]:
-            del outs[m]
-    denoiser.raise_if_nonfinite()
-    return x
-
+        bar = tqdm(total=len(plan.steps), desc=plan.solver or "sampling", unit="step")
+    predict, feed, next_input = denoiser.predict_at, stepper.feed, stepper.next_input
+    while not stepper.done:
+        feed(predict(*next_input()))
+        if bar is not None:
+            bar.update(stepper.i - bar.n)
+    if bar is not None:
+        bar.close()
+    return stepper.x

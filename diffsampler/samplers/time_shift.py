@@ -65,9 +65,10 @@ class TimeShift:
     w = 80, t_c = 300 for a 1000-step model) and 1/999 of [t_min, t_max] on continuous schedules
     (see the module docstring), so one setting means the same on every schedule.
 
-    `check(plan, schedule)` refuses a setting that would shift nothing on that plan (cutoff outside
-    the schedule's range, or at or above every step the shift could act on); `tables` runs it, so
-    `run_plan` refuses before any model call."""
+    `hook(plan, schedule, device)` is the engine's `at` hook (samplers.plan.Stepper) that moves
+    each shifted step's first model call.  `check(plan, schedule)` refuses a setting that would
+    shift nothing on that plan (cutoff outside the schedule's range, or at or above every step the
+    shift could act on); `tables`, and so `hook`, run it before any model call."""
 
     def __init__(self, window: int = 8, cutoff: float = 300.0):
         if not isinstance(window, int) or isinstance(window, bool) or window < 2:
@@ -128,6 +129,16 @@ class TimeShift:
             level = s**2 / (a**2 + s**2)
             out[i] = tuple(v.to(device) for v in (level, schedule.model_time(cand).float(), a, s))
         return out
+
+    def hook(self, plan, schedule: NoiseSchedule, device):
+        """The stepper's `at(i, k, y)` hook: per-sample (model time, alpha, sigma) for the first
+        model call of each shifted step, None (the planned time) for every other call."""
+        tables = self.tables(plan, schedule, device)
+
+        def at(i: int, k: int, y: torch.Tensor):
+            return self.shift(y, tables[i]) if k == 0 and i in tables else None
+
+        return at
 
     @staticmethod
     def shift(x: torch.Tensor, table: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
