@@ -13,7 +13,7 @@ import diffsampler as ds
 from diffsampler.denoisers import DenoiserTransform
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.samplers import initial_noise
-from diffsampler.samplers.search import _Predictor, random_plan
+from diffsampler.samplers.search import PlanPredictor, random_plan
 from diffsampler.tools.search import CALIBRATION_SEED_BASE, calibration_seeds, search
 from diffsampler.samplers.usf import SolverPlan, plan_form
 
@@ -148,7 +148,7 @@ def test_predictor_ranks_unseen_plans(problem):
     x = initial_noise((64, 8), sch, seeds=calibration_seeds(64)).double()
     ref = exact(x)
     scores = [float((ds.sample(_den(problem), x.clone(), solver=p.compile(sch)) - ref).pow(2).mean().sqrt()) for p in plans]
-    pred = _Predictor(NFE + 1)
+    pred = PlanPredictor(NFE + 1)
     pred.fit(plans[:200], scores[:200])
     rho = spearmanr(pred.predict(plans[200:]), np.log(scores[200:])).correlation
     assert rho > 0.25, rho

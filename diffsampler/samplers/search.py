@@ -25,7 +25,7 @@ import numpy as np
 from ..schedules import time_grid
 from .usf import ESTIMATOR_TABLE, FINALS, SolverPlan, StepPlan, effective_orders, plan_form
 
-__all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode"]
+__all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode", "PlanPredictor"]
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
@@ -256,7 +256,7 @@ def encode(sp: SolverPlan, slots: int) -> np.ndarray:
     return f
 
 
-class _Predictor:
+class PlanPredictor:
     """log(metric) from the plan encoding: gradient-boosted trees (scikit-learn)."""
 
     def __init__(self, slots: int):

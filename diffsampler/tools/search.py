@@ -30,7 +30,7 @@ import torch
 
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
-from ..samplers.search import N_PARENTS, P_CROSSOVER, _Predictor, crossover, initial_plans, mutate, random_plan
+from ..samplers.search import N_PARENTS, P_CROSSOVER, PlanPredictor, crossover, initial_plans, mutate, random_plan
 from ..samplers.usf import FINALS, SolverPlan, plan_form
 from .search_log import SearchLog
 
@@ -280,7 +280,7 @@ def evolve(space: PlanSpace, population: Population, seed: int, batch: int, scre
         init.append(space.random(rng))
     for plan in init:
         population.consider(plan)
-    predictor = _Predictor(space.nfe + 1)
+    predictor = PlanPredictor(space.nfe + 1)
     gen = stall = 0
     while not population.full() and stall < MAX_STALL:
         gen += 1
