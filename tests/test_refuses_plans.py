@@ -12,7 +12,7 @@ from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.samplers.loop import make_plan
 from diffsampler.samplers.plan import run_plan
 from diffsampler.samplers.time_shift import TimeShift
-from diffsampler.samplers.usf import PlanSolver, SolverPlan, StepPlan, load_plan
+from diffsampler.samplers.usf import SpecSolver, SolverSpec, StepSpec, load_plan
 
 GMM = GaussianMixture.random(4, 3, seed=0)
 
@@ -128,7 +128,7 @@ def write(tmp_path, text: str):
 
 def test_item16_malformed_yaml_names_the_file_and_line(tmp_path):
     p = write(tmp_path, "times: [0.0, 1.0\nsteps:\n- {prediction: data}\n")
-    for load in (load_plan, SolverPlan.load, lambda f: PlanSolver(path=str(f))):
+    for load in (load_plan, SolverSpec.load, lambda f: SpecSolver(path=str(f))):
         with pytest.raises(ValueError, match=re.escape(str(p)) + r": not valid YAML: line \d+, column \d+: ") as e:
             load(p)
         assert isinstance(e.value, ValueError)
@@ -167,7 +167,7 @@ def test_item16_plan_fields_are_type_checked(tmp_path, change, pattern):
     with pytest.raises(ValueError, match=re.escape(str(p)) + ": " + pattern):
         load_plan(p)
     with pytest.raises(ValueError, match=pattern):
-        SolverPlan.from_dict(d)
+        SolverSpec.from_dict(d)
 
 
 @pytest.mark.parametrize("i,change,pattern", [
@@ -199,14 +199,14 @@ def test_item16_a_step_that_is_not_a_mapping_and_value_errors_name_the_step(tmp_
     d = valid_plan_dict()
     d["steps"][2]["order"] = 7
     with pytest.raises(ValueError, match=r"steps\[2\]: order must be an integer in 1\.\.4, got 7"):
-        SolverPlan.from_dict(d)
+        SolverSpec.from_dict(d)
 
 
 def test_item16_direct_construction_refuses_strings_for_numbers():
     with pytest.raises(ValueError, match=r"times\[1\]: expected a number, got '0\.5' \(str\)"):
-        SolverPlan((StepPlan(), StepPlan()), (0.0, "0.5", 1.0))
+        SolverSpec((StepSpec(), StepSpec()), (0.0, "0.5", 1.0))
     with pytest.raises(ValueError, match=r"r\[0\]: expected a number, got '0\.5' \(str\)"):
-        StepPlan("data", 2, "singlestep", r=("0.5",))
+        StepSpec("data", 2, "singlestep", r=("0.5",))
 
 
 def test_item16_plan_solver_refuses_solver_options_before_any_model_call():

@@ -15,7 +15,7 @@ from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.samplers import initial_noise
 from diffsampler.samplers.search import PlanPredictor, random_plan
 from diffsampler.tools.search import CALIBRATION_SEED_BASE, calibration_seeds, search
-from diffsampler.samplers.usf import SolverPlan, plan_form
+from diffsampler.samplers.usf import SolverSpec, spec_of
 
 NFE = 4
 
@@ -99,7 +99,7 @@ def test_search_never_sees_the_evaluation_seeds(problem):
 
 def test_search_finds_a_better_plan_than_the_registered_solvers(problem, tmp_path):
     """Held-out check on the small mixture at NFE 4 (budget 100, 128 calibration samples): the
-    searched plan beats the registered solver (plan forms of ddim, dpmpp_2m/3m, deis_2/3, unipc_2/3
+    searched plan beats the registered solver (solver specs of ddim, dpmpp_2m/3m, deis_2/3, unipc_2/3
     on 4 spacings x 2 finals, all in the initial population) that scored best on the same
     calibration batch.  Measured ratio 0.82 on 1024 held-out samples (0.83 with budget 120 and 192
     calibration samples); asserted < 0.92, a margin for the heavy tail of RMSE (a few samples
@@ -107,7 +107,7 @@ def test_search_finds_a_better_plan_than_the_registered_solvers(problem, tmp_pat
     gmm, sch, exact = problem
     log = tmp_path / "s.jsonl"
     r = _run(problem, budget=100, n_calib=128, n_verify=3, holdout_seeds=range(1024), log=log)
-    forms = {plan_form(n, sch, NFE, s, f).key(): plan_form(n, sch, NFE, s, f)
+    forms = {spec_of(n, sch, NFE, s, f).key(): spec_of(n, sch, NFE, s, f)
              for n in ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
              for s in ("logsnr", "time_uniform", "time_quadratic", "karras") for f in ("zero", "last")}
     scored = [(e["score"], e["key"]) for e in _evals(log) if e["phase"] == "calib" and e["key"] in forms]
@@ -126,10 +126,10 @@ def test_time_only_search_keeps_the_solver(problem, tmp_path):
     gmm, sch, _ = problem
     log = tmp_path / "t.jsonl"
     r = _run(problem, budget=40, base="dpmpp_3m", log=log, n_calib=128)
-    base = plan_form("dpmpp_3m", sch, NFE, "logsnr")
+    base = spec_of("dpmpp_3m", sch, NFE, "logsnr")
     assert r.plan.steps == base.steps
     evals = _evals(log)
-    assert all(SolverPlan.from_dict(e["plan"]).steps == base.steps for e in evals)
+    assert all(SolverSpec.from_dict(e["plan"]).steps == base.steps for e in evals)
     base_score = next(e["score"] for e in evals if e["key"] == base.key())
     # measured 0.325 vs 0.474 for logSNR-uniform dpmpp_3m (calibration RMSE, 128 samples)
     assert r.calib_score < 0.9 * base_score
@@ -159,7 +159,7 @@ def test_predictor_ranks_unseen_plans(problem):
     (dict(metric="fid"), "metric must be 'rmse' or a callable"),
     (dict(final="end"), "final must be None (search both) or one of ('zero', 'last'), got 'end'"),
     (dict(seeds=[1, 2, 3]), "seeds: need 64 (calibration 32 + verification 32), got 3"),
-    (dict(base="dpmpp_2m_sde"), "no plan form for solver 'dpmpp_2m_sde': it is stochastic"),
+    (dict(base="dpmpp_2m_sde"), "no solver spec for solver 'dpmpp_2m_sde': it is stochastic"),
 ])
 def test_bad_search_options(problem, kw, message):
     with pytest.raises(ValueError) as e:
@@ -174,7 +174,7 @@ def test_search_command_line(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "best plan" in r.stdout and out.exists()
-    sp = SolverPlan.load(out)
+    sp = SolverSpec.load(out)
     assert sp.nfe == 4 and sp.info["search"]["evaluations"] == 12
     gmm = GaussianMixture.random(16, 6, seed=0, scale=1.5, std=(0.3, 0.6))  # configs/model/gmm.yaml
     den = gmm_denoiser(gmm, ds.DiscreteVP.linear(), "epsilon")

@@ -8,7 +8,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
-from diffsampler.samplers.usf import plan_form
+from diffsampler.samplers.usf import spec_of
 from diffsampler.tools.search import (Batch, Objective, PlanSpace, Population, S3Settings, SearchResult, best_verified,
                                       calibration, calibration_seeds, evaluate, evolve, search, verify)
 from diffsampler.tools.search_log import SearchLog
@@ -38,7 +38,7 @@ def _batch(problem, n=16, offset=0):
 def test_evaluate_scores_a_plan_on_its_batch(problem):
     den, sch, _ = problem
     batch = _batch(problem)
-    plan = plan_form("dpmpp_2m", sch, NFE, "logsnr")
+    plan = spec_of("dpmpp_2m", sch, NFE, "logsnr")
     x0 = batch.x_T.clone()
     expected = float((ds.sample(den, batch.x_T.clone(), solver=plan.compile(sch)) - _ref(problem, batch)).pow(2).mean().sqrt())
     assert evaluate(plan, den, batch) == pytest.approx(expected, rel=1e-12)
@@ -54,7 +54,7 @@ def test_objective_caches_counts_and_logs(problem, tmp_path):
     den, sch, _ = problem
     log = SearchLog(tmp_path / "o.jsonl", {"nfe": NFE})
     obj = Objective(den, {"calib": _batch(problem), "verify": _batch(problem, 8, 16)}, log)
-    plan = plan_form("deis_2", sch, NFE, "time_uniform")
+    plan = spec_of("deis_2", sch, NFE, "time_uniform")
     s = obj(plan)
     assert obj(plan) == s and obj.model_calls == NFE and obj.sample_evaluations == NFE * 16
     v = obj(plan, "verify")
@@ -77,7 +77,7 @@ def test_calibration_without_a_verifiable_reference_has_no_verify_batch(problem)
 
 def test_verify_rescores_the_top_k_and_picks_the_best_there(problem):
     den, sch, _ = problem
-    plans = [plan_form("dpmpp_2m", sch, NFE, s) for s in ("logsnr", "time_uniform", "karras")]
+    plans = [spec_of("dpmpp_2m", sch, NFE, s) for s in ("logsnr", "time_uniform", "karras")]
     ranked = list(zip(plans, [0.1, 0.2, 0.3]))
     second = {p.key(): v for p, v in zip(plans, [0.5, 0.4, 0.1])}
     calls = []

@@ -10,7 +10,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.eval.gmm import GaussianMixture, GMMModel, gmm_denoiser
-from diffsampler.samplers.usf import SolverPlan, StepPlan, available_plans, load_plan, plan_form
+from diffsampler.samplers.usf import SolverSpec, StepSpec, available_plans, load_plan, spec_of
 
 D, M, DT, N = "data", "multistep", torch.float64, 64
 
@@ -34,12 +34,12 @@ DETERMINISTIC = [n for n in ds.available() if not ds.samplers.info(n)["stochasti
 @pytest.mark.parametrize("nfe,spacing,final", [(4, "logsnr", "zero"), (5, "time_uniform", "zero"),
                                                (7, "time_quadratic", "last"), (10, "logsnr", "last")])
 def test_plan_form_gives_the_named_solvers_samples(vp, name, nfe, spacing, final):
-    """Every deterministic registered solver has a plan form with the same samples (float64, exact
+    """Every deterministic registered solver has a solver spec with the same samples (float64, exact
     mixture): <= 1e-12 compiled on the solver's grid; through YAML and back <= 1e-5 (measured
     <= 1e-12: the only difference is the time round trip through the normalised log-SNR)."""
     gmm, sch, den, x = vp
-    form = plan_form(name, sch, nfe, spacing, final)
-    sp = SolverPlan.from_yaml(form.to_yaml())
+    form = spec_of(name, sch, nfe, spacing, final)
+    sp = SolverSpec.from_yaml(form.to_yaml())
     a = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing, final=final)
     grid = ds.samplers.make_plan(name, sch, nfe, spacing, final).grid
     assert float((a - ds.sample(den, x.clone(), solver=form.compile(grid=grid))).abs().max()) <= 1e-12
@@ -48,11 +48,11 @@ def test_plan_form_gives_the_named_solvers_samples(vp, name, nfe, spacing, final
 
 
 def test_every_deterministic_solver_has_a_plan_form():
-    from diffsampler.samplers.usf import plan_forms
+    from diffsampler.samplers.usf import spec_solvers
 
-    assert set(DETERMINISTIC) <= set(plan_forms())
+    assert set(DETERMINISTIC) <= set(spec_solvers())
     with pytest.raises(ValueError, match="stochastic"):
-        plan_form("dpmpp_2m_sde", ds.DiscreteVP.linear(), 5)
+        spec_of("dpmpp_2m_sde", ds.DiscreteVP.linear(), 5)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -69,17 +69,17 @@ def test_unipc_plan_equals_diffusers_unipc(vp, order, nfe):
     model, y = GMMModel(gmm, sch, "epsilon"), x.clone()
     for t in s.timesteps:
         y = s.step(model(y, t).sample, t, y).prev_sample
-    sp = plan_form(f"unipc_{order}", sch, nfe, "linspace")
+    sp = spec_of(f"unipc_{order}", sch, nfe, "linspace")
     assert all(st.corrector for st in sp.steps[:-1]) and sp.nfe == nfe
     assert float((ds.sample(den, x.clone(), solver=sp.compile(sch)) - y).abs().max()) <= 1e-4
 
 
 def test_yaml_round_trip_and_fields():
-    sp = SolverPlan((StepPlan(D, 1, M, analytic=True), StepPlan(D, 2, "singlestep", r=(0.4,)),
-                     StepPlan(D, 2, M, corrector=True), StepPlan(D, 3, M), StepPlan(D, 1, M)),
+    sp = SolverSpec((StepSpec(D, 1, M, analytic=True), StepSpec(D, 2, "singlestep", r=(0.4,)),
+                     StepSpec(D, 2, M, corrector=True), StepSpec(D, 3, M), StepSpec(D, 1, M)),
                     (0.0, 0.1, 0.3, 0.6, 0.8, 1.0), name="demo")
     text = sp.to_yaml()
-    back = SolverPlan.from_yaml(text)
+    back = SolverSpec.from_yaml(text)
     assert back == sp and back.nfe == 5 == sp.nfe  # analytic: 0 calls, singlestep order 2: 2 calls
     assert "analytic: true" in text and "corrector: true" in text and "r: [0.4]" in text
     assert sp.orders == [1, 2, 2, 3, 1]
@@ -93,29 +93,29 @@ T3 = (0.0, 0.3, 0.6, 1.0)
 
 
 @pytest.mark.parametrize("steps,times,kw,message", [
-    ((StepPlan(D, 2, M), StepPlan(D, 1, M), StepPlan(D, 1, M)), T3, {},
+    ((StepSpec(D, 2, M), StepSpec(D, 1, M), StepSpec(D, 1, M)), T3, {},
      "step 0: order 2 with estimator 'multistep' needs data outputs at grid points [-1]"),
-    ((StepPlan(D, 1, M), StepPlan("noise", 2, M), StepPlan(D, 1, M)), T3, {},
+    ((StepSpec(D, 1, M), StepSpec("noise", 2, M), StepSpec(D, 1, M)), T3, {},
      "step 1: order 2 with estimator 'multistep' needs noise outputs"),
-    ((StepPlan("noise", 1, M, analytic=True), StepPlan("noise", 2, "multistep_t"), StepPlan("noise", 1, M)), T3, {},
+    ((StepSpec("noise", 1, M, analytic=True), StepSpec("noise", 2, "multistep_t"), StepSpec("noise", 1, M)), T3, {},
      "an analytic first step gives no noise output"),
-    ((StepPlan(D, 1, M),) * 3, (0.0, 0.6, 0.3, 1.0), {}, "strictly increasing (noise -> data): times[1]=0.6"),
-    ((StepPlan(D, 1, M),) * 3, (0.0, 0.3, 1.0), {}, "3 steps need 4 time points, got 3"),
-    ((StepPlan(D, 1, M),) * 3, (0.1, 0.3, 0.6, 1.0), {}, "time points run from 0"),
-    ((StepPlan(D, 1, M), StepPlan(D, 1, M), StepPlan(D, 1, M, corrector=True)), T3, {}, "no corrector on the last step"),
-    ((StepPlan(D, 1, M, corrector=True), StepPlan("noise", 1, M), StepPlan(D, 1, M)), T3, {},
+    ((StepSpec(D, 1, M),) * 3, (0.0, 0.6, 0.3, 1.0), {}, "strictly increasing (noise -> data): times[1]=0.6"),
+    ((StepSpec(D, 1, M),) * 3, (0.0, 0.3, 1.0), {}, "3 steps need 4 time points, got 3"),
+    ((StepSpec(D, 1, M),) * 3, (0.1, 0.3, 0.6, 1.0), {}, "time points run from 0"),
+    ((StepSpec(D, 1, M), StepSpec(D, 1, M), StepSpec(D, 1, M, corrector=True)), T3, {}, "no corrector on the last step"),
+    ((StepSpec(D, 1, M, corrector=True), StepSpec("noise", 1, M), StepSpec(D, 1, M)), T3, {},
      "its corrector reuses the noise output of step 1"),
-    ((StepPlan(D, 1, M), StepPlan(D, 1, M, analytic=True), StepPlan(D, 1, M)), T3, {}, "only the first step can be analytic"),
-    ((StepPlan(D, 1, M), StepPlan(D, 2, M), StepPlan(D, 2, M)), T3, {}, "the step onto sigma = 0"),
-    ((StepPlan(D, 1, M), StepPlan(D, 1, M), StepPlan(D, 2, "singlestep")), T3, {}, "intermediate points would sit at sigma = 0"),
-    ((StepPlan(D, 1, M),) * 3, T3, {"info": {"nfe": 4}}, "declares nfe=4 but its steps spend 3 model calls"),
-    ((StepPlan(D, 1, M),) * 3, T3, {"final": "end"}, "final must be one of ('zero', 'last')"),
-    ((StepPlan(D, 1, M), StepPlan(D, 2, "ghvb", beta=0.5), StepPlan(D, 1, M)), T3, {},
+    ((StepSpec(D, 1, M), StepSpec(D, 1, M, analytic=True), StepSpec(D, 1, M)), T3, {}, "only the first step can be analytic"),
+    ((StepSpec(D, 1, M), StepSpec(D, 2, M), StepSpec(D, 2, M)), T3, {}, "the step onto sigma = 0"),
+    ((StepSpec(D, 1, M), StepSpec(D, 1, M), StepSpec(D, 2, "singlestep")), T3, {}, "intermediate points would sit at sigma = 0"),
+    ((StepSpec(D, 1, M),) * 3, T3, {"info": {"nfe": 4}}, "declares nfe=4 but its steps spend 3 model calls"),
+    ((StepSpec(D, 1, M),) * 3, T3, {"final": "end"}, "final must be one of ('zero', 'last')"),
+    ((StepSpec(D, 1, M), StepSpec(D, 2, "ghvb", beta=0.5), StepSpec(D, 1, M)), T3, {},
      "step 1: order 2 with estimator 'ghvb' needs velocities at the previous 1 grid points"),
 ])
 def test_invalid_plans_are_rejected(steps, times, kw, message):
     with pytest.raises(ValueError, match=None) as e:
-        SolverPlan(steps, times, **kw)
+        SolverSpec(steps, times, **kw)
     assert message in str(e.value)
 
 
@@ -135,21 +135,21 @@ def test_invalid_plans_are_rejected(steps, times, kw, message):
 ])
 def test_invalid_steps_are_rejected(kw, message):
     with pytest.raises(ValueError) as e:
-        StepPlan(**kw)
+        StepSpec(**kw)
     assert message in str(e.value)
 
 
 def test_yaml_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"unknown step field\(s\) \['oder'\]"):
-        SolverPlan.from_yaml("times: [0.0, 1.0]\nsteps:\n- {prediction: data, oder: 1}\n")
+        SolverSpec.from_yaml("times: [0.0, 1.0]\nsteps:\n- {prediction: data, oder: 1}\n")
     with pytest.raises(ValueError, match="solver plan has no 'times'"):
-        SolverPlan.from_yaml("steps: []\n")
+        SolverSpec.from_yaml("steps: []\n")
     with pytest.raises(ValueError, match="declares nfe=3"):
-        SolverPlan.from_yaml("nfe: 3\ntimes: [0.0, 1.0]\nsteps:\n- {prediction: data, order: 1}\n")
+        SolverSpec.from_yaml("nfe: 3\ntimes: [0.0, 1.0]\nsteps:\n- {prediction: data, order: 1}\n")
 
 
 def test_fallback_uses_the_history_it_has():
-    sp = SolverPlan((StepPlan(D, 3, "fallback"),) * 4 + (StepPlan(D, 1, M),), (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+    sp = SolverSpec((StepSpec(D, 3, "fallback"),) * 4 + (StepSpec(D, 1, M),), (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
     assert sp.orders == [1, 2, 3, 3, 1]
 
 
@@ -158,27 +158,27 @@ def test_fallback_uses_the_history_it_has():
 # PF-ODE endpoint at t_min, final="last", least-squares slope of log error vs log NFE, +-0.3)
 # ---------------------------------------------------------------------------------------------
 
-def _uniform(step: StepPlan, n: int, first: StepPlan | None = None) -> SolverPlan:
+def _uniform(step: StepSpec, n: int, first: StepSpec | None = None) -> SolverSpec:
     steps = [step] * n
     if step.corrector:
-        steps[-1] = StepPlan(step.prediction, step.order, step.estimator)
+        steps[-1] = StepSpec(step.prediction, step.order, step.estimator)
     if first is not None:
         steps[0] = first
-    return SolverPlan(tuple(steps), tuple(np.linspace(0.0, 1.0, n + 1)), final="last")
+    return SolverSpec(tuple(steps), tuple(np.linspace(0.0, 1.0, n + 1)), final="last")
 
 
 ORDERS = {  # plan -> (expected order, steps, why)
-    "data, multistep 1": (StepPlan(D, 1, "fallback"), 1, (80, 160, 320), "DDIM"),
-    "data, multistep 2": (StepPlan(D, 2, "fallback"), 2, (40, 80, 160), "exact Taylor, 2 points"),
-    "data, multistep 3": (StepPlan(D, 3, "fallback"), 3, (40, 80, 160),
+    "data, multistep 1": (StepSpec(D, 1, "fallback"), 1, (80, 160, 320), "DDIM"),
+    "data, multistep 2": (StepSpec(D, 2, "fallback"), 2, (40, 80, 160), "exact Taylor, 2 points"),
+    "data, multistep 3": (StepSpec(D, 3, "fallback"), 3, (40, 80, 160),
                           "exact Taylor weights keep order 3 despite the first-order start"),
-    "data, DPM-Solver++ 3M weights": (StepPlan(D, 3, "fallback"), 2, (160, 320, 640),
+    "data, DPM-Solver++ 3M weights": (StepSpec(D, 3, "fallback"), 2, (160, 320, 640),
                                       "half-weight second derivative: second order (see dpmpp_3m)"),
-    "noise, multistep 3": (StepPlan("noise", 3, "fallback"), 3, (40, 80, 160), "DPM-Solver multistep, exact Taylor"),
-    "data, singlestep 2": (StepPlan(D, 2, "singlestep"), 2, (40, 80, 160), "one midpoint"),
-    "data, singlestep 3": (StepPlan(D, 3, "singlestep"), 3, (20, 40, 80), "two intermediate points"),
-    "data, multistep 1 + corrector": (StepPlan(D, 1, "fallback", corrector=True), 2, (40, 80, 160), "UniC raises the order by 1"),
-    "data, multistep 2 + corrector": (StepPlan(D, 2, "fallback", corrector=True), 3, (40, 80, 160), "UniC raises the order by 1"),
+    "noise, multistep 3": (StepSpec("noise", 3, "fallback"), 3, (40, 80, 160), "DPM-Solver multistep, exact Taylor"),
+    "data, singlestep 2": (StepSpec(D, 2, "singlestep"), 2, (40, 80, 160), "one midpoint"),
+    "data, singlestep 3": (StepSpec(D, 3, "singlestep"), 3, (20, 40, 80), "two intermediate points"),
+    "data, multistep 1 + corrector": (StepSpec(D, 1, "fallback", corrector=True), 2, (40, 80, 160), "UniC raises the order by 1"),
+    "data, multistep 2 + corrector": (StepSpec(D, 2, "fallback", corrector=True), 3, (40, 80, 160), "UniC raises the order by 1"),
 }
 
 
@@ -200,7 +200,7 @@ def test_plan_convergence_order(linear_vp, label):
     for n in steps:
         sp = _uniform(step, n)
         if "DPM-Solver++" in label:
-            sp = sp.with_steps([StepPlan(D, k, "multistep_dpm") for k in sp.orders])
+            sp = sp.with_steps([StepSpec(D, k, "multistep_dpm") for k in sp.orders])
         plan = sp.compile(sch)
         errs.append(float((ds.sample(den, x.clone(), solver=plan) - ref).pow(2).mean().sqrt()))
         nfes.append(plan.nfe)
@@ -211,10 +211,10 @@ def test_plan_convergence_order(linear_vp, label):
 def test_corrector_and_analytic_first_step_cost_no_model_call(vp):
     gmm, sch, den, x = vp
     times = (0.0, 0.3, 0.5, 0.7, 1.0)
-    plain = SolverPlan((StepPlan(D, 1, M), StepPlan(D, 2, M), StepPlan(D, 2, M), StepPlan(D, 1, M)), times)
-    corr = SolverPlan((StepPlan(D, 1, M, corrector=True), StepPlan(D, 2, M, corrector=True), StepPlan(D, 2, M),
-                       StepPlan(D, 1, M)), times)
-    ana = SolverPlan((StepPlan(D, 1, M, analytic=True),) + plain.steps[1:], times)
+    plain = SolverSpec((StepSpec(D, 1, M), StepSpec(D, 2, M), StepSpec(D, 2, M), StepSpec(D, 1, M)), times)
+    corr = SolverSpec((StepSpec(D, 1, M, corrector=True), StepSpec(D, 2, M, corrector=True), StepSpec(D, 2, M),
+                       StepSpec(D, 1, M)), times)
+    ana = SolverSpec((StepSpec(D, 1, M, analytic=True),) + plain.steps[1:], times)
     den.reset_nfe()
     ds.sample(den, x.clone(), solver=corr.compile(sch))
     assert den.nfe == plain.nfe == corr.nfe == 4
@@ -233,7 +233,7 @@ def test_corrector_and_analytic_first_step_cost_no_model_call(vp):
 
 def test_plan_by_path_and_by_name_in_sample(vp, tmp_path, monkeypatch):
     gmm, sch, den, x = vp
-    sp = plan_form("dpmpp_3m", sch, 6, "logsnr")
+    sp = spec_of("dpmpp_3m", sch, 6, "logsnr")
     path = sp.save(tmp_path / "mine.yaml")
     ref = ds.sample(den, x.clone(), solver="dpmpp_3m", nfe=6, spacing="logsnr")
 
@@ -264,7 +264,7 @@ def test_plan_in_the_diffusers_adapter(vp, tmp_path):
     from diffsampler.pipelines.scheduler import DiffSamplerScheduler
 
     gmm, sch, den, x = vp
-    path = plan_form("dpmpp_3m", sch, 6, "logsnr").save(tmp_path / "p.yaml")
+    path = spec_of("dpmpp_3m", sch, 6, "logsnr").save(tmp_path / "p.yaml")
     model = GMMModel(gmm, sch, "epsilon")
     outs = []
     for kw in (dict(solver=f"plan:{path}"), dict(solver="dpmpp_3m", spacing="logsnr")):
@@ -280,7 +280,7 @@ def test_plan_in_the_diffusers_adapter(vp, tmp_path):
 
 
 def test_plan_from_hydra(tmp_path):
-    path = plan_form("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr").save(tmp_path / "p.yaml")
+    path = spec_of("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr").save(tmp_path / "p.yaml")
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", f"solver.path={path}", "nfe=5",
                         "num_samples=16", "progress=false", f"hydra.run.dir={run}"], capture_output=True, text=True,
@@ -289,7 +289,7 @@ def test_plan_from_hydra(tmp_path):
     df = pd.read_csv(run / "results.csv")
     assert df.solver[0] == "plan" and df.nfe_counted[0] == 5 and df.spacing[0] == "plan" and str(path) in df.solver_options[0]
     # a plan that ends at t_min runs without final=last: the plan's own end point is the default
-    last = plan_form("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr", final="last").save(tmp_path / "last.yaml")
+    last = spec_of("dpmpp_2m", ds.DiscreteVP.linear(), 5, "logsnr", final="last").save(tmp_path / "last.yaml")
     r = subprocess.run([sys.executable, "-m", "diffsampler", "solver=plan", f"solver.path={last}", "nfe=5",
                         "num_samples=16", "progress=false", f"hydra.run.dir={run}3"], capture_output=True, text=True,
                        timeout=300)
@@ -335,25 +335,25 @@ def test_relaxation_scales_the_first_derivative_term():
 
 
 def test_relaxation_round_trip_validation_and_order(linear_vp):
-    sp = SolverPlan((StepPlan(D, 1, M), StepPlan(D, 2, M, relax=-0.25), StepPlan(D, 2, "singlestep", relax=0.1),
-                     StepPlan(D, 1, M)), (0.0, 0.3, 0.5, 0.7, 1.0))
+    sp = SolverSpec((StepSpec(D, 1, M), StepSpec(D, 2, M, relax=-0.25), StepSpec(D, 2, "singlestep", relax=0.1),
+                     StepSpec(D, 1, M)), (0.0, 0.3, 0.5, 0.7, 1.0))
     text = sp.to_yaml()
-    assert "relax: -0.25" in text and SolverPlan.from_yaml(text) == sp
+    assert "relax: -0.25" in text and SolverSpec.from_yaml(text) == sp
     for kw, msg in [(dict(order=1, relax=0.2), "order 1"), (dict(prediction="noise", order=2, estimator="multistep_t", relax=0.2),
                     "multistep_t"), (dict(order=2, relax=float("nan")), "relax must be a finite number, got nan"),
                     (dict(order=2, relax="big"), "relax must be a finite number, got 'big'")]:
         with pytest.raises(ValueError, match=msg):
-            StepPlan(**kw)
+            StepSpec(**kw)
     # relax = c adds an O(h) relative error to the first-derivative term: an order-2 step keeps
     # order 2, an order-3 step drops to 2; relaxing does change the samples
     sch, den, x, ref = linear_vp
     for order, expected in ((2, 2), (3, 2)):
         errs, nfes = [], []
         for n in (40, 80, 160):
-            plan = _uniform(StepPlan(D, order, "fallback", relax=0.5), n).compile(sch)
+            plan = _uniform(StepSpec(D, order, "fallback", relax=0.5), n).compile(sch)
             errs.append(float((ds.sample(den, x.clone(), solver=plan) - ref).pow(2).mean().sqrt()))
             nfes.append(plan.nfe)
         slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
         assert abs(slope - expected) <= 0.3, (order, slope, errs)
-    plain = _uniform(StepPlan(D, 3, "fallback"), 40).compile(sch)
+    plain = _uniform(StepSpec(D, 3, "fallback"), 40).compile(sch)
     assert float((ds.sample(den, x.clone(), solver=plain) - ref).pow(2).mean().sqrt()) < errs[0]

@@ -2,7 +2,7 @@
 "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts", arXiv:2307.11118).
 
 Both damp the update direction of a multistep solver with a velocity V, which enlarges the
-stability region at large guidance scales and low NFE.  In plan form V is a linear combination
+stability region at large guidance scales and low NFE.  In a Plan, V is a linear combination
 of earlier model outputs, so the engine runs them unchanged.
 """
 

@@ -2,7 +2,7 @@
 Solver Searching of Diffusion Probabilistic Models", arXiv:2312.07243, and its released evolutionary
 search); the search driver is `diffsampler.tools.search`.
 
-* `initial_plans`: the plan forms of registered solvers on several spacings (so a search starts
+* `initial_plans`: the solver specs of registered solvers on several spacings (so a search starts
   from the best fixed solvers); `random_plan`: random valid plans;
 * `crossover` (0.5) and `mutate`: per-field mutation (0.3), structure mutation (0.2: re-draw how the
   NFE is spent, times interpolated), time jitter (sd 0.03 in the normalised coordinate, or 0.01 /
@@ -11,7 +11,7 @@ search); the search driver is `diffsampler.tools.search`.
 * `encode` and the predictor: gradient-boosted trees on a fixed-length plan encoding, which screen
   offspring before they are evaluated for real.
 
-Time-grid optimisation for a fixed solver searches with `base=<SolverPlan>`: only the time points
+Time-grid optimisation for a fixed solver searches with `base=<SolverSpec>`: only the time points
 mutate.
 """
 
@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..schedules import time_grid
-from .usf import ESTIMATOR_TABLE, FINALS, SolverPlan, StepPlan, effective_orders, plan_form
+from .usf import ESTIMATOR_TABLE, FINALS, SolverSpec, StepSpec, effective_orders, spec_of
 
 __all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode", "PlanPredictor"]
 
@@ -49,14 +49,14 @@ def _order(rng, cap: int = 4) -> int:
     return int(rng.choice(ks, p=p / p.sum()))
 
 
-def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordinate: str) -> SolverPlan | None:
+def _canonical(steps: list[StepSpec], times: Sequence[float], final: str, coordinate: str) -> SolverSpec | None:
     """Repair a drawn plan into a valid canonical one (or None): fallback steps written with their
     effective order, no corrector where none can run, first order onto sigma = 0."""
     steps = list(steps)
     n = len(steps)
     last = steps[-1]
     if final == "zero" and not last.capabilities.to_zero:
-        steps[-1] = StepPlan(last.prediction, 1, "multistep", analytic=last.analytic and n == 1)
+        steps[-1] = StepSpec(last.prediction, 1, "multistep", analytic=last.analytic and n == 1)
     for i, s in enumerate(steps):
         if s.corrector and (i == n - 1 or steps[i + 1].prediction != s.prediction):
             steps[i] = replace(s, corrector=False)
@@ -70,12 +70,12 @@ def _canonical(steps: list[StepPlan], times: Sequence[float], final: str, coordi
             est = "multistep" if s.capabilities.fallback else s.estimator
             steps[i] = replace(s, order=k, estimator=est, relax=s.relax if k >= 2 else 0.0)
     try:
-        return SolverPlan(tuple(steps), tuple(times), final, coordinate)
+        return SolverSpec(tuple(steps), tuple(times), final, coordinate)
     except ValueError:
         return None
 
 
-def _relax(rng, s: StepPlan) -> float:
+def _relax(rng, s: StepSpec) -> float:
     """A relaxation coefficient for step `s`: none for steps without a first-derivative term;
     otherwise a fresh draw (0 or uniform in +-RELAX_RANGE) or, for a relaxed step, a nudge."""
     if s.order < 2 or not s.capabilities.relax or s.analytic:
@@ -85,41 +85,41 @@ def _relax(rng, s: StepPlan) -> float:
     return float(rng.uniform(-RELAX_RANGE, RELAX_RANGE)) if rng.random() < 0.7 else 0.0
 
 
-def _beta(rng, s: StepPlan | None = None) -> float:
+def _beta(rng, s: StepSpec | None = None) -> float:
     """Momentum: a fresh draw in BETA_RANGE or, for a step with momentum, a nudge (kept in (0, 1])."""
     if s is not None and s.beta is not None and rng.random() < 0.6:
         return float(np.clip(s.beta + rng.normal(0.0, BETA_JITTER), 0.05, 1.0))
     return float(rng.uniform(*BETA_RANGE))
 
 
-def _random_step(rng, budget: int, prediction: str) -> StepPlan:
+def _random_step(rng, budget: int, prediction: str) -> StepSpec:
     if rng.random() < P_GHVB_STEP:
-        return StepPlan(prediction, _order(rng), "ghvb", beta=_beta(rng))
+        return StepSpec(prediction, _order(rng), "ghvb", beta=_beta(rng))
     if budget >= 2 and rng.random() < 0.15:
-        s = StepPlan(prediction, int(rng.integers(2, min(3, budget) + 1)), "singlestep")
+        s = StepSpec(prediction, int(rng.integers(2, min(3, budget) + 1)), "singlestep")
     else:
         k = _order(rng)
         r = rng.random()
         if prediction == "noise" and r < 0.25:
-            return StepPlan(prediction, k, "multistep_t")
+            return StepSpec(prediction, k, "multistep_t")
         if prediction == "data" and r < 0.15 and k <= ESTIMATOR_TABLE["multistep_dpm"].max_order:
-            s = StepPlan(prediction, k, "multistep_dpm")
+            s = StepSpec(prediction, k, "multistep_dpm")
         else:
             est = "unipc" if rng.random() < 0.3 else "multistep"
-            s = StepPlan(prediction, k, est, corrector=bool(rng.random() < 0.3))
+            s = StepSpec(prediction, k, est, corrector=bool(rng.random() < 0.3))
     return replace(s, relax=_relax(rng, s)) if rng.random() < RELAX_P else s
 
 
-def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepPlan]:
+def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepSpec]:
     """Step decisions spending exactly `nfe` model calls."""
     main = "data" if rng.random() < 0.6 else "noise"
     steps = []
     if rng.random() < 0.2:
-        steps.append(StepPlan(main, 1, "multistep", analytic=True))
+        steps.append(StepSpec(main, 1, "multistep", analytic=True))
     budget = nfe
     if rng.random() < P_GHVB_RUN:  # a GHVB trajectory: momentum works over runs of steps
         beta = _beta(rng)
-        return steps + [StepPlan(main, _order(rng), "ghvb", beta=beta) for _ in range(budget)]
+        return steps + [StepSpec(main, _order(rng), "ghvb", beta=beta) for _ in range(budget)]
     while budget > 0:
         pred = main if rng.random() > prediction_mix else ("noise" if main == "data" else "data")
         s = _random_step(rng, budget, pred)
@@ -130,7 +130,7 @@ def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepPlan]:
 
 def _spacing_times(schedule, n_steps: int, spacing: str, final: str, coordinate: str) -> list[float]:
     g = time_grid(schedule, n_steps, spacing, final=final)
-    return SolverPlan.times_of(g, coordinate)
+    return SolverSpec.times_of(g, coordinate)
 
 
 def _jitter(rng, times: Sequence[float], sd: float = TIME_JITTER, p: float = 1.0) -> list[float] | None:
@@ -149,7 +149,7 @@ def _resample_times(times: Sequence[float], n_steps: int) -> list[float]:
 
 
 def random_plan(rng, nfe: int, schedule, final: str = "zero", coordinate: str = "logsnr",
-                base: SolverPlan | None = None) -> SolverPlan:
+                base: SolverSpec | None = None) -> SolverSpec:
     """A random valid plan of exactly `nfe` model calls (with `base`: its steps, random times)."""
     finals = FINALS if final is None else (final,)
     for _ in range(1000):
@@ -172,7 +172,7 @@ def _try(f, *a):
         return None
 
 
-def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] = ("zero",)) -> SolverPlan | None:
+def mutate(rng, sp: SolverSpec, times_only: bool = False, finals: Sequence[str] = ("zero",)) -> SolverSpec | None:
     steps, times = list(sp.steps), list(sp.times)
     final = sp.final
     if not times_only and len(finals) > 1 and rng.random() < 0.1:
@@ -192,10 +192,10 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
                 if what == "prediction":
                     other = "noise" if s.prediction == "data" else "data"
                     keep = est.calls_per_order and other in est.predictions  # intermediate points, other prediction
-                    s = StepPlan(other, s.order, s.estimator) if keep else _random_step(rng, 1, other)
+                    s = StepSpec(other, s.order, s.estimator) if keep else _random_step(rng, 1, other)
                 elif what == "order" and not est.calls_per_order:
                     k = _order(rng, est.max_order)
-                    s = StepPlan(s.prediction, k, s.estimator, s.corrector and est.corrector,
+                    s = StepSpec(s.prediction, k, s.estimator, s.corrector and est.corrector,
                                  relax=s.relax if k >= 2 else 0.0, beta=s.beta)
                 elif what == "corrector" and est.corrector:
                     s = replace(s, corrector=not s.corrector)
@@ -214,7 +214,7 @@ def mutate(rng, sp: SolverPlan, times_only: bool = False, finals: Sequence[str] 
     return child if child is not None and child.nfe == sp.nfe else None
 
 
-def crossover(rng, a: SolverPlan, b: SolverPlan, times_only: bool = False) -> SolverPlan | None:
+def crossover(rng, a: SolverSpec, b: SolverSpec, times_only: bool = False) -> SolverSpec | None:
     """Uniform crossover of step decisions and time points (parents with the same number of steps;
     otherwise the time curve of b read at a's steps)."""
     n = len(a.steps)
@@ -237,7 +237,7 @@ def crossover(rng, a: SolverPlan, b: SolverPlan, times_only: bool = False) -> So
 _EST = tuple(e.name for e in ESTIMATOR_TABLE.values() if e.searched)
 
 
-def encode(sp: SolverPlan, slots: int) -> np.ndarray:
+def encode(sp: SolverSpec, slots: int) -> np.ndarray:
     """Fixed-length encoding: per step slot (present, time, step size, prediction, effective order,
     corrector, relaxation, GHVB momentum, estimator one-hot), the number of steps, the final point and
     the last step's start."""
@@ -262,7 +262,7 @@ class PlanPredictor:
     def __init__(self, slots: int):
         self.slots, self.model = slots, None
 
-    def fit(self, plans: list[SolverPlan], scores: list[float]) -> None:
+    def fit(self, plans: list[SolverSpec], scores: list[float]) -> None:
         from sklearn.ensemble import GradientBoostingRegressor
 
         y = np.log(np.array(scores, dtype=np.float64))
@@ -275,7 +275,7 @@ class PlanPredictor:
         self.model = GradientBoostingRegressor(n_estimators=150, max_depth=3, learning_rate=0.05, subsample=0.8,
                                                random_state=0).fit(X, y)
 
-    def predict(self, plans: list[SolverPlan]) -> np.ndarray:
+    def predict(self, plans: list[SolverSpec]) -> np.ndarray:
         if self.model is None:
             return np.zeros(len(plans))
         return self.model.predict(np.stack([encode(p, self.slots) for p in plans]))
@@ -286,12 +286,12 @@ class PlanPredictor:
 # ---------------------------------------------------------------------------------------------
 
 def initial_plans(schedule, nfe: int, finals: Sequence[str], coordinate: str = "logsnr",
-                  base: SolverPlan | None = None) -> list[SolverPlan]:
-    """Where a search starts: the plan forms of INIT_SOLVERS on each of INIT_SPACINGS and `finals`;
+                  base: SolverSpec | None = None) -> list[SolverSpec]:
+    """Where a search starts: the solver specs of INIT_SOLVERS on each of INIT_SPACINGS and `finals`;
     with `base`, the base plan and its steps on each spacing."""
     if base is not None:
         times = (_spacing_times(schedule, len(base.steps), s, base.final, base.coordinate) for s in INIT_SPACINGS)
         return [base] + [p for p in (_try(base.with_times, t) for t in times) if p is not None]
-    forms = (_try(plan_form, solver, schedule, nfe, spacing, fin, coordinate)
+    forms = (_try(spec_of, solver, schedule, nfe, spacing, fin, coordinate)
              for solver in INIT_SOLVERS for spacing in INIT_SPACINGS for fin in finals)
     return [p for p in forms if p is not None]

@@ -1,10 +1,10 @@
 """Solver plans as data: the unified sampling framework (USF; Liu et al. 2024, "A Unified Sampling
 Framework for Solver Searching of Diffusion Probabilistic Models", arXiv:2312.07243).
 
-A `SolverPlan` is a whole trajectory written as per-step decisions (`StepPlan`): the prediction
+A `SolverSpec` is a whole trajectory written as per-step decisions (`StepSpec`): the prediction
 integrated (data D or noise eps), the Taylor order, how the derivatives are estimated, whether a
 UniPC-style corrector runs, and whether the first step is analytic; plus schedule-independent
-time points.  `SolverPlan.compile(schedule)` turns it into the engine's `Plan` (samplers/plan.py),
+time points.  `SolverSpec.compile(schedule)` turns it into the engine's `Plan` (samplers/plan.py),
 so plans run through the same `run_plan` as every registered solver.
 
 The step from lambda_s to lambda_t (h = lambda_t - lambda_s) is the exponential integrator of the
@@ -20,7 +20,7 @@ the chosen points (exact finite differences), so the weight of output M_j is
 sum_n n! c_jn h phi_{n+1}(-+h) with c_jn the coefficients of the basis polynomial l_j in
 tau = (lambda - lambda_s) / h.
 
-Derivative estimators (`StepPlan.estimator`):
+Derivative estimators (`StepSpec.estimator`):
 
 * ``multistep``      history: outputs at the previous `order - 1` grid points (exact Taylor weights).
 * ``multistep_dpm``  the coefficients of DPM-Solver++(2M/3M) as published and coded by Lu et al.:
@@ -93,8 +93,8 @@ from .registry import heavy_ball
 from .plan import Combo, Plan, PlanBuilder
 from .registry import Solver, register_scheme
 
-__all__ = ["StepPlan", "SolverPlan", "PlanSolver", "PlanFormatError", "PREDICTIONS", "ESTIMATORS", "COORDINATES",
-           "plan_form", "plan_forms", "phi", "load_plan", "ESTIMATOR_TABLE", "Estimator", "available_plans", "plan_dirs", "exp_weights"]
+__all__ = ["StepSpec", "SolverSpec", "SpecSolver", "PlanFormatError", "PREDICTIONS", "ESTIMATORS", "COORDINATES",
+           "spec_of", "spec_solvers", "phi", "load_plan", "ESTIMATOR_TABLE", "Estimator", "available_plans", "plan_dirs", "exp_weights"]
 
 PREDICTIONS = ("data", "noise")
 COORDINATES = ("logsnr", "time")
@@ -108,7 +108,7 @@ _ZERO = -1  # the analytic first data prediction D(x_T, T) = 0: a history entry 
 # the estimators: one table read by validation, the compiler and the search space
 # ---------------------------------------------------------------------------------------------
 
-def _taylor(grid: TimeGrid, i: int, pts: list[int], s: "StepPlan", flavour: str = "taylor"):
+def _taylor(grid: TimeGrid, i: int, pts: list[int], s: "StepSpec", flavour: str = "taylor"):
     lam, alpha, sigma = grid.lam.numpy(), grid.alpha.numpy(), grid.sigma.numpy()
     return exp_weights(s.prediction, [lam[p] for p in pts], float(lam[i]), float(lam[i + 1]), float(alpha[i]),
                        float(sigma[i]), float(alpha[i + 1]), float(sigma[i + 1]), flavour, s.relax)
@@ -155,8 +155,8 @@ def _dpmpp_2s(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
 
 @dataclass(frozen=True)
 class Estimator:
-    """What a derivative estimator allows and how its weights are computed.  `StepPlan` /
-    `SolverPlan` validation, the compiler and the search space (samplers/search.py) read this
+    """What a derivative estimator allows and how its weights are computed.  `StepSpec` /
+    `SolverSpec` validation, the compiler and the search space (samplers/search.py) read this
     table, so a new estimator is one row (its weights come from its solver module)."""
 
     name: str
@@ -314,7 +314,7 @@ def _parse_yaml(text: str):
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class StepPlan:
+class StepSpec:
     """The decisions of one step (see the module docstring for the meaning of each field)."""
 
     prediction: str = "data"
@@ -404,7 +404,7 @@ class StepPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d, where: str | None = None) -> "StepPlan":
+    def from_dict(cls, d, where: str | None = None) -> "StepSpec":
         """A step from its mapping; `where` (e.g. "steps[2]") prefixes every error."""
         _of_type(lambda v: isinstance(v, dict), "a mapping of step fields")(where or "step", d)
         _check_fields(d, _STEP_FIELDS, "step", where)
@@ -426,13 +426,13 @@ _STEP_FIELDS = {
 }
 
 
-def continues_run(steps: Sequence[StepPlan], i: int, j: int) -> bool:
+def continues_run(steps: Sequence[StepSpec], i: int, j: int) -> bool:
     """Whether step j (< i) belongs to the run of momentum steps (GHVB) of step i's estimator and prediction."""
     return (steps[j].estimator == steps[i].estimator and steps[j].prediction == steps[i].prediction
             and steps[j].beta is not None)
 
 
-def effective_orders(steps: Sequence[StepPlan]) -> list[int]:
+def effective_orders(steps: Sequence[StepSpec]) -> list[int]:
     """Effective order of each step (not validated): for estimators with a history of "outputs" the
     largest k <= order whose history (outputs of the same prediction at the previous k - 1 points)
     exists; for a history of a "run" (ghvb) the largest k <= order within its run; otherwise the
@@ -467,11 +467,11 @@ def _is_number(v) -> bool:
 
 
 @dataclass(frozen=True)
-class SolverPlan:
+class SolverSpec:
     """A trajectory: `steps[i]` goes from `times[i]` to `times[i + 1]` (normalised coordinate,
     0 = t_max, 1 = t_min or sigma = 0 with final "zero").  Validated on construction."""
 
-    steps: tuple[StepPlan, ...]
+    steps: tuple[StepSpec, ...]
     times: tuple[float, ...]
     final: str = "zero"
     coordinate: str = "logsnr"
@@ -481,7 +481,7 @@ class SolverPlan:
     def __post_init__(self):
         _of_type(_is_list, "a list of steps")("steps", self.steps)
         _numbers("times", self.times)
-        object.__setattr__(self, "steps", tuple(s if isinstance(s, StepPlan) else StepPlan.from_dict(s, f"steps[{i}]")
+        object.__setattr__(self, "steps", tuple(s if isinstance(s, StepSpec) else StepSpec.from_dict(s, f"steps[{i}]")
                                                 for i, s in enumerate(self.steps)))
         object.__setattr__(self, "times", tuple(float(t) for t in self.times))
         self.validate()
@@ -555,10 +555,10 @@ class SolverPlan:
     def orders(self) -> list[int]:
         return self._orders_unchecked()
 
-    def with_times(self, times: Sequence[float]) -> "SolverPlan":
+    def with_times(self, times: Sequence[float]) -> "SolverSpec":
         return replace(self, times=tuple(times))
 
-    def with_steps(self, steps: Sequence[StepPlan]) -> "SolverPlan":
+    def with_steps(self, steps: Sequence[StepSpec]) -> "SolverSpec":
         return replace(self, steps=tuple(steps))
 
     # -- (de)serialisation ----------------------------------------------------------------
@@ -574,7 +574,7 @@ class SolverPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d) -> "SolverPlan":
+    def from_dict(cls, d) -> "SolverSpec":
         """A plan from its mapping; every field's type is checked (PlanFormatError naming the field)."""
         _of_type(lambda v: isinstance(v, dict), "a mapping of solver-plan fields")("solver plan", d)
         _check_fields(d, _PLAN_FIELDS, "solver-plan", None)
@@ -588,7 +588,7 @@ class SolverPlan:
             _INT("info.nfe", info["nfe"])
         if "nfe" in d:
             info["nfe"] = d["nfe"]
-        return cls(steps=tuple(StepPlan.from_dict(s, f"steps[{i}]") for i, s in enumerate(d["steps"])),
+        return cls(steps=tuple(StepSpec.from_dict(s, f"steps[{i}]") for i, s in enumerate(d["steps"])),
                    times=tuple(d["times"]), final=d.get("final", "zero"), coordinate=d.get("coordinate", "logsnr"),
                    name=d.get("name", ""), info=info)
 
@@ -598,7 +598,7 @@ class SolverPlan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "SolverPlan":
+    def from_yaml(cls, text: str) -> "SolverSpec":
         """A plan from YAML text: refuses invalid YAML and repeated keys (PlanFormatError)."""
         return cls.from_dict(_parse_yaml(text))
 
@@ -609,7 +609,7 @@ class SolverPlan:
         return path
 
     @classmethod
-    def load(cls, path) -> "SolverPlan":
+    def load(cls, path) -> "SolverSpec":
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"no solver plan file at {str(path)!r}")
@@ -728,7 +728,7 @@ class _Compiler:
     (b) the pending corrector: the true state is the engine's x plus `pending` (a combination of
     outputs), so corrections fold into the next combinations at no cost."""
 
-    def __init__(self, sp: SolverPlan, grid: TimeGrid):
+    def __init__(self, sp: SolverSpec, grid: TimeGrid):
         self.sp, self.grid = sp, grid
         self.b = PlanBuilder(grid)
         self.lam = grid.lam.numpy()
@@ -748,7 +748,7 @@ class _Compiler:
     def _point(self, i: int) -> tuple[float, float, float]:
         return float(self.lam[i]), float(self.alpha[i]), float(self.sigma[i])
 
-    def _multistep(self, i: int, s: StepPlan, k: int, with_next: bool = False) -> tuple[float, dict[int, float]]:
+    def _multistep(self, i: int, s: StepSpec, k: int, with_next: bool = False) -> tuple[float, dict[int, float]]:
         """Weights over grid points (i+1 if with_next,) i, i-1, ..., i-k+1 for step i."""
         pts = ([i + 1] if with_next else []) + [i - j for j in range(k)]
         cx, w = s.capabilities.weights(self.grid, i, pts, s)
@@ -791,7 +791,7 @@ class _Compiler:
             pending = {}
         return b.plan(sp.name or "usf_plan", spacing="plan", solver_plan=sp.name)
 
-    def _ghvb(self, i: int, s: StepPlan, k: int, velocity: list[dict[int, float]]):
+    def _ghvb(self, i: int, s: StepSpec, k: int, velocity: list[dict[int, float]]):
         """GHVB step: V_i = (1 - beta) V_{i-1} + beta M_i, P_i = (1/beta) sum_j c_j(beta) V_{i-j},
         x_{i+1} = first-order exponential step carrying P_i.  Returns (c_x, weights, velocities)."""
         p, velocity = ghvb_step(velocity, self.out[i], s.beta, k)
@@ -800,7 +800,7 @@ class _Compiler:
         cx, (g,) = exp_weights(s.prediction, [l_s], l_s, l_t, a_s, s_s, a_t, s_t)
         return cx, {q: g * c for q, c in p.items()}, velocity
 
-    def _singlestep(self, i: int, s: StepPlan, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
+    def _singlestep(self, i: int, s: StepSpec, pending: dict[int, float]) -> tuple[float, dict[int, float]]:
         """Intermediate points at lambda_s + r_j h, each from the lower-order step through the
         points before it (Heun: the end point, from the Euler step); the step itself through all of them."""
         sched = self.grid.schedule
@@ -838,7 +838,7 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
     from .momentum import GHVB
 
     if solver.stochastic:
-        raise ValueError(f"no plan form for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
+        raise ValueError(f"no solver spec for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
     beta = getattr(solver, "momentum", None)
     if isinstance(solver, GHVB):
         return solver.kind, "ghvb", solver.beta
@@ -854,7 +854,7 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
         return "data", "singlestep_dpm", None
     if isinstance(solver, Heun):
         return "noise", "heun", None
-    raise ValueError(f"no plan form for solver {solver.name!r} ({type(solver).__name__})")
+    raise ValueError(f"no solver spec for solver {solver.name!r} ({type(solver).__name__})")
 
 
 #: solvers of other libraries written as plans: name -> (prediction, estimator, order)
@@ -864,9 +864,9 @@ EXTERNAL_FORMS = {
 }
 
 
-def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_uniform", final: str = "zero",
-              coordinate: str = "logsnr") -> SolverPlan:
-    """The SolverPlan that computes what registered `solver` computes at this NFE / spacing
+def spec_of(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_uniform", final: str = "zero",
+              coordinate: str = "logsnr") -> SolverSpec:
+    """The SolverSpec that computes what registered `solver` computes at this NFE / spacing
     (its per-step orders, warm-up and cool-down included).  Also "unipc_2" / "unipc_3": diffusers'
     UniPC-bh2 multistep scheduler (orders min(p, i + 1, steps - i), corrector on every step but the
     last; with spacing="linspace" its default grid)."""
@@ -877,21 +877,21 @@ def plan_form(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unif
         pred, est, p = EXTERNAL_FORMS[solver]
         grid = time_grid(schedule, nfe, spacing, final=final)
         n = grid.steps
-        steps = tuple(StepPlan(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
-        return SolverPlan(steps, tuple(SolverPlan.times_of(grid, coordinate)), final, coordinate,
+        steps = tuple(StepSpec(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
+        return SolverSpec(steps, tuple(SolverSpec.times_of(grid, coordinate)), final, coordinate,
                           name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
     from .registry import get
 
     pred, est, beta = _estimator_of(get(solver))
     plan = make_plan(solver, schedule, nfe, spacing, final)
     r1 = getattr(get(solver), "r1", 0.5)
-    steps = tuple(StepPlan(pred, k, est, beta=beta, r=(r1,) if k == 2 and r1 != 0.5 else None) for k in plan.orders)
-    return SolverPlan(steps, tuple(SolverPlan.times_of(plan.grid, coordinate)), final, coordinate,
+    steps = tuple(StepSpec(pred, k, est, beta=beta, r=(r1,) if k == 2 and r1 != 0.5 else None) for k in plan.orders)
+    return SolverSpec(steps, tuple(SolverSpec.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
 
 
-def plan_forms() -> list[str]:
-    """Registered solvers with a plan form (every deterministic one) and the external forms."""
+def spec_solvers() -> list[str]:
+    """Registered solvers with a solver spec (every deterministic one) and the external forms."""
     from .registry import available, get
 
     names = []
@@ -931,28 +931,28 @@ def available_plans() -> list[str]:
     return sorted(names)
 
 
-def load_plan(name_or_path) -> SolverPlan:
-    """A SolverPlan from a YAML file path, or by name (file stem) in `plan_dirs()`."""
-    if isinstance(name_or_path, SolverPlan):
+def load_plan(name_or_path) -> SolverSpec:
+    """A SolverSpec from a YAML file path, or by name (file stem) in `plan_dirs()`."""
+    if isinstance(name_or_path, SolverSpec):
         return name_or_path
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
         raise ValueError(f"a plan is a YAML file path or a plan name, got {name_or_path!r}")
     p = Path(str(name_or_path)).expanduser()
     if p.is_file():
-        return SolverPlan.load(p)
+        return SolverSpec.load(p)
     if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
         raise ValueError(f"no solver plan file at {str(p)!r}")
     for d in plan_dirs():
         f = d / f"{p.name}.yaml"
         if f.is_file():
-            return SolverPlan.load(f)
+            return SolverSpec.load(f)
     raise ValueError(f"unknown plan {str(name_or_path)!r}: not a file, and not a name in {[str(d) for d in plan_dirs()]} "
                      f"(plans there: {available_plans()})")
 
 
-class PlanSolver(Solver):
-    """A SolverPlan behind the Solver interface: `get("plan:<name or path>")`,
-    `get("plan", path=...)` or `get("plan", plan=SolverPlan)`.
+class SpecSolver(Solver):
+    """A SolverSpec behind the Solver interface: `get("plan:<name or path>")`,
+    `get("plan", path=...)` or `get("plan", plan=SolverSpec)`.
 
     The plan fixes its NFE, its time points and its final point: `steps_for_nfe` accepts only
     the plan's NFE, and `build` runs the plan's decisions on the grid it is given (its own grid,
@@ -960,14 +960,14 @@ class PlanSolver(Solver):
 
     stochastic = False
 
-    def __init__(self, path=None, plan: SolverPlan | None = None, **options):
+    def __init__(self, path=None, plan: SolverSpec | None = None, **options):
         if options:
             name = f"plan:{path}" if path is not None else "plan"
             raise ValueError(f"solver {name!r} takes no options; got {sorted(options)}: its steps, times and NFE come "
                              "from the plan file (edit the plan, or use a registered solver for these options); "
                              "allowed: none besides path= or plan=")
         if (path is None) == (plan is None):
-            raise ValueError("solver 'plan' needs exactly one of path=<plan YAML file or plan name> or plan=<SolverPlan>; "
+            raise ValueError("solver 'plan' needs exactly one of path=<plan YAML file or plan name> or plan=<SolverSpec>; "
                              f"plans by name: {available_plans()}")
         self.plan = load_plan(plan if plan is not None else path)
         self.source = str(path) if path is not None else "(in memory)"
@@ -1000,7 +1000,7 @@ class PlanSolver(Solver):
         return plan
 
     def __repr__(self) -> str:
-        return f"PlanSolver({self.name!r}, nfe={self.plan.nfe}, orders={self.plan.orders})"
+        return f"SpecSolver({self.name!r}, nfe={self.plan.nfe}, orders={self.plan.orders})"
 
 
-register_scheme("plan", PlanSolver, "path")
+register_scheme("plan", SpecSolver, "path")

@@ -5,7 +5,7 @@ Three pieces, each usable on its own:
 
 * the objective: a plan's score on a batch (x_T from calibration seeds, sampled with the plan, scored
   against a reference or by a metric), cached and logged (`Objective`, `evaluate`);
-* the evolution loop: an initial population (registered solvers' plan forms on several spacings,
+* the evolution loop: an initial population (registered solvers' solver specs on several spacings,
   then random plans), then generations of offspring screened by a light predictor (`evolve`);
 * verification: the top-k plans re-scored on a second batch, the best there wins (`verify`).
 
@@ -14,7 +14,7 @@ noise come from seeds >= CALIBRATION_SEED_BASE (evaluation conventionally uses s
 `holdout_seeds` are checked to be disjoint from every seed the search uses.  The search is
 deterministic and logs every true evaluation to an append-only JSONL file (`diffsampler.tools.
 search_log`); re-running it with the same log replays the log and only evaluates what is missing.
-Time-grid optimisation for a fixed solver is the same search with `base=<solver or SolverPlan>`.
+Time-grid optimisation for a fixed solver is the same search with `base=<solver or SolverSpec>`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
 from ..samplers.search import N_PARENTS, P_CROSSOVER, PlanPredictor, crossover, initial_plans, mutate, random_plan
-from ..samplers.usf import FINALS, SolverPlan, plan_form
+from ..samplers.usf import FINALS, SolverSpec, spec_of
 from .search_log import SearchLog
 
 __all__ = ["search", "SearchResult", "S3Settings", "calibration_seeds", "CALIBRATION_SEED_BASE", "Batch",
@@ -104,7 +104,7 @@ class S3Settings:
 
 @dataclass
 class SearchResult:
-    plan: SolverPlan                 # the best plan (verified)
+    plan: SolverSpec                 # the best plan (verified)
     calib_score: float
     verify_score: float
     evaluations: int                 # true evaluations of plans on the calibration batch
@@ -114,7 +114,7 @@ class SearchResult:
     seconds: float
     seeds: list[int]                 # every seed whose noise the search used
     history: list[dict] = field(default_factory=list, repr=False)  # calib evaluations in order
-    top: list[tuple[SolverPlan, float, float]] = field(default_factory=list, repr=False)
+    top: list[tuple[SolverSpec, float, float]] = field(default_factory=list, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).pow(2).mean().sqrt())
 
 
-def evaluate(plan: SolverPlan, denoiser, batch: Batch) -> float:
+def evaluate(plan: SolverSpec, denoiser, batch: Batch) -> float:
     """The plan's score on the batch; inf for a plan that fails or gives a non-finite score."""
     try:
         s = batch.score(run_plan(plan.compile(denoiser.schedule), denoiser, batch.x_T.clone()))
@@ -151,7 +151,7 @@ class Objective:
         self.model_calls = 0
         self.sample_evaluations = 0
 
-    def __call__(self, plan: SolverPlan, phase: str = "calib") -> float:
+    def __call__(self, plan: SolverSpec, phase: str = "calib") -> float:
         key = (phase, plan.key())
         if key in self.log.cache:
             return self.log.cache[key]
@@ -224,17 +224,17 @@ class PlanSpace:
     nfe: int
     finals: tuple[str, ...]
     coordinate: str = "logsnr"
-    base: SolverPlan | None = None
+    base: SolverSpec | None = None
 
-    def seed_plans(self) -> list[SolverPlan]:
-        """Registered solvers' plan forms on several spacings (with `base`: its steps on them)."""
+    def seed_plans(self) -> list[SolverSpec]:
+        """Registered solvers' solver specs on several spacings (with `base`: its steps on them)."""
         return initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base)
 
-    def random(self, rng) -> SolverPlan:
+    def random(self, rng) -> SolverSpec:
         final = None if self.base is None and len(self.finals) > 1 else self.finals[0]
         return random_plan(rng, self.nfe, self.schedule, final, self.coordinate, self.base)
 
-    def child(self, rng, parents: list[SolverPlan]) -> SolverPlan | None:
+    def child(self, rng, parents: list[SolverSpec]) -> SolverSpec | None:
         """An offspring: crossover of two parents (sometimes), then mutation."""
         times_only = self.base is not None
         a = parents[int(rng.integers(len(parents)))]
@@ -248,15 +248,15 @@ class PlanSpace:
 class Population:
     """The plans evaluated on the calibration batch, in order, up to `budget`."""
 
-    def __init__(self, objective: Callable[[SolverPlan], float], budget: int, on_new: Callable | None = None):
+    def __init__(self, objective: Callable[[SolverSpec], float], budget: int, on_new: Callable | None = None):
         self.objective, self.budget, self.on_new = objective, budget, on_new
-        self.scored: dict[str, tuple[SolverPlan, float]] = {}
+        self.scored: dict[str, tuple[SolverSpec, float]] = {}
         self.history: list[dict] = []
 
     def full(self) -> bool:
         return len(self.scored) >= self.budget
 
-    def consider(self, plan: SolverPlan) -> None:
+    def consider(self, plan: SolverSpec) -> None:
         k = plan.key()
         if k in self.scored or self.full():
             return
@@ -266,7 +266,7 @@ class Population:
         if self.on_new is not None:
             self.on_new(min(v[1] for v in self.scored.values()))
 
-    def ranked(self) -> list[tuple[SolverPlan, float]]:
+    def ranked(self) -> list[tuple[SolverSpec, float]]:
         return sorted(self.scored.values(), key=lambda v: v[1])
 
 
@@ -300,9 +300,9 @@ def generation(space: PlanSpace, population: Population, predictor, rng, batch: 
         population.consider(plan)
 
 
-def offspring(space: PlanSpace, parents, seen, rng, n: int) -> list[SolverPlan]:
+def offspring(space: PlanSpace, parents, seen, rng, n: int) -> list[SolverSpec]:
     """Up to `n` distinct new children of `parents` (none of `seen`), in the order drawn."""
-    pool: dict[str, SolverPlan] = {}
+    pool: dict[str, SolverSpec] = {}
     tries = 0
     while len(pool) < n and tries < 50 * n:
         tries += 1
@@ -312,7 +312,7 @@ def offspring(space: PlanSpace, parents, seen, rng, n: int) -> list[SolverPlan]:
     return list(pool.values())
 
 
-def screened(candidates: list[SolverPlan], predictor, rng, batch: int) -> list[SolverPlan]:
+def screened(candidates: list[SolverSpec], predictor, rng, batch: int) -> list[SolverSpec]:
     """The best-predicted candidates, plus a few random others (a quarter of the batch) to explore."""
     if not candidates:
         return []
@@ -328,8 +328,8 @@ def screened(candidates: list[SolverPlan], predictor, rng, batch: int) -> list[S
 # verification
 # ---------------------------------------------------------------------------------------------
 
-def verify(ranked: list[tuple[SolverPlan, float]], objective: Callable[[SolverPlan], float] | None,
-           top_k: int) -> list[tuple[SolverPlan, float, float]]:
+def verify(ranked: list[tuple[SolverSpec, float]], objective: Callable[[SolverSpec], float] | None,
+           top_k: int) -> list[tuple[SolverSpec, float, float]]:
     """(plan, calibration score, verification score) of the top_k plans of `ranked`, in its order;
     without an objective (or top_k 0) the best calibration plan alone, its calibration score
     standing in for the verification score."""
@@ -338,7 +338,7 @@ def verify(ranked: list[tuple[SolverPlan, float]], objective: Callable[[SolverPl
     return [(p, s, objective(p)) for p, s in ranked[:top_k]]
 
 
-def best_verified(top: list[tuple[SolverPlan, float, float]]) -> tuple[SolverPlan, float, float]:
+def best_verified(top: list[tuple[SolverSpec, float, float]]) -> tuple[SolverSpec, float, float]:
     """The verified winner: lowest verification score, ties broken by the calibration score."""
     return min(top, key=lambda r: (r[2], r[1]))
 
@@ -363,7 +363,7 @@ def search(
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     holdout_seeds: Sequence[int] | None = None,
-    base: str | SolverPlan | None = None,
+    base: str | SolverSpec | None = None,
     final: str | None = None,
     coordinate: str = "logsnr",
     batch: int = 8,
@@ -374,15 +374,15 @@ def search(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> SearchResult:
-    """Search a SolverPlan of exactly `nfe` model calls for `denoiser` (see the module docstring).
+    """Search a SolverSpec of exactly `nfe` model calls for `denoiser` (see the module docstring).
 
     shape: one sample's shape (without the batch dimension).
     metric: "rmse" against `reference` (the exact solution: a tensor for the calibration noise or a
         callable x_T -> x_0; default: `reference_solver` at `reference_nfe` model calls), or a
         callable (samples, x_T) -> float, lower is better (e.g. an FID proxy).
     n_verify: the top-k plans re-scored on the verification batch; the other settings are those of
-        `S3Settings`.  base: a solver with a plan form (`samplers.usf.plan_forms()`: every
-        deterministic registered solver) or a SolverPlan: time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
+        `S3Settings`.  base: a solver with a solver spec (`samplers.usf.spec_solvers()`: every
+        deterministic registered solver) or a SolverSpec: time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
         plan there as YAML.
     """
     settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
@@ -438,7 +438,7 @@ def _space(schedule, nfe: int, settings: S3Settings, base) -> PlanSpace:
     final, coordinate = settings.final, settings.coordinate
     if base is None:
         return PlanSpace(schedule, nfe, FINALS if final is None else (final,), coordinate)
-    plan = base if isinstance(base, SolverPlan) else plan_form(base, schedule, nfe, "logsnr", final or "zero",
+    plan = base if isinstance(base, SolverSpec) else spec_of(base, schedule, nfe, "logsnr", final or "zero",
                                                                 coordinate)
     if plan.nfe != nfe:
         raise ValueError(f"base plan spends {plan.nfe} model calls, nfe={nfe}")
@@ -455,14 +455,14 @@ def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space:
             "coordinate": space.coordinate, "batch": settings.batch, "screen": settings.screen}
 
 
-def _named(plan: SolverPlan, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
-           evaluations: int, seeds: list[int], base) -> SolverPlan:
+def _named(plan: SolverSpec, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
+           evaluations: int, seeds: list[int], base) -> SolverSpec:
     info = {"search": {"metric": metric, "calib_score": s_cal, "verify_score": s_ver, "budget": settings.budget,
                        "evaluations": evaluations, "n_calib": settings.n_calib,
                        "n_verify_samples": settings.n_verify_batch, "seed": settings.seed,
                        "seeds": f"{seeds[0]}..{seeds[-1]}",
                        "base": None if base is None else str(base if isinstance(base, str) else base.name or "plan")}}
-    return SolverPlan(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info)
+    return SolverSpec(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info)
 
 
 def _progress_bar(budget: int, nfe: int):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..samplers.usf import SolverPlan
+    from ..samplers.usf import SolverSpec
 
 __all__ = ["SearchLog", "PHASES"]
 
@@ -41,7 +41,7 @@ class SearchLog:
             f.write(json.dumps(rec) + "\n")
             f.flush()
 
-    def record(self, phase: str, sp: SolverPlan, score: float, seconds: float) -> None:
+    def record(self, phase: str, sp: SolverSpec, score: float, seconds: float) -> None:
         self.cache[(phase, sp.key())] = score
         if self.path is not None:
             self._append({"type": "eval", "phase": phase, "key": sp.key(), "score": score if math.isfinite(score) else None,
