@@ -46,7 +46,7 @@ def search_main(argv) -> int:
 
     from omegaconf import OmegaConf
 
-    from .config_schema import SCHEDULES
+    from .tools.config_schema import SCHEDULES
     from .tools.run_spec import model_spec
     from .tools.runner import build_gmm
     from .tools.search import search
@@ -105,7 +105,7 @@ def _hydra_main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config_schema import ConfigError
+    from .tools.config_schema import ConfigError
     from .tools.run_checks import validate
     from .tools.runner import execute
 

@@ -131,7 +131,7 @@ def test_item08_schema_knows_every_key_of_the_shipped_yaml():
     """The schema and the YAML files cannot drift apart: every key of every shipped config is known."""
     import yaml
 
-    from diffsampler.config_schema import GROUPS, TOP
+    from diffsampler.tools.config_schema import GROUPS, TOP
 
     root = Path(diffsampler.__file__).parent / "configs"
     top = {k for k in yaml.safe_load((root / "config.yaml").read_text()) if k not in ("defaults", "hydra")}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config_schema import SCHEDULES, ConfigError
+from .config_schema import SCHEDULES, ConfigError
 from ..samplers import available, get, is_solver_name, make_plan
 from ..samplers.time_shift import TimeShift
 from .run_spec import GuidanceSpec, ModelSpec, RunSpec, resolve

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config_schema import ConfigError
-from ..config_schema import check as check_schema
+from .config_schema import ConfigError
+from .config_schema import check as check_schema
 
 __all__ = ["RunSpec", "ModelSpec", "SolverSpec", "GuidanceSpec", "EvalSpec", "SamplingSpec", "resolve", "model_spec"]
 

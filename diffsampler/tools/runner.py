@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config_schema import ConfigError
+from .config_schema import ConfigError
 from ..samplers import make_plan
 from ..samplers.loop import sample
 from .run_checks import gmm_schedule, minority_classifier_dir, reward_name, validate

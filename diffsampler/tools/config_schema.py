@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .schedules import SPACINGS
+from ..schedules import SPACINGS
 
 __all__ = ["ConfigError", "check", "TOP", "GROUPS", "SCHEDULES", "MODELS", "GUIDANCES"]
 
