@@ -9,7 +9,7 @@ from typing import Any
 from .config_schema import ConfigError
 from .config_schema import check as check_schema
 
-__all__ = ["RunSpec", "ModelSpec", "SolverSpec", "GuidanceSpec", "EvalSpec", "SamplingSpec", "resolve", "model_spec"]
+__all__ = ["RunSpec", "ModelSpec", "SolverChoice", "GuidanceSpec", "EvalSpec", "SamplingSpec", "resolve", "model_spec"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class SolverSpec:
+class SolverChoice:
+    """Which solver runs, with its options (solver=plan: the plan file or name in `path`)."""
+
     name: str
     options: dict = field(default_factory=dict)
     path: str | None = None  # solver=plan: the plan's YAML file or name
@@ -92,7 +94,7 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class RunSpec:
     model: ModelSpec
-    solver: SolverSpec
+    solver: SolverChoice
     guidance: GuidanceSpec
     eval: EvalSpec
     sampling: SamplingSpec
@@ -114,7 +116,7 @@ def resolve(cfg) -> RunSpec:
     sampling["time_shift"] = plain["time_shift"] or None
     return RunSpec(
         model=model_spec(model),
-        solver=SolverSpec(solver["name"], dict(solver.get("options") or {}), solver.get("path"), config=solver),
+        solver=SolverChoice(solver["name"], dict(solver.get("options") or {}), solver.get("path"), config=solver),
         guidance=GuidanceSpec(**_tupled(guidance, "interval"), config=guidance),
         eval=EvalSpec(**plain["eval"]),
         sampling=SamplingSpec(**sampling),
