@@ -312,14 +312,22 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
         self._denoiser.start_run()  # finite flags of an earlier (aborted) trajectory are not this one's
-        self.timesteps = self._t_model.to(device, copy=True)
+        # diffusers' dtype: int64 where a discrete schedule's model times are all integers and each step
+        # makes one model call (as DDIM, DPM-Solver, UniPC); float32 otherwise (as Heun, flow schedules)
+        one_call = all(len(st.evals) == 1 for st in plan.steps) and (
+            getattr(self.solver, "own_grid", None) is not None or self.solver.steps_for_nfe(4, final_zero=True) == 4)
+        integral = (not self.is_flow and one_call
+                    and bool((self._t_model64 == self._t_model64.round()).all()))
+        self.timesteps = (self._t_model64.round().long() if integral else self._t_model).to(device, copy=True)
+        self._sigmas = self._sigmas_of(plan).to(device)
         self._offset = 0
         self._begin_index = None  # as diffusers: a new schedule starts at its first call
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
         t = torch.tensor([ev.t for ev in self._evals_of(plan)], dtype=torch.float64)
-        self._t_model = self.schedule.model_time(t).to(torch.float32)
+        self._t_model64 = self.schedule.model_time(t)
+        self._t_model = self._t_model64.to(torch.float32)
         self._reset_state()
 
     def _apply_begin_index(self) -> None:
@@ -340,7 +348,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if self.timesteps is not None:
             # pipelines slice `timesteps[k:]` (a view) before calling set_begin_index: writing the
             # new model times in place is what makes them evaluate the network at the re-gridded times
-            self.timesteps[k:] = self._t_model.to(self.timesteps.device, self.timesteps.dtype)
+            self.timesteps[k:] = (self._t_model64.round() if not self.timesteps.is_floating_point()
+                                  else self._t_model).to(self.timesteps.device, self.timesteps.dtype)
+            self._sigmas[k:] = self._sigmas_of(plan).to(self._sigmas.device)
 
     def _plan_from(self, full: Plan, k: int) -> Plan:
         """A plan of exactly `full.nfe - k` model calls that starts at the time of call `k` (where
@@ -354,6 +364,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         steps = self.solver.steps_for_nfe(m, final_zero=g.final_zero)
         ts = np.interp(np.linspace(u_k, len(t) - 1, steps + 1), u, t)
         ts[0] = t_k
+        if self.timesteps is not None and not self.timesteps.is_floating_point():
+            # integer model times (int64 `timesteps`): the re-gridded points are integers too
+            ts[1:] = np.round(ts[1:] * self.schedule.time_scale) / self.schedule.time_scale
+            if not bool((np.diff(ts) < 0).all()):
+                raise ValueError(f"solver {self.config.solver!r} cannot restart inside a step at model call {k}: "
+                                 "too few integer timesteps remain")
         sub = TimeGrid.from_times(g.schedule, ts[:-1] if g.final_zero else ts, g.final_zero)
         plan = self.solver.build(sub, m)
         if plan.nfe != m or not plan.steps[0].evals[0].x.is_identity:
@@ -363,6 +379,128 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _evals_of(plan: Plan) -> list:
         return [ev for s in plan.steps for ev in s.evals]
+
+    def _sigmas_of(self, plan: Plan) -> torch.Tensor:
+        """diffusers' `sigmas` of a plan: one per model call and the end point (0 at sigma = 0);
+        sigma/alpha for VP schedules, the flow time t for flow schedules; float32."""
+        ev = self._evals_of(plan)
+        g = plan.grid
+        if self.is_flow:
+            s = [e.t for e in ev] + [float(g.t[-1]) if not g.final_zero else 0.0]
+        else:
+            s = [e.sigma / e.alpha for e in ev] + [float(g.sigma[-1] / g.alpha[-1]) if not g.final_zero else 0.0]
+        return torch.tensor(s, dtype=torch.float64).to(torch.float32)
+
+    _NOT_DEFINED = {
+        "sigmas": "is set by set_timesteps; call it first",
+        "alphas_cumprod": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
+        "alphas": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
+        "betas": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
+    }
+
+    def __getattr__(self, name: str):
+        if name in DiffSamplerScheduler._NOT_DEFINED:
+            raise AttributeError(f"{type(self).__name__}.{name} {DiffSamplerScheduler._NOT_DEFINED[name]}")
+        return super().__getattr__(name)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """diffusers' sigmas: per entry of `timesteps` sigma/alpha (VP) or the flow time t (flow),
+        then the end point (0 when the plan ends at sigma = 0); float32, as EulerDiscreteScheduler's."""
+        s = self.__dict__.get("_sigmas")
+        if s is None:
+            raise AttributeError(f"{type(self).__name__}.sigmas {self._NOT_DEFINED['sigmas']}")
+        return s
+
+    def _discrete_ref(self):
+        """diffusers' own betas / alphas / alphas_cumprod of this config (DDPMScheduler's, float32)."""
+        if self.is_flow:
+            return None
+        ref = self.__dict__.get("_vp_ref")
+        if ref is None:
+            from diffusers import DDPMScheduler
+
+            c = self.config
+            ref = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start,
+                                beta_end=c.beta_end, beta_schedule=c.beta_schedule, trained_betas=c.trained_betas,
+                                rescale_betas_zero_snr=c.rescale_betas_zero_snr)
+            self.__dict__["_vp_ref"] = ref
+        return ref
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        ref = self._discrete_ref()
+        if ref is None:
+            raise AttributeError(f"{type(self).__name__}.alphas_cumprod {self._NOT_DEFINED['alphas_cumprod']}")
+        return ref.alphas_cumprod
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        ref = self._discrete_ref()
+        if ref is None:
+            raise AttributeError(f"{type(self).__name__}.alphas {self._NOT_DEFINED['alphas']}")
+        return ref.alphas
+
+    @property
+    def betas(self) -> torch.Tensor:
+        ref = self._discrete_ref()
+        if ref is None:
+            raise AttributeError(f"{type(self).__name__}.betas {self._NOT_DEFINED['betas']}")
+        return ref.betas
+
+    def _model_times(self, timesteps, what: str) -> torch.Tensor:
+        """`timesteps` (model times, a scalar or one per sample) as schedule times t in float64;
+        values within float32 round-off of the schedule's range are clamped, others refused."""
+        t = torch.as_tensor(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                            dtype=torch.float64).flatten()
+        sch = self.schedule
+        lo, hi = (0.0, 1.0) if self.is_flow else (sch.t_min, sch.t_max)
+        scale = sch.time_scale
+        tol = 1e-6 * (hi - lo)
+        u = t / scale
+        bad = (u < lo - tol) | (u > hi + tol) | ~torch.isfinite(u)
+        if bool(bad.any()):
+            v = float(t[bad][0])
+            raise ValueError(f"{what}: timestep {v} is outside the schedule's range [{lo * scale}, {hi * scale}]")
+        return u.clamp(lo, hi)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target v = alpha_t eps - sigma_t x0 (`sample` is x0), as DDPMScheduler's."""
+        t = self._model_times(timesteps, "get_velocity")
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        a = self.schedule.alpha(t).to(sample.device, sample.dtype).view(shape)
+        s = self.schedule.sigma(t).to(sample.device, sample.dtype).view(shape)
+        return a * noise - s * sample
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """Flow schedules: x_t = t eps + (1 - t) x0 at model time `timestep` (as
+        FlowMatchEulerDiscreteScheduler.scale_noise); VP schedules use `add_noise`."""
+        if not self.is_flow:
+            raise ValueError("scale_noise is the flow schedules' forward process; this scheduler's schedule is "
+                             "discrete VP: use add_noise")
+        t = self._model_times(timestep, "scale_noise")
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        s = t.to(sample.device, sample.dtype).view(shape)
+        return s * noise + (1.0 - s) * sample
+
+    def previous_timestep(self, timestep):
+        """The model time of the call after `timestep` in `timesteps`: the next entry, or at the last
+        call the plan's end (-1 when it ends at sigma = 0, as DDPMScheduler; else its last grid time)."""
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps before previous_timestep")
+        ts = self.timesteps
+        i = self.step_index
+        v = float(timestep)
+        if i is None or i >= len(ts) or float(ts[i]) != v:
+            hits = (ts.double() == v).nonzero().flatten()
+            if not len(hits):
+                raise ValueError(f"timestep {v} is not in this schedule's timesteps")
+            i = int(hits[0])
+        if i + 1 < len(ts):
+            return ts[i + 1]
+        g = self.plan.grid
+        end = -1.0 if g.final_zero else float(self.schedule.model_time(g.t[-1:])[0])
+        return torch.tensor(end, dtype=ts.dtype, device=ts.device)
 
     # ------------------------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -424,9 +562,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = alpha_t x0 + sigma_t eps at model times `timesteps` (a scalar or one per sample)."""
-        t = torch.as_tensor(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
-                            dtype=torch.float64).flatten() / self.schedule.time_scale
+        """x_t = alpha_t x0 + sigma_t eps at model times `timesteps` (a scalar or one per sample);
+        times outside the schedule's range are refused (not extrapolated)."""
+        t = self._model_times(timesteps, "add_noise")
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = self.schedule.alpha(t).to(original_samples.device, original_samples.dtype).view(shape)
         s = self.schedule.sigma(t).to(original_samples.device, original_samples.dtype).view(shape)

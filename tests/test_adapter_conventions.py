@@ -1,0 +1,125 @@
+"""The diffusers conventions pipelines rely on, checked against diffusers' own schedulers of the same
+config: attributes (`sigmas`, `alphas_cumprod`, `alphas`, `betas`, `timesteps` dtype), `get_velocity`,
+`scale_noise`, `previous_timestep` and a range-checked `add_noise`."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from diffsampler.pipelines import DiffSamplerScheduler
+
+VP_CFG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("spacing", ["trailing"])
+def test_sigmas_and_timesteps_match_euler(spacing):
+    ref = EulerDiscreteScheduler(**VP_CFG, timestep_spacing=spacing)
+    ref.set_timesteps(10)
+    ours = DiffSamplerScheduler.from_config(ref.config, solver="euler")
+    ours.set_timesteps(10)
+    assert torch.equal(ours.timesteps.float(), ref.timesteps)
+    assert ours.sigmas.dtype == torch.float32 and ours.sigmas.shape == ref.sigmas.shape
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=2e-6, atol=0)
+    assert ours.sigmas[-1].item() == 0.0
+
+
+def test_timesteps_int64_as_ddpm_ddim():
+    for cls in (DDPMScheduler, DDIMScheduler):
+        ref = cls(**VP_CFG, timestep_spacing="trailing")
+        ref.set_timesteps(10)
+        ours = DiffSamplerScheduler.from_config(ref.config, solver="ddim")
+        ours.set_timesteps(10)
+        assert ours.timesteps.dtype == ref.timesteps.dtype == torch.int64
+        assert torch.equal(ours.timesteps, ref.timesteps)
+
+
+def test_timesteps_float_where_times_are_not_integers():
+    ours = DiffSamplerScheduler(solver="euler", spacing="time_uniform")
+    ours.set_timesteps(7)
+    assert ours.timesteps.dtype == torch.float32
+
+
+def test_flow_sigmas_timesteps_match_flowmatch_euler():
+    ref = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    grid = [0.99 - 0.11 * i for i in range(8)]  # a pipeline's own `sigmas=` list
+    ref.set_timesteps(sigmas=grid)
+    ours = DiffSamplerScheduler.from_config(ref.config, solver="euler", schedule_type="flow")
+    ours.set_timesteps(sigmas=grid)
+    assert ours.timesteps.dtype == torch.float32
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=1e-3)
+    for name in ("alphas_cumprod", "alphas", "betas"):
+        with pytest.raises(AttributeError, match=f"{name} exists for discrete VP schedules only"):
+            getattr(ours, name)
+        assert not hasattr(ours, name)
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = ref.timesteps[3]
+    torch.testing.assert_close(ours.scale_noise(x0, t.expand(2), eps),
+                               ref.scale_noise(x0, t.expand(2), eps), rtol=0, atol=1e-6)
+
+
+def test_sigmas_before_set_timesteps_is_an_attribute_error_with_reason():
+    with pytest.raises(AttributeError, match="set_timesteps"):
+        DiffSamplerScheduler().sigmas
+
+
+@pytest.mark.parametrize("cfg", [VP_CFG, dict(beta_schedule="squaredcos_cap_v2"),
+                                 dict(beta_schedule="linear", rescale_betas_zero_snr=True)])
+def test_betas_alphas_alphas_cumprod_equal_ddpm(cfg):
+    ref = DDPMScheduler(**cfg)
+    ours = DiffSamplerScheduler.from_config(ref.config, solver="ddim")
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        assert getattr(ours, name).dtype == getattr(ref, name).dtype
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+
+
+def test_get_velocity_and_add_noise_equal_ddpm():
+    ref = DDPMScheduler(**VP_CFG)
+    ours = DiffSamplerScheduler.from_config(ref.config)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 500, 999])
+    torch.testing.assert_close(ours.get_velocity(x0, eps, t), ref.get_velocity(x0, eps, t), rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [1000, -1, 1500.0, float("nan")])
+def test_add_noise_refuses_out_of_range(bad):
+    ours = DiffSamplerScheduler()
+    x = torch.zeros(1, 2)
+    for fn in (lambda: ours.add_noise(x, x, torch.tensor([bad])), lambda: ours.get_velocity(x, x, torch.tensor([bad]))):
+        with pytest.raises(ValueError, match=r"outside the schedule's range \[0.0, 999.0\]"):
+            fn()
+
+
+def test_add_noise_accepts_float32_rounding_of_the_ends():
+    ours = DiffSamplerScheduler()
+    x0, eps = torch.ones(2, 1), torch.ones(2, 1)
+    out = ours.add_noise(x0, eps, torch.tensor([999.0000072, -0.0002], dtype=torch.float64))
+    ref = ours.add_noise(x0, eps, torch.tensor([999.0, 0.0]))
+    assert torch.equal(out, ref)
+
+
+def test_previous_timestep_matches_ddpm():
+    ref = DDPMScheduler(**VP_CFG, timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    ours = DiffSamplerScheduler.from_config(ref.config, solver="ddim")
+    ours.set_timesteps(10)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    for t in ref.timesteps:
+        assert int(ours.previous_timestep(t)) == int(ref.previous_timestep(t))
+    assert int(ours.previous_timestep(ours.timesteps[-1])) == -1
+    with pytest.raises(ValueError, match="not in this schedule's timesteps"):
+        ours.previous_timestep(5)
+
+
+def test_step_index_and_begin_index():
+    ours = DiffSamplerScheduler(solver="dpmpp_2m")
+    ours.set_timesteps(5)
+    assert ours.step_index is None and ours.begin_index is None
+    x = torch.randn(1, 2)
+    ours.step(torch.zeros_like(x), ours.timesteps[0], x)
+    assert ours.step_index == 1
+    ours.set_timesteps(5)
+    ours.set_begin_index(2)
+    assert ours.begin_index == 2
