@@ -123,3 +123,95 @@ def test_step_index_and_begin_index():
     ours.set_timesteps(5)
     ours.set_begin_index(2)
     assert ours.begin_index == 2
+
+
+# --------------------------------------------------------------------------------------------
+# strict arguments
+# --------------------------------------------------------------------------------------------
+
+def test_step_refuses_a_timestep_other_than_the_next_call():
+    sched = DiffSamplerScheduler(solver="dpmpp_2m")
+    sched.set_timesteps(5)
+    x = torch.randn(1, 2)
+    with pytest.raises(ValueError, match=rf"timestep 500.0, but the next model call is at timestep {float(sched.timesteps[0])}"):
+        sched.step(torch.zeros_like(x), 500, x)
+    x = sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample  # the right one is taken
+    with pytest.raises(ValueError, match=r"timesteps\[1\]"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x)
+    sched.step(torch.zeros_like(x), sched.timesteps[1].expand(1), x)  # a per-sample tensor of it is fine
+
+
+def test_step_refuses_unknown_keywords_and_clipped_output_it_cannot_honour():
+    sched = DiffSamplerScheduler(solver="ddim", clip_sample=True)
+    sched.set_timesteps(3)
+    x = torch.randn(1, 2)
+    with pytest.raises(TypeError, match="s_churn"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(ValueError, match="use_clipped_model_output=False"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, use_clipped_model_output=False)
+    sched.step(torch.zeros_like(x), sched.timesteps[0], x, use_clipped_model_output=True, eta=0.0)
+
+
+def test_variance_noise_is_the_step_noise():
+    """Stochastic DDIM (eta=1) fed variance_noise at every noisy step equals the engine run with those
+    draws as its noise."""
+    from diffsampler.denoisers import Denoiser
+    from diffsampler.samplers.plan import run_plan
+
+    sched = DiffSamplerScheduler(solver="ddim", solver_options={"eta": 1.0})
+    sched.set_timesteps(4)
+    noisy = [st.noise != 0.0 for st in sched.plan.steps]
+    assert sum(noisy) >= 2
+    zs = [torch.randn(2, 3, generator=torch.Generator().manual_seed(10 + k)) for k in range(4)]
+    x = torch.ones(2, 3)
+    for k, t in enumerate(sched.timesteps):
+        kw = {"variance_noise": zs[k]} if noisy[k] else {}
+        x = sched.step(0.1 * x, t, x, generator=torch.Generator().manual_seed(0), **kw).prev_sample
+    it = iter([z for z, n in zip(zs, noisy) if n])
+    den = Denoiser(lambda y, t: 0.1 * y, sched.schedule, "epsilon")
+    ref = run_plan(sched.plan, den, torch.ones(2, 3), noise_fn=lambda _: next(it))
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+
+
+def test_variance_noise_refused_where_no_noise_is_added():
+    sched = DiffSamplerScheduler(solver="dpmpp_2m")
+    sched.set_timesteps(3)
+    x = torch.randn(1, 2)
+    with pytest.raises(ValueError, match="variance_noise cannot take effect"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, variance_noise=torch.zeros_like(x))
+
+
+def test_top_level_solver_options_are_applied_and_typos_refused(tmp_path):
+    cfg = DDIMScheduler(**VP_CFG).config
+    s = DiffSamplerScheduler.from_config(cfg, solver="ghvb", order=1.5)
+    assert s.config.solver_options == {"order": 1.5} and "order" not in s.config
+    assert s.solver.beta == DiffSamplerScheduler(solver="ghvb", solver_options={"order": 1.5}).solver.beta
+    s.save_pretrained(tmp_path)
+    assert DiffSamplerScheduler.from_pretrained(tmp_path).config.solver_options == {"order": 1.5}
+    assert DiffSamplerScheduler.from_config(cfg, solver="ddim", eta=1.0).solver.eta == 1.0
+    assert DiffSamplerScheduler(solver="dpmpp_2m", momentum=0.8).config.solver_options == {"momentum": 0.8}
+    with pytest.raises(TypeError, match=r"\['spacng'\].*did you mean 'spacing'"):
+        DiffSamplerScheduler.from_config(cfg, spacng="karras")
+    with pytest.raises(TypeError, match="bogus"):
+        DiffSamplerScheduler(bogus=1)
+    with pytest.raises(ValueError, match="both at top level and in solver_options"):
+        DiffSamplerScheduler(solver="ddim", eta=1.0, solver_options={"eta": 0.5})
+
+
+@pytest.mark.parametrize("cls_name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                      "EulerDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                                      "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_diffusers_configs_keep_loading(cls_name):
+    import diffusers
+
+    cfg = getattr(diffusers, cls_name)().config
+    sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    sched.set_timesteps(4)
+
+
+def test_deprecated_kwargs_convention():
+    """diffusers' common scheduler test: a class with **kwargs declares _deprecated_kwargs."""
+    import inspect
+
+    assert "kwargs" in inspect.signature(DiffSamplerScheduler.__init__).parameters
+    assert len(DiffSamplerScheduler._deprecated_kwargs) > 0

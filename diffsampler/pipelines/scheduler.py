@@ -44,6 +44,46 @@ _PRED_ALIASES = {"flow_prediction": "flow"}
 _DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 
 
+def _diffusers_config_keys() -> frozenset:
+    """The union of the config keys of diffusers' scheduler classes (their __init__ arguments)."""
+    import diffusers.schedulers as schedulers
+
+    names = [n for group in getattr(schedulers, "_import_structure", {}).values() for n in group
+             if n.endswith("Scheduler")] or [n for n in dir(schedulers) if n.endswith("Scheduler")]
+    keys: set = set()
+    for n in names:
+        try:
+            cls = getattr(schedulers, n)
+        except Exception:  # a class whose optional backend (flax, ...) is missing
+            continue
+        if isinstance(cls, type) and issubclass(cls, ConfigMixin):
+            keys |= {k for k, p in inspect.signature(cls.__init__).parameters.items()
+                     if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(keys)
+
+
+_DIFFUSERS_KEYS = _diffusers_config_keys()
+
+
+def _solver_option_names(solver) -> set | None:
+    """The options a solver name takes (its factory's arguments); None if they cannot be listed."""
+    from ..samplers import registry
+
+    if not isinstance(solver, str):
+        return None
+    scheme = solver.split(":", 1)[0]
+    if solver in registry._REGISTRY:
+        factory, defaults = registry._REGISTRY[solver]
+    elif scheme in registry._SCHEMES:
+        factory, defaults = registry._SCHEMES[scheme][0], {}
+    else:
+        return None
+    params = inspect.signature(factory).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {k for k, p in params.items() if p.kind != p.VAR_POSITIONAL}
+
+
 @dataclass
 class DiffSamplerSchedulerOutput(BaseOutput):
     """prev_sample: the next model evaluation's input (x_{i+1} at the end of a solver step).
@@ -113,8 +153,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         **kwargs,
     ):
-        if kwargs:  # keep foreign keys in the config (save/load round trip), use none of them
-            self.register_to_config(**{k: v for k, v in kwargs.items() if not k.startswith("_")})
+        solver_options = self._route_keywords(solver, solver_options, kwargs)
         # -- schedule -------------------------------------------------------------------------
         if schedule_type not in (None, "vp", "flow"):
             raise ValueError(f"schedule_type must be None, 'vp' or 'flow', got {schedule_type!r}")
@@ -167,6 +206,41 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._offset = 0
         self._reset_state()
 
+    def _route_keywords(self, solver, solver_options: dict | None, kwargs: dict) -> dict | None:
+        """Keywords beyond the named arguments: a solver option of `solver` given at top level joins
+        `solver_options` (the config records it there); a diffusers scheduler config key is kept in
+        the config (save/load round trip) and otherwise unused; anything else is a TypeError."""
+        kw = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+        names = _solver_option_names(solver)
+        moved = {k: kw.pop(k) for k in list(kw) if names is not None and k in names}
+        unknown = sorted(k for k in kw if k not in _DIFFUSERS_KEYS)
+        if unknown:
+            import difflib
+
+            ours = [k for k in inspect.signature(type(self).__init__).parameters if k not in ("self", "kwargs")]
+            hints = "".join(f" ({k!r}: did you mean {m[0]!r}?)" for k in unknown
+                            for m in [difflib.get_close_matches(k, ours, 1)] if m)
+            opts = f"; options of solver {solver!r}: {sorted(names)}" if names else ""
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}: neither "
+                            f"this class's nor a diffusers scheduler config key{opts}{hints}. Solver options "
+                            f"go in solver_options={{...}}")
+        if kw:
+            self.register_to_config(**kw)
+        if not moved:
+            return solver_options
+        given = dict(solver_options or {})
+        clash = sorted(k for k in moved if k in given and given[k] != moved[k])
+        if clash:
+            raise ValueError(f"solver option(s) {clash} given both at top level and in solver_options with "
+                             "different values")
+        merged = {**given, **moved}
+        from diffusers.configuration_utils import FrozenDict
+
+        # recorded where they belong: a saved config reloads with the same solver options
+        self._internal_dict = FrozenDict({**{k: v for k, v in self._internal_dict.items() if k not in moved},
+                                          "solver_options": merged})
+        return merged
+
     def transform_denoiser(self, den: Denoiser) -> Denoiser:
         """The config's data-prediction transforms: dynamic thresholding (`thresholding`) or static
         clipping (`clip_sample`, DDPM/DDIM configs), as diffusers applies them."""
@@ -199,10 +273,14 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if name == "DEISMultistepScheduler" and "final" not in cfg:
             kwargs.setdefault("final", "last")  # DEIS always ends at sigma_min
         foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
-        foreign.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
+        # the caller's own keywords beyond ours are routed by __init__: solver options, diffusers keys, or refused
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in known and not k.startswith("_")}
         cfg = {k: v for k, v in cfg.items() if k in known or k.startswith("_")}
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
+        if extra:
+            model = cls(**{k: v for k, v in model.config.items() if k in known}, **extra)
+            out = (model, *out[1:]) if return_unused_kwargs else model
         model.register_to_config(**{k: v for k, v in foreign.items() if k not in model.config})
         return out
 
@@ -509,7 +587,35 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     def _emit(self, x, t_model):  # the "network" of the internal Denoiser: the output given to step()
         return self._pending
 
+    def _check_timestep(self, timestep, n: int) -> None:
+        """`timestep` must be the model time of call n (the entry `timesteps[step_index]`)."""
+        want = float(self._t_model64[n])
+        given = torch.as_tensor(timestep.detach().cpu() if isinstance(timestep, torch.Tensor) else timestep,
+                                dtype=torch.float64).flatten()
+        tol = 2.0**-11 * abs(want) + 1e-6 * self.schedule.time_scale * (self.schedule.t_max - self.schedule.t_min)
+        if not len(given) or not bool(((given - want).abs() <= tol).all()):
+            got = given.tolist() if len(given) != 1 else float(given[0])
+            raise ValueError(f"step() was given timestep {got}, but the next model call is at timestep "
+                             f"{float(self.timesteps[self._offset + n])} (timesteps[{self._offset + n}])")
+
+    def _check_variance_noise(self, z: torch.Tensor, sample: torch.Tensor, n: int) -> None:
+        """variance_noise is used as the noise of the step that call n completes; refused where that
+        step adds none (or the call completes no step)."""
+        steps, ends = self.plan.steps, np.cumsum([len(st.evals) for st in self.plan.steps])
+        i = int(np.searchsorted(ends, n + 1))
+        if i >= len(steps) or ends[i] != n + 1 or steps[i].noise == 0.0:
+            raise ValueError(f"variance_noise cannot take effect: model call {self._offset + n} of solver "
+                             f"{self.config.solver!r} completes no stochastic step (no noise is added there)")
+        if tuple(z.shape) != tuple(sample.shape):
+            raise ValueError(f"variance_noise has shape {tuple(z.shape)}, the sample {tuple(sample.shape)}")
+
     def _noise_fn(self, x: torch.Tensor) -> torch.Tensor:  # the stepper's noise source
+        z = self.__dict__.get("_variance_noise")
+        if z is not None:  # the caller's noise for this step: the generator's draws stay for the other steps
+            if self._noise is None:
+                self._noise = predrawn_noise(self.plan, self._generator, x)
+            self._noise(x)  # the other steps keep the draws they get without variance_noise
+            return z.to(x.device, x.dtype)
         if self._noise is None:  # all the plan's noise, from the generator(s) of this step call
             self._noise = predrawn_noise(self.plan, self._generator, x)
         return self._noise(x)
@@ -521,6 +627,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor = None,
         generator=None,
         return_dict: bool = True,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+        variance_noise: torch.Tensor | None = None,
         **kwargs,
     ):
         """Consume the model output of the current evaluation (its input was `sample`) and return
@@ -528,10 +637,14 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         counter is (repeated timesteps are fine).  `generator`: one torch.Generator or a list of
         per-sample generators for stochastic solvers (all the plan's noise is drawn from them at
         the first noisy step, exactly as `diffsampler.sample` does)."""
-        eta = kwargs.get("eta")  # DDIMPipeline passes eta, use_clipped_model_output, variance_noise
+        if kwargs:
+            raise TypeError(f"step() got unexpected keyword argument(s) {sorted(kwargs)}")
         if eta and eta != getattr(self.solver, "eta", 0.0):
             raise ValueError(f"eta={eta} passed to step; set it on the solver: "
                              f"DiffSamplerScheduler(solver='ddim', solver_options={{'eta': {eta}}})")
+        if use_clipped_model_output is False and (self.config.thresholding or self.config.clip_sample):
+            raise ValueError("use_clipped_model_output=False cannot take effect: with clip_sample / thresholding "
+                             "the solver works on the clipped data prediction (use_clipped_model_output=True)")
         if self.plan is None:
             raise ValueError("call set_timesteps before step")
         if sample is None:
@@ -540,6 +653,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if run is not None and run.done:
             raise ValueError(f"step called {run.n + 1} times, the plan has {run.n} model calls; "
                              "call set_timesteps again to start a new trajectory")
+        n = 0 if run is None else run.n
+        if timestep is not None:
+            self._check_timestep(timestep, n)
+        if variance_noise is not None:
+            self._check_variance_noise(variance_noise, sample, n)
         if run is None:
             run = self._stepper = Stepper(self.plan, self._denoiser, sample, self._noise_fn)
             self._next = run.next_input()
@@ -550,7 +668,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._pending = model_output
         out, x0 = self._denoiser.predict_with_data(sample, t_model, alpha, sigma, kind)
         self._pending = None
-        run.feed(out)
+        self._variance_noise = variance_noise
+        try:
+            run.feed(out)
+        finally:
+            self._variance_noise = None
         if run.done:
             prev = run.x
         else:
@@ -569,3 +691,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         a = self.schedule.alpha(t).to(original_samples.device, original_samples.dtype).view(shape)
         s = self.schedule.sigma(t).to(original_samples.device, original_samples.dtype).view(shape)
         return a * original_samples + s * noise
+
+
+# diffusers' convention for a scheduler with **kwargs: the config keys it takes there (other diffusers
+# schedulers' keys, kept in the config and unused; solver options are routed by `_route_keywords`)
+DiffSamplerScheduler._deprecated_kwargs = sorted(
+    _DIFFUSERS_KEYS - set(inspect.signature(DiffSamplerScheduler.__init__).parameters))
