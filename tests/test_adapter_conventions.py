@@ -215,3 +215,45 @@ def test_deprecated_kwargs_convention():
 
     assert "kwargs" in inspect.signature(DiffSamplerScheduler.__init__).parameters
     assert len(DiffSamplerScheduler._deprecated_kwargs) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# every plan is drivable: an analytic first step moves x_T before the first model call
+# --------------------------------------------------------------------------------------------
+
+ANALYTIC_PLAN = """format: diffsampler.solver_plan/1
+name: analytic_first
+coordinate: logsnr
+final: last
+nfe: 4
+times: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+steps:
+- {prediction: data, order: 1, estimator: multistep, analytic: true}
+- {prediction: data, order: 2, estimator: multistep}
+- {prediction: data, order: 2, estimator: multistep}
+- {prediction: data, order: 2, estimator: multistep}
+- {prediction: data, order: 1, estimator: multistep}
+"""
+
+
+def test_analytic_first_step_plan_equals_sample(gmm16, tmp_path):
+    import diffsampler as ds
+    from diffsampler.eval.gmm import GMMModel, gmm_denoiser
+
+    path = tmp_path / "analytic_first.yaml"
+    path.write_text(ANALYTIC_PLAN)
+    sched = DiffSamplerScheduler(solver=f"plan:{path}")
+    sched.set_timesteps(4)
+    assert sched.moves_x_T and len(sched.timesteps) == 4 and not sched.plan.steps[0].evals
+    model = GMMModel(gmm16, sched.schedule)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    y = x * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([y, y]), t)[:8]  # a CFG-doubled batch moves alike
+        y = sched.step(model(inp, t).sample, t, y).prev_sample
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver=f"plan:{path}", nfe=4)
+    assert (y - ref).abs().max().item() <= 1e-5
+    # a pipeline that evaluates the model at x_T without scale_model_input is refused, not misled
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="first model call is not at x_T.*scale_model_input"):
+        sched.step(model(x, sched.timesteps[0]).sample, sched.timesteps[0], x)

@@ -65,6 +65,16 @@ def _diffusers_config_keys() -> frozenset:
 _DIFFUSERS_KEYS = _diffusers_config_keys()
 
 
+class _NoCalls:
+    """The denoiser of a Stepper that only runs a plan's steps before its first model call."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def raise_if_nonfinite(self) -> None:
+        pass
+
+
 def _solver_option_names(solver) -> set | None:
     """The options a solver name takes (its factory's arguments); None if they cannot be listed."""
     from ..samplers import registry
@@ -315,6 +325,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._noise = None                    # the plan's noise, drawn at its first noisy step
         self._generator = None
         self._pending: torch.Tensor | None = None
+        self._moved_first = False             # scale_model_input gave the first call's moved input
 
     # ------------------------------------------------------------------------------------------
     def _shift(self, t: torch.Tensor, mu: float | None) -> torch.Tensor:
@@ -383,9 +394,6 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
             grid = own_grid(self.schedule) if own_grid is not None else self._grid(steps, mu)
             plan = make_plan(self.solver, self.schedule, num_inference_steps, grid=grid)
-        if plan.steps and (not plan.steps[0].evals or not plan.steps[0].evals[0].x.is_identity):
-            raise ValueError(f"solver {self.config.solver!r}: the first model call is not at x_T; "
-                             "it cannot be driven one model call at a time")
         self._full_plan = plan
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
@@ -581,8 +589,29 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         return torch.tensor(end, dtype=ts.dtype, device=ts.device)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def moves_x_T(self) -> bool:
+        """Whether the plan's first model call is not at x_T itself (an analytic first step, or a first
+        call on a combination of x_T): `scale_model_input` then gives that call's input."""
+        p = self.plan
+        return bool(p is not None and p.steps and not (p.steps[0].evals and p.steps[0].evals[0].x.is_identity))
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        """The network's input for this call: `sample` itself, except at the first call of a plan whose
+        first model call is not at x_T (an analytic first step): there the plan's steps before that call
+        are run on `sample` (= x_T; any batch, e.g. a classifier-free-guidance doubled one) and their
+        result is the input."""
+        if self._stepper is not None or not self.moves_x_T:
+            return sample
+        if timestep is not None:
+            self._check_timestep(timestep, 0)
+        self._moved_first = True
+        return Stepper(self.plan, _NoCalls(self.schedule), sample, self._no_noise).next_input()[0]
+
+    @staticmethod
+    def _no_noise(x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the plan adds noise before its first model call; a scheduler cannot draw it in "
+                         "scale_model_input (no generator): drive this plan with diffsampler.sample")
 
     def _emit(self, x, t_model):  # the "network" of the internal Denoiser: the output given to step()
         return self._pending
@@ -659,12 +688,18 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None:
             self._check_variance_noise(variance_noise, sample, n)
         if run is None:
+            if self.moves_x_T and not self.__dict__.get("_moved_first"):
+                raise ValueError(f"solver {self.config.solver!r}: the plan's first model call is not at x_T "
+                                 "(an analytic first step); pass the model the input "
+                                 "scale_model_input(sample, t) gives (as StableDiffusion-style pipelines do)")
             run = self._stepper = Stepper(self.plan, self._denoiser, sample, self._noise_fn)
             self._next = run.next_input()
         elif run.k == 0 and run.eval.x.is_identity:
             run.x = sample  # the step's state follows edits made between steps (inpainting)
         self._generator = generator
-        _, t_model, alpha, sigma, kind = self._next
+        y, t_model, alpha, sigma, kind = self._next
+        if run.n == 0 and self.moves_x_T:
+            sample = y  # the network ran on scale_model_input's moved x_T, not on `sample` (x_T)
         self._pending = model_output
         out, x0 = self._denoiser.predict_with_data(sample, t_model, alpha, sigma, kind)
         self._pending = None
