@@ -257,3 +257,46 @@ def test_analytic_first_step_plan_equals_sample(gmm16, tmp_path):
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="first model call is not at x_T.*scale_model_input"):
         sched.step(model(x, sched.timesteps[0]).sample, sched.timesteps[0], x)
+
+
+# --------------------------------------------------------------------------------------------
+# explicit grids: diffusers' own float32 lists are accepted
+# --------------------------------------------------------------------------------------------
+
+def _karras(n, sigma_min, sigma_max, rho=7.0):
+    """k-diffusion's get_sigmas_karras (float64 ramp, trailing 0)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def test_karras_sigmas_from_the_schedule_float32_ends():
+    ours = DiffSamplerScheduler.from_config(EulerDiscreteScheduler(**VP_CFG).config, solver="euler")
+    acp = ours.alphas_cumprod  # float32, as pipelines read it
+    s = ((1 - acp) / acp) ** 0.5
+    sigmas = _karras(10, float(s[0]), float(s[-1]))
+    ours.set_timesteps(sigmas=sigmas)
+    assert len(ours.timesteps) == 10
+    assert abs(float(ours.timesteps[0]) - 999) < 1e-3 and abs(float(ours.timesteps[-1])) < 1e-3
+    torch.testing.assert_close(ours.sigmas.double(), sigmas, rtol=1e-5, atol=0)
+
+
+def test_euler_karras_sigmas_and_timesteps_are_accepted():
+    ref = EulerDiscreteScheduler(**VP_CFG, use_karras_sigmas=True)
+    ref.set_timesteps(12)
+    ours = DiffSamplerScheduler.from_config(ref.config, solver="euler")
+    ours.set_timesteps(sigmas=ref.sigmas)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours.timesteps.float(), ref.timesteps, rtol=0, atol=2e-3)
+    ours.set_timesteps(timesteps=ref.timesteps)  # its float32 timesteps, as a pipeline's `timesteps=`
+    torch.testing.assert_close(ours.timesteps.float(), ref.timesteps, rtol=0, atol=1e-4)
+
+
+def test_explicit_grids_beyond_round_off_are_refused():
+    ours = DiffSamplerScheduler(solver="euler")
+    with pytest.raises(ValueError, match=r"timesteps\[0\] = 999.5 is outside the schedule's range \[0.0, 999.0\]"):
+        ours.set_timesteps(timesteps=[999.5, 500.0, 10.0])
+    with pytest.raises(ValueError, match=r"sigmas\[0\] = 1000.0 is outside the schedule's range sigma in"):
+        ours.set_timesteps(sigmas=[1000.0, 1.0, 0.0])
+    ours.set_timesteps(timesteps=[999.0000072, 500.0, -0.0002])
+    assert float(ours.timesteps[0]) == 999.0

@@ -378,10 +378,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                 if self.is_flow:
                     t = self._shift(s, mu).clamp(self.schedule.t_min, self.schedule.t_max)
                 else:
-                    t = self.schedule.t_from_lambda(-s.log())
+                    t = self._within_range(self.schedule.t_from_lambda(-s.log()), "sigmas", s)
             else:
                 t = (timesteps.detach().cpu().double() if isinstance(timesteps, torch.Tensor)
                      else torch.as_tensor(np.asarray(timesteps, dtype=np.float64))).flatten() / self.schedule.time_scale
+                t = self._within_range(t, "timesteps", t * self.schedule.time_scale)
             steps = len(t) if final == "zero" else len(t) - 1
             grid = time_grid(self.schedule, steps, t, final=final)
             plan = make_plan(self.solver, self.schedule, grid=grid)
@@ -408,6 +409,26 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._sigmas = self._sigmas_of(plan).to(device)
         self._offset = 0
         self._begin_index = None  # as diffusers: a new schedule starts at its first call
+
+    def _within_range(self, t: torch.Tensor, what: str, given: torch.Tensor) -> torch.Tensor:
+        """Explicit grid times clamped into the schedule's [t_min, t_max] when they lie within float32
+        round-off of it (diffusers' own float32 sigma lists, k-diffusion's karras sigmas built from the
+        schedule's sigma_max / sigma_min); further out they are refused, naming the value."""
+        sch = self.schedule
+        lo, hi = sch.t_min, sch.t_max
+        tol = 1e-6 * (hi - lo)
+        bad = (t < lo - tol) | (t > hi + tol) | ~torch.isfinite(t)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            rng = (f"sigma in [{float(self._sigma_of(hi)):.6g}, {float(self._sigma_of(lo)):.6g}]" if what == "sigmas"
+                   else f"[{lo * sch.time_scale}, {hi * sch.time_scale}]")
+            raise ValueError(f"set_timesteps({what}=...): {what}[{j}] = {float(given[j])} is outside the schedule's "
+                             f"range {rng}")
+        return t.clamp(lo, hi)
+
+    def _sigma_of(self, t: float) -> torch.Tensor:
+        tt = torch.tensor([t], dtype=torch.float64)
+        return (self.schedule.sigma(tt) / self.schedule.alpha(tt))[0]
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
