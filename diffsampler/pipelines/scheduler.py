@@ -6,14 +6,16 @@ prediction type, to the plan engine's `Stepper`, one model evaluation per call. 
 one entry of `timesteps`, so a two-call solver (Heun, DPM-Solver++ 2S) exposes two timesteps per
 solver step and `len(scheduler.timesteps) == plan.nfe == num_inference_steps`.
 
-The state handed to the model is x itself (`scale_model_input` is the identity and
+The state handed to the model is x itself (`scale_model_input` is the identity, except at the
+first call of a plan that moves x_T before its first model call, e.g. an analytic first step;
 `init_noise_sigma` is the schedule's prior std).  `step` returns as `prev_sample` the input of the
 next model evaluation, which is x_{i+1} at the end of a solver step and the intermediate point
 (a linear combination of x_i and earlier outputs) inside a multi-call step.
 
 Configs of diffusers schedulers are accepted: `DiffSamplerScheduler.from_config(other.config,
-solver=...)`.  Keys this class does not use are kept in its config (so `save_pretrained` keeps
-them) but are otherwise ignored; note that diffusers resolves `_compatibles` by *name inside the
+solver=...)`.  Keys of diffusers scheduler configs this class does not use are kept in its config
+(so `save_pretrained` keeps them) but are otherwise ignored; a top-level keyword that is an option
+of the named solver joins `solver_options`; any other keyword is a TypeError; note that diffusers resolves `_compatibles` by *name inside the
 diffusers package only*, so pipelines' `scheduler.compatibles` never lists this class -- build it
 with `from_config` yourself and assign `pipe.scheduler = ...`.
 """
@@ -123,7 +125,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             `use_flow_sigmas`, or a FlowMatch* source class) gives
             `RectifiedFlow(time_scale=num_train_timesteps)` instead; `shift` / `flow_shift` then
             shift the grid as diffusers does (t -> s t / (1 + (s - 1) t)).
-        **kwargs: any other key of a diffusers scheduler config: accepted silently, not used.
+        **kwargs: an option of `solver` (e.g. `eta=1.0` for "ddim", `order=1.5` for "ghvb"): applied
+            and recorded in `solver_options`; any other key of a diffusers scheduler config: kept in
+            the config, not used; anything else: TypeError naming it.
 
     `num_inference_steps` in `set_timesteps` is the budget of model calls (NFE), not of steps.
     """
@@ -683,8 +687,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         **kwargs,
     ):
         """Consume the model output of the current evaluation (its input was `sample`) and return
-        the next evaluation's input.  `timestep` is not used to find the position: an internal
-        counter is (repeated timesteps are fine).  `generator`: one torch.Generator or a list of
+        the next evaluation's input.  `timestep` is not used to find the position (an internal
+        counter is; repeated timesteps are fine) but must be that call's entry of `timesteps`.
+        `variance_noise`: the noise of the stochastic step this call completes, used instead of the
+        generator's draw (refused where the call adds no noise).  `eta` must be the solver's own
+        (or 0, a pipeline's default); `use_clipped_model_output=False` is refused with clip_sample /
+        thresholding (the solver works on the clipped data prediction).  `generator`: one torch.Generator or a list of
         per-sample generators for stochastic solvers (all the plan's noise is drawn from them at
         the first noisy step, exactly as `diffsampler.sample` does)."""
         if kwargs:
