@@ -148,7 +148,9 @@ def parity_error(gmm, cls, kw, nfe, how="config"):
     ref_sched = cls(**kw)
     src = {"config": ref_sched.config, "instance": ref_sched,
            "json": json.loads(ref_sched.to_json_string())}[how]
-    ours_sched = DiffSamplerScheduler.from_config(src)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DDIMScheduler: with timestep_spacing")  # n divides 1000 here
+        ours_sched = DiffSamplerScheduler.from_config(src)
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
@@ -218,6 +220,14 @@ def test_unsupported_configs_are_refused_by_name(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         DiffSamplerScheduler.from_config(cls(**kw))
     DiffSamplerScheduler.from_config(cls(**kw).config, solver="dpmpp_2m")  # naming a solver replaces it
+
+
+def test_ddim_warns_where_its_step_is_not_the_next_timestep(gmm16):
+    """diffusers' DDIM steps to t - 1000 // n: equal to ours when n divides 1000, and a warning says so."""
+    cfg = DDIMScheduler(clip_sample=False, timestep_spacing="trailing").config
+    with pytest.warns(UserWarning, match="timestep_spacing='trailing'.*divides num_train_timesteps"):
+        DiffSamplerScheduler.from_config(cfg)
+    assert DiffSamplerScheduler.from_config(cfg, solver="ddim").config.solver == "ddim"  # named: no warning
 
 
 def test_class_name_inference():

@@ -10,6 +10,7 @@ yet is refused by name."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 __all__ = ["solver_for_config", "parity_arguments", "source_class", "SUPPORTED_CLASSES"]
@@ -103,6 +104,9 @@ def _ddim(r):
     r.require("timestep_spacing", ("trailing",), " -- its linspace / leading grids are not reproduced yet")
     r.off("thresholding")
     r.require("clip_sample", (False,), " -- diffusers clips x0 but keeps the unclipped epsilon")
+    warnings.warn(f"DDIMScheduler: with timestep_spacing='trailing' diffusers steps from t to t - "
+                  f"num_train_timesteps // n, the next timestep only when n divides num_train_timesteps "
+                  f"({r['num_train_timesteps']}); for other n the samples differ from diffusers'", stacklevel=4)
     return dict(solver="ddim", spacing="trailing", final="zero" if r["set_alpha_to_one"] else "last")
 
 
@@ -185,8 +189,6 @@ def parity_arguments(config: dict, overrides: dict | None = None, class_name: st
     arguments of `solver_for_config` for a diffusers config (its keys updated by `overrides`); {}
     (the default solver) for a config of DiffSamplerScheduler's own keys only.  A config that has
     diffusers keys but no recognisable class warns, naming `_class_name`."""
-    import warnings
-
     from .scheduler import DiffSamplerScheduler
 
     name = class_name or source_class(config)
