@@ -374,7 +374,8 @@ def test_config_key_mapping():
                                          spacing="logsnr")
     assert s.spacing == "logsnr"
     s = DiffSamplerScheduler.from_config(
-        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").config)
+        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").config,
+        solver="dpmpp_2m")
     assert isinstance(s.schedule, RectifiedFlow) and s.prediction_kind == "flow"
 
 

@@ -18,11 +18,12 @@ class PipelineDenoiser(Denoiser):
     """A Denoiser over a diffusers network, with what sampling around it needs: the shape of the
     state (`sample_shape`) and, for latent models, VAE decoding (`decode`)."""
 
-    def __init__(self, model, schedule, prediction_type, *, network, vae=None, sample_size=None, **kw):
+    def __init__(self, model, schedule, prediction_type, *, network, vae=None, sample_size=None,
+                 channels: int | None = None, **kw):
         super().__init__(model, schedule, prediction_type, **kw)
         self.network, self.vae = network, vae
-        cfg = network.config
-        self.channels = cfg.get("in_channels", 3)
+        cfg = _diffusers_config(network) or {}
+        self.channels = channels or cfg.get("in_channels", 3 if cfg else None)
         self.sample_size = sample_size or cfg.get("sample_size")
 
     def sample_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple:
@@ -34,6 +35,8 @@ class PipelineDenoiser(Denoiser):
             h, w = height // self.vae_factor, (width or height) // self.vae_factor
         if h is None:
             raise ValueError("the network has no sample_size: pass height and width")
+        if self.channels is None:
+            raise ValueError("the network has no config with in_channels: pass channels= to denoiser_from_model")
         return (batch, self.channels, h, w)
 
     @property
@@ -53,8 +56,27 @@ class PipelineDenoiser(Denoiser):
         return (x / 2 + 0.5).clamp(0, 1)
 
 
+def _diffusers_config(network) -> Any:
+    """The network's diffusers config (a dict-like `.config`), or None for a plain module / callable."""
+    cfg = getattr(network, "config", None)
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _plain_call(f) -> Any:
+    """Calling convention of a plain module or callable: f(x, t, **cond) -> output tensor."""
+    def call(x, t, **cond):
+        out = f(x, t, **cond)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the model returned {type(out).__name__}; f(x, t, **cond) must return a tensor")
+        return out
+
+    return call
+
+
 def _network_call(network) -> Any:
     """Calling convention of a diffusers network: x, t and conditioning keywords -> output tensor."""
+    if _diffusers_config(network) is None:
+        return _plain_call(network)
     name = type(network).__name__
     if "Transformer" in name:
         def call(x, t, **cond):
@@ -73,14 +95,33 @@ def _network_call(network) -> Any:
     return checked
 
 
-def denoiser_from_model(network, scheduler_config, *, vae=None, guidance_scale: float = 1.0,
-                        guidance_rescale: float = 0.0, cond: dict | None = None, uncond: dict | None = None,
-                        **denoiser_kw) -> Denoiser:
-    """A Denoiser over any diffusers network given the config of the scheduler it was trained with
-    (its noise schedule and prediction type are read through DiffSamplerScheduler's mapping)."""
-    adapter = DiffSamplerScheduler.from_config(scheduler_config)
+def denoiser_from_model(network, scheduler_config=None, *, schedule=None, prediction_type: str | None = None,
+                        vae=None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                        cond: dict | None = None, uncond: dict | None = None, **denoiser_kw) -> Denoiser:
+    """A Denoiser over a network given the noise schedule it was trained with.
+
+    `network`: a diffusers UNet / transformer, or any `torch.nn.Module` or callable `f(x, t, **cond)`
+    returning the output tensor (t: model times, one per sample).  The schedule and prediction type
+    come from `scheduler_config` (a diffusers scheduler config, read through DiffSamplerScheduler's
+    mapping, with its thresholding / clip_sample), or from `schedule` (a `NoiseSchedule`) and
+    `prediction_type`.  A network without a diffusers `.config` has no `in_channels` / `sample_size`:
+    pass `channels=` / `sample_size=` for `sample_shape`."""
+    if scheduler_config is not None and schedule is not None:
+        raise ValueError("give scheduler_config or schedule (with prediction_type), not both")
+    if scheduler_config is None and schedule is None:
+        what = "" if _diffusers_config(network) is not None else " (the model has no diffusers config to read)"
+        raise ValueError(f"denoiser_from_model needs scheduler_config, or schedule and prediction_type{what}")
+    if schedule is not None and prediction_type is None:
+        raise ValueError("denoiser_from_model(schedule=...) needs prediction_type "
+                         "('epsilon', 'v_prediction', 'sample' or 'flow')")
+    if not callable(network):
+        raise TypeError(f"network must be a torch.nn.Module or a callable f(x, t, **cond), got {type(network).__name__}")
     model = CFGModel(_network_call(network), dict(cond or {}), uncond, guidance_scale, guidance_rescale,
                      param_source=network)  # model I/O in the network's dtype
+    if schedule is not None:
+        return PipelineDenoiser(model, schedule, prediction_type, network=network, vae=vae, **denoiser_kw)
+    kw = {} if prediction_type is None else {"prediction_type": prediction_type}
+    adapter = DiffSamplerScheduler.from_config(scheduler_config, solver="dpmpp_2m", **kw)
     den = PipelineDenoiser(model, adapter.schedule, adapter.prediction_kind, network=network, vae=vae,
                            **denoiser_kw)
     return adapter.transform_denoiser(den)  # thresholding / clip_sample from the scheduler config

@@ -39,6 +39,8 @@ from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
 from ..schedules import SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, time_grid
 
+from .parity import parity_arguments as _parity
+
 __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
 
 _FINAL_SIGMAS = {"zero": "zero", "sigma_min": "last"}
@@ -140,7 +142,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        solver: str = "dpmpp_2m",
+        solver: str | None = None,
         spacing: str | None = None,
         final: str | None = None,
         solver_options: dict | None = None,
@@ -190,6 +192,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._denoiser = self.transform_denoiser(Denoiser(self._emit, self.schedule, pred))
         self.prediction_kind = pred
         # -- solver, grid ---------------------------------------------------------------------
+        if solver is None:  # from_config of a diffusers config names the solver that reproduces it
+            solver = "dpmpp_2m"
+            self.register_to_config(solver=solver)
         self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
         spacing = spacing or timestep_spacing or "linspace"
         if self.is_flow and spacing in _DIFFUSERS_SPACINGS:
@@ -274,6 +279,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         `final_sigmas_type`... count even where they were defaults there); a FlowMatch* class or a
         `shift` key selects the flow schedule; keys this class does not use are kept in its
         config (no "not expected" warning) but do nothing."""
+        source = type(config).__name__ if isinstance(config, SchedulerMixin) else None
         if config is not None and not isinstance(config, dict):  # e.g. a scheduler instance
             config = getattr(config, "config", config)
         if not isinstance(config, dict):
@@ -284,6 +290,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         cfg = dict(config) if name == cls.__name__ else {k: v for k, v in config.items() if k != "_use_default_values"}
         if (isinstance(name, str) and name.startswith("FlowMatch")) or cfg.get("shift") is not None:
             kwargs.setdefault("schedule_type", "flow")
+        if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
+            for k, v in _parity(cfg, kwargs, source).items():  # parity by default: the source's own method
+                kwargs.setdefault(k, v)
         if name == "DEISMultistepScheduler" and "final" not in cfg:
             kwargs.setdefault("final", "last")  # DEIS always ends at sigma_min
         foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}

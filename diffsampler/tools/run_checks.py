@@ -415,7 +415,7 @@ def model_schedule(m: ModelSpec):
     from ..pipelines.scheduler import DiffSamplerScheduler
 
     try:
-        schedule = DiffSamplerScheduler.from_config(json.loads(f.read_text())).schedule
+        schedule = DiffSamplerScheduler.from_config(json.loads(f.read_text()), solver="dpmpp_2m").schedule  # schedule only
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model.path: the scheduler config {f} is not supported: {e}") from None
     return schedule, f"the {type(schedule).__name__} schedule of {d}"

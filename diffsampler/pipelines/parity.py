@@ -1,0 +1,204 @@
+"""Parity by default: the diffsampler solver, options and grid that reproduce a diffusers scheduler.
+
+`solver_for_config(config)` reads a diffusers scheduler config (a dict with `_class_name`, e.g.
+`pipe.scheduler.config`) and returns the `DiffSamplerScheduler` arguments -- `solver`, `solver_options`,
+`spacing`, `final` -- that build the same method on the same grid.  The noise schedule, prediction
+type and thresholding / clip_sample keys are read by `DiffSamplerScheduler` itself.  An option the
+mapping cannot honour raises a ValueError naming the key and what is supported; a class not mapped
+yet is refused by name."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+__all__ = ["solver_for_config", "parity_arguments", "source_class", "SUPPORTED_CLASSES"]
+
+#: diffusers scheduler classes reproduced, and the solvers they map to
+SUPPORTED_CLASSES = {
+    "DDIMScheduler": "ddim (timestep_spacing='trailing', clip_sample=False)",
+    "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (algorithm_type='dpmsolver++', solver_type='midpoint')",
+    "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
+}
+
+
+#: diffusers classes recognised by their config keys when a config has no `_class_name`
+#: (`SchedulerMixin.config` of an instance built in memory has none)
+_KNOWN_CLASSES = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "LCMScheduler",
+    "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+)
+
+
+def _class_keys(name: str) -> frozenset | None:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return None
+    return frozenset(k for k, p in inspect.signature(cls.__init__).parameters.items()
+                     if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+def source_class(config: dict) -> str | list[str] | None:
+    """The diffusers class of `config`: its `_class_name`, else the known classes whose init keys
+    are exactly the config's keys (one name, or a list of several when the keys are shared), else None."""
+    name = config.get("_class_name")
+    if name is not None:
+        return name
+    keys = frozenset(k for k in config if not k.startswith("_"))
+    hits = [n for n in _KNOWN_CLASSES if _class_keys(n) == keys]
+    return hits[0] if len(hits) == 1 else (hits or None)
+
+
+def _class_defaults(name: str) -> dict:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return {}
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty}
+
+
+class _Reader:
+    """The source config with its class's defaults filled in; `require` refuses a value by key."""
+
+    def __init__(self, name: str, config: dict):
+        self.name, self.c = name, {**_class_defaults(name), **config}
+
+    def __getitem__(self, key):
+        return self.c.get(key)
+
+    def require(self, key: str, allowed: tuple, why: str = "") -> Any:
+        v = self.c.get(key)
+        if v not in allowed:
+            raise ValueError(f"{self.name}: {key}={v!r} cannot be reproduced by diffsampler "
+                             f"(supported: {', '.join(repr(a) for a in allowed)}){why}; "
+                             f"name a solver explicitly to sample with it anyway")
+        return v
+
+    def off(self, *keys: str) -> None:
+        for k in keys:
+            self.require(k, (False, None), " -- not reproduced yet")
+
+
+def _grid(r: _Reader) -> str:
+    """spacing from timestep_spacing; the use_*_sigmas grids are refused by name."""
+    r.off("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+    return r.require("timestep_spacing", ("linspace", "leading", "trailing"))
+
+
+def _final(r: _Reader) -> str:
+    return {"zero": "zero", "sigma_min": "last"}[r.require("final_sigmas_type", ("zero", "sigma_min"))]
+
+
+def _ddim(r):
+    # diffusers' DDIM steps from t to t - num_train_timesteps // n whatever the spacing: only "trailing"
+    # puts that point on the next timestep; it clips x0 but keeps the unclipped epsilon
+    r.require("timestep_spacing", ("trailing",), " -- its linspace / leading grids are not reproduced yet")
+    r.off("thresholding")
+    r.require("clip_sample", (False,), " -- diffusers clips x0 but keeps the unclipped epsilon")
+    warnings.warn(f"DDIMScheduler: with timestep_spacing='trailing' diffusers steps from t to t - "
+                  f"num_train_timesteps // n, the next timestep only when n divides num_train_timesteps "
+                  f"({r['num_train_timesteps']}); for other n the samples differ from diffusers'", stacklevel=4)
+    return dict(solver="ddim", spacing="trailing", final="zero" if r["set_alpha_to_one"] else "last")
+
+
+def _dpmsolver_multistep(r):
+    r.require("algorithm_type", ("dpmsolver++",),
+              " -- the noise-prediction variants (dpmsolver, sde-dpmsolver) and sde-dpmsolver++ "
+              "(its per-step noise draws) are not in the registry yet")
+    order = r.require("solver_order", (1, 2, 3))
+    if order > 1:
+        r.require("solver_type", ("midpoint",), " -- the heun form is not in the registry yet")
+    r.require("variance_type", (None,))
+    r.require("lambda_min_clipped", (float("-inf"),))
+    r.off("use_dynamic_shifting")
+    spacing, final = _grid(r), _final(r)
+    if r["euler_at_final"] and final == "last" and order > 1:
+        raise ValueError(f"{r.name}: euler_at_final=True with final_sigmas_type='sigma_min' cannot be "
+                         "reproduced by diffsampler (supported: euler_at_final=False, or final_sigmas_type='zero')")
+    if order == 1:
+        return dict(solver="ddim", spacing=spacing, final=final)
+    return dict(solver="dpmpp_2m" if order == 2 else "dpmpp_3m", spacing=spacing, final=final,
+                solver_options={"lower_order_final": bool(r["lower_order_final"])})
+
+
+def _deis(r):
+    r.require("algorithm_type", ("deis",))
+    r.require("solver_type", ("logrho",))
+    order = r.require("solver_order", (1, 2, 3))
+    r.off("use_dynamic_shifting")
+    return dict(solver=f"deis_logrho_{order}", spacing=_grid(r), final="last",
+                solver_options={"lower_order_final": bool(r["lower_order_final"])})
+
+
+def _not_yet(why: str):
+    def refuse(r):
+        raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
+                         f"{', '.join(sorted(SUPPORTED_CLASSES))}); name a solver (solver=...) to replace it "
+                         "with one of diffsampler.available()")
+    return refuse
+
+
+_MAPPERS = {
+    "DDIMScheduler": _ddim,
+    "DPMSolverMultistepScheduler": _dpmsolver_multistep,
+    "DEISMultistepScheduler": _deis,
+    # the registry has these methods, but not yet diffusers' grids for them (max abs diff > 1e-4)
+    "EulerDiscreteScheduler": _not_yet("its sigma-space grid is not reproduced to 1e-4"),
+    "HeunDiscreteScheduler": _not_yet("its grid (n steps, 2n - 1 model calls) is not reproduced"),
+    "FlowMatchEulerDiscreteScheduler": _not_yet("its grid (n times from 1 to 1/n, then 0) is not reproduced"),
+    "PNDMScheduler": _not_yet("its PRK / PLMS warm-up is not in the registry (pndm is iPNDM)"),
+    "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),
+}
+
+
+def solver_for_config(config: dict, class_name: str | None = None) -> dict:
+    """`DiffSamplerScheduler` arguments (`solver`, `spacing`, `final`, `solver_options`) that
+    reproduce the diffusers scheduler of `config` (keyed by `class_name`, else its `_class_name`,
+    else the class whose config keys it has)."""
+    name = class_name or source_class(config)
+    if name is None:
+        raise ValueError("the config has no _class_name and its keys are no known diffusers scheduler's: "
+                         "name a solver (solver=...)")
+    if isinstance(name, list):
+        if not any(n in SUPPORTED_CLASSES for n in name):
+            name = " / ".join(name)
+        else:
+            raise ValueError(f"the config has no _class_name and its keys fit {', '.join(name)}: "
+                             "add _class_name or name a solver (solver=...)")
+    fn = _MAPPERS.get(name)
+    if fn is None:
+        raise ValueError(f"{name} cannot be reproduced by diffsampler: it is not in the registry yet "
+                         f"(reproduced: {', '.join(sorted(SUPPORTED_CLASSES))}); name a solver (solver=...) "
+                         "to replace it with one of diffsampler.available()")
+    out = fn(_Reader(name, {k: v for k, v in config.items() if not k.startswith("_")}))
+    out.setdefault("solver_options", {})
+    return out
+
+
+def parity_arguments(config: dict, overrides: dict | None = None, class_name: str | None = None) -> dict:
+    """What `DiffSamplerScheduler.from_config(config, **overrides)` with no solver named uses: the
+    arguments of `solver_for_config` for a diffusers config (its keys updated by `overrides`); {}
+    (the default solver) for a config of DiffSamplerScheduler's own keys only.  A config that has
+    diffusers keys but no recognisable class warns, naming `_class_name`."""
+    from .scheduler import DiffSamplerScheduler
+
+    name = class_name or source_class(config)
+    if name is None:
+        own = set(inspect.signature(DiffSamplerScheduler.__init__).parameters)
+        foreign = sorted(k for k in config if not k.startswith("_") and k not in own)
+        if foreign:
+            warnings.warn(f"the config has no _class_name and its keys ({', '.join(foreign[:5])}...) are no "
+                          "known diffusers scheduler's: sampling with the default solver 'dpmpp_2m'; add "
+                          "_class_name or name a solver (solver=...)", stacklevel=3)
+        return {}
+    merged = {**config, **(overrides or {})}
+    return solver_for_config(merged, name if isinstance(name, str) else None)
