@@ -69,6 +69,23 @@ def _diffusers_config_keys() -> frozenset:
 _DIFFUSERS_KEYS = _diffusers_config_keys()
 
 
+def _refuse_unknown_keywords(cls, kw: dict, solver, names) -> None:
+    """TypeError naming the keywords that are neither `cls`'s, a solver option (`names`) nor a diffusers
+    scheduler config key, with the nearest of `cls`'s own arguments."""
+    unknown = sorted(k for k in kw if k not in _DIFFUSERS_KEYS and not (names and k in names))
+    if not unknown:
+        return
+    import difflib
+
+    ours = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs")]
+    hints = "".join(f" ({k!r}: did you mean {m[0]!r}?)" for k in unknown
+                    for m in [difflib.get_close_matches(k, ours, 1)] if m)
+    opts = f"; options of solver {solver!r}: {sorted(names)}" if names else ""
+    raise TypeError(f"{cls.__name__} got unexpected keyword argument(s) {unknown}: neither "
+                    f"this class's nor a diffusers scheduler config key{opts}{hints}. Solver options "
+                    f"go in solver_options={{...}}")
+
+
 class _NoCalls:
     """The denoiser of a Stepper that only runs a plan's steps before its first model call."""
 
@@ -113,7 +130,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     Args:
         solver: registered solver name, or a solver plan as "plan:<name or YAML path>" (it brings its
             own time points and NFE; `spacing` is then unused); `solver_options` are passed to it
-            (e.g. {"eta": 1.0}).
+            (e.g. {"eta": 1.0}).  None (the default): `from_config` of a diffusers scheduler's config
+            reproduces that scheduler (`pipelines.parity.solver_for_config`) or refuses by name what it
+            cannot; a bare `DiffSamplerScheduler()` uses "dpmpp_2m".
         spacing: time spacing of the grid (`diffsampler.schedules.SPACINGS`); default: the source
             config's `timestep_spacing` if it has one, else "linspace".
         final: "zero" (end at sigma = 0) or "last" (end at the last grid time); default: from
@@ -232,17 +251,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         kw = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         names = _solver_option_names(solver)
         moved = {k: kw.pop(k) for k in list(kw) if names is not None and k in names}
-        unknown = sorted(k for k in kw if k not in _DIFFUSERS_KEYS)
-        if unknown:
-            import difflib
-
-            ours = [k for k in inspect.signature(type(self).__init__).parameters if k not in ("self", "kwargs")]
-            hints = "".join(f" ({k!r}: did you mean {m[0]!r}?)" for k in unknown
-                            for m in [difflib.get_close_matches(k, ours, 1)] if m)
-            opts = f"; options of solver {solver!r}: {sorted(names)}" if names else ""
-            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}: neither "
-                            f"this class's nor a diffusers scheduler config key{opts}{hints}. Solver options "
-                            f"go in solver_options={{...}}")
+        _refuse_unknown_keywords(type(self), kw, solver, names)
         if kw:
             self.register_to_config(**kw)
         if not moved:
@@ -291,6 +300,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if (isinstance(name, str) and name.startswith("FlowMatch")) or cfg.get("shift") is not None:
             kwargs.setdefault("schedule_type", "flow")
         if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
+            # a misspelt keyword is named before the source scheduler is mapped
+            _refuse_unknown_keywords(cls, {k: v for k, v in kwargs.items() if k not in known and not k.startswith("_")},
+                                     None, None)
             for k, v in _parity(cfg, kwargs, source).items():  # parity by default: the source's own method
                 kwargs.setdefault(k, v)
         if name == "DEISMultistepScheduler" and "final" not in cfg:
