@@ -26,6 +26,8 @@ __all__ = [
     "TimeGrid",
     "time_grid",
     "SPACINGS",
+    "DIFFUSERS_SIGMA_SPACINGS",
+    "diffusers_sigmas",
 ]
 
 # lambda below this is treated as "pure noise" (alpha ~ 1e-13); keeps h finite for alpha = 0 schedules.
@@ -281,7 +283,10 @@ def _is_number(v) -> bool:
 # Time grids
 # --------------------------------------------------------------------------------------------
 
-SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing")
+SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing",
+            "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta")
+#: the grids of diffusers' `use_karras_sigmas`, `use_exponential_sigmas`, `use_lu_lambdas`, `use_beta_sigmas`
+DIFFUSERS_SIGMA_SPACINGS = ("diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta")
 FINALS = ("zero", "last")
 
 
@@ -350,7 +355,10 @@ def time_grid(
     spacing: "logsnr" (uniform lambda; DPM-Solver), "time_uniform", "time_quadratic" (DEIS,
     kappa = 2), "karras" (rho-th root in EDM sigma; Karras et al. 2022, eq. 5), diffusers'
     "linspace" / "leading" / "trailing" (integer timesteps of a DiscreteVP, Lin et al. 2024,
-    Table 2), or an explicit decreasing sequence of model times.
+    Table 2), diffusers' sigma-space grids "diffusers_karras" / "diffusers_exponential" /
+    "diffusers_lu" / "diffusers_beta" (the sigmas of `use_karras_sigmas` etc. of a DiscreteVP, see
+    `diffusers_sigmas`; the grid points sit at those float32 sigmas), or an explicit decreasing
+    sequence of model times.
 
     final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
     last grid time.  Both lay steps + 1 points on [t_end, t_start] by the spacing; "zero" replaces
@@ -376,6 +384,16 @@ def time_grid(
         return TimeGrid.from_times(schedule, ts, final_zero)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS} or pass explicit times")
+
+    if spacing in DIFFUSERS_SIGMA_SPACINGS:
+        # "zero": the `steps` sigmas of diffusers' list, then sigma = 0; "last": its steps + 1 sigmas,
+        # the last at the schedule's sigma_min (t = 0)
+        sig, _ = diffusers_sigmas(schedule, steps if final_zero else steps + 1, spacing)
+        s32 = torch.as_tensor(sig.astype(np.float32).astype(np.float64))
+        ts = schedule.t_from_lambda(-s32.log()).clamp(schedule.t_min, schedule.t_max)
+        if not final_zero:
+            ts[-1] = schedule.t_min
+        return TimeGrid.from_times(schedule, ts, final_zero)
 
     if spacing in ("linspace", "leading", "trailing"):
         ts = _diffusers_timesteps(schedule, steps, spacing, steps_offset)
@@ -421,3 +439,46 @@ def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, step
     if len(np.unique(ts)) != len(ts):
         raise ValueError(f"{steps} steps with {spacing!r} spacing give duplicate timesteps on a {T}-step schedule")
     return ts
+
+
+def diffusers_sigmas(schedule: NoiseSchedule, n: int, spacing: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `n` sigmas (sigma / alpha, float64, decreasing) and fractional timesteps of diffusers'
+    DPMSolverMultistepScheduler.set_timesteps with `use_karras_sigmas` ("diffusers_karras", rho = 7),
+    `use_exponential_sigmas` ("diffusers_exponential"), `use_lu_lambdas` ("diffusers_lu", uniform
+    log-SNR) or `use_beta_sigmas` ("diffusers_beta", Beta(0.6, 0.6) quantiles), computed as diffusers
+    does: from the float32 sigma table sqrt((1 - alpha_bar) / alpha_bar) of a DiscreteVP, its
+    sigma_max / sigma_min, and the timesteps by interpolating log sigma between the table's entries.
+    diffusers gives the network these timesteps rounded (karras, lu; not for squaredcos_cap_v2) or
+    truncated (the int64 cast)."""
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"spacing {spacing!r} needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    if spacing not in DIFFUSERS_SIGMA_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {DIFFUSERS_SIGMA_SPACINGS}")
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    acp = schedule.alphas_cumprod.to(torch.float32)
+    table = np.array(((1 - acp) / acp) ** 0.5)  # float32, as diffusers' DPMSolverMultistepScheduler
+    log_table = np.log(table)
+    s_min, s_max = table[0].item(), table[-1].item()
+    ramp = np.linspace(0, 1, n)
+    if spacing == "diffusers_karras":
+        lo, hi = s_min ** (1 / 7.0), s_max ** (1 / 7.0)
+        sig = (hi + ramp * (lo - hi)) ** 7.0
+    elif spacing == "diffusers_exponential":
+        sig = np.exp(np.linspace(math.log(s_max), math.log(s_min), n))
+    elif spacing == "diffusers_lu":
+        lam = np.flip(log_table.copy())
+        l_min, l_max = lam[-1].item(), lam[0].item()
+        sig = np.exp(l_max + ramp * (l_min - l_max))
+    else:
+        import scipy.stats
+
+        sig = np.array([s_min + ppf * (s_max - s_min)
+                        for ppf in [scipy.stats.beta.ppf(u, 0.6, 0.6) for u in 1 - np.linspace(0, 1, n)]])
+    # log-sigma interpolation between table entries (diffusers' _sigma_to_t)
+    log_sig = np.log(np.maximum(sig, 1e-10))
+    dists = log_sig - log_table[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    w = np.clip((log_table[low] - log_sig) / (log_table[low] - log_table[low + 1]), 0, 1)
+    t = (1 - w) * low + w * (low + 1)
+    return np.asarray(sig, dtype=np.float64), t.astype(np.float64)

@@ -18,7 +18,9 @@ __all__ = ["solver_for_config", "parity_arguments", "source_class", "SUPPORTED_C
 #: diffusers scheduler classes reproduced, and the solvers they map to
 SUPPORTED_CLASSES = {
     "DDIMScheduler": "ddim (timestep_spacing='trailing', clip_sample=False)",
-    "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (algorithm_type='dpmsolver++', solver_type='midpoint')",
+    "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (algorithm_type='dpmsolver++', solver_type='midpoint'; "
+                                   "use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas / use_beta_sigmas "
+                                   "as the spacings diffusers_karras / _exponential / _lu / _beta)",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
 }
 
@@ -88,9 +90,22 @@ class _Reader:
             self.require(k, (False, None), " -- not reproduced yet")
 
 
-def _grid(r: _Reader) -> str:
-    """spacing from timestep_spacing; the use_*_sigmas grids are refused by name."""
-    r.off("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+#: the use_*_sigmas keys reproduced by `_grid`, in diffusers' order of precedence, and their spacings
+_SIGMA_GRIDS = (("use_karras_sigmas", "diffusers_karras"), ("use_lu_lambdas", "diffusers_lu"),
+                ("use_exponential_sigmas", "diffusers_exponential"), ("use_beta_sigmas", "diffusers_beta"))
+
+
+_SIGMA_SPACINGS = tuple(v for _, v in _SIGMA_GRIDS)
+
+
+def _grid(r: _Reader, sigma_grids: tuple = ()) -> str:
+    """spacing from timestep_spacing, or the use_*_sigmas key in `sigma_grids` that is set (these
+    grids ignore timestep_spacing); the other use_*_sigmas keys are refused by name."""
+    keys = dict(_SIGMA_GRIDS)
+    r.off(*(k for k in (*keys, "use_flow_sigmas") if k not in sigma_grids))
+    for key, spacing in _SIGMA_GRIDS:
+        if key in sigma_grids and r[key]:
+            return spacing
     return r.require("timestep_spacing", ("linspace", "leading", "trailing"))
 
 
@@ -120,14 +135,25 @@ def _dpmsolver_multistep(r):
     r.require("variance_type", (None,))
     r.require("lambda_min_clipped", (float("-inf"),))
     r.off("use_dynamic_shifting")
-    spacing, final = _grid(r), _final(r)
+    spacing, final = _grid(r, tuple(k for k, _ in _SIGMA_GRIDS)), _final(r)
     if r["euler_at_final"] and final == "last" and order > 1:
         raise ValueError(f"{r.name}: euler_at_final=True with final_sigmas_type='sigma_min' cannot be "
                          "reproduced by diffsampler (supported: euler_at_final=False, or final_sigmas_type='zero')")
+    lower = bool(r["lower_order_final"])
+    if spacing in _SIGMA_SPACINGS and final == "last" and order > 1:
+        # diffusers' last call steps from sigma_min to sigma_min (x unchanged); the grid ends at
+        # sigma_min without it, so the order lowered there is no real step's
+        key = next(k for k, v in _SIGMA_GRIDS if v == spacing)
+        if order == 3:
+            raise ValueError(f"{r.name}: solver_order=3 with {key}=True and final_sigmas_type='sigma_min' "
+                             "cannot be reproduced by diffsampler (diffusers lowers the order of the step "
+                             "before its zero-length last step, and its 3rd-order zero-length step is NaN "
+                             "from 15 steps on); supported: solver_order 1 or 2, or final_sigmas_type='zero'")
+        lower = False
     if order == 1:
         return dict(solver="ddim", spacing=spacing, final=final)
     return dict(solver="dpmpp_2m" if order == 2 else "dpmpp_3m", spacing=spacing, final=final,
-                solver_options={"lower_order_final": bool(r["lower_order_final"])})
+                solver_options={"lower_order_final": lower})
 
 
 def _deis(r):

@@ -37,7 +37,8 @@ from ..denoisers import PREDICTION_TYPES, Denoiser, Thresholded
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
-from ..schedules import SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, time_grid
+from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, diffusers_sigmas,
+                         time_grid)
 
 from .parity import parity_arguments as _parity
 
@@ -369,11 +370,28 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             spacing = {"name": spacing, "steps_offset": int(self.config.steps_offset)}
         kw = spacing if isinstance(spacing, dict) else {"name": spacing}
         kw = dict(kw)
+        if kw["name"] in DIFFUSERS_SIGMA_SPACINGS:
+            return self._sigma_space_grid(steps, kw["name"])
         grid = time_grid(self.schedule, steps, kw.pop("name"), final=self.final, **kw)
         if self.is_flow and (self.grid_shift not in (None, 1.0) or (self.config.use_dynamic_shifting and mu is not None)):
             n = grid.steps if self.final == "zero" else grid.steps + 1
             t = self._shift(grid.t[:n], mu).clamp(self.schedule.t_min, self.schedule.t_max)
             grid = TimeGrid.from_times(self.schedule, t, self.final == "zero")
+        return grid
+
+    def _sigma_space_grid(self, steps: int, name: str) -> TimeGrid:
+        """diffusers' `steps` model calls of a use_*_sigmas grid: at its float32 sigmas, the network
+        given diffusers' integer timesteps (rounded for karras / lu except with squaredcos_cap_v2,
+        else truncated).  With final "last" diffusers' last call, at sigma_min, steps from sigma_min
+        to sigma_min (no change of x): the grid ends at sigma_min and that call is not made."""
+        last = self.final == "last"
+        if last and steps < 2:
+            raise ValueError(f"spacing {name!r} with final='last' needs at least 2 model calls, got {steps}")
+        grid = time_grid(self.schedule, steps - 1 if last else steps, name, final=self.final)
+        _, t = diffusers_sigmas(self.schedule, steps, name)
+        rounded = name in ("diffusers_karras", "diffusers_lu") and self.config.beta_schedule != "squaredcos_cap_v2"
+        t = np.round(t) if rounded else np.trunc(t)
+        self.__dict__["_grid_model_t"] = torch.tensor(t[:grid.steps if not last else steps - 1], dtype=torch.float64)
         return grid
 
     def set_timesteps(
@@ -394,6 +412,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("give only one of timesteps and sigmas")
         grid = None
         final = self.final
+        self.__dict__["_grid_model_t"] = None
         if timesteps is not None or sigmas is not None:
             if sigmas is not None:
                 s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, torch.Tensor)
@@ -419,7 +438,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                 final = self.solver.plan.final
             steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
             grid = own_grid(self.schedule) if own_grid is not None else self._grid(steps, mu)
-            plan = make_plan(self.solver, self.schedule, num_inference_steps, grid=grid)
+            fewer = self.__dict__.get("_grid_model_t") is not None and final == "last"
+            plan = make_plan(self.solver, self.schedule, None if fewer else num_inference_steps, grid=grid)
         self._full_plan = plan
         self.num_inference_steps = plan.nfe
         self._set_plan(plan)
@@ -455,10 +475,14 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         tt = torch.tensor([t], dtype=torch.float64)
         return (self.schedule.sigma(tt) / self.schedule.alpha(tt))[0]
 
-    def _set_plan(self, plan: Plan) -> None:
+    def _set_plan(self, plan: Plan, offset: int | None = 0) -> None:
         self.plan = plan
         t = torch.tensor([ev.t for ev in self._evals_of(plan)], dtype=torch.float64)
-        self._t_model64 = self.schedule.model_time(t)
+        given = self.__dict__.get("_grid_model_t")
+        if given is not None and offset is not None and len(given) - offset == len(t):
+            self._t_model64 = given[offset:].clone()  # the model times diffusers gives this grid
+        else:
+            self._t_model64 = self.schedule.model_time(t)
         self._t_model = self._t_model64.to(torch.float32)
         self._reset_state()
 
@@ -473,9 +497,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             sub = TimeGrid(t=g.t[i:], alpha=g.alpha[i:], sigma=g.sigma[i:], lam=g.lam[i:],
                            final_zero=g.final_zero, schedule=g.schedule)
             plan = self.solver.build(sub, full.nfe - k)
+            self._set_plan(plan, offset=k)
         else:  # inside a multi-call step (img2img with heun, dpmpp_2s): re-grid from that call's time
             plan = self._plan_from(full, k)
-        self._set_plan(plan)
+            self._set_plan(plan, offset=None)
         self._offset = k
         if self.timesteps is not None:
             # pipelines slice `timesteps[k:]` (a view) before calling set_begin_index: writing the
