@@ -57,15 +57,11 @@ def test_digits_pipeline_dpmsolver_parity_by_default(digits):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-@pytest.mark.xfail(reason="the mapping refuses the inherited variance_type='fixed_small', which "
-                          "DPMSolverMultistepScheduler ignores", raises=ValueError, strict=False)
 def test_digits_pipeline_dpmsolver_config_as_is_is_reproduced(digits):
     cfg = DPMSolverMultistepScheduler.from_config(digits.base_config).config
     DiffSamplerScheduler.from_config(cfg)
 
 
-@pytest.mark.xfail(reason="the inherited clip_sample=True is applied by ours, ignored by "
-                          "DPMSolverMultistepScheduler (images differ by ~4e-2)", strict=False)
 def test_digits_pipeline_dpmsolver_inherited_clip_sample_is_ignored(digits):
     cfg = DPMSolverMultistepScheduler.from_config(digits.base_config, variance_type=None).config
     ref = run(digits, DPMSolverMultistepScheduler.from_config(cfg))

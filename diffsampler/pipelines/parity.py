@@ -132,7 +132,9 @@ def _dpmsolver_multistep(r):
     order = r.require("solver_order", (1, 2, 3))
     if order > 1:
         r.require("solver_type", ("midpoint",), " -- the heun form is not in the registry yet")
-    r.require("variance_type", (None,))
+    if r["variance_type"] in ("learned", "learned_range"):  # other values are ignored by diffusers here
+        raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
+                         "(supported: None or a fixed variance type, which DPMSolverMultistep ignores)")
     r.require("lambda_min_clipped", (float("-inf"),))
     r.off("use_dynamic_shifting")
     spacing, final = _grid(r, tuple(k for k, _ in _SIGMA_GRIDS)), _final(r)
@@ -150,10 +152,11 @@ def _dpmsolver_multistep(r):
                              "before its zero-length last step, and its 3rd-order zero-length step is NaN "
                              "from 15 steps on); supported: solver_order 1 or 2, or final_sigmas_type='zero'")
         lower = False
+    # clip_sample is no DPMSolverMultistep argument: one inherited from a DDPM config does nothing there
     if order == 1:
-        return dict(solver="ddim", spacing=spacing, final=final)
+        return dict(solver="ddim", spacing=spacing, final=final, clip_sample=False)
     return dict(solver="dpmpp_2m" if order == 2 else "dpmpp_3m", spacing=spacing, final=final,
-                solver_options={"lower_order_final": lower})
+                solver_options={"lower_order_final": lower}, clip_sample=False)
 
 
 def _deis(r):
@@ -161,7 +164,7 @@ def _deis(r):
     r.require("solver_type", ("logrho",))
     order = r.require("solver_order", (1, 2, 3))
     r.off("use_dynamic_shifting")
-    return dict(solver=f"deis_logrho_{order}", spacing=_grid(r), final="last",
+    return dict(solver=f"deis_logrho_{order}", spacing=_grid(r), final="last", clip_sample=False,
                 solver_options={"lower_order_final": bool(r["lower_order_final"])})
 
 
