@@ -11,14 +11,9 @@ import diffsampler as ds
 from diffsampler.eval.gmm import GMMModel, gmm_denoiser
 from diffsampler.samplers.deis import DEIS
 from diffsampler.schedules import DiscreteVP, LinearVP, time_grid
+from diffusers_loop import run_diffusers
 
 
-def run_diffusers(sched, model, nfe, x):
-    sched.set_timesteps(nfe)
-    x = x * sched.init_noise_sigma
-    for t in sched.timesteps:
-        x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-    return x
 
 
 CASES = [

@@ -9,6 +9,7 @@ import diffsampler as ds
 from diffsampler.eval.gmm import GMMModel, gmm_denoiser
 from diffsampler.pipelines import denoiser_from_model
 from diffsampler.schedules import DiscreteVP
+from diffusers_loop import run_diffusers
 
 
 def x_T(n=16, d=16, seed=0):
@@ -135,13 +136,6 @@ class Image4d(torch.nn.Module):
         return SimpleNamespace(sample=self.model(sample.reshape(len(sample), -1), t).sample.reshape(sample.shape))
 
 
-def run_loop(sched, model, nfe, x):
-    """The standard diffusers denoising loop."""
-    sched.set_timesteps(nfe)
-    x = x * sched.init_noise_sigma
-    for t in sched.timesteps:
-        x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-    return x
 
 
 def parity_error(gmm, cls, kw, nfe, how="config"):
@@ -155,8 +149,8 @@ def parity_error(gmm, cls, kw, nfe, how="config"):
     x = x_T(32)
     if kw.get("thresholding"):
         model, x = Image4d(model), x.reshape(32, 1, 4, 4)
-    ref = run_loop(ref_sched, model, nfe, x)
-    ours = run_loop(ours_sched, model, nfe, x)
+    ref = run_diffusers(ref_sched, model, nfe, x)
+    ours = run_diffusers(ours_sched, model, nfe, x)
     return ours_sched, (ours - ref).abs().max().item()
 
 

@@ -13,6 +13,7 @@ from diffsampler.eval.gmm import GMMModel
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.pipelines.parity import solver_for_config
 from diffsampler.schedules import DIFFUSERS_SIGMA_SPACINGS, DiscreteVP, diffusers_sigmas, time_grid
+from diffusers_loop import run_diffusers
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 KEYS = {"use_karras_sigmas": "diffusers_karras", "use_lu_lambdas": "diffusers_lu",
@@ -23,19 +24,13 @@ def x_T(n=32, d=16, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
-def run_loop(sched, model, nfe, x):
-    sched.set_timesteps(nfe)
-    x = x * sched.init_noise_sigma
-    for t in sched.timesteps:
-        x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-    return x
 
 
 def parity(gmm, kw, nfe):
     ref = DPMSolverMultistepScheduler(**kw)
     ours = DiffSamplerScheduler.from_config(ref.config)
     model = GMMModel(gmm, ours.schedule)
-    a, b = run_loop(ref, model, nfe, x_T()), run_loop(ours, model, nfe, x_T())
+    a, b = run_diffusers(ref, model, nfe, x_T()), run_diffusers(ours, model, nfe, x_T())
     assert torch.isfinite(a).all()
     return ref, ours, (a - b).abs().max().item()
 

@@ -25,18 +25,9 @@ from diffsampler.eval.gmm import GMMModel, gmm_denoiser
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.samplers import per_sample_generators
 from diffsampler.schedules import RectifiedFlow, TimeGrid, time_grid
+from diffusers_loop import run_diffusers
 
 
-def run_diffusers(sched, model, nfe, x, generator=None, begin_index=None, **set_kw):
-    """The standard diffusers denoising loop (as in tests/test_diffusers_equivalence.py)."""
-    sched.set_timesteps(nfe, **set_kw)
-    if begin_index is not None:
-        sched.set_begin_index(begin_index)
-    x = x * getattr(sched, "init_noise_sigma", 1.0)  # FlowMatch* schedulers have none
-    for t in sched.timesteps[begin_index or 0:]:
-        kw = {} if generator is None else {"generator": generator}
-        x = sched.step(model(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t).sample, t, x, **kw).prev_sample
-    return x
 
 
 def x_T(n=8, d=16, seed=0):

@@ -584,26 +584,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self.__dict__["_vp_ref"] = ref
         return ref
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
+    def _vp_table(self, name: str) -> torch.Tensor:
+        """`alphas_cumprod` / `alphas` / `betas` of the discrete VP schedule, as DDPMScheduler's."""
         ref = self._discrete_ref()
         if ref is None:
-            raise AttributeError(f"{type(self).__name__}.alphas_cumprod {self._NOT_DEFINED['alphas_cumprod']}")
-        return ref.alphas_cumprod
+            raise AttributeError(f"{type(self).__name__}.{name} {self._NOT_DEFINED[name]}")
+        return getattr(ref, name)
 
-    @property
-    def alphas(self) -> torch.Tensor:
-        ref = self._discrete_ref()
-        if ref is None:
-            raise AttributeError(f"{type(self).__name__}.alphas {self._NOT_DEFINED['alphas']}")
-        return ref.alphas
-
-    @property
-    def betas(self) -> torch.Tensor:
-        ref = self._discrete_ref()
-        if ref is None:
-            raise AttributeError(f"{type(self).__name__}.betas {self._NOT_DEFINED['betas']}")
-        return ref.betas
+    alphas_cumprod = property(lambda self: self._vp_table("alphas_cumprod"))
+    alphas = property(lambda self: self._vp_table("alphas"))
+    betas = property(lambda self: self._vp_table("betas"))
 
     def _model_times(self, timesteps, what: str) -> torch.Tensor:
         """`timesteps` (model times, a scalar or one per sample) as schedule times t in float64;
