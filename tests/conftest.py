@@ -17,3 +17,19 @@ def gmm16():
 
 def randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def search_problem():
+    """The search tests' problem: an 8-d mixture on diffusers' default schedule and its exact
+    PF-ODE endpoint (the metric's reference)."""
+    import diffsampler as ds
+
+    gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
+    sch = ds.DiscreteVP.linear()
+    aT, sT = float(sch.alpha(sch.t_max)), float(sch.sigma(sch.t_max))
+
+    def exact(x):
+        return gmm.ode_endpoint(x.double(), aT, sT, 1.0, 0.0)
+
+    return gmm, sch, exact

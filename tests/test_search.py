@@ -21,15 +21,8 @@ NFE = 4
 
 
 @pytest.fixture(scope="module")
-def problem():
-    gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
-    sch = ds.DiscreteVP.linear()
-    aT, sT = float(sch.alpha(sch.t_max)), float(sch.sigma(sch.t_max))
-
-    def exact(x):
-        return gmm.ode_endpoint(x.double(), aT, sT, 1.0, 0.0)
-
-    return gmm, sch, exact
+def problem(search_problem):
+    return search_problem
 
 
 def _den(problem):

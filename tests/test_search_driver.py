@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffsampler as ds
-from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+from diffsampler.eval.gmm import gmm_denoiser
 from diffsampler.samplers.usf import spec_of
 from diffsampler.tools.search import (Batch, Objective, PlanSpace, Population, S3Settings, SearchResult, best_verified,
                                       calibration, calibration_seeds, evaluate, evolve, search, verify)
@@ -17,14 +17,8 @@ NFE = 4
 
 
 @pytest.fixture(scope="module")
-def problem():
-    gmm = GaussianMixture.random(8, 4, seed=0, scale=1.5, std=(0.3, 0.6))
-    sch = ds.DiscreteVP.linear()
-    aT, sT = float(sch.alpha(sch.t_max)), float(sch.sigma(sch.t_max))
-
-    def exact(x):
-        return gmm.ode_endpoint(x.double(), aT, sT, 1.0, 0.0)
-
+def problem(search_problem):
+    gmm, sch, exact = search_problem
     return gmm_denoiser(gmm, sch, "epsilon"), sch, exact
 
 
