@@ -54,16 +54,25 @@ def test_adapter_matches_sample(gmm16, name, nfe, spacing, final):
 
 
 def test_adapter_stochastic_one_generator_and_reuse(gmm16):
-    """One shared generator: same as sample(generator=...); set_timesteps restarts the trajectory."""
+    """One shared generator: each stochastic step draws randn of the sample's shape from it, as
+    diffusers' schedulers do (= the same draws passed as variance_noise); set_timesteps restarts."""
     sched = DiffSamplerScheduler(solver="dpmpp_2m_sde")
     model = GMMModel(gmm16, sched.schedule)
     x = x_T()
     a = run_diffusers(sched, model, 6, x, generator=torch.Generator().manual_seed(3))
     b = run_diffusers(sched, model, 6, x, generator=torch.Generator().manual_seed(3))
-    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.clone(), solver="dpmpp_2m_sde", nfe=6,
-                    spacing="linspace", generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    assert (a - ref).abs().max().item() <= 1e-6
+    g = torch.Generator().manual_seed(3)
+    sched.set_timesteps(6)
+    s = x.clone()
+    noisy = [st.noise != 0.0 for st in sched.plan.steps]  # one call per step; the last one adds none
+    assert noisy == [True] * 5 + [False]
+    for t, adds in zip(sched.timesteps, noisy):
+        z = torch.randn(s.shape, generator=g) if adds else None
+        s = sched.step(model(sched.scale_model_input(s, t), t).sample, t, s, variance_noise=z).prev_sample
+    assert torch.equal(a, s)
+    c = run_diffusers(sched, model, 6, x, generator=torch.Generator().manual_seed(4))
+    assert (a - c).abs().max().item() > 1e-2  # the generator's draws take effect
 
 
 @pytest.mark.parametrize("pred", ["v_prediction", "sample"])

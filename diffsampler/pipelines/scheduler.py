@@ -348,7 +348,6 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     def _reset_state(self) -> None:
         self._stepper: Stepper | None = None  # the run of the plan, from the first `step`
         self._next: tuple | None = None       # the stepper's next model call: (y, t_model, alpha, sigma, kind)
-        self._noise = None                    # the plan's noise, drawn at its first noisy step
         self._generator = None
         self._pending: torch.Tensor | None = None
         self._moved_first = False             # scale_model_input gave the first call's moved input
@@ -700,15 +699,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"variance_noise has shape {tuple(z.shape)}, the sample {tuple(sample.shape)}")
 
     def _noise_fn(self, x: torch.Tensor) -> torch.Tensor:  # the stepper's noise source
+        """The noise of the stochastic step being completed: the caller's `variance_noise`, else one
+        draw of the sample's shape from the step call's generator(s), exactly as diffusers' schedulers
+        draw theirs (`randn_tensor`: one generator for the batch, or one per sample), so the same
+        generator gives the same noise as the scheduler being replaced."""
+        from diffusers.utils.torch_utils import randn_tensor
+
         z = self.__dict__.get("_variance_noise")
-        if z is not None:  # the caller's noise for this step: the generator's draws stay for the other steps
-            if self._noise is None:
-                self._noise = predrawn_noise(self.plan, self._generator, x)
-            self._noise(x)  # the other steps keep the draws they get without variance_noise
+        if z is not None:
             return z.to(x.device, x.dtype)
-        if self._noise is None:  # all the plan's noise, from the generator(s) of this step call
-            self._noise = predrawn_noise(self.plan, self._generator, x)
-        return self._noise(x)
+        return randn_tensor(x.shape, generator=self._generator, device=x.device, dtype=x.dtype)
 
     def step(
         self,
@@ -729,8 +729,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         generator's draw (refused where the call adds no noise).  `eta` must be the solver's own
         (or 0, a pipeline's default); `use_clipped_model_output=False` is refused with clip_sample /
         thresholding (the solver works on the clipped data prediction).  `generator`: one torch.Generator or a list of
-        per-sample generators for stochastic solvers (all the plan's noise is drawn from them at
-        the first noisy step, exactly as `diffsampler.sample` does)."""
+        per-sample generators for stochastic solvers; each stochastic step draws its noise from it as
+        diffusers' schedulers do (so the same generator reproduces their noise)."""
         if kwargs:
             raise TypeError(f"step() got unexpected keyword argument(s) {sorted(kwargs)}")
         if eta and eta != getattr(self.solver, "eta", 0.0):

@@ -302,11 +302,13 @@ def sample(
 
 
 def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """All step noise drawn before the loop (per sample, on the generators' device) and moved to
-    the state's device in one copy, so the step loop never waits on a host-to-device transfer."""
+    """All step noise drawn before the loop (on the generators' device) and moved to the state's
+    device in one copy, so the step loop never waits on a host-to-device transfer.  The draws are
+    the calls diffusers' schedulers make step by step (`randn_tensor` of the sample's shape from one
+    shared generator, or of one row from each per-sample generator), in the same order, so the same
+    generator gives the same noise here, in the adapter and in the scheduler it replaces."""
     n = sum(1 for s in plan.steps if s.noise != 0.0)
-    z = per_sample_noise((x_T.shape[0], n, *x_T.shape[1:]), gens, x_T.device, x_T.dtype)
-    it = iter(z.unbind(1))
+    it = iter([per_sample_noise(tuple(x_T.shape), gens, x_T.device, x_T.dtype) for _ in range(n)])
     return lambda x: next(it)
 
 
