@@ -15,6 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import grids
+from .grids import AYS_SPACINGS, NAMED_SPACINGS, SIGMA_SPACINGS
+
 __all__ = [
     "NoiseSchedule",
     "schedule_differences",
@@ -283,8 +286,9 @@ def _is_number(v) -> bool:
 # Time grids
 # --------------------------------------------------------------------------------------------
 
-SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing",
-            "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta")
+#: the named grids (k-diffusion, diffusers, ComfyUI, Align Your Steps) are in grids.py
+SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "linspace", "leading", "trailing",
+            "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta") + NAMED_SPACINGS
 #: the grids of diffusers' `use_karras_sigmas`, `use_exponential_sigmas`, `use_lu_lambdas`, `use_beta_sigmas`
 DIFFUSERS_SIGMA_SPACINGS = ("diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta")
 FINALS = ("zero", "last")
@@ -347,14 +351,18 @@ def time_grid(
     final: str = "zero",
     t_start: float | None = None,
     t_end: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     steps_offset: int = 0,
+    **options,
 ) -> TimeGrid:
     """Grid of `steps` solver steps (steps + 1 points).
 
     spacing: "logsnr" (uniform lambda; DPM-Solver), "time_uniform", "time_quadratic" (DEIS,
-    kappa = 2), "karras" (rho-th root in EDM sigma; Karras et al. 2022, eq. 5), diffusers'
-    "linspace" / "leading" / "trailing" (integer timesteps of a DiscreteVP, Lin et al. 2024,
+    kappa = 2), the named grids of grids.py ("karras" (`rho`, default 7), "exponential",
+    "polyexponential" (`rho`, default 1), "beta" (`alpha`, `beta`, default 0.6), ComfyUI's "simple",
+    "normal", "sgm_uniform", "ddim_uniform", Align Your Steps' "ays_sd15" / "ays_sdxl" /
+    "ays_svd"; final="zero" gives exactly the reference's sigmas for `steps` points, then 0),
+    diffusers' "linspace" / "leading" / "trailing" (integer timesteps of a DiscreteVP, Lin et al. 2024,
     Table 2), diffusers' sigma-space grids "diffusers_karras" / "diffusers_exponential" /
     "diffusers_lu" / "diffusers_beta" (the sigmas of `use_karras_sigmas` etc. of a DiscreteVP, see
     `diffusers_sigmas`; the grid points sit at those float32 sigmas), or an explicit decreasing
@@ -384,7 +392,17 @@ def time_grid(
         return TimeGrid.from_times(schedule, ts, final_zero)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS} or pass explicit times")
+    if spacing in NAMED_SPACINGS:
+        return _named_grid(schedule, steps, spacing, final_zero,
+                           dict(t_start=t_start, t_end=t_end, rho=rho, **options))
+    if rho is not None or options:
+        bad = sorted(options) + (["rho"] if rho is not None else [])
+        raise ValueError(f"spacing {spacing!r} takes no option(s) {bad}; rho is an option of 'karras' and "
+                         "'polyexponential', alpha / beta of 'beta'")
 
+    if (t_start is not None or t_end is not None) and spacing in DIFFUSERS_SIGMA_SPACINGS + ("linspace", "leading",
+                                                                                           "trailing"):
+        raise ValueError(f"spacing {spacing!r} takes no t_start / t_end: its times are diffusers' own")
     if spacing in DIFFUSERS_SIGMA_SPACINGS:
         # "zero": the `steps` sigmas of diffusers' list, then sigma = 0; "last": its steps + 1 sigmas,
         # the last at the schedule's sigma_min (t = 0)
@@ -408,19 +426,65 @@ def time_grid(
         ts = torch.linspace(t0, t1, n, dtype=torch.float64)
     elif spacing == "time_quadratic":
         ts = torch.linspace(math.sqrt(t0), math.sqrt(t1), n, dtype=torch.float64) ** 2
-    elif spacing == "logsnr":
+    else:  # logsnr
         l0, l1 = schedule.lambda_(t0).clamp(min=LAMBDA_FLOOR), schedule.lambda_(t1)
         ts = schedule.t_from_lambda(torch.linspace(float(l0), float(l1), n, dtype=torch.float64))
-    else:  # karras: interpolate rho^(1/r) linearly (Karras et al. 2022, eq. 5)
-        r0 = float(schedule.rho(t0).clamp(max=math.exp(-LAMBDA_FLOOR)))
-        r1 = float(schedule.rho(t1))
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-        sig = (r0 ** (1 / rho) + ramp * (r1 ** (1 / rho) - r0 ** (1 / rho))) ** rho
-        ts = schedule.t_from_lambda(-sig.log())
     ts[0], ts[-1] = t0, t1  # pin the ends exactly (no float drift through the inverse)
     if final_zero:  # the last point becomes sigma = 0: no model call is spent at t_end itself
         ts = ts[:-1]
     return TimeGrid.from_times(schedule, ts, final_zero)
+
+
+def _named_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: bool, given: dict) -> TimeGrid:
+    """A grid of grids.py: final="zero" the reference's points for `steps` points, then sigma = 0;
+    final="last" its points for steps + 1 (AYS: its steps + 1 points, ending at sigma_min)."""
+    opts = grids.spacing_options(spacing, given)
+    n = steps if final_zero else steps + 1
+    if spacing in AYS_SPACINGS:
+        return _ays_grid(schedule, steps, spacing, final_zero)
+    if spacing in ("simple", "ddim_uniform"):
+        if not isinstance(schedule, DiscreteVP):
+            raise ValueError(f"spacing {spacing!r} picks times of a discrete schedule's table; it needs a DiscreteVP "
+                             f"schedule, got {type(schedule).__name__} (use 'normal' or 'sgm_uniform')")
+        T = schedule.num_train_timesteps
+        ts = grids.simple_times(T, n) if spacing == "simple" else grids.ddim_uniform_times(T, n)
+        if len(np.unique(ts)) != len(ts):
+            raise ValueError(f"{steps} steps with spacing {spacing!r} repeat timesteps of the {T}-step schedule")
+        return TimeGrid.from_times(schedule, ts, final_zero)
+    t0 = schedule.t_max if opts["t_start"] is None else float(opts["t_start"])
+    t1 = schedule.t_min if opts["t_end"] is None else float(opts["t_end"])
+    if not schedule.t_min <= t1 < t0 <= schedule.t_max:
+        raise ValueError(f"spacing {spacing!r} needs t_min <= t_end < t_start <= t_max = "
+                         f"[{schedule.t_min:g}, {schedule.t_max:g}], got t_start={t0:g}, t_end={t1:g}")
+    if spacing in ("normal", "sgm_uniform"):
+        ts = torch.as_tensor(grids.normal_times(t0, t1, n, sgm=spacing == "sgm_uniform"))
+    else:  # a sigma grid between rho(t_start) and rho(t_end) (k-diffusion's sigma_max, sigma_min)
+        s_max = float(schedule.rho(t0).clamp(max=math.exp(-LAMBDA_FLOOR)))
+        s_min = float(schedule.rho(t1))
+        extra = {k: opts[k] for k in ("rho", "alpha", "beta") if k in opts}
+        sig = {"karras": grids.karras_sigmas, "exponential": grids.exponential_sigmas,
+               "polyexponential": grids.polyexponential_sigmas, "beta": grids.beta_sigmas}[spacing](
+            n, s_min, s_max, **extra)
+        ts = schedule.t_from_lambda(-torch.as_tensor(sig).log())
+        ts[-1] = t1 if n > 1 else ts[-1]  # every sigma list ends at sigma_min: pin it (no float drift)
+    ts[0] = t0
+    return TimeGrid.from_times(schedule, ts, final_zero)
+
+
+def _ays_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: bool) -> TimeGrid:
+    """The published AYS noise levels, log-linearly resampled to steps + 1 points (grids.ays_sigmas);
+    the schedule must be the one they were published for (its sigma_max within rounding)."""
+    sig = grids.ays_sigmas(spacing, steps + 1)
+    top, bottom = float(schedule.rho(schedule.t_max)), float(schedule.rho(schedule.t_min))
+    pub_max, pub_min = grids.AYS_PUBLISHED[spacing][0], grids.AYS_PUBLISHED[spacing][-1]
+    if abs(sig[0] - top) > 1e-3 * top or abs(sig[-1] - bottom) > 1e-2 * bottom:
+        raise ValueError(f"spacing {spacing!r} is published for noise levels sigma = {pub_max:g} .. {pub_min:g} "
+                         f"(sigma / alpha); this {type(schedule).__name__} schedule spans {top:.6g} .. {bottom:.6g}, "
+                         "so its first step would not start from the prior: use it with the model family it was "
+                         "published for")
+    ts = schedule.t_from_lambda(-torch.as_tensor(sig).log())
+    ts[0], ts[-1] = schedule.t_max, schedule.t_min  # the published ends are the schedule's, rounded
+    return TimeGrid.from_times(schedule, ts[:-1] if final_zero else ts, final_zero)
 
 
 def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import diffsampler as ds
 from diffsampler.denoisers import DenoiserTransform
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.samplers import initial_noise
-from diffsampler.samplers.search import PlanPredictor, random_plan
+from diffsampler.samplers.search import PlanPredictor, init_spacing, random_plan
 from diffsampler.tools.search import CALIBRATION_SEED_BASE, calibration_seeds, search
 from diffsampler.samplers.usf import SolverSpec, spec_of
 
@@ -100,9 +100,10 @@ def test_search_finds_a_better_plan_than_the_registered_solvers(problem, tmp_pat
     gmm, sch, exact = problem
     log = tmp_path / "s.jsonl"
     r = _run(problem, budget=100, n_calib=128, n_verify=3, holdout_seeds=range(1024), log=log)
-    forms = {spec_of(n, sch, NFE, s, f).key(): spec_of(n, sch, NFE, s, f)
+    specs = [spec_of(n, sch, NFE, init_spacing(sch, NFE, s, f), f)
              for n in ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3")
-             for s in ("logsnr", "time_uniform", "time_quadratic", "karras") for f in ("zero", "last")}
+             for s in ("logsnr", "time_uniform", "time_quadratic", "karras") for f in ("zero", "last")]
+    forms = {sp.key(): sp for sp in specs}
     scored = [(e["score"], e["key"]) for e in _evals(log) if e["phase"] == "calib" and e["key"] in forms]
     assert len(scored) == len(forms)
     best_form = forms[min(scored)[1]]

@@ -71,7 +71,7 @@ def test_calibration_without_a_verifiable_reference_has_no_verify_batch(problem)
 
 def test_verify_rescores_the_top_k_and_picks_the_best_there(problem):
     den, sch, _ = problem
-    plans = [spec_of("dpmpp_2m", sch, NFE, s) for s in ("logsnr", "time_uniform", "karras")]
+    plans = [spec_of("dpmpp_2m", sch, NFE, s) for s in ("logsnr", "time_uniform", "time_quadratic")]
     ranked = list(zip(plans, [0.1, 0.2, 0.3]))
     second = {p.key(): v for p, v in zip(plans, [0.5, 0.4, 0.1])}
     calls = []

@@ -128,8 +128,18 @@ def _structure(rng, nfe: int, prediction_mix: float = 0.3) -> list[StepSpec]:
     return steps
 
 
+def init_spacing(schedule, n_steps: int, spacing: str, final: str):
+    """A start spacing as the search lays it: n_steps + 1 points by the spacing from t_max to t_min,
+    with final="zero" sigma = 0 in place of the last.  That is `spacing` itself except for "karras",
+    whose k-diffusion grid ends its last model call at t_min (a solver plan cannot then step from
+    t_min to sigma = 0): its times are given explicitly."""
+    if final != "zero" or spacing != "karras":
+        return spacing
+    return time_grid(schedule, n_steps, spacing, final="last").t[:-1]
+
+
 def _spacing_times(schedule, n_steps: int, spacing: str, final: str, coordinate: str) -> list[float]:
-    g = time_grid(schedule, n_steps, spacing, final=final)
+    g = time_grid(schedule, n_steps, init_spacing(schedule, n_steps, spacing, final), final=final)
     return SolverSpec.times_of(g, coordinate)
 
 
@@ -292,6 +302,6 @@ def initial_plans(schedule, nfe: int, finals: Sequence[str], coordinate: str = "
     if base is not None:
         times = (_spacing_times(schedule, len(base.steps), s, base.final, base.coordinate) for s in INIT_SPACINGS)
         return [base] + [p for p in (_try(base.with_times, t) for t in times) if p is not None]
-    forms = (_try(spec_of, solver, schedule, nfe, spacing, fin, coordinate)
+    forms = (_try(spec_of, solver, schedule, nfe, init_spacing(schedule, nfe, spacing, fin), fin, coordinate)
              for solver in INIT_SOLVERS for spacing in INIT_SPACINGS for fin in finals)
     return [p for p in forms if p is not None]

@@ -648,6 +648,10 @@ class SolverSpec:
     def times_of(grid: TimeGrid, coordinate: str = "logsnr") -> list[float]:
         """Normalised time points of an existing grid (its first point must be t_max)."""
         sch = grid.schedule
+        if grid.final_zero and grid.steps > 1 and float(grid.t[-2]) <= sch.t_min:
+            raise ValueError("a solver plan cannot call the model at t_min and then step to sigma = 0 (this grid "
+                             "ends its last call at sigma_min, as k-diffusion's karras / exponential grids do): "
+                             "use final='last', or explicit times")
         if coordinate == "logsnr":
             c0 = float(sch.lambda_(sch.t_max).clamp(min=LAMBDA_FLOOR))
             c1 = float(sch.lambda_(sch.t_min))
