@@ -18,10 +18,14 @@ import torch
 from .schedules import NoiseSchedule, RectifiedFlow
 
 __all__ = ["Denoiser", "DenoiserTransform", "Thresholded", "NonFiniteModelOutput", "PREDICTION_TYPES",
-           "model_output_tensor"]
+           "model_output_tensor", "DATA_RAW_NOISE"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 KINDS = ("data", "noise")
+#: the engine's two-output kind: (the data prediction after the transforms -- thresholding, clipping --,
+#: the noise prediction of the network's own output before them), as diffusers' DDIM / DDPM schedulers
+#: clip x0 but keep the model's epsilon for the direction term
+DATA_RAW_NOISE = "data|raw_noise"
 
 
 class NonFiniteModelOutput(FloatingPointError):
@@ -167,11 +171,18 @@ class Denoiser:
     def predict_at(self, x: torch.Tensor, t_model: torch.Tensor, alpha, sigma, kind: str) -> torch.Tensor:
         """The data ("data") or noise ("noise") prediction at x, from one network call at model
         time `t_model` (shape (B,)), with the schedule's alpha_t, sigma_t given (floats, or tensors
-        broadcasting against x).  The one method the sampling engine calls; a transform overrides it."""
-        return self.convert(x, self.raw(x, t_model), alpha, sigma, kind)
+        broadcasting against x).  The one method the sampling engine calls; a transform overrides it.
+        kind `DATA_RAW_NOISE` gives the pair (data prediction, noise prediction) of the one call."""
+        out = self.raw(x, t_model)
+        if kind == DATA_RAW_NOISE:
+            return self.convert(x, out, alpha, sigma, "data"), self.convert(x, out, alpha, sigma, "noise")
+        return self.convert(x, out, alpha, sigma, kind)
 
-    def predict_with_data(self, x, t_model, alpha, sigma, kind) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_with_data(self, x, t_model, alpha, sigma, kind) -> tuple:
         """`predict_at`, and the data prediction of the same network call (equal to it for "data")."""
+        if kind == DATA_RAW_NOISE:
+            pair = self.predict_at(x, t_model, alpha, sigma, kind)
+            return pair, pair[0]
         out = self.raw(x, t_model)
         pred = self.convert(x, out, alpha, sigma, kind)
         return pred, pred if kind == "data" else self.convert(x, out, alpha, sigma, "data")
@@ -279,6 +290,10 @@ class DenoiserTransform(Denoiser):
         return self.predict_with_data(x, t_model, alpha, sigma, kind)[0]
 
     def predict_with_data(self, x, t_model, alpha, sigma, kind):
+        if kind == DATA_RAW_NOISE:  # the noise prediction passes through untransformed
+            d, e = self.inner.predict_at(x, t_model, alpha, sigma, kind)
+            d = self.transform(x, d, t_model, alpha, sigma)
+            return (d, e), d
         d = self.transform(x, self.inner.predict_at(x, t_model, alpha, sigma, "data"), t_model, alpha, sigma)
         return (d if kind == "data" else (x - alpha * d) / sigma), d
 

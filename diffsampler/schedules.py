@@ -30,6 +30,7 @@ __all__ = [
     "time_grid",
     "SPACINGS",
     "DIFFUSERS_SIGMA_SPACINGS",
+    "DIFFUSERS_TIMESTEP_SPACINGS",
     "diffusers_sigmas",
 ]
 
@@ -288,7 +289,11 @@ def _is_number(v) -> bool:
 
 #: the named grids (k-diffusion, diffusers, ComfyUI, Align Your Steps) are in grids.py
 SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "linspace", "leading", "trailing",
-            "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta") + NAMED_SPACINGS
+            "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta",
+            "ddim_linspace", "ddim_leading") + NAMED_SPACINGS
+#: the integer-timestep grids of diffusers' discrete schedulers: DPMSolver-style (linspace / leading /
+#: trailing) and DDIM / DDPM / PNDM-style (ddim_linspace / ddim_leading; their trailing is "trailing")
+DIFFUSERS_TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "ddim_linspace", "ddim_leading")
 #: the grids of diffusers' `use_karras_sigmas`, `use_exponential_sigmas`, `use_lu_lambdas`, `use_beta_sigmas`
 DIFFUSERS_SIGMA_SPACINGS = ("diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta")
 FINALS = ("zero", "last")
@@ -365,8 +370,10 @@ def time_grid(
     diffusers' "linspace" / "leading" / "trailing" (integer timesteps of a DiscreteVP, Lin et al. 2024,
     Table 2), diffusers' sigma-space grids "diffusers_karras" / "diffusers_exponential" /
     "diffusers_lu" / "diffusers_beta" (the sigmas of `use_karras_sigmas` etc. of a DiscreteVP, see
-    `diffusers_sigmas`; the grid points sit at those float32 sigmas), or an explicit decreasing
-    sequence of model times.
+    `diffusers_sigmas`; the grid points sit at those float32 sigmas), the timesteps of diffusers'
+    DDIM / DDPM / PNDM schedulers "ddim_linspace" / "ddim_leading" (their "trailing" is "trailing";
+    `steps` timesteps, the last one 0 for ddim_linspace), or an explicit decreasing sequence of
+    model times.
 
     final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
     last grid time.  Both lay steps + 1 points on [t_end, t_start] by the spacing; "zero" replaces
@@ -413,9 +420,12 @@ def time_grid(
             ts[-1] = schedule.t_min
         return TimeGrid.from_times(schedule, ts, final_zero)
 
-    if spacing in ("linspace", "leading", "trailing"):
+    if spacing in DIFFUSERS_TIMESTEP_SPACINGS:
         ts = _diffusers_timesteps(schedule, steps, spacing, steps_offset)
         if not final_zero:  # diffusers' final_sigmas_type="sigma_min": end at t = 0
+            if ts[-1] <= schedule.t_min:
+                raise ValueError(f"spacing {spacing!r} with {steps} steps puts its last model call at t = "
+                                 f"{ts[-1]:g}, the schedule's t_min: final='last' cannot end there; use final='zero'")
             ts = np.append(ts, schedule.t_min)
         return TimeGrid.from_times(schedule, ts, final_zero)
 
@@ -488,11 +498,17 @@ def _ays_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: boo
 
 
 def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """Integer timesteps exactly as diffusers' DPMSolverMultistepScheduler.set_timesteps makes them."""
+    """Integer timesteps exactly as diffusers' DPMSolverMultistepScheduler.set_timesteps makes them, or
+    (ddim_*) as DDIMScheduler / DDPMScheduler / PNDMScheduler make them (`steps` points, leading with
+    step ratio T // steps)."""
     if not isinstance(schedule, DiscreteVP):
         raise ValueError(f"spacing {spacing!r} needs a DiscreteVP schedule, got {type(schedule).__name__}")
     T = schedule.num_train_timesteps
-    if spacing == "linspace":
+    if spacing == "ddim_linspace":
+        ts = np.linspace(0, T - 1, steps).round()[::-1]
+    elif spacing == "ddim_leading":
+        ts = (np.arange(0, steps) * (T // steps)).round()[::-1] + steps_offset
+    elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
     elif spacing == "leading":
         ratio = T // (steps + 1)

@@ -37,8 +37,8 @@ from ..denoisers import PREDICTION_TYPES, Denoiser, Thresholded
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
-from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, SPACINGS, DiscreteVP, RectifiedFlow, TimeGrid, diffusers_sigmas,
-                         time_grid)
+from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, SPACINGS, DiscreteVP, RectifiedFlow,
+                         TimeGrid, diffusers_sigmas, time_grid)
 
 from .parity import parity_arguments as _parity
 
@@ -46,7 +46,7 @@ __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
 
 _FINAL_SIGMAS = {"zero": "zero", "sigma_min": "last"}
 _PRED_ALIASES = {"flow_prediction": "flow"}
-_DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
+_DIFFUSERS_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS
 
 
 def _diffusers_config_keys() -> frozenset:
@@ -305,7 +305,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             _refuse_unknown_keywords(cls, {k: v for k, v in kwargs.items() if k not in known and not k.startswith("_")},
                                      None, None)
             for k, v in _parity(cfg, kwargs, source).items():  # parity by default: the source's own method
-                kwargs.setdefault(k, v)
+                if k == "solver_options" and isinstance(kwargs.get(k), dict):
+                    kwargs[k] = {**v, **kwargs[k]}  # the caller's options on top of the mapped ones
+                else:
+                    kwargs.setdefault(k, v)
         if name == "DEISMultistepScheduler" and "final" not in cfg:
             kwargs.setdefault("final", "last")  # DEIS always ends at sigma_min
         foreign = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
@@ -688,11 +691,13 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                              f"{float(self.timesteps[self._offset + n])} (timesteps[{self._offset + n}])")
 
     def _check_variance_noise(self, z: torch.Tensor, sample: torch.Tensor, n: int) -> None:
-        """variance_noise is used as the noise of the step that call n completes; refused where that
-        step adds none (or the call completes no step)."""
+        """variance_noise is used as the noise of the step that call n completes; refused where the
+        call completes no step or the plan adds no noise at all."""
         steps, ends = self.plan.steps, np.cumsum([len(st.evals) for st in self.plan.steps])
         i = int(np.searchsorted(ends, n + 1))
-        if i >= len(steps) or ends[i] != n + 1 or steps[i].noise == 0.0:
+        # a stochastic plan's step with noise coefficient 0 (DDIM's last step onto alpha_bar = 1) takes it
+        # times 0, as diffusers' does
+        if i >= len(steps) or ends[i] != n + 1 or not self.plan.stochastic:
             raise ValueError(f"variance_noise cannot take effect: model call {self._offset + n} of solver "
                              f"{self.config.solver!r} completes no stochastic step (no noise is added there)")
         if tuple(z.shape) != tuple(sample.shape):
@@ -727,8 +732,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         counter is; repeated timesteps are fine) but must be that call's entry of `timesteps`.
         `variance_noise`: the noise of the stochastic step this call completes, used instead of the
         generator's draw (refused where the call adds no noise).  `eta` must be the solver's own
-        (or 0, a pipeline's default); `use_clipped_model_output=False` is refused with clip_sample /
-        thresholding (the solver works on the clipped data prediction).  `generator`: one torch.Generator or a list of
+        (or 0, a pipeline's default); with clip_sample / thresholding `use_clipped_model_output` must
+        agree with the solver (ddim's `raw_noise` option: False, the network's own epsilon in the
+        direction term as diffusers' default; other solvers: True, the clipped data prediction's).  `generator`: one torch.Generator or a list of
         per-sample generators for stochastic solvers; each stochastic step draws its noise from it as
         diffusers' schedulers do (so the same generator reproduces their noise)."""
         if kwargs:
@@ -736,9 +742,14 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if eta and eta != getattr(self.solver, "eta", 0.0):
             raise ValueError(f"eta={eta} passed to step; set it on the solver: "
                              f"DiffSamplerScheduler(solver='ddim', solver_options={{'eta': {eta}}})")
-        if use_clipped_model_output is False and (self.config.thresholding or self.config.clip_sample):
-            raise ValueError("use_clipped_model_output=False cannot take effect: with clip_sample / thresholding "
-                             "the solver works on the clipped data prediction (use_clipped_model_output=True)")
+        raw = getattr(self.solver, "raw_noise", None)  # ddim's option; other solvers use the clipped D's noise
+        if use_clipped_model_output is not None and (self.config.thresholding or self.config.clip_sample) \
+                and bool(use_clipped_model_output) == bool(raw):
+            fix = ("" if raw is None else
+                   f"; build it with solver_options={{'raw_noise': {not use_clipped_model_output}}}")
+            have = "the network's own noise prediction (raw_noise=True)" if raw else "the clipped data prediction's noise"
+            raise ValueError(f"use_clipped_model_output={use_clipped_model_output} cannot take effect: with clip_sample / "
+                             f"thresholding solver {self.config.solver!r} steps with {have}{fix}")
         if self.plan is None:
             raise ValueError("call set_timesteps before step")
         if sample is None:

@@ -4,17 +4,67 @@ DDIM (Song et al. 2021, eq. 12), written with the data prediction D and the DDPM
 sigma_eta = eta sigma_t sqrt(1 - e^{-2h}) (equal to DDIM's eta formula for VP, to k-diffusion's
 ancestral sigma_up for VE).  `euler` is Karras et al.'s Euler step on dv/drho = eps in
 v = x/alpha, rho = sigma/alpha, which is algebraically DDIM with eta = 0.
+
+Options for diffusers' DDIMScheduler: `diffusers_stride` (each step goes from t_i to
+t_i - num_train_timesteps // n, `stride_targets`, which is not always t_{i+1}; below 0 to the final
+alpha_bar, 1 or alpha_bar_0 by `set_alpha_to_one`) and `raw_noise` (the direction term uses the
+network's own noise prediction while x0 is clipped / thresholded, use_clipped_model_output=False).
 """
 
 from __future__ import annotations
 
 import math
 
+from ..denoisers import DATA_RAW_NOISE
+from ..schedules import DiscreteVP
 from .plan import Combo
 from .plan import PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DDIM", "Heun", "heun_weights"]
+__all__ = ["DDIM", "Heun", "heun_weights", "ddim_coefficients", "stride_targets"]
+
+
+def ddim_coefficients(a_s: float, s_s: float, l_s: float, a_t: float, s_t: float, l_t: float,
+                      eta: float) -> tuple[float, float, float, float]:
+    """(c_x, c_D, c_z, c_eps) of DDIM's step from s to t (Song et al. 2021, eq. 12):
+    x_t = alpha_t D + c_eps eps + c_z z with c_z = eta sigma_t sqrt(1 - e^{-2h}) and
+    c_eps = sqrt(sigma_t^2 - c_z^2); with eps = (x_s - alpha_s D) / sigma_s this is
+    x_t = c_x x_s + c_D D, c_x = c_eps / sigma_s, c_D = alpha_t - alpha_s c_x."""
+    c_z = 0.0 if s_t == 0.0 else eta * s_t * math.sqrt(-math.expm1(-2.0 * (l_t - l_s)))
+    if c_z > s_t:
+        raise ValueError(f"eta={eta} gives noise std {c_z:g} above sigma_t={s_t:g}")
+    c_e = math.sqrt(max(s_t * s_t - c_z * c_z, 0.0))
+    c_x = c_e / s_s
+    return c_x, a_t - a_s * c_x, c_z, c_e
+
+
+def stride_targets(grid, set_alpha_to_one: bool = True) -> list[tuple[float, float, float, float]]:
+    """(t, alpha, sigma, lambda) each step of diffusers' DDIM / DDPM lands on: from grid time t_i
+    (training timesteps) to t_i - T // n (T = num_train_timesteps, n = grid.steps model calls),
+    and where that is below 0 to the final alpha_bar: 1 (set_alpha_to_one) or alpha_bar_0."""
+    sch = grid.schedule
+    if not isinstance(sch, DiscreteVP):
+        raise ValueError(f"diffusers_stride needs a DiscreteVP schedule (training timesteps), got {type(sch).__name__}")
+    if not grid.final_zero:
+        raise ValueError("diffusers_stride: the grid must end at sigma = 0 (final='zero'); the last step's target "
+                         "is set by the option set_alpha_to_one (False: alpha_bar_0, diffusers' final_alpha_cumprod)")
+    import torch
+
+    n, stride = grid.steps, sch.num_train_timesteps // grid.steps
+    p = grid.t[:-1] - stride
+    final = (1.0, 0.0, math.inf) if set_alpha_to_one else None
+    on = p.clamp(min=sch.t_min)
+    a, s, lam = sch.alpha(on), sch.sigma(on), sch.lambda_(on)
+    out = []
+    for i in range(n):
+        if float(p[i]) >= sch.t_min:
+            out.append((float(p[i]), float(a[i]), float(s[i]), float(lam[i])))
+        elif final is not None:
+            out.append((float(p[i]), *final))
+        else:
+            t0 = torch.tensor([sch.t_min], dtype=torch.float64)
+            out.append((float(p[i]), float(sch.alpha(t0)[0]), float(sch.sigma(t0)[0]), float(sch.lambda_(t0)[0])))
+    return out
 
 
 def heun_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
@@ -33,21 +83,56 @@ class DDIM(MultistepSolver):
     max_order = 1
     kind = "data"
 
-    def __init__(self, eta: float = 0.0):
+    def __init__(self, eta: float = 0.0, diffusers_stride: bool = False, set_alpha_to_one: bool = True,
+                 raw_noise: bool = False):
         super().__init__(order=1)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if not set_alpha_to_one and not diffusers_stride:
+            raise ValueError("set_alpha_to_one=False applies with diffusers_stride=True only; otherwise the grid's "
+                             "end decides (final='last' ends at alpha_bar_0)")
         self.eta = float(eta)
         self.stochastic = self.eta > 0
+        self.diffusers_stride, self.set_alpha_to_one = bool(diffusers_stride), bool(set_alpha_to_one)
+        self.raw_noise = bool(raw_noise)
+        self.kind = DATA_RAW_NOISE if self.raw_noise else "data"
+
+    def _targets(self, grid) -> list:
+        """(t, alpha, sigma, lambda) of each step's end: the next grid point, or `stride_targets`."""
+        if self.diffusers_stride:
+            return stride_targets(grid, self.set_alpha_to_one)
+        return [(float(grid.t[i + 1]), float(grid.alpha[i + 1]), float(grid.sigma[i + 1]), float(grid.lam[i + 1]))
+                for i in range(grid.steps)]
+
+    def _step(self, grid, i: int, target) -> tuple[float, float, float, float]:
+        try:
+            return ddim_coefficients(float(grid.alpha[i]), float(grid.sigma[i]), float(grid.lam[i]),
+                                     *target[1:], self.eta)
+        except ValueError as e:
+            raise ValueError(f"ddim: {e} at step {i}") from None
 
     def coefficients(self, grid, i, k):
-        a_s, s_s, l_s = float(grid.alpha[i]), float(grid.sigma[i]), float(grid.lam[i])
-        a_t, s_t, l_t = float(grid.alpha[i + 1]), float(grid.sigma[i + 1]), float(grid.lam[i + 1])
-        c_z = 0.0 if s_t == 0.0 else self.eta * s_t * math.sqrt(-math.expm1(-2.0 * (l_t - l_s)))
-        if c_z > s_t:
-            raise ValueError(f"ddim: eta={self.eta} gives noise std {c_z:g} above sigma_t={s_t:g} at step {i}")
-        c_x = math.sqrt(max(s_t * s_t - c_z * c_z, 0.0)) / s_s  # x_t = alpha_t D + sqrt(sigma_t^2 - c_z^2) eps + c_z z
-        return c_x, [a_t - a_s * c_x], c_z
+        target = (self._targets(grid)[i] if self.diffusers_stride else
+                  (None, float(grid.alpha[i + 1]), float(grid.sigma[i + 1]), float(grid.lam[i + 1])))
+        c_x, c_d, c_z, _ = self._step(grid, i, target)
+        return c_x, [c_d], c_z
+
+    def build(self, grid, nfe=None):
+        if not (self.diffusers_stride or self.raw_noise):
+            return super().build(grid, nfe)
+        if nfe is not None and nfe != grid.steps:
+            raise ValueError(f"{self.name!r} spends one model call per step: nfe={nfe} needs {nfe} steps, grid has {grid.steps}")
+        targets = self._targets(grid)
+        b = PlanBuilder(grid)
+        for i, target in enumerate(targets):
+            m = b.eval_at(i, self.kind)
+            c_x, c_d, c_z, c_e = self._step(grid, i, target)
+            if self.raw_noise:  # x_t = alpha_t D + c_eps eps_raw + c_z z (D clipped, eps the network's own)
+                update = Combo(0.0, ((m, target[1]), (~m, c_e)))
+            else:
+                update = Combo(c_x, ((m, c_d),))
+            b.end_step(update, c_z, 1)
+        return b.plan(self.name, targets=[tg[0] for tg in targets])
 
 
 @register("heun")

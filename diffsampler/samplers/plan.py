@@ -7,6 +7,9 @@ is, once the time grid is fixed, a list of steps of the form
     x_{i+1} = a x_i + sum_m b_m M_m + c z,       z ~ N(0, I)
 
 where M_m are earlier model outputs (data or noise predictions, this step's or from history).
+A call of kind "data|raw_noise" (`denoisers.DATA_RAW_NOISE`) gives two outputs: M_n, the data
+prediction after the denoiser's transforms (clipping, thresholding), and M_{~n} (index -n-1), the
+noise prediction of the network's own output (diffusers' DDIM / DDPM direction term).
 Solvers differ only in the float64 coefficients, which they compute once per grid in `build`.
 `Stepper` executes any such plan, one model call at a time, with a few fused tensor ops per step
 and no host sync; `run_plan` is its loop, the diffusers adapter feeds it one call per `step`, and
@@ -21,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..denoisers import DATA_RAW_NOISE
 from ..schedules import TimeGrid
 
 __all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "Stepper", "run_plan", "combine", "frees_per_step"]
@@ -45,7 +49,7 @@ class Eval:
     t: float
     alpha: float
     sigma: float
-    kind: str  # "data" | "noise"
+    kind: str  # "data" | "noise" | "data|raw_noise" (two outputs: M_n and M_{~n})
     x: Combo = Combo()
 
 
@@ -129,6 +133,8 @@ def frees_per_step(plan: Plan) -> list[list[int]]:
     for i, s in enumerate(plan.steps):
         for ev in s.evals:
             last[n] = i
+            if ev.kind == DATA_RAW_NOISE:
+                last[~n] = i
             for m, _ in ev.x.terms:
                 last[m] = i
             n += 1
@@ -205,9 +211,13 @@ class Stepper:
                 return (y, *where, ev.kind)
         return y, self._t_in[ev.t], ev.alpha, ev.sigma, ev.kind
 
-    def feed(self, output: torch.Tensor) -> torch.Tensor | None:
-        """Take the prediction of the call `next_input` gave; x_{i+1} if it ends step i, else None."""
-        self.outs[self.n] = output
+    def feed(self, output) -> torch.Tensor | None:
+        """Take the prediction of the call `next_input` gave (the pair (M_n, M_{~n}) for kind
+        "data|raw_noise"); x_{i+1} if it ends step i, else None."""
+        if isinstance(output, tuple):
+            self.outs[self.n], self.outs[~self.n] = output
+        else:
+            self.outs[self.n] = output
         self.n += 1
         x = None
         while not self.done and self.n == self._ends[self.i]:  # the next step may need no call: its

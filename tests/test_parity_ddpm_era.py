@@ -1,0 +1,157 @@
+"""Parity by default for diffusers' DDPM-era schedulers: `DiffSamplerScheduler.from_config(cfg)` with no
+solver named equals DDIMScheduler / DDPMScheduler / PNDMScheduler in the standard loop (same model,
+same x_T, the same generator for stochastic steps), to 1e-4 max abs (float32) on the exact mixture,
+at NFE 5, 10 and 25, for every timestep_spacing and the options that change the samples."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from diffsampler.eval.gmm import GMMModel
+from diffsampler.pipelines import DiffSamplerScheduler
+from diffusers_loop import run_diffusers
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+NFES = [5, 10, 25]
+
+
+def x_T(n=32, seed=0):
+    """(n, 1, 4, 4) samples: diffusers' thresholding needs >= 3-d samples."""
+    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+class Image4d(torch.nn.Module):
+    """The 16-d mixture model on (N, 1, 4, 4) samples."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, t):
+        from types import SimpleNamespace
+        return SimpleNamespace(sample=self.model(sample.reshape(len(sample), -1), t).sample.reshape(sample.shape))
+
+
+def both(gmm, ref_sched, nfe, seed=None, ours_kw=None, step_kw=None, x=None):
+    """(ours, diffusers'): the standard loop with from_config(ref_sched.config, **ours_kw) and with
+    ref_sched; stochastic runs use a generator seeded `seed` on each side."""
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config, **(ours_kw or {}))
+    model = Image4d(GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind))
+    x = x_T() if x is None else x
+
+    def run(sched):
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        return run_loop(sched, model, nfe, x, g, step_kw or {})
+
+    return ours_sched, run(ours_sched), run(ref_sched)
+
+
+def run_loop(sched, model, nfe, x, generator, step_kw):
+    """tests/diffusers_loop.run_diffusers, with keywords for step() (DDIMPipeline passes eta)."""
+    if not step_kw:
+        return run_diffusers(sched, model, nfe, x, generator=generator)
+    sched.set_timesteps(nfe)
+    for t in sched.timesteps:
+        kw = dict(step_kw) if generator is None else {**step_kw, "generator": generator}
+        x = sched.step(model(x, t).sample, t, x, **kw).prev_sample
+    return x
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+# -- DDIM -------------------------------------------------------------------------------------------
+
+DDIM_CONFIGS = [
+    dict(),  # diffusers' defaults: leading, clip_sample=True, set_alpha_to_one=True
+    dict(timestep_spacing="linspace"),
+    dict(timestep_spacing="trailing", clip_sample=False),
+    dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False, **SD),  # Stable Diffusion's DDIM
+    dict(timestep_spacing="linspace", set_alpha_to_one=False, clip_sample_range=0.8),
+    dict(timestep_spacing="leading", steps_offset=1, clip_sample_range=0.7),
+    dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9, clip_sample=False),
+    dict(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample_range=0.8),
+    dict(prediction_type="sample", set_alpha_to_one=False),
+]
+
+
+@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("kw", DDIM_CONFIGS, ids=str)
+def test_ddim_by_default(gmm16, kw, nfe):
+    ref_sched = DDIMScheduler(**kw)
+    ours_sched, ours, ref = both(gmm16, ref_sched, nfe)
+    assert ours_sched.config.solver == "ddim"
+    assert ours_sched.timesteps.tolist() == ref_sched.timesteps.tolist()
+    assert max_diff(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("nfe", [7, 13])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_ddim_timesteps_and_stride(gmm16, spacing, nfe):
+    """n not dividing 1000: diffusers' step from t goes to t - 1000 // n, which is the next timestep
+    for leading only; reproduced (timesteps equal too), where stepping to the next timestep differs."""
+    ref_sched = DDIMScheduler(timestep_spacing=spacing, clip_sample=False)
+    ours_sched, ours, ref = both(gmm16, ref_sched, nfe)
+    assert ours_sched.timesteps.tolist() == ref_sched.timesteps.tolist()
+    assert ours_sched.timesteps.dtype == torch.int64
+    assert max_diff(ours, ref) <= 1e-4
+    _, next_point, _ = both(gmm16, ref_sched, nfe, ours_kw=dict(solver="ddim", spacing=ours_sched.spacing))
+    assert max_diff(next_point, ref) > 1e-3 if spacing != "leading" else max_diff(next_point, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("eta,kw", [(1.0, dict()), (0.5, dict(timestep_spacing="trailing", clip_sample=False)),
+                                    (0.3, dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False, **SD))],
+                         ids=["eta1-clip", "eta0.5-trailing", "eta0.3-sd"])
+def test_ddim_eta_same_generator(gmm16, eta, kw, nfe):
+    """eta > 0 (passed to step, as DDIMPipeline does; set on our solver at from_config): the same
+    generator gives diffusers' noise draws."""
+    ours_sched, ours, ref = both(gmm16, DDIMScheduler(**kw), nfe, seed=3, ours_kw=dict(eta=eta),
+                                 step_kw=dict(eta=eta))
+    assert ours_sched.solver.eta == eta and ours_sched.solver.diffusers_stride
+    assert max_diff(ours, ref) <= 1e-4
+    other = both(gmm16, DDIMScheduler(**kw), nfe, seed=4, ours_kw=dict(eta=eta), step_kw=dict(eta=eta))[1]
+    assert max_diff(other, ours) > 1e-2  # the noise matters
+
+
+def test_ddim_variance_noise(gmm16):
+    ref_sched = DDIMScheduler()
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config, eta=1.0)
+    model = Image4d(GMMModel(gmm16, ours_sched.schedule))
+    outs = []
+    for sched in (ours_sched, ref_sched):
+        x = x_T()
+        sched.set_timesteps(10)
+        for k, t in enumerate(sched.timesteps):
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + k))
+            x = sched.step(model(x, t).sample, t, x, eta=1.0, variance_noise=z).prev_sample
+        outs.append(x)
+    assert max_diff(*outs) <= 1e-4
+
+
+def test_ddim_clipped_model_output(gmm16):
+    """clip_sample keeps the network's epsilon in the direction term (use_clipped_model_output=False,
+    the pipelines' default); use_clipped_model_output=True is refused by name, or reproduced with
+    solver_options raw_noise=False."""
+    kw = dict(clip_sample_range=0.7)
+    ours_sched = DiffSamplerScheduler.from_config(DDIMScheduler(**kw).config)
+    assert ours_sched.solver.raw_noise
+    ours_sched.set_timesteps(5)
+    x = x_T()
+    with pytest.raises(ValueError, match="use_clipped_model_output=True.*raw_noise"):
+        ours_sched.step(torch.zeros_like(x), ours_sched.timesteps[0], x, use_clipped_model_output=True)
+    ours_sched.set_timesteps(5)
+    ours_sched.step(torch.zeros_like(x), ours_sched.timesteps[0], x, use_clipped_model_output=False)
+
+    step_kw = dict(use_clipped_model_output=True)
+    _, ours, ref = both(gmm16, DDIMScheduler(**kw), 10, ours_kw=dict(solver_options={"raw_noise": False}),
+                        step_kw=step_kw)
+    assert max_diff(ours, ref) <= 1e-4
+    _, raw, _ = both(gmm16, DDIMScheduler(**kw), 10)
+    assert max_diff(raw, ref) > 1e-3  # the two directions differ here
+
+
+def test_ddim_zero_snr_refused_by_name():
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr=True.*9e-4"):
+        DiffSamplerScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config)
