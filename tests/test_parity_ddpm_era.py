@@ -155,3 +155,36 @@ def test_ddim_clipped_model_output(gmm16):
 def test_ddim_zero_snr_refused_by_name():
     with pytest.raises(ValueError, match="rescale_betas_zero_snr=True.*9e-4"):
         DiffSamplerScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config)
+
+
+def test_ddim_diffusers_options_through_sample_and_hydra(gmm16, tmp_path):
+    """The options the mapping uses work in sample() (same result as the adapter) and as Hydra overrides."""
+    import diffsampler as ds
+    from diffsampler.eval.gmm import gmm_denoiser
+
+    ref_sched = DDIMScheduler(timestep_spacing="linspace", clip_sample_range=0.8)
+    ours_sched, adapter, ref = both(gmm16, ref_sched, 7)
+    den = ds.Thresholded(gmm_denoiser(gmm16, ours_sched.schedule), max_value=0.8, dynamic=False)
+    x = ds.sample(den, x_T().reshape(32, 16), solver="ddim", nfe=7, spacing="ddim_linspace",
+                  diffusers_stride=True, raw_noise=True)
+    assert max_diff(x.reshape(adapter.shape), adapter) <= 1e-5
+    with pytest.raises(ValueError, match="set_alpha_to_one=False applies with diffusers_stride=True"):
+        ds.sample(den, x_T().reshape(32, 16), solver="ddim", nfe=7, set_alpha_to_one=False)
+    with pytest.raises(ValueError, match="final='zero'"):
+        ds.sample(den, x_T().reshape(32, 16), solver="ddim", nfe=7, final="last", diffusers_stride=True)
+    spec = hydra_spec("solver=ddim", "spacing=ddim_linspace", "nfe=7", "+solver.options.diffusers_stride=true",
+                      "+solver.options.raw_noise=true", "+solver.options.set_alpha_to_one=false")
+    assert spec.sampling.spacing == "ddim_linspace"
+    assert spec.solver.options == {"diffusers_stride": True, "raw_noise": True, "set_alpha_to_one": False}
+
+
+def hydra_spec(*overrides):
+    """The validated run spec of a Hydra command line (what `diffsampler ...` runs)."""
+    from hydra import compose, initialize_config_module
+
+    from diffsampler.cli import _register_solver_configs
+    from diffsampler.tools.run_checks import validate
+
+    _register_solver_configs()
+    with initialize_config_module("diffsampler.configs", version_base=None):
+        return validate(compose("config", overrides=list(overrides)))

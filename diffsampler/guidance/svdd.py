@@ -174,8 +174,9 @@ def _reusable(plan: Plan, j: int) -> bool:
     prediction there is exactly that call)."""
     if j >= len(plan.steps) or not plan.steps[j].evals:
         return False
-    ev = plan.steps[j].evals[0]
-    return ev.x.is_identity and ev.t == float(plan.grid.t[j]) and ev.sigma == float(plan.grid.sigma[j])
+    ev = plan.steps[j].evals[0]  # (a two-output "data|raw_noise" call is not handed over)
+    return (ev.kind in ("data", "noise") and ev.x.is_identity and ev.t == float(plan.grid.t[j])
+            and ev.sigma == float(plan.grid.sigma[j]))
 
 
 # ---------------------------------------------------------------------------------------------
