@@ -21,7 +21,7 @@ from .plan import Combo
 from .plan import PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DDIM", "Heun", "heun_weights", "ddim_coefficients", "stride_targets"]
+__all__ = ["DDIM", "Heun", "heun_weights", "euler_weights", "ddim_coefficients", "stride_targets"]
 
 
 def ddim_coefficients(a_s: float, s_s: float, l_s: float, a_t: float, s_t: float, l_t: float,
@@ -67,13 +67,20 @@ def stride_targets(grid, set_alpha_to_one: bool = True) -> list[tuple[float, flo
     return out
 
 
+def euler_weights(a_s: float, rho_s: float, a_t: float, rho_to: float) -> tuple[float, float]:
+    """(c_x, c_eps) of Karras et al. 2022's Euler step on dv/drho = eps in v = x / alpha,
+    rho = sigma / alpha, from (a_s, rho_s) to noise level rho_to, the result scaled by a_t:
+    x' = a_t (v_s + (rho_to - rho_s) eps_s) = (a_t / a_s) x_s + a_t (rho_to - rho_s) eps_s.
+    rho_to is the next grid point's rho, or k-diffusion's sigma_down / DPM-2 midpoint."""
+    return a_t / a_s, a_t * (rho_to - rho_s)
+
+
 def heun_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
     """(c_x, weights of eps_s (and eps' at t)) of Karras et al. 2022, Alg. 1 in v = x / alpha,
-    rho = sigma / alpha: the Euler step x' = alpha_t (v_s + (rho_t - rho_s) eps_s) for k = 1, the
-    trapezoid x_t = alpha_t (v_s + (rho_t - rho_s) (eps_s + eps(x', t)) / 2) for k = 2."""
-    a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
-    dr = float(grid.rho[i + 1] - grid.rho[i])
-    return a_t / a_s, [a_t * dr] if k == 1 else [0.5 * a_t * dr, 0.5 * a_t * dr]
+    rho = sigma / alpha: the Euler step x' = alpha_t (v_s + (rho_t - rho_s) eps_s) for k = 1 (`euler_weights`),
+    the trapezoid x_t = alpha_t (v_s + (rho_t - rho_s) (eps_s + eps(x', t)) / 2) for k = 2."""
+    c_x, g = euler_weights(float(grid.alpha[i]), float(grid.rho[i]), float(grid.alpha[i + 1]), float(grid.rho[i + 1]))
+    return c_x, [g] if k == 1 else [0.5 * g, 0.5 * g]
 
 
 @register("ddim")

@@ -1,0 +1,171 @@
+"""The k-diffusion family (euler_ancestral, dpm2, dpm2_ancestral, lms): equal to k-diffusion's
+`sample_*` on the same sigmas and the same noise (float64, 1e-6), and to diffusers' Euler /
+EulerAncestral / Heun / LMS / KDPM2 / KDPM2Ancestral schedulers through `from_config` with no solver
+named, in the standard loop (1e-4), the stochastic ones with the same generator."""
+
+import importlib.util
+import itertools
+import sys
+import types
+
+import pytest
+import torch
+
+import diffsampler as ds
+from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+from diffsampler.samplers.plan import Stepper
+from diffsampler.schedules import EDM, DiscreteVP, time_grid
+
+
+def _load_kdiffusion_sampling():
+    """k_diffusion/sampling.py alone (the package's __init__ imports optional dependencies): it needs
+    only `append_dims` from k_diffusion.utils."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed")
+    root = spec.submodule_search_locations[0]
+    pkg = types.ModuleType("_kd")
+    pkg.__path__ = [root]
+    utils = types.ModuleType("_kd.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.setdefault("_kd", pkg)
+    sys.modules.setdefault("_kd.utils", utils)
+    pkg.utils = sys.modules["_kd.utils"]
+    s = importlib.util.spec_from_file_location("_kd.sampling", f"{root}/sampling.py")
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def K():
+    return _load_kdiffusion_sampling()
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
+
+
+def _noise_list(n, shape, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _ours(solver, opts, schedule, den, sigmas, x_T_v, noise):
+    """Our plan on the grid at k-diffusion's sigmas (rho = sigma / alpha), run from x_T = alpha_0 v_T
+    with the noise list in order; returns v = x / alpha at the end (alpha = 1 at sigma = 0)."""
+    rho = sigmas[:-1].double()
+    t = schedule.t_from_lambda(-rho.log()).clamp(schedule.t_min, schedule.t_max)
+    grid = time_grid(schedule, len(t), t, final="zero")
+    plan = ds.samplers.make_plan(solver, schedule, grid=grid, **opts)
+    it = iter(noise)
+    run = Stepper(plan, den, x_T_v * float(grid.alpha[0]), (lambda x: next(it)) if plan.stochastic else None)
+    while not run.done:
+        y, t_m, a, s, kind = run.next_input()
+        run.feed(den.predict_at(y, t_m, a, s, kind))
+    return run.x, plan
+
+
+def _kdiff(K, fn, gmm, schedule, sigmas, x_T_v, noise, **kw):
+    """k-diffusion's sampler on the VE form of `schedule`: model(v, rho) = E[x0 | x = alpha v]."""
+    def model(v, rho):
+        r = rho.double().flatten()
+        a = 1.0 / (1.0 + r * r).sqrt() if isinstance(schedule, DiscreteVP) else torch.ones_like(r)
+        return gmm.posterior_mean(v * a[:, None], a, a * r)
+
+    it = iter(noise)
+    kw = dict(kw)
+    if "noise_sampler" in kw:
+        kw["noise_sampler"] = lambda s, t: next(it)
+    return fn(model, x_T_v.clone(), sigmas, disable=True, **kw)
+
+
+CASES = [
+    ("euler_ancestral", {}, "sample_euler_ancestral", {"noise_sampler": True}),
+    ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}, "sample_euler_ancestral",
+     {"eta": 0.5, "s_noise": 0.9, "noise_sampler": True}),
+    ("euler_ancestral", {"eta": 0.0}, "sample_euler", {}),
+    ("dpm2", {}, "sample_dpm_2", {}),
+    ("dpm2_ancestral", {}, "sample_dpm_2_ancestral", {"noise_sampler": True}),
+    ("dpm2_ancestral", {"eta": 0.7, "s_noise": 1.1}, "sample_dpm_2_ancestral",
+     {"eta": 0.7, "s_noise": 1.1, "noise_sampler": True}),
+    ("lms", {}, "sample_lms", {}),
+    ("lms", {"order": 2}, "sample_lms", {"order": 2}),
+    ("lms", {"order": 3}, "sample_lms", {"order": 3}),
+    ("lms", {"order": 1}, "sample_euler", {}),
+]
+
+
+@pytest.mark.parametrize("solver,opts,ref,ref_kw", CASES, ids=[f"{c[0]}{c[1]}" for c in CASES])
+@pytest.mark.parametrize("sched", ["edm", "vp"])
+def test_equals_kdiffusion_on_the_same_sigmas_and_noise(K, gmm, solver, opts, ref, ref_kw, sched):
+    n = 8
+    if sched == "edm":
+        schedule = EDM(0.002, 80.0)
+        sigmas = K.get_sigmas_karras(n, 0.002, 80.0, device="cpu").double()
+    else:
+        schedule = DiscreteVP.linear()
+        r = schedule.rho(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+        sigmas = K.get_sigmas_exponential(n, float(r[1]), float(r[0]) * (1 - 1e-9), device="cpu").double()
+    den = gmm_denoiser(gmm, schedule)
+    x_T_v = torch.randn(5, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    noise = _noise_list(n, x_T_v.shape)
+    kw = {k: v for k, v in ref_kw.items()}
+    want = _kdiff(K, getattr(K, ref), gmm, schedule, sigmas, x_T_v, noise, **kw)
+    got, plan = _ours(solver, opts, schedule, den, sigmas, x_T_v, noise)
+    n_calls = {"dpm2": 2 * n - 1, "dpm2_ancestral": 2 * n - 1}.get(solver, n)
+    assert plan.nfe == n_calls
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+def test_lms_weights_are_the_integrated_lagrange_coefficients(K):
+    import numpy as np
+
+    from diffsampler.samplers.kdiffusion import lms_weights
+
+    sig = np.array([80.0, 30.0, 9.0, 2.5, 0.6, 0.1])
+    for order, i in [(2, 3), (3, 3), (4, 4)]:
+        ref = [K.linear_multistep_coeff(order, sig, i, j) for j in range(order)]
+        got = lms_weights([sig[i - j] for j in range(order)], sig[i + 1])
+        assert np.allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver,opts", [("euler_ancestral", {"eta": -1.0}), ("dpm2_ancestral", {"s_noise": -0.5}),
+                                         ("lms", {"order": 5}), ("lms", {"order": 0})])
+def test_bad_options_are_refused_by_name(solver, opts):
+    key = next(iter(opts))
+    with pytest.raises(ValueError, match=key):
+        ds.samplers.get(solver, **opts)
+
+
+@pytest.mark.parametrize("solver", ["euler_ancestral", "dpm2", "dpm2_ancestral", "lms"])
+def test_sample_runs_and_per_sample_seeds(gmm, solver):
+    schedule = DiscreteVP.linear()
+    den = gmm_denoiser(gmm, schedule)
+    a = ds.sample(den, shape=(4, gmm.dim), seeds=[0, 1, 2, 3], solver=solver, nfe=9, spacing="karras")
+    b = ds.sample(den, shape=(2, gmm.dim), seeds=[2, 3], solver=solver, nfe=9, spacing="karras")
+    assert torch.isfinite(a).all()
+    assert (a[2:] - b).abs().max() <= 1e-5
+
+
+def test_hydra_runs_the_solvers_with_options(tmp_path):
+    import subprocess
+
+    import pandas as pd
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "diffsampler", *args, "model=gmm", "num_samples=16",
+                               "shard_size=16", "progress=false"], capture_output=True, text=True, timeout=300)
+
+    sweep = tmp_path / "sweep"
+    r = cli("-m", "solver=euler_ancestral,dpm2,dpm2_ancestral,lms", "nfe=7", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(sweep / "results.csv")
+    assert sorted(df.solver) == ["dpm2", "dpm2_ancestral", "euler_ancestral", "lms"] and (df.nfe_counted == 7).all()
+    r = cli("solver=euler_ancestral", "+solver.options.eta=0.5", "+solver.options.s_noise=0.9", "nfe=5",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr
+    r = cli("solver=lms", "+solver.options.s_noise=0.9", "nfe=5", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert r.returncode != 0 and "s_noise" in r.stderr + r.stdout
