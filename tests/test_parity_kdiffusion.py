@@ -120,16 +120,18 @@ def test_equals_kdiffusion_on_the_same_sigmas_and_noise(K, gmm, solver, opts, re
     assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
 
 
-def test_lms_weights_are_the_integrated_lagrange_coefficients(K):
+def test_lms_weights_are_k_diffusions_integrated_lagrange_coefficients(K):
+    """lms is rhoAB-DEIS: its weights are k-diffusion's `linear_multistep_coeff` (scaled by alpha_t)."""
     import numpy as np
 
-    from diffsampler.samplers.kdiffusion import lms_weights
-
+    sch = EDM(0.002, 80.0)
     sig = np.array([80.0, 30.0, 9.0, 2.5, 0.6, 0.1])
-    for order, i in [(2, 3), (3, 3), (4, 4)]:
-        ref = [K.linear_multistep_coeff(order, sig, i, j) for j in range(order)]
-        got = lms_weights([sig[i - j] for j in range(order)], sig[i + 1])
-        assert np.allclose(got, ref, rtol=1e-9, atol=1e-12)
+    grid = time_grid(sch, len(sig), torch.tensor(sig), final="zero")
+    solver = ds.samplers.get("lms")
+    for order, i in [(1, 0), (2, 3), (3, 3), (4, 4), (4, 5)]:
+        ref = [K.linear_multistep_coeff(order, np.append(sig, 0.0), i, j) for j in range(order)]
+        c_x, got, c_z = solver.coefficients(grid, i, order)
+        assert c_x == 1.0 and c_z == 0.0 and np.allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("solver,opts", [("euler_ancestral", {"eta": -1.0}), ("dpm2_ancestral", {"s_noise": -0.5}),

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .ddim import euler_weights
+from .deis import DEIS
 from .plan import Combo, PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["EulerAncestral", "DPM2", "DPM2Ancestral", "LMS", "ancestral_step", "lms_weights"]
+__all__ = ["EulerAncestral", "DPM2", "DPM2Ancestral", "LMS", "ancestral_step", "dpm2_through"]
 
 
 def ancestral_step(rho_s: float, rho_t: float, eta: float) -> tuple[float, float]:
@@ -65,6 +64,13 @@ class EulerAncestral(MultistepSolver):
         r_down, r_up = ancestral_step(r_s, r_t, self.eta)
         c_x, g = euler_weights(a_s, r_s, a_t, r_down)
         return c_x, [g], a_t * self.s_noise * r_up
+
+
+def dpm2_through(lams, l_s, l_t, a_s, s_s, a_t, s_t, s=None) -> tuple[float, list[float]]:
+    """(c_x, [w_s, w_mid]) of DPM-2's second stage, x_t = alpha_t (v_s + (rho_t - rho_s) eps_mid): the
+    Euler weight on the midpoint's output only (the USF form's `through`; rho = sigma / alpha)."""
+    c_x, g = euler_weights(a_s, s_s / a_s, a_t, s_t / a_t)
+    return c_x, [0.0, g]
 
 
 class _DPM2Base(SinglestepSolver):
@@ -121,45 +127,16 @@ class DPM2Ancestral(_DPM2Base):
         self.stochastic = self.eta > 0 and self.s_noise > 0
 
 
-def lms_weights(rhos, rho_t: float) -> list[float]:
-    """The integrated Lagrange coefficients of linear multistep in rho (k-diffusion
-    `linear_multistep_coeff`, diffusers' `get_lms_coefficient`): w_j = int_{rho_s}^{rho_t} L_j(tau) dtau,
-    L_j the Lagrange basis polynomial of node rho_{i-j} over the nodes `rhos` = (rho_i, rho_{i-1}, ...)
-    (newest first), so v_t = v_s + sum_j w_j eps_{i-j}.  Integrated exactly (the basis is a polynomial)."""
-    rhos = [float(r) for r in rhos]
-    h = rho_t - rhos[0]
-    u = [(r - rhos[0]) / h for r in rhos]  # nodes in u = (tau - rho_s) / h: well conditioned
-    out = []
-    for j, u_j in enumerate(u):
-        p = np.polynomial.Polynomial([1.0])
-        for m, u_m in enumerate(u):
-            if m != j:
-                p = p * np.polynomial.Polynomial([-u_m / (u_j - u_m), 1.0 / (u_j - u_m)])
-        P = p.integ()
-        out.append(h * float(P(1.0) - P(0.0)))
-    return out
-
-
 @register("lms")
-class LMS(MultistepSolver):
-    """Linear multistep in rho (k-diffusion `sample_lms`, diffusers' LMSDiscreteScheduler): order 1-4,
-    warm-up with the outputs available; x_t = alpha_t (v_s + sum_j w_j eps_{i-j}) with `lms_weights`.
-    Like the references it keeps its order on the last steps and on the step onto sigma = 0 (the
-    Lagrange integral in rho is finite there); `lower_order_final=True` lowers it as diffusers'
-    DPM-Solver does."""
+class LMS(DEIS):
+    """Linear multistep in rho (k-diffusion `sample_lms`, diffusers' LMSDiscreteScheduler), order 1-4:
+    x_t = alpha_t (v_s + sum_j w_j eps_{i-j}) with w_j = int_{rho_s}^{rho_t} l_j(rho) drho, l_j the
+    Lagrange basis through rho_i, rho_{i-1}, ... -- the integrated Lagrange coefficients of k-diffusion's
+    `linear_multistep_coeff`, i.e. rhoAB-DEIS (`deis_weights(..., "rho")`, one copy of the formula).
+    Warm-up with the outputs available; like the references it keeps its order on the last steps and
+    on the step onto sigma = 0 (`lower_order_final=True` lowers it as diffusers' DPM-Solver does)."""
 
     name = "lms"
-    max_order = 4
-    kind = "noise"
-    first_order_to_zero = False
 
     def __init__(self, order: int = 4, lower_order_final: bool = False, momentum: float | None = None):
-        super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
-
-    def coefficients(self, grid, i, k):
-        (a_s, r_s), (a_t, r_t) = _point(grid, i), _point(grid, i + 1)
-        if k == 1:
-            c_x, g = euler_weights(a_s, r_s, a_t, r_t)
-            return c_x, [g], 0.0
-        w = lms_weights([float(grid.rho[i - j]) for j in range(k)], r_t)
-        return a_t / a_s, [a_t * c for c in w], 0.0
+        super().__init__(order=order, basis="rho", lower_order_final=lower_order_final, momentum=momentum)

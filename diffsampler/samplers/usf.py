@@ -50,6 +50,9 @@ Derivative estimators (`StepSpec.estimator`):
                      `deis_logrho_k`).  ``plms``  equal-step Adams-Bashforth (`pndm`).  Noise only.
 * ``singlestep_dpm`` DPM-Solver++(2S) (`dpmpp_2s`), data, order <= 2, intermediate point at r_1 (default 1/2).
 * ``heun``           Heun's trapezoid in rho (`heun`), noise, order <= 2, second call at the step's end.
+* ``dpm2``           k-diffusion's DPM-Solver-2 (`dpm2`), noise, order <= 2: an Euler step in rho to the
+                     log-SNR midpoint (rho_mid = sqrt(rho_s rho_t)), then the Euler step in rho from x_s with
+                     the midpoint's output only.
 * `beta` on ``multistep_dpm``, ``multistep_t``, ``multistep_rho``, ``multistep_logrho`` or ``plms`` adds
   heavy-ball momentum over a run of such steps (`dpmpp_2m_hb`, `pndm_hb`).
 
@@ -86,6 +89,7 @@ import yaml
 
 from ..schedules import FINALS, LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .ddim import heun_weights
+from .kdiffusion import dpm2_through
 from .deis import deis_weights, lagrange_basis, plms_weights
 from .dpm_solver import dpmpp_2s_weights, dpmpp_multistep_weights, phi
 from .momentum import ghvb_step
@@ -198,6 +202,8 @@ ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
               weights=_dpmpp, through=_dpmpp_2s),
     Estimator("heun", "Heun, trapezoid in rho", ("noise",), 2, history=None, calls_per_order=True, weights=_heun,
               at_end=True),
+    Estimator("dpm2", "k-diffusion DPM-2, midpoint in log rho", ("noise",), 2, history=None, calls_per_order=True,
+              searched=False, weights=_heun, through=dpm2_through),
 )}
 for _name in ("multistep_dpm", "multistep_t"):  # heavy ball (any multistep solver's `momentum`)
     ESTIMATOR_TABLE[_name] = replace(ESTIMATOR_TABLE[_name], beta="optional")
@@ -858,6 +864,10 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
         return "data", "singlestep_dpm", None
     if isinstance(solver, Heun):
         return "noise", "heun", None
+    from .kdiffusion import DPM2
+
+    if isinstance(solver, DPM2):
+        return "noise", "dpm2", None
     raise ValueError(f"no solver spec for solver {solver.name!r} ({type(solver).__name__})")
 
 
