@@ -4,7 +4,7 @@
     diffsampler -m solver=ddim,dpmpp_3m nfe=5,10,20     a sweep: one row per job in one results table
     diffsampler report <run or sweep dir>  metric-vs-NFE plots (PNG) and a markdown table
     diffsampler demo                       solver accuracy on the exact Gaussian mixture, printed
-    diffsampler list                       registered solvers and their metadata
+    diffsampler list                       solvers (with their A1111 / ComfyUI names), spacings, guidance, plans
     diffsampler minority-classifier --out DIR [...]   score a data set, train the minority classifier
     diffsampler search --nfe 5 --out plan.yaml   solver-schedule search (USF / S^3) on the Gaussian
                                            mixture; resumable with --log (see `diffsampler search -h`)
@@ -37,6 +37,46 @@ def demo(solvers=DEFAULT_SOLVERS, nfes=(5, 10, 20), n=512, dim=16, seed=0, spaci
                       for k in nfes]
         print(f"{name:<12}" + "".join(f"{e:>12.4f}" for e in rows[name]), file=out)
     return rows
+
+
+_GUIDANCE_HELP = {
+    "none": "no guidance",
+    "cfg": "classifier-free guidance: guidance.scale, guidance.rescale, guidance.interval=[sigma_lo,sigma_hi]",
+    "minority": "minority guidance (image models): guidance.classifier, scale, target, interval",
+    "svdd": "SVDD candidate selection (stochastic solvers): guidance.reward, num_candidates, alpha",
+}
+
+
+def list_main(out=sys.stdout) -> None:
+    """`diffsampler list`: registered solvers with their aliases, spacings, guidance, shipped plans."""
+    from .samplers import available, info
+    from .samplers.registry import aliases
+    from .samplers.usf import available_plans
+    from .schedules import SPACINGS
+    from .tools.config_schema import GUIDANCES
+
+    from .samplers import get
+
+    print("solvers (solver=<name>):", file=out)
+    for name in available():
+        i = info(name)
+        kind = "SDE, weak order" if i["stochastic"] else "ODE, order"
+        print(f"  {name:<20} {kind} {i['order']}, {i['nfe_per_step']} model call(s) per step", file=out)
+    print("A1111 / ComfyUI sampler names (solver=\"<name>\"; -> solver, the spacing it fixes, options):", file=out)
+    for name, a in aliases().items():
+        try:
+            get(name)
+            note = ""
+        except ValueError as e:
+            note = "  [refused: " + ("solver not registered" if "not registered" in str(e) else "option not taken") + "]"
+        print(f"  {name!r:<34} -> {a.describe()}  ({a.source}){note}", file=out)
+    print("spacings (spacing=<name>):", file=out)
+    print("  " + ", ".join(SPACINGS), file=out)
+    print("guidance (guidance=<name>):", file=out)
+    for g in GUIDANCES:
+        print(f"  {g:<10} {_GUIDANCE_HELP.get(g, '')}", file=out)
+    print("shipped plans (solver=plan solver.path=<name>, or solver=\"plan:<name>\" in Python):", file=out)
+    print("  " + (", ".join(available_plans()) or "(none)"), file=out)
 
 
 def search_main(argv) -> int:
@@ -92,9 +132,10 @@ def _register_solver_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     from .samplers import available
+    from .samplers.registry import aliases
 
     cs = ConfigStore.instance()
-    for name in available():
+    for name in available() + sorted(aliases()):  # A1111 / ComfyUI names too: solver="DPM++ 2M Karras"
         cs.store(group="solver", name=name, node={"name": name, "options": {}})
     # a saved solver plan: solver=plan solver.path=<YAML file or plan name> (samplers/usf.py)
     cs.store(group="solver", name="plan", node={"name": "plan", "path": None, "options": {"path": "${solver.path}"}})
@@ -155,10 +196,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["search"]:
         return search_main(argv[1:])
     if argv[:1] == ["list"]:
-        from .samplers import available, info
-
-        for name in available():
-            print(info(name))
+        if len(argv) != 1:
+            print("usage: diffsampler list", file=sys.stderr)
+            return 2
+        list_main()
         return 0
     if argv[:1] == ["minority-classifier"]:
         from .tools.minority_classifier import build_from_args

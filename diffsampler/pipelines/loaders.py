@@ -97,6 +97,7 @@ def _network_call(network) -> Any:
 
 def denoiser_from_model(network, scheduler_config=None, *, schedule=None, prediction_type: str | None = None,
                         vae=None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                        guidance_interval: tuple[float, float] | None = None,
                         cond: dict | None = None, uncond: dict | None = None, **denoiser_kw) -> Denoiser:
     """A Denoiser over a network given the noise schedule it was trained with.
 
@@ -105,7 +106,8 @@ def denoiser_from_model(network, scheduler_config=None, *, schedule=None, predic
     come from `scheduler_config` (a diffusers scheduler config, read through DiffSamplerScheduler's
     mapping, with its thresholding / clip_sample), or from `schedule` (a `NoiseSchedule`) and
     `prediction_type`.  A network without a diffusers `.config` has no `in_channels` / `sample_size`:
-    pass `channels=` / `sample_size=` for `sample_shape`."""
+    pass `channels=` / `sample_size=` for `sample_shape`.  `guidance_interval=(sigma_lo, sigma_hi)`
+    limits guidance to those noise levels sigma_t / alpha_t (guidance/cfg.py)."""
     if scheduler_config is not None and schedule is not None:
         raise ValueError("give scheduler_config or schedule (with prediction_type), not both")
     if scheduler_config is None and schedule is None:
@@ -116,18 +118,22 @@ def denoiser_from_model(network, scheduler_config=None, *, schedule=None, predic
                          "('epsilon', 'v_prediction', 'sample' or 'flow')")
     if not callable(network):
         raise TypeError(f"network must be a torch.nn.Module or a callable f(x, t, **cond), got {type(network).__name__}")
+    adapter = None
+    if schedule is None:
+        kw = {} if prediction_type is None else {"prediction_type": prediction_type}
+        adapter = DiffSamplerScheduler.from_config(scheduler_config, solver="dpmpp_2m", **kw)
+        schedule, prediction_type = adapter.schedule, adapter.prediction_kind
     model = CFGModel(_network_call(network), dict(cond or {}), uncond, guidance_scale, guidance_rescale,
-                     param_source=network)  # model I/O in the network's dtype
-    if schedule is not None:
-        return PipelineDenoiser(model, schedule, prediction_type, network=network, vae=vae, **denoiser_kw)
-    kw = {} if prediction_type is None else {"prediction_type": prediction_type}
-    adapter = DiffSamplerScheduler.from_config(scheduler_config, solver="dpmpp_2m", **kw)
-    den = PipelineDenoiser(model, adapter.schedule, adapter.prediction_kind, network=network, vae=vae,
-                           **denoiser_kw)
+                     param_source=network,  # model I/O in the network's dtype
+                     interval=guidance_interval, schedule=schedule)
+    den = PipelineDenoiser(model, schedule, prediction_type, network=network, vae=vae, **denoiser_kw)
+    if adapter is None:
+        return den
     return adapter.transform_denoiser(den)  # thresholding / clip_sample from the scheduler config
 
 
 def denoiser_from_pipeline(pipe, guidance_scale: float = 1.0, guidance_rescale: float = 0.0, *,
+                           guidance_interval: tuple[float, float] | None = None,
                            prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                            prompt_embeds: torch.Tensor | None = None,
                            negative_prompt_embeds: torch.Tensor | None = None,
@@ -177,4 +183,5 @@ def denoiser_from_pipeline(pipe, guidance_scale: float = 1.0, guidance_rescale: 
     if guidance_scale != 1.0 and u is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a condition: prompt(_embeds) or class_labels")
     return denoiser_from_model(network, pipe.scheduler.config, vae=vae, guidance_scale=guidance_scale,
-                               guidance_rescale=guidance_rescale, cond=c, uncond=u)
+                               guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, cond=c,
+                               uncond=u)

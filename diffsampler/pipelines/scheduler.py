@@ -103,6 +103,9 @@ def _solver_option_names(solver) -> set | None:
 
     if not isinstance(solver, str):
         return None
+    alias = registry.alias_of(solver)
+    if alias is not None:  # an A1111 / ComfyUI name takes its solver's options
+        solver = alias.solver
     scheme = solver.split(":", 1)[0]
     if solver in registry._REGISTRY:
         factory, defaults = registry._REGISTRY[solver]
@@ -216,7 +219,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             solver = "dpmpp_2m"
             self.register_to_config(solver=solver)
         self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
-        spacing = spacing or timestep_spacing or "linspace"
+        fixed = self.solver.alias_spacing  # an A1111 name with its schedule ("DPM++ 2M Karras")
+        if fixed is not None and spacing not in (None, fixed):
+            raise ValueError(f"solver {solver!r} fixes spacing={fixed!r}; spacing={spacing!r} cannot apply (drop "
+                             f"it, or name the sampler without its schedule: solver={self.solver.name!r})")
+        spacing = spacing or fixed or timestep_spacing or "linspace"
         if self.is_flow and spacing in _DIFFUSERS_SPACINGS:
             spacing = "time_uniform"  # integer-timestep spacings exist for discrete VP schedules only
         if spacing not in SPACINGS:

@@ -85,6 +85,8 @@ def make_plan(
     final point: `nfe` may be None or must equal the plan's, `spacing` must stay at its default."""
     s = get(solver, **options)
     if grid is not None:
+        if isinstance(solver, str):  # a built Solver (the adapter's) lays its own alias grid
+            _check_alias_spacing(s, None, grid)
         return _plan_on_grid(s, schedule, grid, nfe, spacing, final)
     own_grid = getattr(s, "own_grid", None)  # a solver plan carries its own time points and NFE
     if own_grid is not None:
@@ -97,7 +99,8 @@ def make_plan(
     if nfe is None:
         raise ValueError("give nfe (number of model calls) or an explicit grid")
     final = "zero" if final is None else final
-    spacing = DEFAULT_SPACING if spacing is None else spacing
+    _check_alias_spacing(s, spacing)
+    spacing = (s.alias_spacing or DEFAULT_SPACING) if spacing is None else spacing
     spacing_kw = {}
     if isinstance(spacing, dict):
         if "name" not in spacing:
@@ -108,6 +111,19 @@ def make_plan(
     steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
     grid = time_grid(schedule, steps, spacing, final=final, **spacing_kw)
     return _built(s, grid, nfe, spacing if isinstance(spacing, str) else "explicit")
+
+
+def _check_alias_spacing(s: Solver, spacing, grid=None) -> None:
+    """A sampler name that fixes its grid ("DPM++ 2M Karras") takes no other spacing or grid."""
+    fixed = s.alias_spacing
+    if fixed is None or (grid is None and spacing is None):
+        return
+    name = spacing.get("name") if isinstance(spacing, dict) else spacing
+    if grid is None and name == fixed:
+        return
+    what = "grid=" if grid is not None else f"spacing={spacing!r}"
+    raise ValueError(f"solver {s.alias!r} fixes spacing={fixed!r}; {what} cannot apply (drop it, or name the "
+                     f"sampler without its schedule: solver={s.name!r})")
 
 
 def _built(s: Solver, grid: TimeGrid, nfe: int | None, spacing: str) -> Plan:
@@ -222,6 +238,8 @@ def _resolve_plan(schedule, solver, nfe, spacing, final, grid, options: dict) ->
     s = get(solver, **options)
     if nfe is None and grid is None and getattr(s, "own_grid", None) is None:
         nfe = DEFAULT_NFE
+    if grid is not None:
+        _check_alias_spacing(s, None, grid)
     if grid is not None and isinstance(grid, TimeGrid):
         check_schedule(grid, schedule, "grid")
     return make_plan(s, schedule, nfe, spacing, final, grid)

@@ -14,10 +14,11 @@ from typing import Callable
 import numpy as np
 
 from ..schedules import TimeGrid
+from .aliases import ALIASES, alias_of
 from .plan import Combo, Plan, PlanBuilder
 
 __all__ = ["Solver", "MultistepSolver", "SinglestepSolver", "register", "register_scheme", "get", "available", "info",
-           "is_solver_name", "LOWER_ORDER_FINAL_BELOW", "heavy_ball"]
+           "is_solver_name", "LOWER_ORDER_FINAL_BELOW", "heavy_ball", "aliases"]
 
 #: like diffusers, multistep solvers cool down their order on the last steps of short runs
 LOWER_ORDER_FINAL_BELOW = 15
@@ -51,6 +52,9 @@ class Solver:
             raise ValueError(f"solver {self.name!r} needs an integer nfe >= {self.min_nfe}, got {nfe!r}")
 
     min_nfe: int = 1
+    #: set when the solver was got by an alias (aliases.py): that name, and the spacing it fixes
+    alias: str | None = None
+    alias_spacing: str | None = None
 
     def build(self, grid: TimeGrid, nfe: int | None = None) -> Plan:
         raise NotImplementedError
@@ -189,8 +193,8 @@ def register_scheme(scheme: str, factory: Callable[..., Solver], argument: str) 
 
 
 def is_solver_name(name) -> bool:
-    """True for a registered name, a scheme (e.g. "plan") or "<scheme>:<argument>"."""
-    return isinstance(name, str) and (name in _REGISTRY or name.split(":", 1)[0] in _SCHEMES)
+    """True for a registered name, an alias (aliases.py), a scheme (e.g. "plan") or "<scheme>:<argument>"."""
+    return isinstance(name, str) and (name in _REGISTRY or name in ALIASES or name.split(":", 1)[0] in _SCHEMES)
 
 
 def unregister(name: str) -> None:
@@ -200,6 +204,43 @@ def unregister(name: str) -> None:
 def available() -> list[str]:
     """Registered solver names, sorted."""
     return sorted(_REGISTRY)
+
+
+def aliases() -> dict[str, "Alias"]:  # noqa: F821
+    """The A1111 / ComfyUI sampler names get() accepts: name -> Alias(solver, spacing, options)."""
+    return dict(ALIASES)
+
+
+def _get_alias(name: str, options: dict) -> Solver:
+    """The solver alias `name` maps to, with its options under the caller's; refused naming the
+    alias when its solver is not registered, an option contradicts it or the solver lacks one."""
+    a = alias_of(name)
+    if a.solver not in _REGISTRY:
+        raise ValueError(f"{name!r} maps to solver {a.solver!r}, which is not registered; available: "
+                         f"{', '.join(available())}")
+    clash = sorted(k for k in options if k in a.options and options[k] != a.options[k])
+    if clash:
+        k = clash[0]
+        raise ValueError(f"{name!r} is {a.solver!r} with {k}={a.options[k]!r}; got {k}={options[k]!r} "
+                         f"(drop it, or name the solver {a.solver!r} itself)")
+    try:
+        solver = get(a.solver, **{**a.options, **options})
+    except ValueError as e:
+        missing = sorted(set(a.options) - set(_option_names(a.solver)))
+        if missing:
+            raise ValueError(f"{name!r} maps to solver {a.solver!r} with option(s) {missing}, which it does not "
+                             f"take: {e}") from None
+        raise
+    solver.alias, solver.alias_spacing = name, a.spacing
+    return solver
+
+
+def _option_names(name: str) -> set:
+    factory, defaults = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return set(params) | {"*"}
+    return set(params) - set(defaults)
 
 
 _CHECKED_TYPES = (bool, int, float, str, type(None))
@@ -251,6 +292,8 @@ def get(name: "str | Solver", **options) -> Solver:
         if options:
             raise ValueError(f"options {sorted(options)} given with an already-built solver {name!r}")
         return name
+    if isinstance(name, str) and name not in _REGISTRY and name in ALIASES:
+        return _get_alias(name, options)
     scheme = name.split(":", 1)[0] if isinstance(name, str) else None
     if scheme in _SCHEMES and name not in _REGISTRY:
         factory, arg = _SCHEMES[scheme]
@@ -262,7 +305,8 @@ def get(name: "str | Solver", **options) -> Solver:
         return factory(**options)
     if name not in _REGISTRY:
         schemes = "".join(f", {s}:<{a}>" for s, (_, a) in sorted(_SCHEMES.items()))
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}{schemes}")
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}{schemes}, or an A1111 / "
+                         f"ComfyUI sampler name (diffsampler list)")
     factory, defaults = _REGISTRY[name]
     kwargs = {**defaults, **options}
     params = inspect.signature(factory).parameters

@@ -65,7 +65,7 @@ GROUP = Type("a config group", lambda v: isinstance(v, dict))
 
 TOP: dict[str, Type] = {
     "model": GROUP, "solver": GROUP, "guidance": GROUP, "eval": GROUP,
-    "nfe": INT, "spacing": one_of(*SPACINGS), "final": optional(one_of("zero", "last")),
+    "nfe": INT, "spacing": optional(one_of(*SPACINGS)), "final": optional(one_of("zero", "last")),
     "time_shift": Type("a mapping or null", lambda v: v is None or isinstance(v, dict)),
     "num_samples": INT, "seed": INT, "batch_size": INT, "shard_size": INT, "device": STR, "progress": BOOL,
     "grid_size": INT, "results_file": STR,
@@ -82,7 +82,7 @@ MODELS: dict[str, dict[str, Type]] = {
 
 GUIDANCES: dict[str, dict[str, Type]] = {
     "none": {"name": STR},
-    "cfg": {"name": STR, "scale": NUMBER, "rescale": NUMBER},
+    "cfg": {"name": STR, "scale": NUMBER, "rescale": NUMBER, "interval": optional(NUMBERS)},
     "minority": {"name": STR, "classifier": optional(STR), "scale": NUMBER, "target": optional(INT),
                  "interval": NUMBERS},
     "svdd": {"name": STR, "reward": one_of("auto", "classifier", "jpeg", "distance"),

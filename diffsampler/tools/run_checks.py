@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..guidance.cfg import check_interval
 from .config_schema import SCHEDULES, ConfigError
 from ..samplers import available, get, is_solver_name, make_plan
 from ..samplers.time_shift import TimeShift
@@ -206,6 +207,11 @@ def _check_guidance(spec: RunSpec) -> None:
     m, g = spec.model, spec.guidance
     if g.name == "cfg" and m.name != "diffusers":
         raise ConfigError(f"guidance=cfg needs a conditional model (model=diffusers with a prompt or class), got model={m.name}")
+    if g.name == "cfg":
+        try:
+            check_interval(None if g.interval is None else list(g.interval), g.scale)
+        except ValueError as e:
+            raise ConfigError(f"guidance.interval: {e} (e.g. guidance.interval=[0.28,5.42])") from None
     if g.name == "minority":
         _check_minority(m, g)
     if g.name == "svdd":
@@ -221,7 +227,7 @@ def _check_minority(m: ModelSpec, g: GuidanceSpec) -> None:
                           "(write one with `diffsampler minority-classifier --pipeline ... --out DIR`)")
     if not (isinstance(g.scale, (int, float)) and g.scale >= 0):
         raise ConfigError(f"guidance.scale must be a number >= 0, got {g.scale!r}")
-    interval = list(g.interval)
+    interval = list(g.interval or (0.0, 1.0))
     if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
         raise ConfigError(f"guidance.interval must be [lo, hi] with 0 <= lo < hi <= 1, got {interval} "
                           "(fractions of the time range)")

@@ -47,15 +47,15 @@ class SolverChoice:
 
 @dataclass(frozen=True)
 class GuidanceSpec:
-    """guidance=none, cfg (scale, rescale), minority (classifier, scale, target, interval) or svdd
-    (reward, target, num_candidates, alpha)."""
+    """guidance=none, cfg (scale, rescale, interval: noise levels), minority (classifier, scale,
+    target, interval: fractions of the time range) or svdd (reward, target, num_candidates, alpha)."""
 
     name: str
     scale: float = 1.0
     rescale: float = 0.0
     classifier: str | None = None
     target: Any = None  # a class, a digit, or a point (svdd reward=distance)
-    interval: tuple[float, ...] = (0.0, 1.0)
+    interval: tuple[float, ...] | None = None  # None: everywhere
     reward: str = "auto"
     num_candidates: Any = 1
     alpha: Any = 0.0
@@ -113,6 +113,7 @@ def resolve(cfg) -> RunSpec:
     model, solver, guidance = plain["model"], plain["solver"], plain["guidance"]
     sampling = {k: plain[k] for k in SamplingSpec.__dataclass_fields__}
     sampling["final"] = _final(plain["final"], solver)
+    sampling["spacing"] = _spacing(plain["spacing"], solver)
     sampling["time_shift"] = plain["time_shift"] or None
     return RunSpec(
         model=model_spec(model),
@@ -137,6 +138,18 @@ def _plain(value):
 
 def _tupled(d: dict, key: str) -> dict:
     return {**d, key: tuple(d[key])} if d.get(key) is not None else {k: v for k, v in d.items() if k != key}
+
+
+def _spacing(spacing: str | None, solver: dict) -> str:
+    """spacing: null means the solver's own: the one an A1111 name fixes ("DPM++ 2M Karras"), else
+    the default (time_uniform).  A different one given with such a name is refused by make_plan."""
+    if spacing is not None:
+        return spacing
+    from ..samplers.aliases import alias_of
+    from ..samplers.loop import DEFAULT_SPACING
+
+    alias = alias_of(solver.get("name"))
+    return alias.spacing if alias is not None and alias.spacing else DEFAULT_SPACING
 
 
 def _final(final: str | None, solver: dict) -> str:

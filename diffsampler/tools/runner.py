@@ -68,6 +68,8 @@ def _pipeline_denoiser(m: ModelSpec, g: GuidanceSpec, device):
         kw.update(prompt=m.prompt, negative_prompt=m.negative_prompt)
     if m.class_label is not None:
         kw.update(class_labels=torch.tensor([m.class_label], device=device), null_class=m.null_class)
+    if g.name == "cfg" and g.interval is not None:
+        kw["guidance_interval"] = tuple(g.interval)
     return denoiser_from_pipeline(pipe, scale, g.rescale if g.name == "cfg" else 0.0, **kw)
 
 
