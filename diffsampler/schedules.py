@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import grids
-from .grids import AYS_SPACINGS, NAMED_SPACINGS, SIGMA_SPACINGS
+from .grids import AYS_SPACINGS, NAMED_SPACINGS
 
 __all__ = [
     "NoiseSchedule",
@@ -378,7 +378,8 @@ def time_grid(
     final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
     last grid time.  Both lay steps + 1 points on [t_end, t_start] by the spacing; "zero" replaces
     the last one (t_end) by sigma = 0, as diffusers' linspace grids do, so no model call is spent
-    at t_end just before the jump.  For diffusers spacings it reproduces `final_sigmas_type`.
+    at t_end just before the jump.  The named grids follow their references instead: "zero" is the
+    reference's `steps` points then sigma = 0 (k-diffusion's karras: the last call at sigma_min).  For diffusers spacings it reproduces `final_sigmas_type`.
     """
     if final not in FINALS:
         raise ValueError(f"final must be one of {FINALS}, got {final!r}")

@@ -171,3 +171,46 @@ def test_list_prints_solvers_aliases_spacings_guidance_plans():
     for name, a in ALIASES.items():
         line = next(l for l in text.splitlines() if l.strip().startswith(repr(name)))
         assert ("[refused" in line) == (not _usable(name)), line
+
+
+# --- the names give what A1111 / ComfyUI give: k-diffusion's sampler on k-diffusion's sigmas -----
+
+def _kdiffusion():
+    from test_parity_kdiffusion import _load_kdiffusion_sampling  # the one loader of k-diffusion's sampling.py
+
+    return _load_kdiffusion_sampling()
+
+
+KDIFF_RUNS = [  # (alias, spacing given, k-diffusion sampler, sigma function, model calls for 10 sigmas)
+    ("DPM++ 2M Karras", None, "sample_dpmpp_2m", "get_sigmas_karras", 10),
+    ("DPM++ 2M", "exponential", "sample_dpmpp_2m", "get_sigmas_exponential", 10),
+    ("LMS Karras", None, "sample_lms", "get_sigmas_karras", 10),
+    ("Euler", "karras", "sample_euler", "get_sigmas_karras", 10),
+    ("Heun", "karras", "sample_heun", "get_sigmas_karras", 19),
+    ("DPM2 Karras", None, "sample_dpm_2", "get_sigmas_karras", 19),
+]
+
+
+@pytest.mark.parametrize("name, spacing, fn, sigmas_fn, nfe", KDIFF_RUNS)
+def test_alias_equals_kdiffusion_on_its_sigmas(problem, name, spacing, fn, sigmas_fn, nfe):
+    schedule, den, x = problem
+    if not _usable(name):
+        pytest.skip(f"{name!r}: {ALIASES[name].solver} is not registered")
+    K = _kdiffusion()
+    rho_min, rho_max = float(schedule.rho(schedule.t_min)), float(schedule.rho(schedule.t_max))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # k-diffusion's sigma ramp in float64
+    try:
+        sigmas = getattr(K, sigmas_fn)(10, rho_min, rho_max)
+    finally:
+        torch.set_default_dtype(old)
+    gmm = den.model.gmm
+
+    def model(v, rho):
+        t = schedule.t_from_lambda(-rho.double().flatten()[:1].log())
+        a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+        return gmm.posterior_mean(v * a, a, s)
+
+    want = getattr(K, fn)(model, x / float(schedule.alpha(schedule.t_max)), sigmas, disable=True)
+    got = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

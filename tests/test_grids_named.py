@@ -8,9 +8,6 @@ AYS authors' log-linear interpolation.  final="zero": the reference's list for `
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,16 +31,9 @@ SCHEDULES = {"linear": DiscreteVP.linear, "sd": _sd, "edm": lambda: EDM(0.002, 8
 
 
 def _kdiffusion_sampling():
-    """k-diffusion's sampling.py on its own (its package __init__ pulls in its training stack); the
-    get_sigmas_* functions need nothing from k_diffusion.utils."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
-    src = path.read_text().replace("from . import utils", "utils = None")
-    mod: dict = {"__name__": "_kdiffusion_sigmas"}
-    exec(compile(src, str(path), "exec"), mod)
-    return mod
+    from test_parity_kdiffusion import _load_kdiffusion_sampling  # the one loader of k-diffusion's sampling.py
+
+    return _load_kdiffusion_sampling()
 
 
 @contextlib.contextmanager
@@ -78,14 +68,14 @@ def test_kdiffusion_sigma_grids(spacing, fn, kw, sch, steps):
     schedule = SCHEDULES[sch]()
     s_min, s_max = _ends(schedule)
     with _default_dtype(torch.float64):  # k-diffusion's ramp in float64: the formula, not its float32 round-off
-        want = kd[fn](steps, s_min, s_max, **kw).numpy()
-        want_last = kd[fn](steps + 1, s_min, s_max, **kw).numpy()[:-1]
+        want = getattr(kd, fn)(steps, s_min, s_max, **kw).numpy()
+        want_last = getattr(kd, fn)(steps + 1, s_min, s_max, **kw).numpy()[:-1]
     np.testing.assert_allclose(_levels(time_grid(schedule, steps, spacing, final="zero", **kw)), want,
                                rtol=1e-10, atol=0)
     np.testing.assert_allclose(_levels(time_grid(schedule, steps, spacing, final="last", **kw)), want_last,
                                rtol=1e-10, atol=0)
     # and what k-diffusion computes by default (float32 ramp), to its precision
-    want32 = kd[fn](steps, s_min, s_max, **kw).numpy()
+    want32 = getattr(kd, fn)(steps, s_min, s_max, **kw).numpy()
     np.testing.assert_allclose(_levels(time_grid(schedule, steps, spacing, final="zero", **kw)), want32, rtol=1e-5)
 
 
@@ -268,7 +258,7 @@ def test_karras_between_given_times():
     g = time_grid(schedule, 6, "karras", final="last", t_start=800.0, t_end=100.0)
     kd = _kdiffusion_sampling()
     with _default_dtype(torch.float64):
-        want = kd["get_sigmas_karras"](7, float(schedule.rho(100.0)), float(schedule.rho(800.0))).numpy()[:-1]
+        want = kd.get_sigmas_karras(7, float(schedule.rho(100.0)), float(schedule.rho(800.0))).numpy()[:-1]
     np.testing.assert_allclose(_levels(g), want, rtol=1e-10)
 
 
