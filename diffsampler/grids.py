@@ -19,7 +19,8 @@ import numpy as np
 
 __all__ = ["NAMED_SPACINGS", "SIGMA_SPACINGS", "TABLE_SPACINGS", "AYS_SPACINGS", "AYS_PUBLISHED", "karras_sigmas",
            "exponential_sigmas", "polyexponential_sigmas", "beta_sigmas", "ays_sigmas", "loglinear_interp",
-           "simple_times", "ddim_uniform_times", "normal_times", "spacing_options"]
+           "simple_times", "ddim_uniform_times", "normal_times", "spacing_options", "SPACING_ALIASES",
+           "canonical_spacing"]
 
 #: grids built from the schedule's end noise levels sigma_max, sigma_min
 SIGMA_SPACINGS = ("karras", "exponential", "polyexponential", "beta")
@@ -29,6 +30,13 @@ TABLE_SPACINGS = ("simple", "ddim_uniform", "normal", "sgm_uniform")
 #: Align Your Steps (Sabour et al. 2024), the published 10-step schedules
 AYS_SPACINGS = ("ays_sd15", "ays_sdxl", "ays_svd")
 NAMED_SPACINGS = SIGMA_SPACINGS + TABLE_SPACINGS + AYS_SPACINGS
+#: AUTOMATIC1111's schedule-type labels for these grids (modules/sd_schedulers.py): its "Uniform"
+#: is k-diffusion's DiscreteSchedule.get_sigmas (uniform in t, the last call at t = 0: "normal"),
+#: its "DDIM" ComfyUI's ddim_uniform.  Its "Beta" (Beta quantiles of the timestep table) and "Align
+#: Your Steps" (n points ending at sigma_min, then 0) are other grids than `beta` / `ays_*`: no alias.
+SPACING_ALIASES = {"Uniform": "normal", "Karras": "karras", "Exponential": "exponential",
+                   "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "Simple": "simple",
+                   "Normal": "normal", "DDIM": "ddim_uniform"}
 
 #: The published 10-step AYS noise levels as diffusers ships them (`AysSchedules`, which ends them
 #: with 0.0), followed by the schedule's sigma_min that the authors' lists end at before that 0
@@ -51,6 +59,11 @@ _OPTIONS = {
     "ddim_uniform": {},
     **{name: {} for name in AYS_SPACINGS},
 }
+
+
+def canonical_spacing(spacing):
+    """The grid name an A1111 schedule-type label stands for (other values as they are)."""
+    return SPACING_ALIASES.get(spacing, spacing) if isinstance(spacing, str) else spacing
 
 
 def spacing_options(name: str, given: dict) -> dict:

@@ -290,7 +290,7 @@ def _is_number(v) -> bool:
 #: the named grids (k-diffusion, diffusers, ComfyUI, Align Your Steps) are in grids.py
 SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "linspace", "leading", "trailing",
             "diffusers_karras", "diffusers_exponential", "diffusers_lu", "diffusers_beta",
-            "ddim_linspace", "ddim_leading") + NAMED_SPACINGS
+            "ddim_linspace", "ddim_leading") + NAMED_SPACINGS + tuple(grids.SPACING_ALIASES)
 #: the integer-timestep grids of diffusers' discrete schedulers: DPMSolver-style (linspace / leading /
 #: trailing) and DDIM / DDPM / PNDM-style (ddim_linspace / ddim_leading; their trailing is "trailing")
 DIFFUSERS_TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "ddim_linspace", "ddim_leading")
@@ -398,6 +398,7 @@ def time_grid(
         if ts.numel() != want:
             raise ValueError(f"explicit grid has {ts.numel()} times; {steps} steps with final={final!r} need {want}")
         return TimeGrid.from_times(schedule, ts, final_zero)
+    spacing = grids.canonical_spacing(spacing)  # A1111's labels ("Karras", "SGM Uniform", ...)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS} or pass explicit times")
     if spacing in NAMED_SPACINGS:

@@ -288,7 +288,7 @@ def test_sample_and_adapter_use_the_named_grid(spacing):
     np.testing.assert_allclose(sched.sigmas.double().numpy(), _levels(grid).astype(np.float32), rtol=1e-6)
 
 
-@pytest.mark.parametrize("spacing", NAMED[:-2])
+@pytest.mark.parametrize("spacing", NAMED[:-2] + ("SGM Uniform",))
 def test_hydra_accepts_named_spacings(spacing):
     from hydra import compose, initialize_config_module
 
@@ -312,3 +312,39 @@ def test_hydra_refuses_ays_on_another_schedule():
         cfg = compose("config", overrides=["model=gmm", "spacing=ays_sd15"])
     with pytest.raises(ConfigError, match=r"spacing='ays_sd15' does not apply.*published for noise levels"):
         validate(cfg)
+
+
+# --- AUTOMATIC1111's schedule-type labels ----------------------------------------------------------
+
+@pytest.mark.parametrize("label, name", [("Karras", "karras"), ("Exponential", "exponential"),
+                                         ("Polyexponential", "polyexponential"), ("SGM Uniform", "sgm_uniform"),
+                                         ("Simple", "simple"), ("Normal", "normal"), ("Uniform", "normal"),
+                                         ("DDIM", "ddim_uniform")])
+def test_a1111_schedule_labels_are_the_grids(label, name):
+    schedule = _sd()
+    assert label in SPACINGS
+    for final in ("zero", "last"):
+        np.testing.assert_array_equal(time_grid(schedule, 8, label, final=final).t,
+                                      time_grid(schedule, 8, name, final=final).t)
+    sched = DiffSamplerScheduler.from_config(DDPMScheduler(**SD_CFG).config, solver="dpmpp_2m", spacing=label)
+    assert sched.spacing == name
+
+
+def test_a1111_uniform_is_kdiffusion_discrete_get_sigmas():
+    # k-diffusion's DiscreteSchedule.get_sigmas(n): t = linspace(T - 1, 0, n), sigma by log-sigma interpolation
+    schedule = _sd()
+    s = _ComfyDiscrete(schedule.alphas_cumprod, torch.float64)
+    t = torch.linspace(999, 0, 10, dtype=torch.float64)
+    want = np.append(s.sigma(t).numpy(), 0.0)
+    np.testing.assert_allclose(_levels(time_grid(schedule, 10, "Uniform")), want, rtol=1e-10)
+
+
+def test_a1111_labels_with_sampler_names():
+    from diffsampler.samplers.loop import make_plan
+
+    schedule = _sd()
+    a = make_plan("DPM++ 2M", schedule, 8, spacing="Karras")
+    b = make_plan("DPM++ 2M Karras", schedule, 8, spacing="Karras")  # the same grid: accepted
+    np.testing.assert_array_equal(a.grid.t, b.grid.t)
+    with pytest.raises(ValueError, match=r"fixes spacing='karras'; spacing='Exponential' cannot apply"):
+        make_plan("DPM++ 2M Karras", schedule, 8, spacing="Exponential")

@@ -34,6 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..denoisers import PREDICTION_TYPES, Denoiser, Thresholded
+from ..grids import canonical_spacing
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
@@ -220,6 +221,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(solver=solver)
         self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
         fixed = self.solver.alias_spacing  # an A1111 name with its schedule ("DPM++ 2M Karras")
+        spacing = canonical_spacing(spacing)  # A1111's schedule-type labels ("Karras", ...)
         if fixed is not None and spacing not in (None, fixed):
             raise ValueError(f"solver {solver!r} fixes spacing={fixed!r}; spacing={spacing!r} cannot apply (drop "
                              f"it, or name the sampler without its schedule: solver={self.solver.name!r})")

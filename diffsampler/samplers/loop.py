@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..grids import canonical_spacing
 from ..schedules import FINALS, SPACINGS, TimeGrid, schedule_differences, time_grid
 from .plan import Plan, run_plan
 from .registry import Solver, get
@@ -119,7 +120,7 @@ def _check_alias_spacing(s: Solver, spacing, grid=None) -> None:
     if fixed is None or (grid is None and spacing is None):
         return
     name = spacing.get("name") if isinstance(spacing, dict) else spacing
-    if grid is None and name == fixed:
+    if grid is None and canonical_spacing(name) == fixed:
         return
     what = "grid=" if grid is not None else f"spacing={spacing!r}"
     raise ValueError(f"solver {s.alias!r} fixes spacing={fixed!r}; {what} cannot apply (drop it, or name the "
