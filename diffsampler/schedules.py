@@ -32,6 +32,9 @@ __all__ = [
     "DIFFUSERS_SIGMA_SPACINGS",
     "DIFFUSERS_TIMESTEP_SPACINGS",
     "diffusers_sigmas",
+    "diffusers_sigma_to_t",
+    "diffusers_k_grid",
+    "K_CLASSES",
 ]
 
 # lambda below this is treated as "pure noise" (alpha ~ 1e-13); keeps h finite for alpha = 0 schedules.
@@ -557,10 +560,89 @@ def diffusers_sigmas(schedule: NoiseSchedule, n: int, spacing: str) -> tuple[np.
 
         sig = np.array([s_min + ppf * (s_max - s_min)
                         for ppf in [scipy.stats.beta.ppf(u, 0.6, 0.6) for u in 1 - np.linspace(0, 1, n)]])
-    # log-sigma interpolation between table entries (diffusers' _sigma_to_t)
-    log_sig = np.log(np.maximum(sig, 1e-10))
+    t = diffusers_sigma_to_t(sig, log_table)
+    return np.asarray(sig, dtype=np.float64), t.astype(np.float64)
+
+
+def diffusers_sigma_to_t(sigma, log_table: np.ndarray) -> np.ndarray:
+    """diffusers' `_sigma_to_t`: the fractional timestep of each noise level `sigma` (sigma / alpha),
+    interpolating log sigma linearly between the entries of `log_table` (log of the float32 table
+    sqrt((1 - alpha_bar) / alpha_bar), index = timestep), clipped to the table's range."""
+    log_sig = np.log(np.maximum(np.asarray(sigma), 1e-10))
     dists = log_sig - log_table[:, np.newaxis]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
     w = np.clip((log_table[low] - log_sig) / (log_table[low] - log_table[low + 1]), 0, 1)
-    t = (1 - w) * low + w * (low + 1)
-    return np.asarray(sig, dtype=np.float64), t.astype(np.float64)
+    return ((1 - w) * low + w * (low + 1)).astype(np.float64)
+
+
+#: diffusers' sigma-space (k-diffusion style) scheduler classes whose grids `diffusers_k_grid` builds
+K_CLASSES = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+def diffusers_k_grid(schedule: NoiseSchedule, steps: int, class_name: str = "EulerDiscreteScheduler", *,
+                     timestep_spacing: str = "linspace", steps_offset: int = 0, interpolation_type: str = "linear",
+                     sigmas: str | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+                     final_sigmas_type: str = "zero") -> tuple[np.ndarray, np.ndarray, float]:
+    """The noise levels and model timesteps of `set_timesteps(steps)` of diffusers' sigma-space
+    scheduler `class_name` (one of K_CLASSES) on a DiscreteVP, computed as diffusers does:
+
+    timesteps by `timestep_spacing` (linspace: fractional, np.linspace(0, T - 1, steps); leading:
+    (arange(steps) * (T // steps)) + steps_offset; trailing: round(arange(T, 0, -T / steps)) - 1),
+    sigma = sqrt((1 - alpha_bar) / alpha_bar) of the float32 table interpolated linearly in t
+    (`interpolation_type` "linear"; "log_linear": steps + 1 levels uniform in log sigma over the whole
+    table, EulerDiscrete only), or `sigmas` = "karras" / "exponential" / "beta" (use_*_sigmas: the
+    grids.py lists between the levels' ends, or `sigma_min` / `sigma_max` where given, EulerDiscrete
+    only) with timesteps from `diffusers_sigma_to_t` (rounded by the KDPM2 classes for karras).
+
+    Returns (sigmas, timesteps, end): the float32 noise levels of the model calls at grid points
+    (as float64), their model timesteps (float64), and the end level (0, or the table's sigma_min for
+    final_sigmas_type="sigma_min", or log_linear's last level)."""
+    from . import grids as _grids
+
+    if class_name not in K_CLASSES:
+        raise ValueError(f"unknown class {class_name!r}; diffusers_k_grid builds the grids of {K_CLASSES}")
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"{class_name}'s grid needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    T = schedule.num_train_timesteps
+    acp = schedule.alphas_cumprod.to(torch.float32)
+    table = np.array(((1 - acp) / acp) ** 0.5)  # float32, as the classes' __init__
+    log_table = np.log(table)
+    if timestep_spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+    elif timestep_spacing == "leading":
+        ts = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.float32) + steps_offset
+    elif timestep_spacing == "trailing":
+        ts = np.arange(T, 0, -T / steps).round().copy().astype(np.float32) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {timestep_spacing!r}")
+    if interpolation_type == "linear":
+        sig = np.interp(ts, np.arange(0, len(table)), table)
+    elif interpolation_type == "log_linear":
+        sig = torch.linspace(np.log(table[-1]), np.log(table[0]), steps + 1).exp().numpy()
+    else:
+        raise ValueError(f"interpolation_type must be 'linear' or 'log_linear', got {interpolation_type!r}")
+    ts = ts.astype(np.float64)
+    if sigmas is not None:
+        lo = float(sig[-1]) if sigma_min is None else float(sigma_min)
+        hi = float(sig[0]) if sigma_max is None else float(sigma_max)
+        make = {"karras": _grids.karras_sigmas, "exponential": _grids.exponential_sigmas,
+                "beta": _grids.beta_sigmas}.get(sigmas)
+        if make is None:
+            raise ValueError(f"sigmas must be None, 'karras', 'exponential' or 'beta', got {sigmas!r}")
+        sig = make(steps, lo, hi)
+        ts = diffusers_sigma_to_t(sig, log_table)
+        if sigmas == "karras" and class_name.startswith("KDPM2"):
+            ts = np.round(ts)
+    if final_sigmas_type == "zero":
+        end = 0.0
+    elif final_sigmas_type == "sigma_min":
+        end = float(((1 - acp[0]) / acp[0]) ** 0.5)
+    else:
+        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+    sig = np.concatenate([sig, [end]]).astype(np.float32).astype(np.float64)
+    if len(sig) > steps + 1:  # log_linear: steps + 1 levels before the end; the run stops at the last
+        sig = sig[:steps + 1]
+    return sig[:steps], ts[:steps], float(sig[steps])

@@ -171,3 +171,152 @@ def test_hydra_runs_the_solvers_with_options(tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("solver=lms", "+solver.options.s_noise=0.9", "nfe=5", f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.returncode != 0 and "s_noise" in r.stderr + r.stdout
+
+
+# -- diffusers' sigma-space classes, reproduced by from_config with no solver named --------------------
+
+import diffusers  # noqa: E402
+
+from diffsampler.eval.gmm import GMMModel  # noqa: E402
+from diffsampler.pipelines import DiffSamplerScheduler  # noqa: E402
+from diffusers_loop import run_diffusers  # noqa: E402
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+KARRAS, EXP, BETA = dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True)
+V, S = dict(prediction_type="v_prediction"), dict(prediction_type="sample")
+CONFIGS = {
+    "EulerDiscreteScheduler": [{}, KARRAS, EXP, BETA, V, S, SD, dict(timestep_spacing="leading", steps_offset=1),
+                               dict(timestep_spacing="trailing", **V), dict(interpolation_type="log_linear"),
+                               dict(final_sigmas_type="sigma_min", timestep_spacing="trailing"),
+                               dict(final_sigmas_type="sigma_min"), dict(sigma_min=0.05, sigma_max=10.0, **KARRAS, **SD),
+                               dict(timestep_type="continuous", **V, **KARRAS)],
+    "EulerAncestralDiscreteScheduler": [{}, V, SD, dict(timestep_spacing="trailing"),
+                                        dict(timestep_spacing="leading", steps_offset=1)],
+    "HeunDiscreteScheduler": [{}, KARRAS, EXP, V, S, dict(clip_sample=True, clip_sample_range=1.5),
+                              dict(timestep_spacing="trailing", beta_schedule="linear")],
+    "LMSDiscreteScheduler": [{}, KARRAS, BETA, V, S, SD, dict(timestep_spacing="leading", steps_offset=1)],
+    "KDPM2DiscreteScheduler": [{}, KARRAS, EXP, V, dict(timestep_spacing="trailing")],
+    "KDPM2AncestralDiscreteScheduler": [{}, KARRAS, V, dict(timestep_spacing="leading", steps_offset=1)],
+}
+K_CASES = [(c, kw) for c, kws in CONFIGS.items() for kw in kws]
+
+
+def _pair(cls, kw):
+    ref = getattr(diffusers, cls)(**kw)
+    ours = DiffSamplerScheduler.from_config(ref)
+    return ref, ours
+
+
+@pytest.mark.parametrize("cls,kw", K_CASES, ids=[f"{c}-{kw}" for c, kw in K_CASES])
+def test_sigma_space_classes_reproduced_in_the_standard_loop(gmm16, cls, kw):
+    """The same samples as diffusers' class (max abs diff <= 1e-4, measured <= 5e-5) at NFE 5 / 10 / 25
+    (the class's num_inference_steps), with its timesteps, sigmas and init_noise_sigma; the ancestral
+    ones with the same generator."""
+    ref, ours = _pair(cls, kw)
+    assert ours.config.convention == cls
+    model = GMMModel(gmm16, ours.schedule, ref.config.prediction_type)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    stochastic = "Ancestral" in cls
+    for n in (5, 10, 25):
+        gens = [torch.Generator().manual_seed(7) if stochastic else None for _ in range(2)]
+        want = run_diffusers(ref, model, n, x, generator=gens[0])
+        got = run_diffusers(ours, model, n, x, generator=gens[1])
+        drop = 1 if kw.get("final_sigmas_type") == "sigma_min" and kw.get("timestep_spacing") != "trailing" else 0
+        assert len(ours.timesteps) == len(ref.timesteps) - drop and ours.timesteps.dtype == torch.float32
+        assert torch.allclose(ours.timesteps.double(), ref.timesteps[:len(ours.timesteps)].double(), atol=1e-3)
+        assert float(ours.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+        if ref.order == 1:
+            assert torch.allclose(ours.sigmas[:-1], ref.sigmas[:len(ours.sigmas) - 1], rtol=1e-6)
+        err = float((got - want).abs().max())
+        assert err <= 1e-4, (n, err)
+
+
+@pytest.fixture(scope="module")
+def gmm16():
+    return GaussianMixture.random(16, 4, seed=1, scale=1.0, std=(0.2, 0.5))
+
+
+@pytest.mark.parametrize("cls", list(CONFIGS))
+def test_sigma_space_conventions_add_noise_scale_and_img2img(gmm16, cls):
+    """add_noise at the class's sigma of a timestep (before and after set_timesteps, repeated entries as
+    diffusers picks them), scale_model_input, order, and an img2img start (set_begin_index(t_start *
+    order) on add_noise's sample) give diffusers' numbers."""
+    ref, ours = _pair(cls, {})
+    x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([999, 500, 3, 0])
+    assert torch.allclose(ours.add_noise(x0, z, t), ref.add_noise(x0, z, t.float()), rtol=1e-6, atol=1e-6)
+    n = 6
+    ref.set_timesteps(n)
+    ours.set_timesteps(n)
+    assert ours.order == ref.order and ours.num_inference_steps == n
+    for j in range(len(ref.timesteps)):
+        tt = ref.timesteps[j:j + 1].repeat(4)
+        assert torch.allclose(ours.add_noise(x0, z, tt), ref.add_noise(x0, z, tt), rtol=1e-6, atol=1e-6), j
+    assert torch.allclose(ours.scale_model_input(z, ours.timesteps[0]), ref.scale_model_input(z, ref.timesteps[0]))
+    # img2img: start at step t_start with add_noise's sample, as StableDiffusionImg2ImgPipeline does
+    # (diffusers' LMS restarted there sums its order-3 coefficients over the one derivative it has;
+    # lms warms up again, and says so)
+    if cls == "LMSDiscreteScheduler":
+        with pytest.warns(UserWarning, match="truncated"):
+            ours.set_begin_index(2)
+        return
+    model = GMMModel(gmm16, ours.schedule)
+    outs = []
+    for sched in (ref, ours):
+        sched.set_timesteps(n)
+        begin = 2 * sched.order
+        ts = sched.timesteps[begin:]
+        sched.set_begin_index(begin)
+        x = sched.add_noise(x0, z, ts[:1].repeat(4))
+        g = torch.Generator().manual_seed(5)
+        for tt in ts:
+            kw = {"generator": g} if "Ancestral" in cls else {}
+            x = sched.step(model(sched.scale_model_input(x, tt), tt).sample, tt, x, **kw).prev_sample
+        outs.append(x)
+    assert float((outs[0] - outs[1]).abs().max()) <= 1e-4
+
+
+def test_sigma_space_class_options_the_mapping_cannot_honour_are_refused():
+    ours = DiffSamplerScheduler.from_config(diffusers.EulerDiscreteScheduler())
+    ours.set_timesteps(4)
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="s_churn"):
+        ours.step(x, ours.timesteps[0], x, s_churn=0.5)
+    lms = DiffSamplerScheduler.from_config(diffusers.LMSDiscreteScheduler())
+    lms.set_timesteps(4)
+    with pytest.raises(TypeError, match="order"):
+        lms.step(x, lms.timesteps[0], x, order=2)
+    for cls in ("EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        with pytest.raises(ValueError, match="prediction_type='sample'"):
+            DiffSamplerScheduler.from_config(getattr(diffusers, cls)(prediction_type="sample"))
+    for cls in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        with pytest.raises(ValueError, match="rescale_betas_zero_snr=True"):
+            DiffSamplerScheduler.from_config(getattr(diffusers, cls)(rescale_betas_zero_snr=True))
+    # LMS and KDPM2* share their config keys: a config without _class_name is refused naming them
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler"):
+        DiffSamplerScheduler.from_config(dict(diffusers.LMSDiscreteScheduler().config))
+    # the convention's grid is the class's own: a spacing, a key of another class, final='last' elsewhere
+    with pytest.raises(ValueError, match="spacing='karras'"):
+        DiffSamplerScheduler(solver="heun", convention="HeunDiscreteScheduler", spacing="karras")
+    with pytest.raises(ValueError, match="interpolation_type"):
+        DiffSamplerScheduler(solver="heun", convention="HeunDiscreteScheduler", interpolation_type="log_linear")
+    with pytest.raises(ValueError, match="final='last'"):
+        DiffSamplerScheduler(solver="lms", convention="LMSDiscreteScheduler", final="last")
+    with pytest.raises(ValueError, match="convention must be"):
+        DiffSamplerScheduler(solver="euler", convention="DDIMScheduler")
+
+
+def test_naming_a_solver_keeps_the_class_grid_only_by_convention(gmm16):
+    """from_config(euler_cfg, solver=...) upgrades the solver on diffsampler's own conventions; with
+    convention=<class> the named solver runs on that class's grid and conventions."""
+    cfg = diffusers.EulerDiscreteScheduler(**KARRAS).config
+    up = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    assert up.convention is None
+    k = DiffSamplerScheduler.from_config(cfg, solver="dpm2", convention="EulerDiscreteScheduler")
+    k.set_timesteps(5)
+    assert len(k.timesteps) == 9 and k.order == 2
+    model = GMMModel(gmm16, k.schedule)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    out = run_diffusers(k, model, 5, x)
+    assert torch.isfinite(out).all()

@@ -24,6 +24,14 @@ SUPPORTED_CLASSES = {
                                    "use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas / use_beta_sigmas "
                                    "as the spacings diffusers_karras / _exponential / _lu / _beta)",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
+    "EulerDiscreteScheduler": "euler on the class's sigma grid (convention='EulerDiscreteScheduler': timestep_spacing, "
+                              "steps_offset, interpolation_type, use_karras / exponential / beta_sigmas, sigma_min / "
+                              "sigma_max, final_sigmas_type, timestep_type; s_churn in step() is refused)",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral (eta=1) on the class's grid, the same generator's noise",
+    "HeunDiscreteScheduler": "heun on the class's grid (n steps, 2n - 1 model calls; clip_sample)",
+    "LMSDiscreteScheduler": "lms (order 4; step()'s order argument is refused) on the class's grid",
+    "KDPM2DiscreteScheduler": "dpm2 on the class's grid (n steps, 2n - 1 model calls)",
+    "KDPM2AncestralDiscreteScheduler": "dpm2_ancestral (eta=1) on the class's grid, the same generator's noise",
 }
 
 
@@ -183,6 +191,30 @@ def _deis(r):
                 solver_options={"lower_order_final": bool(r["lower_order_final"])})
 
 
+def _k_class(solver: str, preds: tuple, sigma_grids: bool = True, clip: bool = False):
+    """A sigma-space class (Euler, Heun, LMS, KDPM2 and their ancestral forms): `solver` on the class's own
+    grid and conventions (DiffSamplerScheduler(convention=<class>), schedules.diffusers_k_grid)."""
+    def mapper(r):
+        r.require("prediction_type", preds, " -- diffusers' own class raises for it" if "sample" not in preds else "")
+        r.require("timestep_spacing", ("linspace", "leading", "trailing"))
+        if not sigma_grids:
+            r.off("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        if r["beta_schedule"] == "exp":
+            raise ValueError(f"{r.name}: beta_schedule='exp' cannot be reproduced by diffsampler (supported: "
+                             "'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas)")
+        if r["rescale_betas_zero_snr"]:
+            raise ValueError(f"{r.name}: rescale_betas_zero_snr=True cannot be reproduced by diffsampler (supported: "
+                             "False): diffusers sets the last alpha_bar to 2^-24, above the one before it on the "
+                             "rescaled schedule (a noise table that is not monotone), which a noise schedule cannot "
+                             "represent; name a solver to sample with the floored schedule anyway")
+        out = dict(solver=solver, convention=r.name, thresholding=False,
+                   clip_sample=bool(r["clip_sample"]) if clip else False)
+        if r.name == "EulerDiscreteScheduler":
+            out["final"] = _final(r)
+        return out
+    return mapper
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -195,9 +227,12 @@ _MAPPERS = {
     "DDIMScheduler": _ddim,
     "DPMSolverMultistepScheduler": _dpmsolver_multistep,
     "DEISMultistepScheduler": _deis,
-    # the registry has these methods, but not yet diffusers' grids for them (max abs diff > 1e-4)
-    "EulerDiscreteScheduler": _not_yet("its sigma-space grid is not reproduced to 1e-4"),
-    "HeunDiscreteScheduler": _not_yet("its grid (n steps, 2n - 1 model calls) is not reproduced"),
+    "EulerDiscreteScheduler": _k_class("euler", ("epsilon", "v_prediction", "sample")),
+    "EulerAncestralDiscreteScheduler": _k_class("euler_ancestral", ("epsilon", "v_prediction"), sigma_grids=False),
+    "HeunDiscreteScheduler": _k_class("heun", ("epsilon", "v_prediction", "sample"), clip=True),
+    "LMSDiscreteScheduler": _k_class("lms", ("epsilon", "v_prediction", "sample")),
+    "KDPM2DiscreteScheduler": _k_class("dpm2", ("epsilon", "v_prediction")),
+    "KDPM2AncestralDiscreteScheduler": _k_class("dpm2_ancestral", ("epsilon", "v_prediction")),
     "FlowMatchEulerDiscreteScheduler": _not_yet("its grid (n times from 1 to 1/n, then 0) is not reproduced"),
     "PNDMScheduler": _not_yet("its PRK / PLMS warm-up is not in the registry (pndm is iPNDM)"),
     "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),

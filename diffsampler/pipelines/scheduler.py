@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -38,8 +39,8 @@ from ..grids import canonical_spacing
 from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
-from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, SPACINGS, DiscreteVP, RectifiedFlow,
-                         TimeGrid, diffusers_sigmas, time_grid)
+from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, K_CLASSES, SPACINGS, DiscreteVP,
+                         RectifiedFlow, TimeGrid, diffusers_k_grid, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
 
 from .parity import parity_arguments as _parity
 
@@ -191,6 +192,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sample_max_value: float = 1.0,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
+        convention: str | None = None,
         **kwargs,
     ):
         solver_options = self._route_keywords(solver, solver_options, kwargs)
@@ -242,10 +244,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"final must be 'zero' or 'last', got {final!r}")
         self.final = final
         self.grid_shift = shift if shift is not None else (flow_shift if use_flow_sigmas else None)
-        self.init_noise_sigma = float(self.schedule.prior_std)
+        self._prior_std = float(self.schedule.prior_std)
+        self.convention = self._check_convention(convention, self.config.spacing)
         # pipelines read `order` as model calls per entry of `timesteps` (warm-up counts, img2img's
-        # set_begin_index(t_start * order)); ours has one entry per model call
-        self.order = 1
+        # set_begin_index(t_start * order)); ours has one entry per model call, except under a
+        # two-call class's convention (Heun, KDPM2: diffusers' order 2, num_inference_steps = steps)
+        self.order = int(self.solver.nfe_per_step) if self.convention else 1
         self.solver_order = int(self.solver.order)
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
@@ -278,6 +282,69 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self._internal_dict = FrozenDict({**{k: v for k, v in self._internal_dict.items() if k not in moved},
                                           "solver_options": merged})
         return merged
+
+    #: the config keys of a sigma-space class's grid (diffusers_k_grid) and the classes that have each
+    _K_KEYS = {"interpolation_type": ("EulerDiscreteScheduler",), "sigma_min": ("EulerDiscreteScheduler",),
+               "sigma_max": ("EulerDiscreteScheduler",), "timestep_type": ("EulerDiscreteScheduler",),
+               "use_karras_sigmas": K_CLASSES[:1] + K_CLASSES[2:], "use_exponential_sigmas": K_CLASSES[:1] + K_CLASSES[2:],
+               "use_beta_sigmas": K_CLASSES[:1] + K_CLASSES[2:]}
+    _K_DEFAULTS = {"interpolation_type": "linear", "sigma_min": None, "sigma_max": None, "timestep_type": "discrete",
+                   "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+    def _check_convention(self, convention, spacing):
+        """`convention`: None, or a diffusers sigma-space class (schedules.K_CLASSES) whose conventions the
+        adapter follows: the sample is x / alpha (k-diffusion's x = x0 + sigma eps, sigma = sigma_t /
+        alpha_t), `init_noise_sigma` and `scale_model_input` (divide by sqrt(sigma^2 + 1)) as that class,
+        `num_inference_steps` counts its steps (Heun, KDPM2: 2n - 1 model calls), `timesteps` float32,
+        `add_noise` = x0 + sigma eps at the class's sigma of the timestep, and the grid is the class's
+        (`schedules.diffusers_k_grid`, from the config's timestep_spacing, steps_offset, final_sigmas_type,
+        interpolation_type, use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, sigma_min,
+        sigma_max, timestep_type)."""
+        if convention is None:
+            return None
+        if convention not in K_CLASSES:
+            raise ValueError(f"convention must be None or one of {K_CLASSES}, got {convention!r}")
+        if self.is_flow:
+            raise ValueError(f"convention={convention!r} needs a discrete VP schedule; this config is a flow schedule")
+        if spacing is not None:
+            raise ValueError(f"spacing={spacing!r} cannot apply with convention={convention!r}: the grid is "
+                             f"{convention}'s own (timestep_spacing and the use_*_sigmas keys choose it)")
+        c = self.config
+        for key, classes in self._K_KEYS.items():
+            v = c.get(key, self._K_DEFAULTS[key])
+            if v != self._K_DEFAULTS[key] and convention not in classes:
+                raise ValueError(f"{key}={v!r} cannot apply with convention={convention!r}: it is a key of "
+                                 f"{', '.join(classes)} only")
+        if self.final != "zero" and convention != "EulerDiscreteScheduler":
+            raise ValueError(f"final={self.final!r} (final_sigmas_type='sigma_min') cannot apply with "
+                             f"convention={convention!r}: its grid always ends at sigma = 0")
+        if sum(bool(c.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
+            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
+        if c.get("timestep_type", "discrete") not in ("discrete", "continuous"):
+            raise ValueError(f"timestep_type must be 'discrete' or 'continuous', got {c.get('timestep_type')!r}")
+        self._k_grid_kwargs(convention, 1)  # the grid's keys are checked now, not at set_timesteps
+        return convention
+
+    def _k_grid_kwargs(self, convention: str, steps: int) -> tuple:
+        c = self.config
+        which = [k for k in ("karras", "exponential", "beta") if c.get(f"use_{k}_sigmas")]
+        return diffusers_k_grid(
+            self.schedule, steps, convention, timestep_spacing=c.timestep_spacing or "linspace",
+            steps_offset=int(c.steps_offset or 0), interpolation_type=c.get("interpolation_type", "linear"),
+            sigmas=which[0] if which else None, sigma_min=c.get("sigma_min"), sigma_max=c.get("sigma_max"),
+            final_sigmas_type="zero" if self.final == "zero" else "sigma_min")
+
+    @property
+    def init_noise_sigma(self):
+        """Std of x_T: the schedule's prior std; under a sigma-space class's convention that class's
+        (its largest sigma for timestep_spacing linspace / trailing, sqrt(sigma_max^2 + 1) otherwise)."""
+        if not self.__dict__.get("convention"):
+            return self._prior_std
+        top = self.__dict__.get("_k_sigma_max")
+        if top is None:  # before set_timesteps: the training table's largest sigma, as the classes' __init__
+            acp = self.schedule.alphas_cumprod.to(torch.float32)
+            top = (((1 - acp) / acp) ** 0.5).max()
+        return top if (self.config.timestep_spacing or "linspace") in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
     def transform_denoiser(self, den: Denoiser) -> Denoiser:
         """The config's data-prediction transforms: dynamic thresholding (`thresholding`) or static
@@ -354,6 +421,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         that call's time, and `timesteps[begin_index:]` is rewritten in place, so the pipeline's
         slice of it follows."""
         self._begin_index = int(begin_index)
+        if self.__dict__.get("convention") == "LMSDiscreteScheduler" and self._begin_index > 0:
+            warnings.warn(f"LMSDiscreteScheduler started at step {self._begin_index} steps with its order-"
+                          f"{min(self._begin_index + 1, 4)} coefficients on the one derivative it has (a truncated "
+                          "sum); lms warms up again from order 1 there, so an img2img run differs from diffusers'",
+                          stacklevel=2)
         if self.plan is not None:
             self._apply_begin_index()
 
@@ -443,6 +515,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             plan = make_plan(self.solver, self.schedule, grid=grid)
             if num_inference_steps is not None and plan.nfe != num_inference_steps:
                 raise ValueError(f"the explicit grid costs {plan.nfe} model calls, num_inference_steps={num_inference_steps}")
+        elif self.convention:
+            plan = self._k_plan(num_inference_steps)
         else:
             own_grid = getattr(self.solver, "own_grid", None)  # a solver plan brings its own time points and end
             if own_grid is not None:
@@ -452,7 +526,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             fewer = self.__dict__.get("_grid_model_t") is not None and final == "last"
             plan = make_plan(self.solver, self.schedule, None if fewer else num_inference_steps, grid=grid)
         self._full_plan = plan
-        self.num_inference_steps = plan.nfe
+        self.num_inference_steps = plan.nfe if not self.convention else (num_inference_steps or len(plan.steps))
         self._set_plan(plan)
         self._denoiser.start_run()  # finite flags of an earlier (aborted) trajectory are not this one's
         # diffusers' dtype: int64 where a discrete schedule's model times are all integers and each step
@@ -461,10 +535,66 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             getattr(self.solver, "own_grid", None) is not None or self.solver.steps_for_nfe(4, final_zero=True) == 4)
         integral = (not self.is_flow and one_call
                     and bool((self._t_model64 == self._t_model64.round()).all()))
+        if self.convention:  # the sigma-space classes' timesteps are float32
+            integral = False
         self.timesteps = (self._t_model64.round().long() if integral else self._t_model).to(device, copy=True)
         self._sigmas = self._sigmas_of(plan).to(device)
+        if self.convention:
+            self.__dict__["_k_sigma_max"] = self._sigmas.max().cpu()
         self._offset = 0
         self._begin_index = None  # as diffusers: a new schedule starts at its first call
+
+    def _k_plan(self, steps: int) -> Plan:
+        """The plan on the convention class's grid of `steps` steps: its grid points at the class's
+        float32 sigmas, each model call given the class's timestep (midpoints: `diffusers_sigma_to_t` of
+        the midpoint's sigma; timestep_type="continuous": 0.25 log sigma).  A last step of zero length
+        (final_sigmas_type="sigma_min" ending at the last sigma, where diffusers' call changes nothing)
+        is not made."""
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer (the number of {self.convention} "
+                             f"steps), got {steps!r}")
+        sig, ts, end = self._k_grid_kwargs(self.convention, int(steps))
+        if end > 0 and np.float32(end) == np.float32(sig[-1]):
+            if len(sig) < 2:
+                raise ValueError("one step from sigma_min to sigma_min: nothing to sample")
+            sig, ts = sig[:-1], ts[:-1]
+        sch = self.schedule
+        s = torch.as_tensor(np.append(sig, end) if end > 0 else sig)
+        t = self._within_range(sch.t_from_lambda(-s.log()), "sigmas", s)
+        grid = TimeGrid.from_times(sch, t, final_zero=end == 0)
+        plan = make_plan(self.solver, sch, grid=grid)
+        acp = sch.alphas_cumprod.to(torch.float32)
+        log_table = np.log(np.array(((1 - acp) / acp) ** 0.5))
+        continuous = self.config.get("timestep_type", "discrete") == "continuous" and self.prediction_kind == "v_prediction"
+        midpoints = self.convention.startswith("KDPM2")  # its second calls are at midpoints, even where
+        model_t = []                                     # one coincides with the next point (eta = 1)
+        for i, st in enumerate(plan.steps):
+            for k, ev in enumerate(st.evals):
+                rho32 = np.float32(ev.sigma / ev.alpha)
+                if continuous:
+                    model_t.append(float(0.25 * torch.tensor(rho32).log()))
+                elif k == 0:
+                    model_t.append(float(ts[i]))
+                elif not midpoints and ev.t == float(grid.t[i + 1]) and i + 1 < len(ts):  # Heun's second call
+                    model_t.append(float(ts[i + 1]))
+                else:  # an intermediate point (DPM-2's midpoint): diffusers' _sigma_to_t of its sigma
+                    model_t.append(float(diffusers_sigma_to_t(np.array([rho32]), log_table)[0]))
+        self.__dict__["_grid_model_t"] = torch.tensor(model_t, dtype=torch.float64)
+        return plan
+
+    def _k_scale(self, n: int | None) -> torch.Tensor:
+        """sqrt(sigma^2 + 1) (float32, as the classes compute it) at model call n of the current plan,
+        at its grid point 0 for None (x_T), or at its end for n = nfe (1 at sigma = 0)."""
+        p = self.plan
+        if n is None:
+            r = float(p.grid.sigma[0] / p.grid.alpha[0])
+        elif n >= p.nfe:
+            r = 0.0 if p.grid.final_zero else float(p.grid.sigma[-1] / p.grid.alpha[-1])
+        else:
+            ev = self._evals_of(p)[n]
+            r = ev.sigma / ev.alpha
+        s = torch.tensor(r, dtype=torch.float32)
+        return (s**2 + 1) ** 0.5
 
     def _within_range(self, t: torch.Tensor, what: str, given: torch.Tensor) -> torch.Tensor:
         """Explicit grid times clamped into the schedule's [t_min, t_max] when they lie within float32
@@ -553,6 +683,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sigma/alpha for VP schedules, the flow time t for flow schedules; float32."""
         ev = self._evals_of(plan)
         g = plan.grid
+        if self.__dict__.get("convention"):  # the class's `sigmas`: a step's later calls carry its end's sigma
+            rho = (g.sigma / g.alpha).tolist()
+            s = [rho[i] if k == 0 else rho[i + 1] for i, st in enumerate(plan.steps) for k in range(len(st.evals))]
+            return torch.tensor(s + [0.0 if g.final_zero else rho[-1]], dtype=torch.float64).to(torch.float32)
         if self.is_flow:
             s = [e.t for e in ev] + [float(g.t[-1]) if not g.final_zero else 0.0]
         else:
@@ -673,11 +807,18 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         first model call is not at x_T (an analytic first step): there the plan's steps before that call
         are run on `sample` (= x_T; any batch, e.g. a classifier-free-guidance doubled one) and their
         result is the input."""
+        k = self.__dict__.get("convention")
         if self._stepper is not None or not self.moves_x_T:
-            return sample
+            if not k:
+                return sample
+            if self.plan is None:
+                raise ValueError("call set_timesteps before scale_model_input")
+            return sample / self._k_scale(0 if self._stepper is None else self._stepper.n).to(sample.device)
         if timestep is not None:
             self._check_timestep(timestep, 0)
         self._moved_first = True
+        if k:  # x_T / alpha_0 -> x_T
+            sample = sample / self._k_scale(None).to(sample.device)
         return Stepper(self.plan, _NoCalls(self.schedule), sample, self._no_noise).next_input()[0]
 
     @staticmethod
@@ -770,6 +911,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         n = 0 if run is None else run.n
         if timestep is not None:
             self._check_timestep(timestep, n)
+        k_conv = self.__dict__.get("convention")
+        if k_conv:  # the class's sample x / alpha at this call's point (x_T's grid point at the first call)
+            sample = sample / self._k_scale(None if run is None else n).to(sample.device)
         if variance_noise is not None:
             self._check_variance_noise(variance_noise, sample, n)
         if run is None:
@@ -798,6 +942,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._next = run.next_input()
             prev = self._next[0]
+        if k_conv:
+            prev = prev * self._k_scale(run.n).to(prev.device)
         if not return_dict:
             return (prev, x0)
         return DiffSamplerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -805,12 +951,49 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t eps at model times `timesteps` (a scalar or one per sample);
-        times outside the schedule's range are refused (not extrapolated)."""
+        times outside the schedule's range are refused (not extrapolated).  Under a sigma-space class's
+        `convention`: x0 + sigma eps (the class's sample x / alpha) with the class's sigma of that entry of
+        `timesteps` (the second of repeated entries; the begin index's once `set_begin_index` was called),
+        or before `set_timesteps` of that integer training timestep."""
+        if self.__dict__.get("convention"):
+            return self._k_add_noise(original_samples, noise, timesteps)
         t = self._model_times(timesteps, "add_noise")
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = self.schedule.alpha(t).to(original_samples.device, original_samples.dtype).view(shape)
         s = self.schedule.sigma(t).to(original_samples.device, original_samples.dtype).view(shape)
         return a * original_samples + s * noise
+
+
+    def _k_add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        t = torch.as_tensor(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                            dtype=torch.float64).flatten()
+        if self.timesteps is None:  # the classes' __init__: every training timestep, sigma from the table
+            acp = self.schedule.alphas_cumprod.to(torch.float32)
+            table = ((1 - acp) / acp) ** 0.5
+            bad = (t != t.round()) | (t < 0) | (t > len(table) - 1)
+            if bool(bad.any()):
+                raise ValueError(f"add_noise: timestep {float(t[bad][0])} is no training timestep (integers 0.."
+                                 f"{len(table) - 1}); call set_timesteps for the inference timesteps")
+            sig = table[t.long()]
+        else:
+            if self._begin_index is not None:
+                idx = [self.step_index if self._stepper is not None else self._begin_index] * len(t)
+            else:
+                sched_t = self.timesteps.detach().cpu().double()
+                idx = []
+                for v in t.tolist():
+                    hits = (sched_t == v).nonzero().flatten()
+                    if not len(hits):
+                        hits = ((sched_t - v).abs() <= 2.0**-11 * max(abs(v), 1.0)).nonzero().flatten()
+                    if not len(hits):
+                        raise ValueError(f"add_noise: timestep {v} is not in this schedule's timesteps")
+                    idx.append(int(hits[1 if len(hits) > 1 else 0]))
+            sig = self._sigmas.detach().cpu()[idx]
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        sig = sig.to(x0.device, x0.dtype).view(shape)
+        if sig.shape[0] == 1 and x0.shape[0] != 1:
+            sig = sig.expand(x0.shape[0], *sig.shape[1:])
+        return x0 + noise * sig
 
 
 # diffusers' convention for a scheduler with **kwargs: the config keys it takes there (other diffusers
