@@ -320,3 +320,65 @@ def test_naming_a_solver_keeps_the_class_grid_only_by_convention(gmm16):
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     out = run_diffusers(k, model, 5, x)
     assert torch.isfinite(out).all()
+
+
+def test_custom_sigmas_and_timesteps_follow_the_class(gmm16):
+    """set_timesteps(sigmas=...) / (timesteps=...) as diffusers' Euler and Heun take them."""
+    for cls, kw in [("EulerDiscreteScheduler", dict(sigmas=[14.0, 5.0, 1.5, 0.3, 0.05, 0.0])),
+                    ("EulerDiscreteScheduler", dict(timesteps=[999, 700, 450.5, 200.25, 30])),
+                    ("HeunDiscreteScheduler", dict(timesteps=[999, 700, 450.5, 200.25, 30]))]:
+        ref, ours = _pair(cls, {})
+        model = GMMModel(gmm16, ours.schedule)
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        outs = []
+        for sched in (ref, ours):
+            sched.set_timesteps(**kw)
+            y = x * sched.init_noise_sigma
+            for t in sched.timesteps:
+                y = sched.step(model(sched.scale_model_input(y, t), t).sample, t, y).prev_sample
+            outs.append(y)
+        assert torch.allclose(ours.timesteps, ref.timesteps, atol=1e-3)
+        assert float((outs[0] - outs[1]).abs().max()) <= 1e-4, cls
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    from tiny_pipelines import sd_pipeline
+
+    pipe = sd_pipeline(tmp_path_factory.mktemp("sd"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.base_config = pipe.scheduler.config  # the tests assign other schedulers to pipe.scheduler
+    g = torch.Generator().manual_seed(1)
+    pipe.test_inputs = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g),
+                            negative_prompt_embeds=torch.randn(1, 5, 16, generator=g), guidance_scale=5.0)
+    pipe.test_latents = torch.randn(1, 4, 8, 8, generator=g)
+    return pipe
+
+
+@pytest.mark.parametrize("cls,kw", [("EulerDiscreteScheduler", KARRAS), ("EulerAncestralDiscreteScheduler", {}),
+                                    ("HeunDiscreteScheduler", {}), ("KDPM2AncestralDiscreteScheduler", KARRAS),
+                                    ("LMSDiscreteScheduler", {})])
+def test_stable_diffusion_pipeline_parity_by_default(sd, cls, kw):
+    """A (tiny, random-weight) StableDiffusionPipeline with CFG, the same latents and generator: the
+    class built from the pipeline's config and `from_config` of it give the same latents; img2img
+    (strength 0.6: set_begin_index(t_start * order), add_noise) too for Euler and Heun."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = getattr(diffusers, cls).from_config(sd.base_config, **kw)
+    outs = []
+    for sched in (ref, DiffSamplerScheduler.from_config(ref)):
+        sd.scheduler = sched
+        outs.append(sd(**sd.test_inputs, num_inference_steps=5, latents=sd.test_latents.clone(), output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).images)
+    assert float((outs[0] - outs[1]).abs().max()) <= 1e-4
+    if cls not in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
+        return
+    i2i = StableDiffusionImg2ImgPipeline(**sd.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for sched in (getattr(diffusers, cls).from_config(sd.base_config, **kw), DiffSamplerScheduler.from_config(ref)):
+        i2i.scheduler = sched
+        outs.append(i2i(**sd.test_inputs, image=image, strength=0.6, num_inference_steps=10, output_type="latent",
+                        generator=torch.Generator().manual_seed(3)).images)
+    assert float((outs[0] - outs[1]).abs().max()) <= 1e-4
