@@ -89,8 +89,12 @@ CONFIGS = [
     ("EulerAncestralDiscreteScheduler", dict()),
     ("HeunDiscreteScheduler", dict()),
     ("HeunDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True, prediction_type="v_prediction")),
+    ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing", **SD)),
     ("LMSDiscreteScheduler", dict()),
+    ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, **SD)),
     ("KDPM2DiscreteScheduler", dict()),
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, **SD)),
     ("KDPM2AncestralDiscreteScheduler", dict()),
     ("DPMSolverSDEScheduler", dict()),
 ]
@@ -147,13 +151,13 @@ def mixture_row(gmm, name, kw):
     """(solver or None, [max abs diff per NFE] or the refusal message)."""
     cls = getattr(diffusers, name)
     try:
-        ours = ours_from(cls(**kw).config)
+        ours = ours_from(cls(**kw))  # the instance names its class (LMS / KDPM2* share their config keys)
     except ValueError as e:
         return None, str(e)
     errs = []
     for nfe in NFES:
         ref_sched = cls(**kw)
-        ours = ours_from(ref_sched.config)
+        ours = ours_from(ref_sched)
         model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
         model, x = Image4d(model), x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples
@@ -186,14 +190,14 @@ def digits_row(pipe, base, name, kw):
     digits DDPM config's keys inherited as a user's `from_config(pipe.scheduler.config)` inherits them)."""
     cls = getattr(diffusers, name)
     try:
-        ours = ours_from(cls.from_config(base, **kw).config)
+        ours = ours_from(cls.from_config(base, **kw))
     except ValueError as e:
         return None, str(e)
     errs = []
     for nfe in NFES:
         ref_sched = cls.from_config(base, **kw)
         ref = digits_images(pipe, ref_sched, nfe)
-        got = digits_images(pipe, ours_from(ref_sched.config), nfe)
+        got = digits_images(pipe, ours_from(ref_sched), nfe)
         errs.append(float((ref - got).abs().max()))
     return ours.config.solver, errs
 

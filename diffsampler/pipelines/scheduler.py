@@ -596,6 +596,17 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         s = torch.tensor(r, dtype=torch.float32)
         return (s**2 + 1) ** 0.5
 
+    def _k_alpha(self, n: int | None) -> float:
+        """alpha (float64) at model call n of the current plan, at grid point 0 for None, at the end for
+        n = nfe: the class's sample is x / alpha there.  (`_k_scale` is the float32 1 / alpha the classes'
+        scale_model_input divides by.)"""
+        p = self.plan
+        if n is None:
+            return float(p.grid.alpha[0])
+        if n >= p.nfe:
+            return float(p.grid.alpha[-1])
+        return float(self._evals_of(p)[n].alpha)
+
     def _within_range(self, t: torch.Tensor, what: str, given: torch.Tensor) -> torch.Tensor:
         """Explicit grid times clamped into the schedule's [t_min, t_max] when they lie within float32
         round-off of it (diffusers' own float32 sigma lists, k-diffusion's karras sigmas built from the
@@ -913,7 +924,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self._check_timestep(timestep, n)
         k_conv = self.__dict__.get("convention")
         if k_conv:  # the class's sample x / alpha at this call's point (x_T's grid point at the first call)
-            sample = sample / self._k_scale(None if run is None else n).to(sample.device)
+            sample = sample * self._k_alpha(None if run is None else n)
         if variance_noise is not None:
             self._check_variance_noise(variance_noise, sample, n)
         if run is None:
@@ -943,7 +954,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self._next = run.next_input()
             prev = self._next[0]
         if k_conv:
-            prev = prev * self._k_scale(run.n).to(prev.device)
+            prev = prev / self._k_alpha(run.n)
         if not return_dict:
             return (prev, x0)
         return DiffSamplerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
