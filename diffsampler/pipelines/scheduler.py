@@ -697,7 +697,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if self.__dict__.get("convention"):  # the class's `sigmas`: a step's later calls carry its end's sigma
             rho = (g.sigma / g.alpha).tolist()
             s = [rho[i] if k == 0 else rho[i + 1] for i, st in enumerate(plan.steps) for k in range(len(st.evals))]
-            return torch.tensor(s + [0.0 if g.final_zero else rho[-1]], dtype=torch.float64).to(torch.float32)
+            s.append(0.0 if g.final_zero else rho[-1])
+            if self.convention.startswith("KDPM2"):  # their list repeats the final 0 twice more
+                s += [0.0, 0.0]
+            elif self.config.get("interpolation_type") == "log_linear":  # Euler's: steps + 1 levels, then 0
+                s.append(0.0)
+            return torch.tensor(s, dtype=torch.float64).to(torch.float32)
         if self.is_flow:
             s = [e.t for e in ev] + [float(g.t[-1]) if not g.final_zero else 0.0]
         else:
