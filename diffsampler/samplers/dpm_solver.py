@@ -16,7 +16,8 @@ from ..schedules import TimeGrid
 from .plan import Combo, PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverPP2S", "phi", "dpmpp_multistep_weights", "dpmpp_2s_weights"]
+__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverPP2S", "phi", "dpmpp_multistep_weights", "dpmpp_2s_weights",
+           "point_at_lambda"]
 
 
 def phi(n: int, z: float) -> float:
@@ -65,6 +66,13 @@ def dpmpp_2s_weights(lam_s: float, lam_t: float, alpha_t: float, r1: float) -> l
     h = lam_t - lam_s
     c1 = alpha_t * h * phi(1, -h) / (2.0 * r1)
     return [alpha_t * h * phi(1, -h) - c1, c1]
+
+
+def point_at_lambda(schedule, lam: float) -> tuple[float, float, float]:
+    """(t, alpha_t, sigma_t) of the time with log-SNR `lam` (an intermediate point of a single-step
+    solver: s_1 = t_lambda(lambda_s + r_1 h))."""
+    t = float(schedule.t_from_lambda(lam))
+    return t, float(schedule.alpha(t)), float(schedule.sigma(t))
 
 
 def _point(grid: TimeGrid, i: int) -> tuple[float, float, float]:
@@ -150,8 +158,7 @@ class DPMSolverPP2S(SinglestepSolver):
                 b.end_step(Combo(s_t / s_s, ((m0, w0),)), order=1)
                 continue
             l_1 = l_s + self.r1 * (l_t - l_s)  # s_1 = t_lambda(lambda_s + r_1 h)
-            t_1 = float(sched.t_from_lambda(l_1))
-            a_1, s_1 = float(sched.alpha(t_1)), float(sched.sigma(t_1))
+            t_1, a_1, s_1 = point_at_lambda(sched, l_1)
             (u0,) = dpmpp_multistep_weights([l_s], l_1, a_1)
             m1 = b.eval(t_1, a_1, s_1, "data", Combo(s_1 / s_s, ((m0, u0),)))
             w0, w1 = dpmpp_2s_weights(l_s, l_t, a_t, self.r1)

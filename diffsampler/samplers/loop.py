@@ -326,7 +326,7 @@ def predrawn_noise(plan: Plan, gens, x_T: torch.Tensor) -> Callable[[torch.Tenso
     the calls diffusers' schedulers make step by step (`randn_tensor` of the sample's shape from one
     shared generator, or of one row from each per-sample generator), in the same order, so the same
     generator gives the same noise here, in the adapter and in the scheduler it replaces."""
-    n = sum(1 for s in plan.steps if s.noise != 0.0)
+    n = plan.n_draws
     it = iter([per_sample_noise(tuple(x_T.shape), gens, x_T.device, x_T.dtype) for _ in range(n)])
     return lambda x: next(it)
 

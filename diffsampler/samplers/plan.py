@@ -3,10 +3,12 @@
 Every solver in this package (DDIM, Euler, Heun, PLMS, DEIS, DPM-Solver++ single/multistep/SDE)
 is, once the time grid is fixed, a list of steps of the form
 
-    for each evaluation k of step i:   y_k = a_k x_i + sum_m b_km M_m ,   M_k = model(y_k, t_k)
-    x_{i+1} = a x_i + sum_m b_m M_m + c z,       z ~ N(0, I)
+    for each evaluation k of step i:   y_k = a_k x_i + sum_m b_km M_m + sum_j e_kj z_j,   M_k = model(y_k, t_k)
+    x_{i+1} = a x_i + sum_m b_m M_m + sum_j e_j z_j + c z,       z_j, z ~ N(0, I)
 
-where M_m are earlier model outputs (data or noise predictions, this step's or from history).
+where M_m are earlier model outputs (data or noise predictions, this step's or from history), z
+the noise drawn at the end of the step and z_j the step's in-step draws (noise added between the
+evaluations of one step, as DPM-Solver++ SDE, EDM's churn and Restart do; zero terms for most solvers).
 A call of kind "data|raw_noise" (`denoisers.DATA_RAW_NOISE`) gives two outputs: M_n, the data
 prediction after the denoiser's transforms (clipping, thresholding), and M_{~n} (index -n-1), the
 noise prediction of the network's own output (diffusers' DDIM / DDPM direction term).
@@ -32,14 +34,16 @@ __all__ = ["Combo", "Eval", "Step", "Plan", "PlanBuilder", "Stepper", "run_plan"
 
 @dataclass(frozen=True)
 class Combo:
-    """cx * x_i + sum(c * M[m] for m, c in terms)."""
+    """cx * x_i + sum(c * M[m] for m, c in terms) + sum(e * z[j] for j, e in noise), z[j] the
+    step's in-step draws (`Step.draws`)."""
 
     cx: float = 1.0
     terms: tuple[tuple[int, float], ...] = ()
+    noise: tuple[tuple[int, float], ...] = ()
     is_identity: bool = field(init=False, repr=False, compare=False)  # x_i itself
 
     def __post_init__(self):
-        object.__setattr__(self, "is_identity", self.cx == 1.0 and not self.terms)
+        object.__setattr__(self, "is_identity", self.cx == 1.0 and not self.terms and not self.noise)
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,25 @@ class Eval:
 
 @dataclass(frozen=True)
 class Step:
+    """One step: its model calls, x_{i+1} = update + noise * z, and its noise draws.
+
+    `draws`: the step's in-step draws z_0, z_1, ... (referred to by the `noise` terms of its evals'
+    inputs and its update), each given as the span (t_from, t_to) of schedule time it stands for, so
+    that a Brownian source can make it (W(t_to) - W(t_from)) / sqrt|t_to - t_from|; they are drawn,
+    in order, before the step's first model call.  The end-of-step draw z (scaled by `noise`) comes
+    after them; `span` is its (t_from, t_to), None for the step's grid interval."""
+
     evals: tuple[Eval, ...]
     update: Combo
     noise: float = 0.0
     order: int = 1  # order of this step's update, for inspection and tests
+    draws: tuple[tuple[float, float], ...] = ()
+    span: tuple[float, float] | None = None
+
+    @property
+    def n_draws(self) -> int:
+        """Standard normal tensors this step draws: its in-step draws, then the end-of-step one."""
+        return len(self.draws) + (self.noise != 0.0)
 
 
 @dataclass
@@ -80,7 +99,12 @@ class Plan:
 
     @property
     def stochastic(self) -> bool:
-        return any(s.noise != 0.0 for s in self.steps)
+        return any(s.n_draws for s in self.steps)
+
+    @property
+    def n_draws(self) -> int:
+        """Standard normal tensors one run draws (`Step.n_draws` summed)."""
+        return sum(s.n_draws for s in self.steps)
 
 
 class PlanBuilder:
@@ -104,8 +128,17 @@ class PlanBuilder:
         self._n += 1
         return self._n - 1
 
-    def end_step(self, update: Combo, noise: float = 0.0, order: int = 1) -> None:
-        self.steps.append(Step(tuple(self._evals), update, noise, order))
+    def end_step(self, update: Combo, noise: float = 0.0, order: int = 1,
+                 draws: tuple[tuple[float, float], ...] = (), span: tuple[float, float] | None = None) -> None:
+        """Close the step: x_{i+1} = update + noise * z.  `draws`: the spans of the in-step draws its
+        combos' noise terms refer to (see `Step`); `span`: that of the end-of-step draw, if not the
+        step's grid interval."""
+        evals = tuple(self._evals)
+        used = {j for c in (update, *(ev.x for ev in evals)) for j, _ in c.noise}
+        if used - set(range(len(draws))):
+            raise ValueError(f"step {len(self.steps)} refers to in-step draws {sorted(used)} but declares "
+                             f"{len(draws)} (pass their spans as draws=)")
+        self.steps.append(Step(evals, update, noise, order, tuple(draws), span))
         self._evals = []
 
     def plan(self, solver: str, **info) -> Plan:
@@ -118,11 +151,15 @@ class PlanBuilder:
 # Execution
 # ---------------------------------------------------------------------------------------------
 
-def combine(x: torch.Tensor, c: Combo, outs: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Apply a Combo: cx * x + sum(c * outs[m]) (the one linear-combination kernel of the engine)."""
+def combine(x: torch.Tensor, c: Combo, outs: dict[int, torch.Tensor],
+            z: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Apply a Combo: cx * x + sum(c * outs[m]) + sum(e * z[j]) (the one linear-combination kernel
+    of the engine; `z` the step's in-step draws)."""
     y = x * c.cx
     for m, b in c.terms:
         y.add_(outs[m], alpha=b)
+    for j, e in c.noise:
+        y.add_(z[j], alpha=e)
     return y
 
 
@@ -158,7 +195,8 @@ class Stepper:
     y_k = a_k x_i + sum_m b_km M_m.  `feed(M_k)` takes that call's prediction; when it is the step's
     last, the stepper applies x_{i+1} = a x_i + sum_m b_m M_m + c z and returns x_{i+1} (else None).
     It owns the run's state: x_i, the outputs M still needed (each freed after its last use), the
-    noise z = noise_fn(x_i), and the denoiser's deferred finite check at the end of the run.
+    noise (each draw is one call noise_fn(x_i): a step's in-step draws z_j before its first model
+    call, then its end-of-step z), and the denoiser's deferred finite check at the end of the run.
 
     Hooks, for sampling strategies (the loop itself has no special cases):
       at(i, k, y) -> (t_model, alpha, sigma) or None: evaluate call k of step i elsewhere than at
@@ -186,6 +224,7 @@ class Stepper:
         self._t_in = {t: model_t[j].expand(x.shape[0]) for j, t in enumerate(times)}
         self._frees = frees_per_step(plan)
         self.outs: dict[int, torch.Tensor] = {}
+        self._z: tuple[int, list[torch.Tensor]] = (-1, [])  # step i's in-step draws
         self.i = self.n = 0  # step i and the run's call n (the index of M_n in outs)
         self.done = not plan.steps
         while not self.done and self.n == self._ends[self.i]:  # steps without model calls
@@ -204,7 +243,7 @@ class Stepper:
     def next_input(self) -> tuple:
         """(y, t_model, alpha, sigma, kind) of the next model call."""
         ev = self._evals[self.n]
-        y = self.x if ev.x.is_identity else combine(self.x, ev.x, self.outs)
+        y = self.x if ev.x.is_identity else combine(self.x, ev.x, self.outs, self._draws())
         if self.at is not None:
             where = self.at(self.i, self.k, y)
             if where is not None:
@@ -224,10 +263,19 @@ class Stepper:
             x = self._end_step()                                 # output was handed over, or it has none
         return x
 
+    def _draws(self) -> list[torch.Tensor] | None:
+        """Step i's in-step draws, drawn (once, in order) when the step first needs its state."""
+        s = self.plan.steps[self.i]
+        if not s.draws:
+            return None
+        if self._z[0] != self.i:
+            self._z = (self.i, [self.noise_fn(self.x) for _ in s.draws])
+        return self._z[1]
+
     def _end_step(self) -> torch.Tensor:
         """x_{i+1} = a x_i + sum_m b_m M_m + c z; free the outputs step i used last."""
         i, s, outs = self.i, self.plan.steps[self.i], self.outs
-        x = combine(self.x, s.update, outs)
+        x = combine(self.x, s.update, outs, self._draws())
         handed = None
         if s.noise != 0.0 and self.transition is not None:
             x, handed = self.transition(i, x, s.noise)
@@ -237,6 +285,7 @@ class Stepper:
             self.on_step(i, x, outs[self.n - 1] if s.evals else None)
         for m in self._frees[i]:
             del outs[m]
+        self._z = (-1, [])
         self.x, self.i = x, i + 1
         self.done = self.i == len(self.plan.steps)
         if self.done:
