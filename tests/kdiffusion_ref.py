@@ -51,13 +51,17 @@ sampling = sys.modules.get(f"{_PKG}.sampling") or _load()
 
 
 def kdiff_model(gmm, schedule):
-    """The exact mixture as k-diffusion's denoiser D(v, rho): v = x / alpha at the time of noise level rho."""
+    """The exact mixture as k-diffusion's denoiser D(v, rho): v = x / alpha at the time of noise level
+    rho, the mixture evaluated at that time as a network sees it (a float32 model time, as the engine
+    and diffusers give it: `GMMModel`), the state's alpha and sigma at the exact time."""
 
     def model(v, rho):
         r = rho.double().flatten()[0]
         t = schedule.t_from_lambda(-r.log())
         a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
-        return gmm.posterior_mean(v * a, a, s).to(v.dtype)
+        t32 = schedule.model_time(t).float().double() / schedule.time_scale
+        a32, s32 = float(schedule.alpha(t32)), float(schedule.sigma(t32))
+        return gmm.posterior_mean(v * a, a32, s32).to(v.dtype)
 
     return model
 

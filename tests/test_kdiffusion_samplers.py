@@ -6,9 +6,10 @@ import torch
 
 import diffsampler as ds
 from diffsampler.eval.gmm import gmm_denoiser
-from diffsampler.samplers import make_plan, run_plan
+from diffsampler.samplers import make_plan, per_sample_generators, run_plan
+from diffsampler.samplers.brownian import tree_seeds
 
-from kdiffusion_ref import recording_noise, replay, run
+from kdiffusion_ref import recording_noise, replay, run, sampling
 
 SCHEDULES = {"edm": ds.EDM, "linear_vp": ds.LinearVP}
 #: (spacing, final, nfe): k-diffusion's two calls on every step but a final one onto sigma = 0
@@ -40,7 +41,8 @@ def test_dpmpp_2s_ancestral_equals_kdiffusion(gmm16, sched_name, spacing, final,
     assert float((ours - ref).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("solver,opts", [("dpmpp_2s_ancestral", {}), ("dpmpp_2s_ancestral", {"eta": 0.7})])
+@pytest.mark.parametrize("solver,opts", [("dpmpp_2s_ancestral", {}), ("dpmpp_2s_ancestral", {"eta": 0.7}),
+                                         ("dpmpp_sde", {}), ("dpmpp_sde", {"eta": 0.5, "r": 0.3})])
 def test_per_sample_seeds_independent_of_batch(gmm16, solver, opts):
     """Sample k depends only on seed k: a batch of 4 equals each sample drawn alone."""
     sched = ds.DiscreteVP.linear()
@@ -52,3 +54,65 @@ def test_per_sample_seeds_independent_of_batch(gmm16, solver, opts):
         assert torch.equal(alone[0], batch[k])
     other = ds.sample(den, shape=(1, 16), solver=solver, nfe=7, seeds=[99], **opts)
     assert not torch.allclose(other[0], batch[0])  # the noise does depend on the seed
+
+
+@pytest.mark.parametrize("sched_name", sorted(SCHEDULES))
+@pytest.mark.parametrize("spacing,final,nfe", GRIDS)
+@pytest.mark.parametrize("opts", [{}, {"eta": 0.5, "s_noise": 0.8, "r": 0.4}, {"eta": 0.0}])
+def test_dpmpp_sde_equals_kdiffusion(gmm16, sched_name, spacing, final, nfe, opts):
+    ours, ref, plan, draws = _ours_and_ref(gmm16, sched_name, "dpmpp_sde", "dpmpp_sde", spacing, final, nfe, **opts)
+    noisy = len(plan.steps) - (final == "zero")  # two draws per step but one onto sigma = 0
+    assert plan.nfe == nfe and len(draws) == (0 if opts.get("eta") == 0.0 else 2 * noisy)
+    assert float((ours - ref).abs().max()) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Brownian-tree noise: k-diffusion's BrownianTreeNoiseSampler with one tree per sample's seed
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver,ref_name,opts", [
+    ("dpmpp_sde", "dpmpp_sde", {}),  # Brownian noise is dpmpp_sde's default, as k-diffusion's
+    ("dpmpp_sde", "dpmpp_sde", {"noise": "brownian", "r": 0.3}),
+    ("dpmpp_2m_sde", "dpmpp_2m_sde", {"noise": "brownian", "lower_order_final": False}),
+])
+@pytest.mark.parametrize("sched_name,spacing,final,nfe", [("edm", "karras", "zero", 9), ("linear_vp", "logsnr", "last", 8)])
+def test_brownian_tree_noise_equals_kdiffusion(gmm16, solver, ref_name, opts, sched_name, spacing, final, nfe):
+    sched = SCHEDULES[sched_name]()
+    den = gmm_denoiser(gmm16, sched, "sample")
+    seeds = [5, 6, 7, 8]
+    x_T = _x_T(sched, n=4)
+    plan = make_plan(solver, sched, nfe, spacing, final, **opts)
+    ours = ds.sample(den, x_T.clone(), solver=plan, seeds=seeds)
+    rho = (plan.grid.sigma / plan.grid.alpha)
+    v = x_T / float(plan.grid.alpha[0])
+    entropies, _ = tree_seeds(per_sample_generators(seeds))  # the trees' seeds, from the samples' generators
+    tree = sampling.BrownianTreeNoiseSampler(v, rho[rho > 0].min(), rho.max(), seed=entropies)
+    ref_kw = {k: v for k, v in opts.items() if k == "r"}
+    ref = run(ref_name, gmm16, plan.grid, x_T.clone(), noise_sampler=tree, **ref_kw)
+    assert float((ours - ref).abs().max()) < 1e-6
+    other = ds.sample(den, x_T.clone(), solver=make_plan(solver, sched, nfe, spacing, final, **{**opts, "noise": "gaussian"}),
+                      seeds=seeds)
+    assert float((ours - other).abs().max()) > 1e-2  # the option takes effect
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_sde", "dpmpp_2m_sde"])
+def test_brownian_per_sample_seeds_independent_of_batch(gmm16, solver):
+    sched = ds.DiscreteVP.linear()
+    den = gmm_denoiser(gmm16, sched)
+    seeds = [21, 22, 23]
+    batch = ds.sample(den, shape=(3, 16), solver=solver, nfe=7, seeds=seeds, noise="brownian")
+    for k, s in enumerate(seeds):
+        alone = ds.sample(den, shape=(1, 16), solver=solver, nfe=7, seeds=[s], noise="brownian")
+        assert float((alone[0] - batch[k]).abs().max()) == 0.0
+
+
+def test_brownian_noise_is_step_size_independent():
+    """The same Brownian path at any NFE: the draw over a span that two grids share is the same."""
+    from diffsampler.samplers.brownian import BrownianTrees
+
+    a = BrownianTrees((2, 3), 0.01, 80.0, [1, 2], torch.float64)
+    b = BrownianTrees((2, 3), 0.01, 80.0, [1, 2], torch.float64)
+    whole = a.draw(10.0, 1.0) * 3.0  # (W(1) - W(10)) / 3
+    b.draw(10.0, 5.0)  # other queries first do not change the path
+    halves = b.draw(10.0, 4.0) * 6**0.5 + b.draw(4.0, 1.0) * 3**0.5
+    assert float((whole - halves).abs().max()) < 1e-5

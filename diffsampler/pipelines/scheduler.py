@@ -861,6 +861,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         call completes no step or the plan adds no noise at all."""
         steps, ends = self.plan.steps, np.cumsum([len(st.evals) for st in self.plan.steps])
         i = int(np.searchsorted(ends, n + 1))
+        if self.plan.info.get("noise") == "brownian":
+            raise ValueError(f"variance_noise cannot take effect: solver {self.config.solver!r} draws Brownian-tree "
+                             "noise (noise='brownian'), seeded from the generator; pass generator=, or use "
+                             "solver_options={'noise': 'gaussian'}")
         # a stochastic plan's step with noise coefficient 0 (DDIM's last step onto alpha_bar = 1) takes it
         # times 0, as diffusers' does
         if i >= len(steps) or ends[i] != n + 1 or not self.plan.stochastic:
@@ -876,6 +880,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         generator gives the same noise as the scheduler being replaced."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        brownian = self.__dict__.get("_brownian")
+        if brownian is not None:  # all draws made when the trajectory started (samplers/brownian.py)
+            return brownian(x)
         z = self.__dict__.get("_variance_noise")
         if z is not None:
             return z.to(x.device, x.dtype)
@@ -937,6 +944,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"solver {self.config.solver!r}: the plan's first model call is not at x_T "
                                  "(an analytic first step); pass the model the input "
                                  "scale_model_input(sample, t) gives (as StableDiffusion-style pipelines do)")
+            self._brownian = None
+            if self.plan.stochastic and self.plan.info.get("noise") == "brownian":
+                from ..samplers.brownian import brownian_noise  # trees seeded from this call's generator(s)
+
+                self._brownian = brownian_noise(self.plan, sample, generator)
             run = self._stepper = Stepper(self.plan, self._denoiser, sample, self._noise_fn)
             self._next = run.next_input()
         elif run.k == 0 and run.eval.x.is_identity:

@@ -111,6 +111,18 @@ class DPMSolverPPSDE(MultistepSolver):
     stochastic = True
     kind = "data"
 
+    def __init__(self, order: int | None = None, lower_order_final: bool = True, momentum: float | None = None,
+                 noise: str = "gaussian"):
+        from .stochastic import check_noise
+
+        super().__init__(order, lower_order_final, momentum)
+        self.noise = check_noise(noise)  # "brownian": one Brownian tree per sample (samplers/brownian.py)
+
+    def build(self, grid, nfe=None):
+        plan = super().build(grid, nfe)
+        plan.info["noise"] = self.noise
+        return plan
+
     def coefficients(self, grid, i, k):
         a_s, s_s, l_s = _point(grid, i)
         a_t, s_t, l_t = _point(grid, i + 1)

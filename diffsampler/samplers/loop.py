@@ -310,8 +310,16 @@ def sample(
     if plan.stochastic:
         if gens is None:
             raise ValueError(f"solver {plan.solver!r} is stochastic: pass seeds= or generator= for reproducible noise")
-        # a strategy (SVDD) draws a data-dependent amount of noise: drawn per call, still per sample
-        noise_fn = ondemand_noise(gens, x_T) if strategy else predrawn_noise(plan, gens, x_T)
+        if plan.info.get("noise") == "brownian":  # one Brownian tree per sample, seeded by its seed
+            if strategy:
+                raise ValueError(f"solver {plan.solver!r} with noise='brownian' cannot be combined with the sampling "
+                                 f"strategy {type(guidance).__name__} (it draws its own noise); use noise='gaussian'")
+            from .brownian import brownian_noise
+
+            noise_fn = brownian_noise(plan, x_T, gens)
+        else:
+            # a strategy (SVDD) draws a data-dependent amount of noise: drawn per call, still per sample
+            noise_fn = ondemand_noise(gens, x_T) if strategy else predrawn_noise(plan, gens, x_T)
     if guidance is not None and callable(getattr(guidance, "wrap", None)):
         denoiser = guidance.wrap(denoiser)
     if strategy:

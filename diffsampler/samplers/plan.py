@@ -62,10 +62,11 @@ class Step:
     """One step: its model calls, x_{i+1} = update + noise * z, and its noise draws.
 
     `draws`: the step's in-step draws z_0, z_1, ... (referred to by the `noise` terms of its evals'
-    inputs and its update), each given as the span (t_from, t_to) of schedule time it stands for, so
-    that a Brownian source can make it (W(t_to) - W(t_from)) / sqrt|t_to - t_from|; they are drawn,
-    in order, before the step's first model call.  The end-of-step draw z (scaled by `noise`) comes
-    after them; `span` is its (t_from, t_to), None for the step's grid interval."""
+    inputs and its update), each given as the span (rho_from, rho_to) of noise levels rho = sigma /
+    alpha it stands for, so that a Brownian source can make it (W(rho_to) - W(rho_from)) /
+    sqrt|rho_to - rho_from|; they are drawn, in order, before the step's first model call.  The
+    end-of-step draw z (scaled by `noise`) comes after them; `span` is its (rho_from, rho_to), None
+    for the step's grid interval."""
 
     evals: tuple[Eval, ...]
     update: Combo
