@@ -16,6 +16,7 @@ made before the loop (on the CPU) and moved to the state's device in one copy.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,7 +83,9 @@ class BrownianTrees:
     def draw(self, rho_a: float, rho_b: float) -> torch.Tensor:
         lo, hi = (rho_a, rho_b) if rho_a < rho_b else (rho_b, rho_a)
         sign = 1.0 if rho_a < rho_b else -1.0
-        w = torch.stack([tree(float(lo), float(hi)) for tree in self.trees])
+        with warnings.catch_warnings():  # torchsde rounds its ends to its tol: a query at an end is "outside"
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(float(lo), float(hi)) for tree in self.trees])
         w = w if self.batched else w[0]
         return w * (sign / math.sqrt(hi - lo))
 
