@@ -20,31 +20,15 @@ import numbers
 
 from ..schedules import TimeGrid
 from .dpm_solver import dpmpp_2s_weights, dpmpp_multistep_weights, point_at_lambda
+from .kdiffusion import _check_noise as _check_eta_noise
+from .kdiffusion import ancestral_step
 from .plan import Combo, PlanBuilder
 from .registry import SinglestepSolver, register
 
-__all__ = ["ancestral_step", "DPMSolverPP2SAncestral", "DPMSolverPPSDEStages", "NOISES"]
+__all__ = ["DPMSolverPP2SAncestral", "DPMSolverPPSDEStages", "NOISES", "check_noise"]
 
 #: noise sources of the solvers that take `noise=`: independent draws, or a Brownian tree per sample
 NOISES = ("gaussian", "brownian")
-
-
-def ancestral_step(rho_from: float, rho_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """(rho_down, rho_up) of an ancestral step from rho_from to rho_to (k-diffusion's
-    get_ancestral_step): rho_up = min(rho_to, eta rho_to sqrt(1 - rho_to^2 / rho_from^2)) is the
-    noise added after a deterministic step to rho_down = sqrt(rho_to^2 - rho_up^2); eta = 1 is the
-    DDPM posterior's variance, eta = 0 the ODE."""
-    if eta == 0.0:
-        return rho_to, 0.0
-    up = min(rho_to, eta * math.sqrt(rho_to**2 * (rho_from**2 - rho_to**2) / rho_from**2))
-    return math.sqrt(rho_to**2 - up**2), up
-
-
-def _check_eta_noise(eta, s_noise) -> tuple[float, float]:
-    for key, v in (("eta", eta), ("s_noise", s_noise)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0 or not math.isfinite(v):
-            raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
-    return float(eta), float(s_noise)
 
 
 def check_noise(noise) -> str:
