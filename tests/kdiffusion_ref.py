@@ -94,3 +94,29 @@ def run(name: str, gmm, grid, x_T: torch.Tensor, **kwargs) -> torch.Tensor:
     v = x_T / float(grid.alpha[0])
     out = getattr(sampling, f"sample_{name}")(kdiff_model(gmm, grid.schedule), v, rho, disable=True, **kwargs)
     return out * float(grid.alpha[-1])
+
+
+class replay_randn_like:
+    """Context: k-diffusion's `torch.randn_like` (the noise of sample_euler / sample_heun's churn,
+    drawn every step) hands back `per_step[i]` at step i (zeros where None: a step with no churn)."""
+
+    def __init__(self, per_step):
+        self.it = iter(per_step)
+
+    def __enter__(self):
+        real, it = torch, self.it
+
+        class _Torch:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def randn_like(x, *args, **kwargs):
+                z = next(it)
+                return real.zeros_like(x) if z is None else z
+
+        sampling.torch = _Torch()
+        return self
+
+    def __exit__(self, *exc):
+        sampling.torch = torch

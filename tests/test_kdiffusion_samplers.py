@@ -9,7 +9,7 @@ from diffsampler.eval.gmm import gmm_denoiser
 from diffsampler.samplers import make_plan, per_sample_generators, run_plan
 from diffsampler.samplers.brownian import tree_seeds
 
-from kdiffusion_ref import recording_noise, replay, run, sampling
+from kdiffusion_ref import recording_noise, replay, replay_randn_like, run, sampling
 
 SCHEDULES = {"edm": ds.EDM, "linear_vp": ds.LinearVP}
 #: (spacing, final, nfe): k-diffusion's two calls on every step but a final one onto sigma = 0
@@ -116,3 +116,42 @@ def test_brownian_noise_is_step_size_independent():
     b.draw(10.0, 5.0)  # other queries first do not change the path
     halves = b.draw(10.0, 4.0) * 6**0.5 + b.draw(4.0, 1.0) * 3**0.5
     assert float((whole - halves).abs().max()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# EDM's stochastic sampler (Karras et al. 2022, Alg. 2 = k-diffusion's sample_heun with churn)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sched_name,spacing,final,nfe,opts", [
+    ("edm", "karras", "zero", 9, {"s_churn": 10.0}),
+    ("edm", "karras", "zero", 9, {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}),
+    ("linear_vp", "logsnr", "last", 8, {"s_churn": 5.0, "s_tmax": 100.0}),
+])
+def test_edm_stochastic_equals_kdiffusion_heun(gmm16, sched_name, spacing, final, nfe, opts):
+    sched = SCHEDULES[sched_name]()
+    den = gmm_denoiser(gmm16, sched, "sample")
+    plan = make_plan("edm_stochastic", sched, nfe, spacing, final, **opts)
+    x_T = _x_T(sched)
+    noise_fn, draws = recording_noise()
+    ours = run_plan(plan, den, x_T.clone(), noise_fn=noise_fn)
+    it = iter(draws)
+    s_noise = opts.get("s_noise", 1.0)  # k-diffusion draws eps = randn * s_noise, ours z with s_noise in c
+    per_step = [next(it) if st.draws else None for st in plan.steps]
+    assert sum(z is not None for z in per_step) == len(draws) > 0
+    with replay_randn_like(per_step):
+        ref = run("heun", gmm16, plan.grid, x_T.clone(), **opts)
+    assert plan.nfe == nfe and float((ours - ref).abs().max()) < 1e-6 * max(1.0, s_noise)
+
+
+def test_edm_stochastic_without_churn_is_heun(gmm16):
+    sched = ds.EDM()
+    den = gmm_denoiser(gmm16, sched)
+    x_T = _x_T(sched)
+    a = ds.sample(den, x_T.clone(), solver="edm_stochastic", nfe=9, spacing="karras")
+    b = ds.sample(den, x_T.clone(), solver="heun", nfe=9, spacing="karras")
+    assert float((a - b).abs().max()) < 1e-12
+
+
+def test_edm_stochastic_refuses_churn_beyond_a_vp_schedule(gmm16):
+    with pytest.raises(ValueError, match="s_tmax"):
+        make_plan("edm_stochastic", ds.DiscreteVP.linear(), 8, "karras", s_churn=10.0)

@@ -145,3 +145,60 @@ class DPMSolverPPSDEStages(SinglestepSolver):
             b.end_step(Combo(a_t * d2 / (r_s * a_s), ((m0, g * (1.0 - fac)), (m1, g * fac))), c2, order=2,
                        draws=((r_s, math.exp(-l_u)),) if c1 else (), span=(r_s, r_t))
         return b.plan(self.name, noise=self.noise)
+
+
+@register("edm_stochastic")
+class EDMStochastic(SinglestepSolver):
+    """Karras et al. 2022, Alg. 2 (k-diffusion's sample_heun with s_churn): at each step, where
+    s_tmin <= rho_i <= s_tmax, raise the noise level to rho_hat = (1 + gamma) rho_i with
+    gamma = min(s_churn / N, sqrt(2) - 1) (N the grid's steps), v_hat = v_i + s_noise sqrt(rho_hat^2 -
+    rho_i^2) z (an in-step draw), then a Heun step (Alg. 1) from rho_hat to rho_{i+1}
+    (`ddim.euler_weights`): Euler where `SinglestepSolver` spends a first-order step (onto sigma = 0, odd budgets).  With
+    s_churn = 0 it is `heun`."""
+
+    name = "edm_stochastic"
+    order = 2
+    kind = "noise"
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+        for key, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
+                raise ValueError(f"{key} must be a number >= 0, got {v!r}")
+        if not s_tmin <= s_tmax:
+            raise ValueError(f"s_tmin={s_tmin} must not exceed s_tmax={s_tmax}")
+        _, self.s_noise = _check_eta_noise(0.0, s_noise)
+        self.s_churn, self.s_tmin, self.s_tmax = float(s_churn), float(s_tmin), float(s_tmax)
+        self.stochastic = self.s_churn > 0 and self.s_noise > 0
+
+    def build(self, grid, nfe=None):
+        from .ddim import euler_weights
+
+        b = PlanBuilder(grid)
+        sched = grid.schedule
+        n = grid.steps
+        for i, k in enumerate(self.step_orders(grid, nfe)):
+            t_i, a_i, _, r_i = _pt(grid, i)
+            _, a_n, s_n, r_n = _pt(grid, i + 1)
+            gamma = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if self.s_tmin <= r_i <= self.s_tmax else 0.0
+            draws, noise = (), ()
+            t_h, a_h, s_h, r_h = t_i, a_i, float(grid.sigma[i]), r_i
+            if gamma > 0:
+                r_h = r_i * (1.0 + gamma)
+                t_h = float(sched.t_from_lambda(-math.log(r_h)))
+                if not sched.is_variance_exploding and t_h > sched.t_max * (1 + 1e-12):
+                    raise ValueError(f"edm_stochastic: churn at step {i} raises the noise level to rho_hat = {r_h:g}, "
+                                     f"above the schedule's largest; set s_tmax below rho_{i} = {r_i:g} "
+                                     f"(or s_churn=0)")
+                a_h, s_h = float(sched.alpha(t_h)), float(sched.sigma(t_h))
+                c = self.s_noise * math.sqrt(r_h * r_h - r_i * r_i)
+                draws, noise = ((r_i, r_h),), ((0, a_h * c),)  # x_hat = (a_h / a_i) x_i + a_h c z
+            e0 = b.eval(t_h, a_h, s_h, "noise", Combo(a_h / a_i, (), noise))
+            cx, g = euler_weights(a_h, r_h, a_n, r_n)  # Heun's weights are g / 2, g / 2
+            carried = tuple((j, cx * e) for j, e in noise)  # the churn noise carried by x_hat
+            euler = Combo(cx * a_h / a_i, ((e0, g),), carried)
+            if k == 1 or s_n == 0.0:
+                b.end_step(euler, order=1, draws=draws)
+                continue
+            e1 = b.eval_at(i + 1, "noise", euler)
+            b.end_step(Combo(cx * a_h / a_i, ((e0, 0.5 * g), (e1, 0.5 * g)), carried), order=2, draws=draws)
+        return b.plan(self.name)
