@@ -24,6 +24,7 @@ EXPECTED = {
     "deis_rho_1": (1, (160, 320, 640), "rhoAB-DEIS r=0 is DDIM"),
     "deis_logrho_1": (1, (160, 320, 640), "log-rho DEIS r=0 is DDIM"),
     "heun": (2, (80, 160, 320), "Heun's method, 2 calls per step"),
+    "edm_stochastic": (2, (80, 160, 320), "EDM Alg. 2 with its default s_churn=0: Heun"),
     "dpmpp_2s": (2, (80, 160, 320), "DPM-Solver++(2S) is second order"),
     "dpmpp_2m": (2, (80, 160, 320), "two-step data-prediction multistep"),
     # DPM-Solver++(3M)'s published weights give the second-derivative term half its Taylor weight
