@@ -42,6 +42,7 @@ EXPECTED = {
     "deis_logrho_3": (3, (80, 160, 320), "log-rho DEIS r=2"),
     # Adams-Bashforth weights for equal steps on a non-uniform rho grid: consistent to order 2 only
     "pndm": (2, (80, 160, 320), "equal-step AB-4 weights on a variable grid"),
+    "ipndm": (2, (80, 160, 320), "pndm with an Euler step onto sigma = 0 (the same plan on final='last')"),
     # heavy ball mixes old directions into the update: first order (Wizadwongsa et al. 2023, measured 0.97)
     "dpmpp_2m_hb": (1, (160, 320, 640), "heavy-ball momentum beta=0.8 on DPM-Solver++(2M)"),
     "pndm_hb": (1, (160, 320, 640), "heavy-ball momentum beta=0.8 on PLMS"),

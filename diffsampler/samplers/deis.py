@@ -123,18 +123,27 @@ class PNDM(MultistepSolver):
     """Pseudo linear multistep (PLMS, Liu et al. 2022) with lower-order Adams-Bashforth warm-up
     (iPNDM): eps' = sum_j w_j eps_{i-j}, then the DDIM transfer x_{i+1} = alpha_{i+1}(v_i + (rho_{i+1} - rho_i) eps').
     The weights assume equal steps, so on a non-uniform rho grid the method is second order at
-    best (the variable-step error of AB-k is O(h^2 (h_i/h_{i-1} - 1)) per step)."""
+    best (the variable-step error of AB-k is O(h^2 (h_i/h_{i-1} - 1)) per step).
+
+    `first_order_to_zero`: the step onto sigma = 0 is an Euler step (x_0 = D, the "denoising step"
+    of the iPNDM of Zhou et al.'s diff-solvers as ComfyUI's `sample_ipndm` runs it: registered
+    `ipndm`); False keeps the AB-k weights on it (diffusers' IPNDMScheduler / PNDM's PLMS: `pndm`)."""
 
     name = "pndm"
     max_order = 4
     first_order_to_zero = False
     kind = "noise"
 
-    def __init__(self, order: int = 4, lower_order_final: bool = False, momentum: float | None = None):
+    def __init__(self, order: int = 4, lower_order_final: bool = False, momentum: float | None = None,
+                 first_order_to_zero: bool = False):
         super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
+        self.first_order_to_zero = bool(first_order_to_zero)
 
     def coefficients(self, grid, i, k):
         return (*plms_weights(grid, i, k), 0.0)
 
 
 register("pndm_hb", PNDM, momentum=0.8)
+#: iPNDM (Zhang & Chen 2023, App. B; Zhou et al. diff-solvers, ComfyUI's `sample_ipndm`): AB-4 in rho with
+#: the lower-order warm-up and an Euler (x_0 = D) step onto sigma = 0.  `max_order` is `order`.
+register("ipndm", PNDM, first_order_to_zero=True)
