@@ -646,3 +646,78 @@ def diffusers_k_grid(schedule: NoiseSchedule, steps: int, class_name: str = "Eul
     if len(sig) > steps + 1:  # log_linear: steps + 1 levels before the end; the run stops at the last
         sig = sig[:steps + 1]
     return sig[:steps], ts[:steps], float(sig[steps])
+
+
+#: the FlowMatchEulerDiscreteScheduler config keys `flowmatch_sigmas` reads, with diffusers' defaults
+FLOWMATCH_KEYS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential",
+                  "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                  "use_beta_sigmas": False}
+
+
+def flowmatch_sigmas(config: dict, n: int | None = None, sigmas=None, timesteps=None,
+                     mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The flow times (diffusers' `sigmas`, without the trailing 0) and model timesteps of diffusers'
+    FlowMatchEulerDiscreteScheduler.set_timesteps(n, sigmas=, timesteps=, mu=) for `config`, computed as
+    diffusers does, in float32:
+
+    sigma_max / sigma_min of the training table s(k / T), k = T..1, s the shift (t -> s t / (1 + (s - 1) t)
+    with `shift`; none with `use_dynamic_shifting`); the default timesteps linspace(sigma_max T,
+    sigma_min T, n) and sigmas = timesteps / T, or the given `sigmas`, or `timesteps` / T; then the shift
+    again (`use_dynamic_shifting`: Flux / SD3's t -> e^mu / (e^mu + (1/t - 1)) or, time_shift_type
+    'linear', mu / (mu + (1/t - 1))); `shift_terminal` stretches 1 - t so the last time is that value
+    (LTX-Video); `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` then re-lay n points
+    between the first and last (grids.karras_sigmas rho = 7, exponential_sigmas, beta_sigmas 0.6 / 0.6).
+    Model timesteps are sigmas * T, or the given `timesteps` as they are."""
+    c = {**FLOWMATCH_KEYS, **{k: v for k, v in config.items() if k in FLOWMATCH_KEYS and v is not None}}
+    if config.get("shift_terminal") is None:
+        c["shift_terminal"] = None
+    T = int(c["num_train_timesteps"])
+    shift = float(c["shift"])
+    dynamic = bool(c["use_dynamic_shifting"])
+    if dynamic and mu is None:
+        raise ValueError("use_dynamic_shifting=True needs set_timesteps(..., mu=...) (the pipeline's resolution "
+                         "shift), as FlowMatchEulerDiscreteScheduler")
+    if c["time_shift_type"] not in ("exponential", "linear"):
+        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {c['time_shift_type']!r}")
+    which = [k for k in ("karras", "exponential", "beta") if c[f"use_{k}_sigmas"]]
+    if len(which) > 1:
+        raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
+
+    def static(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    table = np.linspace(1, T, T, dtype=np.float32)[::-1].copy()
+    table = torch.from_numpy(table) / T
+    if not dynamic:
+        table = static(table)
+    s_max, s_min = table[0].item(), table[-1].item()
+    given_t = None
+    if sigmas is not None:
+        s = np.array(sigmas).astype(np.float32)
+    else:
+        if timesteps is not None:
+            given_t = np.array(timesteps).astype(np.float32)
+            tt = given_t
+        else:
+            if n is None or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+            tt = np.linspace(s_max * T, s_min * T, n)
+        s = tt / T
+    if dynamic:
+        if c["time_shift_type"] == "exponential":
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+        else:
+            s = mu / (mu + (1 / s - 1) ** 1.0)
+    else:
+        s = static(s)
+    if c["shift_terminal"]:
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - c["shift_terminal"]))
+    if which:
+        lo, hi = float(s[-1]), float(s[0])
+        m = len(s)
+        s = {"karras": grids.karras_sigmas, "exponential": grids.exponential_sigmas,
+             "beta": grids.beta_sigmas}[which[0]](m, lo, hi)
+    s = torch.from_numpy(np.asarray(s)).to(torch.float32)
+    t_model = torch.from_numpy(given_t) if given_t is not None else s * T
+    return s.numpy().astype(np.float64), t_model.numpy().astype(np.float64)

@@ -94,7 +94,7 @@ import warnings  # noqa: E402
 
 from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
                        PNDMScheduler, UniPCMultistepScheduler)
 
 from diffsampler.pipelines import DiffSamplerScheduler  # noqa: E402
@@ -198,7 +198,8 @@ REFUSED = [
     (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", euler_at_final=True), "euler_at_final"),
     (DEISMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
     (DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
-    (FlowMatchEulerDiscreteScheduler, dict(shift=3.0), "FlowMatchEulerDiscreteScheduler cannot be reproduced"),
+    (FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "stochastic_sampling=True cannot be reproduced"),
+    (FlowMatchHeunDiscreteScheduler, dict(), "FlowMatchHeunDiscreteScheduler cannot be reproduced"),
     (PNDMScheduler, dict(skip_prk_steps=True), "PNDMScheduler cannot be reproduced"),
     (UniPCMultistepScheduler, dict(), "UniPCMultistepScheduler cannot be reproduced"),
     # the sigma-space classes are reproduced (tests/test_parity_kdiffusion.py); diffusers' own raises for these

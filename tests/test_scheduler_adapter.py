@@ -218,9 +218,10 @@ def test_flow_sigmas_and_dynamic_shift(gmm16):
     assert (ours_sched.timesteps - ref_sched.timesteps).abs().max().item() <= 1e-3
     assert (ours - ref).abs().max().item() <= 1e-4
 
-    plain = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    plain = DiffSamplerScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, solver="dpmpp_2m",
+                                             spacing="time_uniform")
     plain.set_timesteps(8)
-    ours_sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m")
+    ours_sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m", spacing="time_uniform")
     ours_sched.set_timesteps(8, mu=mu)
     t = plain.plan.grid.t[:-1]
     shifted = (math.exp(mu) / (math.exp(mu) + 1 / t - 1)).clamp(max=ours_sched.schedule.t_max)
@@ -228,7 +229,8 @@ def test_flow_sigmas_and_dynamic_shift(gmm16):
     errs = []
     for nfe in (8, 16):
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
-        out = run_diffusers(DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m"), model, nfe, x, mu=mu)
+        out = run_diffusers(DiffSamplerScheduler.from_config(cfg, solver="dpmpp_2m", spacing="time_uniform"), model,
+                            nfe, x, mu=mu)
         s = ours_sched.schedule
         t0 = torch.tensor(s.t_max, dtype=torch.float64)
         exact = gmm16.ode_endpoint(x.double(), s.alpha(t0), s.sigma(t0), 1.0, 0.0)
@@ -252,10 +254,21 @@ def test_flow_config(gmm16):
     assert sched.prediction_kind == "flow"
     x = x_T()
     ours = run_diffusers(sched, GMMModel(gmm16, sched.schedule, "flow"), 6, x)
+    # a named solver keeps FlowMatchEuler's grid (its 4 points from t = 1, then 0), from t_max = 0.999 where the
+    # solver cannot start at t = 1 (alpha = 0)
+    ref_sched = FlowMatchEulerDiscreteScheduler()
+    ref_sched.set_timesteps(sched.solver.steps_for_nfe(6, final_zero=True))
+    assert torch.allclose(sched.plan.grid.t[1:-1].float(), ref_sched.sigmas[1:-1], atol=1e-7)
+    assert float(sched.timesteps[0]) == pytest.approx(999.0)
+    ref = ds.sample(gmm_denoiser(gmm16, sched.schedule, "flow"), x.clone(), solver=sched.plan)
+    assert (ours - ref).abs().max().item() <= 1e-6
+    assert sched.spacing == "flowmatch"
+    other = DiffSamplerScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, solver="dpmpp_2m",
+                                             spacing="time_uniform")
+    ours = run_diffusers(other, GMMModel(gmm16, sched.schedule, "flow"), 6, x)
     ref = ds.sample(gmm_denoiser(gmm16, sched.schedule, "flow"), x.clone(), solver="dpmpp_2m", nfe=6,
                     spacing="time_uniform")
     assert (ours - ref).abs().max().item() <= 1e-6
-    assert float(sched.timesteps[0]) == pytest.approx(999.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ SUPPORTED_CLASSES = {
     "LMSDiscreteScheduler": "lms (order 4; step()'s order argument is refused) on the class's grid",
     "KDPM2DiscreteScheduler": "dpm2 on the class's grid (n steps, 2n - 1 model calls)",
     "KDPM2AncestralDiscreteScheduler": "dpm2_ancestral (eta=1) on the class's grid, the same generator's noise",
+    "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
+                                       "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
+                                       "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
+                                       "sigmas= / timesteps= lists; invert_sigmas and stochastic_sampling refused)",
 }
 
 
@@ -215,6 +219,16 @@ def _k_class(solver: str, preds: tuple, sigma_grids: bool = True, clip: bool = F
     return mapper
 
 
+def _flowmatch_euler(r):
+    # diffusers' flow Euler step x + (t_next - t) v is DDIM's data-form step on the flow alpha = 1 - t,
+    # sigma = t (x_next = alpha_next D + sigma_next eps); the grid is the class's (schedules.flowmatch_sigmas)
+    r.off("invert_sigmas")
+    r.require("stochastic_sampling", (False,), " -- its step x_next = (1 - t_next) x0 + t_next z (all noise "
+              "drawn afresh) is not in the registry")
+    r.require("time_shift_type", ("exponential", "linear"))
+    return dict(solver="ddim", convention="FlowMatchEulerDiscreteScheduler", final="zero", schedule_type="flow")
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -233,7 +247,9 @@ _MAPPERS = {
     "LMSDiscreteScheduler": _k_class("lms", ("epsilon", "v_prediction", "sample")),
     "KDPM2DiscreteScheduler": _k_class("dpm2", ("epsilon", "v_prediction")),
     "KDPM2AncestralDiscreteScheduler": _k_class("dpm2_ancestral", ("epsilon", "v_prediction")),
-    "FlowMatchEulerDiscreteScheduler": _not_yet("its grid (n times from 1 to 1/n, then 0) is not reproduced"),
+    "FlowMatchEulerDiscreteScheduler": _flowmatch_euler,
+    "FlowMatchHeunDiscreteScheduler": _not_yet("its Heun step starts at t = 1, where alpha = 0 and the eps-form "
+                                               "heun solver is undefined"),
     "PNDMScheduler": _not_yet("its PRK / PLMS warm-up is not in the registry (pndm is iPNDM)"),
     "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),
 }

@@ -40,13 +40,15 @@ from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
 from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, K_CLASSES, SPACINGS, DiscreteVP,
-                         RectifiedFlow, TimeGrid, diffusers_k_grid, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
+                         RectifiedFlow, TimeGrid, diffusers_k_grid, flowmatch_sigmas, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
 
 from .parity import parity_arguments as _parity
 
 __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
 
 _FINAL_SIGMAS = {"zero": "zero", "sigma_min": "last"}
+FLOWMATCH_CLASS = "FlowMatchEulerDiscreteScheduler"
+FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
 _DIFFUSERS_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS
 
@@ -160,6 +162,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     """
 
     config_name = "scheduler_config.json"
+    #: solvers whose first step can start at t = 1 (alpha = 0) of a flow: the data-form first-order step
+    _T1_SOLVERS = ("ddim", "euler")
+    _source_keys: dict | None = None
     _compatibles: list = []  # diffusers resolves compatibles by class name inside diffusers only
     _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
                      "FlowMatchLCMScheduler")
@@ -195,15 +200,27 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         convention: str | None = None,
         **kwargs,
     ):
+        source_keys = DiffSamplerScheduler._source_keys or {}  # from_config: the source config's other keys
+        DiffSamplerScheduler._source_keys = None
         solver_options = self._route_keywords(solver, solver_options, kwargs)
+        if source_keys:
+            self.register_to_config(**{k: v for k, v in source_keys.items() if k not in self.config})
         # -- schedule -------------------------------------------------------------------------
         if schedule_type not in (None, "vp", "flow"):
             raise ValueError(f"schedule_type must be None, 'vp' or 'flow', got {schedule_type!r}")
         pred = _PRED_ALIASES.get(prediction_type, prediction_type)
         self.is_flow = schedule_type == "flow" or bool(use_flow_sigmas) or shift is not None or (
             schedule_type is None and pred == "flow")
+        # FlowMatchEulerDiscreteScheduler's grid (`flowmatch_sigmas`): its conventions and its first time t = 1
+        self.flowmatch = convention == FLOWMATCH_CLASS
+        if self.flowmatch and schedule_type not in (None, "flow"):
+            raise ValueError(f"convention={convention!r} needs the flow schedule, got schedule_type={schedule_type!r}")
+        if self.flowmatch:
+            self.is_flow = True
         if self.is_flow:
-            self.schedule = RectifiedFlow(time_scale=float(num_train_timesteps))
+            # t = 1 (alpha = 0) is reachable by the data-form first-order step only (flow Euler = DDIM)
+            t_max = 1.0 if self.flowmatch and solver in self._T1_SOLVERS else 0.999
+            self.schedule = RectifiedFlow(t_max=t_max, time_scale=float(num_train_timesteps))
             pred = pred or "flow"
         else:
             self.schedule = DiscreteVP.from_diffusers_config(dict(
@@ -227,10 +244,14 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if fixed is not None and spacing not in (None, fixed):
             raise ValueError(f"solver {solver!r} fixes spacing={fixed!r}; spacing={spacing!r} cannot apply (drop "
                              f"it, or name the sampler without its schedule: solver={self.solver.name!r})")
+        if self.flowmatch and spacing is None and fixed is None:
+            spacing = FLOWMATCH_SPACING  # the class's own grid, with its shift / grid keys
+        elif spacing is None and fixed is None and convention is None:
+            spacing = self._sigma_grid_key()  # a source's use_karras_sigmas etc.: the same grid
         spacing = spacing or fixed or timestep_spacing or "linspace"
         if self.is_flow and spacing in _DIFFUSERS_SPACINGS:
             spacing = "time_uniform"  # integer-timestep spacings exist for discrete VP schedules only
-        if spacing not in SPACINGS:
+        if spacing not in SPACINGS and spacing != FLOWMATCH_SPACING:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
         self.spacing = spacing
         if final is None:
@@ -302,8 +323,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sigma_max, timestep_type)."""
         if convention is None:
             return None
+        if convention == FLOWMATCH_CLASS:
+            self._check_flowmatch()
+            return None  # self.flowmatch: the sample, timesteps and sigmas are already the flow class's
         if convention not in K_CLASSES:
-            raise ValueError(f"convention must be None or one of {K_CLASSES}, got {convention!r}")
+            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS,)}, got {convention!r}")
         if self.is_flow:
             raise ValueError(f"convention={convention!r} needs a discrete VP schedule; this config is a flow schedule")
         if spacing is not None:
@@ -324,6 +348,37 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_type must be 'discrete' or 'continuous', got {c.get('timestep_type')!r}")
         self._k_grid_kwargs(convention, 1)  # the grid's keys are checked now, not at set_timesteps
         return convention
+
+    #: diffusers' use_*_sigmas keys (in its order of precedence) and the spacings of the same grids
+    _SIGMA_KEYS = (("use_karras_sigmas", "diffusers_karras"), ("use_lu_lambdas", "diffusers_lu"),
+                   ("use_exponential_sigmas", "diffusers_exponential"), ("use_beta_sigmas", "diffusers_beta"))
+
+    def _sigma_grid_key(self) -> str | None:
+        """The spacing a config's use_karras_sigmas / use_lu_lambdas / use_exponential_sigmas / use_beta_sigmas
+        names (the grid diffusers lays with it); None when none is set.  On a flow schedule (other than
+        FlowMatchEuler's own grid) they are refused by name."""
+        c = self.config
+        on = [k for k, _ in self._SIGMA_KEYS if c.get(k)]
+        if not on:
+            return None
+        if self.is_flow:
+            raise ValueError(f"{on[0]}=True cannot be honoured on this flow schedule (diffsampler lays these grids on "
+                             "discrete VP schedules, and on FlowMatchEulerDiscreteScheduler's own grid); pass "
+                             "spacing= to choose the grid")
+        return dict(self._SIGMA_KEYS)[on[0]]
+
+    def _check_flowmatch(self) -> None:
+        """The FlowMatchEulerDiscreteScheduler keys its grid cannot honour are refused by name."""
+        c = self.config
+        if self.final != "zero":
+            raise ValueError(f"final={self.final!r} cannot apply with convention={FLOWMATCH_CLASS!r}: its grid "
+                             "always ends at sigma = 0")
+        if c.get("invert_sigmas"):
+            raise ValueError(f"invert_sigmas=True cannot be reproduced by diffsampler ({FLOWMATCH_CLASS}, Mochi): the "
+                             "network is then given 1 - t and its output integrated with the opposite sign, a time "
+                             "convention the adapter does not implement (supported: invert_sigmas=False)")
+        if self.spacing == FLOWMATCH_SPACING:
+            flowmatch_sigmas(dict(c), 2, mu=0.0)  # the grid's keys are checked now, not at set_timesteps
 
     def _k_grid_kwargs(self, convention: str, steps: int) -> tuple:
         c = self.config
@@ -376,6 +431,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         cfg = dict(config) if name == cls.__name__ else {k: v for k, v in config.items() if k != "_use_default_values"}
         if (isinstance(name, str) and name.startswith("FlowMatch")) or cfg.get("shift") is not None:
             kwargs.setdefault("schedule_type", "flow")
+        from .parity import source_class
+
+        if (name or source or source_class(cfg)) == FLOWMATCH_CLASS and kwargs.get("spacing") is None:
+            kwargs.setdefault("convention", FLOWMATCH_CLASS)  # a named solver keeps the class's grid too
         if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
             # a misspelt keyword is named before the source scheduler is mapped
             _refuse_unknown_keywords(cls, {k: v for k, v in kwargs.items() if k not in known and not k.startswith("_")},
@@ -393,8 +452,15 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         cfg = {k: v for k, v in cfg.items() if k in known or k.startswith("_")}
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
-        if extra:
-            model = cls(**{k: v for k, v in model.config.items() if k in known}, **extra)
+        if extra or foreign:
+            # built again with the source's other keys in its config from the start, so that __init__ reads
+            # them (use_karras_sigmas, FlowMatch's invert_sigmas...); they are not routed as solver options
+            # (handed over beside the call: diffusers' register_to_config drops "_" keywords)
+            DiffSamplerScheduler._source_keys = {k: v for k, v in foreign.items() if k not in extra}
+            try:
+                model = cls(**{k: v for k, v in model.config.items() if k in known}, **extra)
+            finally:
+                DiffSamplerScheduler._source_keys = None
             out = (model, *out[1:]) if return_unused_kwargs else model
         model.register_to_config(**{k: v for k, v in foreign.items() if k not in model.config})
         return out
@@ -453,6 +519,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             spacing = {"name": spacing, "steps_offset": int(self.config.steps_offset)}
         kw = spacing if isinstance(spacing, dict) else {"name": spacing}
         kw = dict(kw)
+        if kw["name"] == FLOWMATCH_SPACING:
+            return self._flowmatch_grid(steps, mu=mu)
         if kw["name"] in DIFFUSERS_SIGMA_SPACINGS:
             return self._sigma_space_grid(steps, kw["name"])
         grid = time_grid(self.schedule, steps, kw.pop("name"), final=self.final, **kw)
@@ -460,6 +528,23 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             n = grid.steps if self.final == "zero" else grid.steps + 1
             t = self._shift(grid.t[:n], mu).clamp(self.schedule.t_min, self.schedule.t_max)
             grid = TimeGrid.from_times(self.schedule, t, self.final == "zero")
+        return grid
+
+    def _flowmatch_grid(self, steps: int | None, sigmas=None, timesteps=None, mu=None) -> TimeGrid:
+        """FlowMatchEulerDiscreteScheduler's grid (`schedules.flowmatch_sigmas` of this config): its `steps`
+        flow times, then t = 0.  The network is given diffusers' timesteps (sigma * T, or `timesteps` as
+        given).  A solver that cannot start at t = 1 starts at the schedule's t_max (0.999) instead."""
+        c = dict(self.config)
+        s, t_model = flowmatch_sigmas(c, steps, sigmas=sigmas, timesteps=timesteps, mu=mu)
+        sch = self.schedule
+        t = torch.as_tensor(s).clamp(max=sch.t_max)
+        if bool((t < sch.t_min * (1 - 1e-6)).any()) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{FLOWMATCH_CLASS}'s grid {s.tolist()} leaves the flow schedule's range "
+                             f"[{sch.t_min}, {sch.t_max}]")
+        t = t.clamp(min=sch.t_min)
+        grid = TimeGrid.from_times(sch, t, final_zero=True)
+        if timesteps is not None:
+            self.__dict__["_grid_model_t"] = torch.as_tensor(t_model)
         return grid
 
     def _sigma_space_grid(self, steps: int, name: str) -> TimeGrid:
@@ -496,7 +581,24 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         grid = None
         final = self.final
         self.__dict__["_grid_model_t"] = None
-        if timesteps is not None or sigmas is not None:
+        if (timesteps is not None or sigmas is not None) and self.spacing == FLOWMATCH_SPACING:
+            # as FlowMatchEulerDiscreteScheduler: the given sigmas (or timesteps / T) go through its shift,
+            # shift_terminal and use_*_sigmas; the timesteps given are the network's as they are
+            if sigmas is not None:
+                s = np.asarray(sigmas.detach().cpu() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+                sigmas = s[:-1] if len(s) > 1 and s[-1] == 0.0 else s  # diffusers appends the 0 itself
+                if timesteps is not None:
+                    raise ValueError("give only one of timesteps and sigmas")
+            elif isinstance(timesteps, torch.Tensor):
+                timesteps = timesteps.detach().cpu().numpy()
+            grid = self._flowmatch_grid(None, sigmas=sigmas, timesteps=timesteps, mu=mu)
+            plan = make_plan(self.solver, self.schedule, grid=grid)
+            if timesteps is not None and plan.nfe != len(timesteps):
+                raise ValueError(f"solver {self.config.solver!r} makes {plan.nfe} model calls on the {len(timesteps)} "
+                                 "timesteps given (one per call is needed): pass sigmas= instead")
+            if num_inference_steps is not None and plan.nfe != num_inference_steps:
+                raise ValueError(f"the explicit grid costs {plan.nfe} model calls, num_inference_steps={num_inference_steps}")
+        elif timesteps is not None or sigmas is not None:
             if sigmas is not None:
                 s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, torch.Tensor)
                                     else sigmas.detach().cpu().double()).flatten()
