@@ -8,7 +8,8 @@ solver step and `len(scheduler.timesteps) == plan.nfe == num_inference_steps`.
 
 The state handed to the model is x itself (`scale_model_input` is the identity, except at the
 first call of a plan that moves x_T before its first model call, e.g. an analytic first step;
-`init_noise_sigma` is the schedule's prior std).  `step` returns as `prev_sample` the input of the
+`init_noise_sigma` is the schedule's prior std) -- or, under `convention=<sigma-space class>`
+(diffusers' Euler / Heun / LMS / KDPM2 families), that class's x / alpha with its scalings.  `step` returns as `prev_sample` the input of the
 next model evaluation, which is x_{i+1} at the end of a solver step and the intermediate point
 (a linear combination of x_i and earlier outputs) inside a multi-call step.
 
@@ -154,6 +155,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             `use_flow_sigmas`, or a FlowMatch* source class) gives
             `RectifiedFlow(time_scale=num_train_timesteps)` instead; `shift` / `flow_shift` then
             shift the grid as diffusers does (t -> s t / (1 + (s - 1) t)).
+        convention: None, or one of diffusers' sigma-space classes (`schedules.K_CLASSES`: Euler,
+            EulerAncestral, Heun, LMS, KDPM2, KDPM2Ancestral; set by `from_config` of such a class's
+            config): follow that class's conventions -- the sample is x / alpha, `init_noise_sigma`,
+            `scale_model_input`, `sigmas`, `order`, float32 `timesteps` and `add_noise` are the class's,
+            `num_inference_steps` counts its steps, and the grid is its own (`schedules.diffusers_k_grid`
+            from the config's keys; `spacing` is then refused).
         **kwargs: an option of `solver` (e.g. `eta=1.0` for "ddim", `order=1.5` for "ghvb"): applied
             and recorded in `solver_options`; any other key of a diffusers scheduler config: kept in
             the config, not used; anything else: TypeError naming it.
