@@ -353,7 +353,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
         if c.get("timestep_type", "discrete") not in ("discrete", "continuous"):
             raise ValueError(f"timestep_type must be 'discrete' or 'continuous', got {c.get('timestep_type')!r}")
-        self._k_grid_kwargs(convention, 1)  # the grid's keys are checked now, not at set_timesteps
+        self._k_grid_kwargs(convention, 2)  # the grid's keys are checked now, not at set_timesteps
         return convention
 
     #: diffusers' use_*_sigmas keys (in its order of precedence) and the spacings of the same grids
