@@ -54,8 +54,13 @@ _KNOWN_CLASSES = (
 def _class_keys(name: str) -> frozenset | None:
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if cls is None:
+    import diffusers.schedulers
+
+    try:
+        cls = getattr(diffusers, name, None) or getattr(diffusers.schedulers, name, None)
+    except Exception:  # a class whose optional backend is missing
+        return None
+    if cls is None or not isinstance(cls, type):
         return None
     return frozenset(k for k, p in inspect.signature(cls.__init__).parameters.items()
                      if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
@@ -69,7 +74,16 @@ def source_class(config: dict) -> str | list[str] | None:
         return name
     keys = frozenset(k for k in config if not k.startswith("_"))
     hits = [n for n in _KNOWN_CLASSES if _class_keys(n) == keys]
+    if not hits:  # any other diffusers scheduler class (DDIMInverse, CosineDPMSolverMultistep, FlowMatchLCM...)
+        hits = [n for n in _all_classes() if n not in _KNOWN_CLASSES and _class_keys(n) == keys]
     return hits[0] if len(hits) == 1 else (hits or None)
+
+
+def _all_classes() -> list:
+    import diffusers.schedulers as schedulers
+
+    return sorted({n for group in getattr(schedulers, "_import_structure", {}).values() for n in group
+                   if n.endswith("Scheduler")})
 
 
 def _class_defaults(name: str) -> dict:

@@ -611,6 +611,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                                     else sigmas.detach().cpu().double()).flatten()
                 if len(s) and float(s[-1]) == 0.0:
                     s, final = s[:-1], "zero"
+                elif len(s) > 2 and float(s[-1]) == float(s[-2]):
+                    # diffusers' final_sigmas_type="sigma_min" list: its last step, sigma_min to sigma_min,
+                    # leaves x as it is; the grid ends at sigma_min without it
+                    s, final = s[:-1], "last"
                 if self.is_flow:
                     t = self._shift(s, mu).clamp(self.schedule.t_min, self.schedule.t_max)
                 else:
