@@ -52,3 +52,26 @@ def flow_transformer(path):
     FlowMatchEulerDiscreteScheduler().save_pretrained(path / "scheduler")
     return (SD3Transformer2DModel.from_pretrained(path / "transformer"),
             FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"))
+
+
+def ddim_pipeline():
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    return DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
+
+
+def sd3_pipeline(shift=3.0):
+    """A StableDiffusion3Pipeline around a tiny SD3 transformer and VAE (shift_factor / scaling_factor set as
+    SD3's); no text encoders: the tests pass prompt embeddings (pooled ones too) directly."""
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                               caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, shift_factor=0.1, scaling_factor=1.5)
+    return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
