@@ -4,7 +4,6 @@ EulerAncestral / Heun / LMS / KDPM2 / KDPM2Ancestral schedulers through `from_co
 named, in the standard loop (1e-4), the stochastic ones with the same generator."""
 
 import importlib.util
-import itertools
 import sys
 import types
 
@@ -168,9 +167,7 @@ def test_hydra_runs_the_solvers_with_options(tmp_path):
     assert sorted(df.solver) == ["dpm2", "dpm2_ancestral", "euler_ancestral", "lms"] and (df.nfe_counted == 7).all()
     r = cli("solver=euler_ancestral", "+solver.options.eta=0.5", "+solver.options.s_noise=0.9", "nfe=5",
             f"hydra.run.dir={tmp_path / 'run'}")
-    assert r.returncode == 0, r.stderr
-    r = cli("solver=lms", "+solver.options.s_noise=0.9", "nfe=5", f"hydra.run.dir={tmp_path / 'bad'}")
-    assert r.returncode != 0 and "s_noise" in r.stderr + r.stdout
+    assert r.returncode == 0, r.stderr  # (an option a solver lacks is refused: test_bad_options_are_refused_by_name)
 
 
 # -- diffusers' sigma-space classes, reproduced by from_config with no solver named --------------------
@@ -229,11 +226,6 @@ def test_sigma_space_classes_reproduced_in_the_standard_loop(gmm16, cls, kw):
             assert ours.sigmas.shape == ref.sigmas.shape and torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
         err = float((got - want).abs().max())
         assert err <= 1e-4, (n, err)
-
-
-@pytest.fixture(scope="module")
-def gmm16():
-    return GaussianMixture.random(16, 4, seed=1, scale=1.0, std=(0.2, 0.5))
 
 
 @pytest.mark.parametrize("cls", list(CONFIGS))
