@@ -704,10 +704,11 @@ def flowmatch_sigmas(config: dict, n: int | None = None, sigmas=None, timesteps=
             tt = np.linspace(s_max * T, s_min * T, n)
         s = tt / T
     if dynamic:
-        if c["time_shift_type"] == "exponential":
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
-        else:
-            s = mu / (mu + (1 / s - 1) ** 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # (1/t - 1)^1 at t = 1 is 0, as diffusers
+            if c["time_shift_type"] == "exponential":
+                s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+            else:
+                s = mu / (mu + (1 / s - 1) ** 1.0)
     else:
         s = static(s)
     if c["shift_terminal"]:

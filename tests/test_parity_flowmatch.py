@@ -124,3 +124,19 @@ def test_named_solver_keeps_the_flowmatch_grid(gmm16, name):
     out = run_diffusers(sched, GMMModel(gmm16, sched.schedule, "flow"), 8, x)
     ref_out = ds.sample(gmm_denoiser(gmm16, sched.schedule, "flow"), x.clone(), solver=sched.plan)
     assert (out - ref_out).abs().max().item() <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:`timesteps` were passed")
+@pytest.mark.parametrize("begin", [None, 1])
+def test_scale_noise_uses_the_class_sigma_with_explicit_timesteps(begin):
+    """With timesteps= the network gets those times while sigmas are shifted: scale_noise takes the sigma
+    (at the begin index, else at the timestep's entry) as diffusers does, not timestep / T."""
+    cfg = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    x0, noise = x_T(2, 4, seed=1), x_T(2, 4, seed=2)
+    outs = []
+    for sched in (FlowMatchEulerDiscreteScheduler.from_config(cfg), DiffSamplerScheduler.from_config(cfg)):
+        sched.set_timesteps(timesteps=[1000.0, 700.0, 300.0, 100.0])
+        if begin is not None:
+            sched.set_begin_index(begin)
+        outs.append(sched.scale_noise(x0, sched.timesteps[begin or 0:][:1].repeat(2), noise))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-6

@@ -253,3 +253,23 @@ def test_set_timesteps_accepts_diffusers_and_k_diffusion_lists():
     assert float(sched.timesteps[0]) == 999 and len(sched.timesteps) == 8
     with pytest.raises(ValueError, match="outside the schedule's range"):
         sched.set_timesteps(sigmas=[float(table.max()) * 1.01] + k[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# every shipped (searched) plan is drivable through the adapter
+# --------------------------------------------------------------------------------------------------
+
+from diffsampler.samplers.usf import available_plans  # noqa: E402
+
+
+@pytest.mark.parametrize("plan", available_plans())
+def test_shipped_plans_drive_through_the_adapter(gmm4, plan):
+    """The search's own outputs run in the standard loop and equal diffsampler.sample on the same plan
+    (an analytic first step, where a plan has one, runs in scale_model_input)."""
+    name = plan if plan.startswith("plan:") else f"plan:{plan}"
+    sched = DiffSamplerScheduler(solver=name)
+    x = x_T(3, 4)
+    sched.set_timesteps(sched.solver.plan.nfe if hasattr(sched.solver, "plan") else None)
+    out = run_diffusers(sched, GMMModel(gmm4, sched.schedule), len(sched.timesteps), x)
+    ref = ds.sample(gmm_denoiser(gmm4, sched.schedule), x.clone(), solver=sched.plan)
+    assert (out - ref).abs().max().item() <= 1e-6

@@ -899,10 +899,30 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if not self.is_flow:
             raise ValueError("scale_noise is the flow schedules' forward process; this scheduler's schedule is "
                              "discrete VP: use add_noise")
-        t = self._model_times(timestep, "scale_noise")
+        if self.flowmatch and self.timesteps is not None:
+            t = self._flowmatch_noise_level(timestep, len(sample))
+        else:
+            t = self._model_times(timestep, "scale_noise")
         shape = (-1,) + (1,) * (sample.ndim - 1)
         s = t.to(sample.device, sample.dtype).view(shape)
         return s * noise + (1.0 - s) * sample
+
+    def _flowmatch_noise_level(self, timestep, n: int) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler.scale_noise's sigma: `sigmas` at the begin index (img2img, before
+        the first step), at the step index (after it), else at `timestep`'s entry of `timesteps` (its second
+        one if repeated) -- the shifted flow time even where `timesteps=` gave the network other times."""
+        ts = self.timesteps.detach().cpu().double()
+        if self._begin_index is not None:
+            idx = [self.step_index if self._stepper is not None else self._begin_index] * n
+        else:
+            idx = []
+            for v in torch.as_tensor(timestep.detach().cpu() if isinstance(timestep, torch.Tensor) else timestep,
+                                     dtype=torch.float64).flatten().tolist():
+                hits = (ts == v).nonzero().flatten()
+                if not len(hits):
+                    raise ValueError(f"scale_noise: timestep {v} is not in this schedule's timesteps")
+                idx.append(int(hits[1 if len(hits) > 1 else 0]))
+        return self._sigmas.detach().cpu().double()[idx]
 
     def previous_timestep(self, timestep):
         """The model time of the call after `timestep` in `timesteps`: the next entry, or at the last
