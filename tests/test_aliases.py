@@ -176,9 +176,9 @@ def test_list_prints_solvers_aliases_spacings_guidance_plans():
 # --- the names give what A1111 / ComfyUI give: k-diffusion's sampler on k-diffusion's sigmas -----
 
 def _kdiffusion():
-    from test_parity_kdiffusion import _load_kdiffusion_sampling  # the one loader of k-diffusion's sampling.py
+    from kdiffusion_ref import sampling  # k-diffusion's sampling.py, loaded on its own
 
-    return _load_kdiffusion_sampling()
+    return sampling
 
 
 KDIFF_RUNS = [  # (alias, spacing given, k-diffusion sampler, sigma function, model calls for 10 sigmas)
@@ -204,13 +204,9 @@ def test_alias_equals_kdiffusion_on_its_sigmas(problem, name, spacing, fn, sigma
         sigmas = getattr(K, sigmas_fn)(10, rho_min, rho_max)
     finally:
         torch.set_default_dtype(old)
-    gmm = den.model.gmm
+    from kdiffusion_ref import kdiff_model
 
-    def model(v, rho):
-        t = schedule.t_from_lambda(-rho.double().flatten()[:1].log())
-        a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
-        return gmm.posterior_mean(v * a, a, s)
-
+    model = kdiff_model(den.model.gmm, schedule)
     want = getattr(K, fn)(model, x / float(schedule.alpha(schedule.t_max)), sigmas, disable=True)
     got = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -31,9 +31,9 @@ SCHEDULES = {"linear": DiscreteVP.linear, "sd": _sd, "edm": lambda: EDM(0.002, 8
 
 
 def _kdiffusion_sampling():
-    from test_parity_kdiffusion import _load_kdiffusion_sampling  # the one loader of k-diffusion's sampling.py
+    from kdiffusion_ref import sampling  # k-diffusion's sampling.py, loaded on its own
 
-    return _load_kdiffusion_sampling()
+    return sampling
 
 
 @contextlib.contextmanager
