@@ -12,6 +12,21 @@ better except by chance) and the train-vs-test floor.  "Excess" = FID proxy minu
 value: the part of the FID proxy a solver can remove.
 
     python benchmarks/search_digits.py [--nfe 5] [--budget 300] [--metric rmse|fid] [--n-calib 512] [--n-eval 2048]
+
+Issue 17's evaluation of plans found by `diffsampler search` (the Hydra job; see --commands for the
+exact search commands) on held-out seeds chosen before the run (0 .. --n-eval - 1, >= 1000):
+
+    python benchmarks/search_digits.py --evaluate-plans diffsampler/plans --nfes 4 5 6 8 10 [--n-eval 1000]
+
+scores plans `digits_nfe<k>` (searched on RMSE) and `digits_fid_nfe<k>` (searched on the FID proxy)
+against every registered deterministic solver at its best spacing and every diffusers configuration
+(scheduler class x default / Karras / exponential / logSNR sigmas x timestep spacing, run in the
+standard diffusers loop, keeping those that spend exactly k model calls), by RMSE against the
+converged solution and by the FID-proxy excess over it (bootstrap 90% intervals over the samples);
+
+    python benchmarks/search_digits.py --rank-timing [--nfe 5]
+
+times one search generation with 1 and 2 torchrun CPU ranks (same log and plan checked).
 """
 
 from __future__ import annotations
@@ -39,6 +54,197 @@ SPACINGS = ("time_uniform", "logsnr", "trailing")
 REFERENCE_SOLVER = "dpmpp_3m"
 
 
+SEARCH_NFES = (4, 5, 6, 8, 10)
+CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+           "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "PNDMScheduler")
+SIGMAS = (("default", {}), ("Karras", {"use_karras_sigmas": True}), ("exponential", {"use_exponential_sigmas": True}),
+          ("logSNR", {"use_lu_lambdas": True}))
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+ORDERS = {"DPMSolverMultistepScheduler": (2, 3), "DPMSolverSinglestepScheduler": (2, 3), "UniPCMultistepScheduler": (2, 3),
+          "DEISMultistepScheduler": (2, 3)}
+
+
+def search_commands(plan_dir: str = "diffsampler/plans", budget: int = 1000, calib: int = 512) -> list[str]:
+    """The exact `diffsampler search` commands that produce the shipped digits plans."""
+    common = (f"model=digits search.budget={budget} search.calib={calib} search.verify={calib} search.holdout=0 "
+              f"search.plan_dir={plan_dir} progress=true")
+    nfes = ",".join(map(str, SEARCH_NFES))
+    return [f"diffsampler search -m {common} search.metric=rmse search.nfe={nfes} "
+            "'search.name=digits_nfe${search.nfe}' hydra.sweep.dir=outputs/search_digits_rmse",
+            f"diffsampler search -m {common} search.metric=fid_proxy search.nfe={nfes} "
+            "'search.name=digits_fid_nfe${search.nfe}' hydra.sweep.dir=outputs/search_digits_fid"]
+
+
+def _diffusers_configs(pipe, nfe: int, count_calls) -> list[tuple[str, object, int]]:
+    """(label, scheduler, num_inference_steps) of every configuration that spends exactly nfe calls."""
+    import diffusers
+
+    out = []
+    for cls in CLASSES:
+        klass = getattr(diffusers, cls, None)
+        if klass is None:
+            continue
+        accepted = inspect.signature(klass.__init__).parameters
+        for order in ORDERS.get(cls, (None,)):
+            for sig, skw in SIGMAS:
+                if not set(skw) <= set(accepted):
+                    continue
+                for ts in TIMESTEP_SPACINGS:
+                    kw = dict(skw, timestep_spacing=ts)
+                    if order is not None:
+                        kw["solver_order"] = order
+                    try:
+                        sched = klass.from_config(pipe.scheduler.config, **kw)
+                    except (ValueError, TypeError):
+                        continue
+                    steps = next((n for n in range(1, nfe + 1) if count_calls(sched, n) == nfe), None)
+                    if steps is not None:
+                        label = f"{cls}{'' if order is None else f' order {order}'} ({sig} sigmas, {ts})"
+                        out.append((label, sched, steps))
+    return out
+
+
+def _bootstrap(fn, x, b=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vals = sorted(fn(x[torch.randint(0, len(x), (len(x),), generator=g)]) for _ in range(b))
+    return vals[int(0.05 * b)], vals[int(0.95 * b) - 1]
+
+
+def evaluate_plans(a):
+    """Issue 17's table: searched plans vs the best registered solver and the best diffusers
+    configuration, on held-out seeds, by RMSE and by FID-proxy excess."""
+    from diffsampler.samplers import available, info, make_plan
+    from diffsampler.samplers.usf import load_plan
+
+    torch.set_num_threads(a.threads)
+    pipe = load_digits_pipeline()
+    den = denoiser_from_pipeline(pipe)
+    clf, ref = load_digits_classifier(), digits_dataset("test")[0]
+    shape = (1, 16, 16)
+    held_out = list(range(a.n_eval))
+    x_T = ds.samplers.initial_noise((a.n_eval, *shape), den.schedule, seeds=held_out)
+
+    def fid(x):
+        return fid_proxy(x.clamp(-1, 1), ref, clf)
+
+    def run(solver):
+        return ds.sample(den, x_T.clone(), solver=solver)
+
+    converged = run(make_plan(REFERENCE_SOLVER, den.schedule, 200, "logsnr"))
+    fid_conv = fid(converged)
+
+    def scores(x):
+        return {"rmse": float((x - converged).pow(2).mean().sqrt()), "fid_proxy": fid(x), "x": x}
+
+    calls = {"n": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, *args, **kw):
+            calls["n"] += 1
+            return self.unet(*args, **kw)
+
+    counting = Counting(pipe.unet)
+
+    def count_calls(sched, steps):
+        calls["n"] = 0
+        with torch.no_grad():
+            run_diffusers(sched, counting, steps, x_T[:1])
+        return calls["n"]
+
+    rows = []
+    for nfe in a.nfes:
+        entries = {}
+        for tag, name in (("searched (rmse)", f"digits_nfe{nfe}"), ("searched (fid_proxy)", f"digits_fid_nfe{nfe}")):
+            try:
+                plan = load_plan(Path(a.evaluate_plans) / f"{name}.yaml")
+            except ValueError:
+                continue
+            entries[tag] = scores(run(plan.compile(den.schedule)) if plan.time_shift is None else
+                                  ds.sample(den, x_T.clone(), solver=plan.compile(den.schedule)))
+        for name in available():
+            if info(name)["stochastic"]:
+                continue
+            for sp in ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing"):
+                try:
+                    p = make_plan(name, den.schedule, nfe, sp, "zero")
+                except ValueError:
+                    continue
+                entries[f"{name} ({sp})"] = scores(run(p))
+        for label, sched, steps in _diffusers_configs(pipe, nfe, count_calls):
+            with torch.no_grad():
+                x = run_diffusers(sched, pipe.unet, steps, x_T)
+            entries[f"diffusers {label}"] = scores(x)
+        fixed = {k: v for k, v in entries.items() if not k.startswith(("diffusers", "searched"))}
+        hf = {k: v for k, v in entries.items() if k.startswith("diffusers")}
+        for metric in ("rmse", "fid_proxy"):
+            best_fixed = min(fixed, key=lambda k: fixed[k][metric])
+            best_hf = min(hf, key=lambda k: hf[k][metric])
+            for tag in [t for t in entries if t.startswith("searched")]:
+                e = entries[tag]
+                row = {"nfe": nfe, "plan": tag, "metric": metric, "plan_value": e[metric],
+                       "best_fixed": best_fixed, "best_fixed_value": fixed[best_fixed][metric],
+                       "best_diffusers": best_hf, "best_diffusers_value": hf[best_hf][metric]}
+                if metric == "rmse":
+                    row["ratio_fixed"] = e[metric] / fixed[best_fixed][metric]
+                    row["ratio_diffusers"] = e[metric] / hf[best_hf][metric]
+                else:
+                    ex, ex_hf = e[metric] - fid_conv, hf[best_hf][metric] - fid_conv
+                    row["excess"], row["excess_diffusers"] = ex, ex_hf
+                    row["excess_ratio_diffusers"] = ex / ex_hf if ex_hf > 0 else float("nan")
+                    lo, hi = _bootstrap(fid, e["x"])
+                    lo2, hi2 = _bootstrap(fid, hf[best_hf]["x"])
+                    row["excess_90"] = f"[{lo - fid_conv:+.3f}, {hi - fid_conv:+.3f}]"
+                    row["excess_diffusers_90"] = f"[{lo2 - fid_conv:+.3f}, {hi2 - fid_conv:+.3f}]"
+                rows.append(row)
+                print(row, flush=True)
+    body = ["## Searched digits plans vs every registered solver and diffusers configuration "
+            "(`benchmarks/search_digits.py --evaluate-plans`)", "",
+            f"{a.n_eval} held-out seeds (0..{a.n_eval - 1}); converged solution `{REFERENCE_SOLVER}` at 200 calls "
+            f"(FID proxy {fid_conv:.3f}).  Targets (issue 17): RMSE plan <= 0.6x best diffusers and <= 0.75x best "
+            "fixed at NFE 5 and 10; FID-proxy excess <= 0.3x best diffusers' at NFE 4 and 5.", "",
+            md_table(["NFE", "plan", "metric", "plan", "best fixed", "ratio", "best diffusers", "ratio / excess ratio",
+                      "excess 90% (plan; diffusers)"],
+                     [[r["nfe"], r["plan"], r["metric"], f"{r['plan_value']:.4f}",
+                       f"{r['best_fixed']} {r['best_fixed_value']:.4f}", f"{r.get('ratio_fixed', float('nan')):.2f}",
+                       f"{r['best_diffusers']} {r['best_diffusers_value']:.4f}",
+                       f"{r.get('ratio_diffusers', r.get('excess_ratio_diffusers')):.2f}",
+                       f"{r.get('excess_90', '')} {r.get('excess_diffusers_90', '')}"] for r in rows]),
+            "", machine_line()]
+    print("\n".join(body))
+    if not a.no_write:
+        write_csv("search_digits_plans.csv", rows)
+        write_section("search_digits_plans", "\n".join(body))
+
+
+def rank_timing(a):
+    """One search with 1 and with 2 torchrun CPU ranks (reference endpoints cached by the first):
+    seconds per generation from the logs, and the logs and plans compared."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="search_ranks_"))
+    common = ["model=digits", f"search.nfe={a.nfe}", "search.budget=96", "search.calib=256", "search.verify=0",
+              "search.holdout=0", "search.batch=8", "progress=false", f"search.cache_dir={out / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    times = {}
+    for world in (1, 2):
+        run = out / f"w{world}"
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m", "diffsampler"]
+               if world > 1 else [sys.executable, "-m", "diffsampler"])
+        subprocess.run(cmd + ["search", *common, f"hydra.run.dir={run}"], check=True, env=env)
+        times[world] = json.loads((run / "summary.json").read_text())["search_seconds"]
+    same = (out / "w1" / "search.jsonl").read_text().count("\n") == (out / "w2" / "search.jsonl").read_text().count("\n")
+    print(f"search seconds: 1 rank {times[1]:.1f}, 2 ranks {times[2]:.1f}: speed-up {times[1] / times[2]:.2f}x; "
+          f"logs of equal length: {same}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--nfe", type=int, default=5)
@@ -49,7 +255,18 @@ def main():
     p.add_argument("--n-eval", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--evaluate-plans", default=None, help="directory of digits_nfe<k> / digits_fid_nfe<k> plans")
+    p.add_argument("--nfes", type=int, nargs="+", default=list(SEARCH_NFES))
+    p.add_argument("--rank-timing", action="store_true")
+    p.add_argument("--commands", action="store_true", help="print the diffsampler search commands of the plans")
     a = p.parse_args()
+    if a.commands:
+        print("\n".join(search_commands()))
+        return
+    if a.evaluate_plans:
+        return evaluate_plans(a)
+    if a.rank_timing:
+        return rank_timing(a)
     torch.set_num_threads(a.threads)
     pipe = load_digits_pipeline()
     den = denoiser_from_pipeline(pipe)

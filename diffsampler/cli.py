@@ -6,8 +6,8 @@
     diffsampler demo                       solver accuracy on the exact Gaussian mixture, printed
     diffsampler list                       solvers (with their A1111 / ComfyUI names), spacings, guidance, plans
     diffsampler minority-classifier --out DIR [...]   score a data set, train the minority classifier
-    diffsampler search --nfe 5 --out plan.yaml   solver-schedule search (USF / S^3) on the Gaussian
-                                           mixture; resumable with --log (see `diffsampler search -h`)
+    diffsampler search [search.nfe=5 model=... overrides]   solver-schedule search (USF / S^3) on any
+                                           model= (configs/search.yaml); -m sweeps; resumable
 """
 
 from __future__ import annotations
@@ -79,52 +79,31 @@ def list_main(out=sys.stdout) -> None:
     print("  " + (", ".join(available_plans()) or "(none)"), file=out)
 
 
-def search_main(argv) -> int:
-    """`diffsampler search`: search a solver plan for the Gaussian-mixture model of the Hydra config
-    (configs/model/gmm.yaml), scored by RMSE against the exact PF-ODE endpoint."""
-    import argparse
+def _search_hydra_main() -> None:
+    """`diffsampler search [overrides]`: the search job (configs/search.yaml, tools/search_job.py)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
 
-    from omegaconf import OmegaConf
+    from .tools.config_schema import ConfigError
+    from .tools.search_job import run_search_job, search_job_row, validate_search
 
-    from .tools.config_schema import SCHEDULES
-    from .tools.run_spec import model_spec
-    from .tools.runner import build_gmm
-    from .tools.search import search
+    @hydra.main(config_path="configs", config_name="search", version_base=None)
+    def app(cfg):
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            spec = validate_search(cfg)  # every key, before the model is built
+            summary = run_search_job(spec, run_dir)
+        except ConfigError as e:
+            print(f"diffsampler search: error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        from .eval.generate import is_main
 
-    p = argparse.ArgumentParser(prog="diffsampler search", description=search_main.__doc__)
-    p.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
-    p.add_argument("--budget", type=int, default=200, help="true evaluations on the calibration batch")
-    p.add_argument("--calib", type=int, default=256, help="calibration batch size (verification uses as many more)")
-    p.add_argument("--seed", type=int, default=0, help="search seed")
-    p.add_argument("--base", default=None, help="time-grid-only search for this solver (e.g. dpmpp_3m)")
-    p.add_argument("--final", choices=("zero", "last"), default=None, help="fix where plans end (default: search both)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="noise schedule (default: the gmm config's)")
-    p.add_argument("--log", default=None, help="JSONL log; re-running with the same log resumes the search")
-    p.add_argument("--out", default="plan.yaml", help="where the best plan is written (YAML)")
-    p.add_argument("--name", default=None, help="plan name stored in the YAML")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    m = OmegaConf.load(Path(__file__).parent / "configs" / "model" / "gmm.yaml")
-    if a.schedule:
-        m.schedule = a.schedule
-    gmm, den = build_gmm(model_spec(OmegaConf.to_container(m, resolve=True)))
-    sch = den.schedule
-    t0, t1 = float(sch.t_max), float(sch.t_min)
+        if is_main():
+            print(f"best plan: {search_job_row(summary)}; written to {run_dir / 'plan.yaml'} "
+                  f"(solver=plan solver.path={run_dir / 'plan.yaml'})")
+        return summary["verify_score"]
 
-    def exact(x):
-        return gmm.ode_endpoint(x.double(), float(sch.alpha(t0)), float(sch.sigma(t0)), 1.0, 0.0)
-
-    try:
-        r = search(den, a.nfe, shape=(gmm.dim,), reference=exact, budget=a.budget, n_calib=a.calib, seed=a.seed,
-                   base=a.base, final=a.final, log=a.log, out=a.out, name=a.name, dtype=torch.float64,
-                   progress=not a.no_progress)
-    except ValueError as e:
-        print(f"diffsampler search: error: {e}", file=sys.stderr)
-        return 2
-    print(f"best plan ({len(r.plan.steps)} steps, orders {r.plan.orders}, final {r.plan.final}): calibration RMSE "
-          f"{r.calib_score:.4g}, verification RMSE {r.verify_score:.4g}; {r.evaluations} evaluations, "
-          f"{r.model_calls} model calls, {r.seconds:.1f} s; written to {a.out} (use it as solver=\"plan:{a.out}\")")
-    return 0
+    app()
 
 
 def _register_solver_configs() -> None:
@@ -138,7 +117,9 @@ def _register_solver_configs() -> None:
     for name in available() + sorted(aliases()):  # A1111 / ComfyUI names too: solver="DPM++ 2M Karras"
         cs.store(group="solver", name=name, node={"name": name, "options": {}})
     # a saved solver plan: solver=plan solver.path=<YAML file or plan name> (samplers/usf.py)
-    cs.store(group="solver", name="plan", node={"name": "plan", "path": None, "options": {"path": "${solver.path}"}})
+    # solver.plan_dir: a directory of the user's plans, searched first for a plan given by name
+    cs.store(group="solver", name="plan", node={"name": "plan", "path": None, "plan_dir": None,
+                                                "options": {"path": "${solver.path}"}})
 
 
 def _hydra_main() -> None:
@@ -194,7 +175,9 @@ def main(argv=None) -> int:
         demo()
         return 0
     if argv[:1] == ["search"]:
-        return search_main(argv[1:])
+        sys.argv = [sys.argv[0]] + argv[1:]
+        _search_hydra_main()
+        return 0
     if argv[:1] == ["list"]:
         if len(argv) != 1:
             print("usage: diffsampler list", file=sys.stderr)

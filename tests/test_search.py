@@ -162,11 +162,13 @@ def test_bad_search_options(problem, kw, message):
 
 
 def test_search_command_line(tmp_path):
-    out, log = tmp_path / "p.yaml", tmp_path / "l.jsonl"
-    cmd = [sys.executable, "-m", "diffsampler", "search", "--nfe", "4", "--budget", "12", "--calib", "32",
-           "--out", str(out), "--log", str(log), "--no-progress"]
+    """`diffsampler search` is a Hydra job (configs/search.yaml; more in test_search_cli.py)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diffsampler", "search", "search.nfe=4", "search.budget=12", "search.calib=32",
+           "search.verify=32", "search.holdout=0", f"hydra.run.dir={run}", "progress=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    out = run / "plan.yaml"
     assert "best plan" in r.stdout and out.exists()
     sp = SolverSpec.load(out)
     assert sp.nfe == 4 and sp.info["search"]["evaluations"] == 12
@@ -174,8 +176,8 @@ def test_search_command_line(tmp_path):
     den = gmm_denoiser(gmm, ds.DiscreteVP.linear(), "epsilon")
     ds.sample(den, shape=(4, 16), seeds=range(4), solver=f"plan:{out}", nfe=4)
     assert den.nfe == 4
-    r = subprocess.run(cmd[:-1] + ["--budget", "12"], capture_output=True, text=True, timeout=300)  # resumes
-    assert r.returncode == 0 and "0 model calls" in r.stdout
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # resumes from <run>/search.jsonl
+    assert r.returncode == 0 and "model_calls=0" in r.stdout
 
 
 def test_search_space_includes_the_linear_relaxation(problem):

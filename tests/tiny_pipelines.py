@@ -75,3 +75,33 @@ def sd3_pipeline(shift=3.0):
     return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
+
+
+def tiny_clip_tokenizer(path):
+    """A CLIP tokenizer of single characters (vocab and merges written here: no download), saved to path."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(string.ascii_lowercase) + \
+        [c + "</w>" for c in string.ascii_lowercase]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    tok.save_pretrained(path)
+    return tok
+
+
+def sd_pipeline_with_tokenizer(path):
+    """sd_pipeline with a tokenizer, so prompts given as text work (model.prompt on the command line)."""
+    sd_pipeline(path)
+    tiny_clip_tokenizer(path / "tokenizer")
+    import json
+
+    index = json.loads((path / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)

@@ -741,6 +741,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         return (self.schedule.sigma(tt) / self.schedule.alpha(tt))[0]
 
     def _set_plan(self, plan: Plan, offset: int | None = 0) -> None:
+        if plan.info.get("time_shift") is not None:
+            raise ValueError(f"solver {self.config.solver!r} carries time_shift {plan.info['time_shift']}, which the "
+                             "adapter cannot drive: a pipeline calls the network at scheduler.timesteps, while the "
+                             "Time-Shift sampler moves each sample's call time. Run it with sample() on "
+                             "denoiser_from_pipeline(pipe), or use a plan without time_shift (search.time_shift=false)")
         self.plan = plan
         t = torch.tensor([ev.t for ev in self._evals_of(plan)], dtype=torch.float64)
         given = self.__dict__.get("_grid_model_t")

@@ -292,6 +292,11 @@ def sample(
         _check_x_T(x_T, shape)
     plan = _resolve_plan(denoiser.schedule, solver, nfe, spacing, final, grid, solver_options)
     strategy = guidance is not None and callable(getattr(guidance, "run", None))
+    if plan.info.get("time_shift") is not None:  # a solver plan that carries its Time-Shift setting
+        if time_shift is not None:
+            raise ValueError(f"time_shift={time_shift!r} cannot apply: the solver plan {plan.solver!r} carries its own "
+                             f"time_shift {plan.info['time_shift']}; drop time_shift (or edit the plan)")
+        time_shift = dict(plan.info["time_shift"])
     if strategy and time_shift is not None:
         raise ValueError(f"time_shift cannot be combined with the sampling strategy {type(guidance).__name__} "
                          "(it runs its own loop); drop one of them")

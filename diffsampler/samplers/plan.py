@@ -310,6 +310,10 @@ def run_plan(
     """Run `plan` from x = x_{t_0} and return the final state: the `Stepper` loop.
     `callback(i, x_{i+1}, M)` runs after each step; `time_shift` (a samplers.time_shift.TimeShift)
     and `transition` (SVDD) are the stepper's `at` and `transition` hooks."""
+    if time_shift is None and plan.info.get("time_shift") is not None:  # a solver plan's own setting
+        from .time_shift import TimeShift
+
+        time_shift = TimeShift.from_spec(dict(plan.info["time_shift"]))
     at = time_shift.hook(plan, denoiser.schedule, x.device) if time_shift is not None else None
     stepper = Stepper(plan, denoiser, x, noise_fn, at=at, transition=transition, on_step=callback)
     bar = None

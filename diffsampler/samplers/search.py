@@ -25,7 +25,8 @@ import numpy as np
 from ..schedules import time_grid
 from .usf import ESTIMATOR_TABLE, FINALS, SolverSpec, StepSpec, effective_orders, spec_of
 
-__all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode", "PlanPredictor"]
+__all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode", "PlanPredictor", "has_analytic",
+           "random_time_shift", "mutate_time_shift"]
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
@@ -37,6 +38,9 @@ INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3", "ghvb")
 # GHVB: how often a whole trajectory / a single drawn step is GHVB, the momentum range, its nudge sd
 P_GHVB_RUN, P_GHVB_STEP, BETA_RANGE, BETA_JITTER = 0.12, 0.02, (0.2, 1.0), 0.1
+# Time shift (searched when the search space allows it): how often a child's setting is re-drawn,
+# how often a drawn setting is off, the largest window (training steps)
+P_SHIFT, P_SHIFT_OFF, WINDOW_MAX = 0.2, 1 / 3, 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +244,29 @@ def crossover(rng, a: SolverSpec, b: SolverSpec, times_only: bool = False) -> So
     return child if child is not None and child.nfe == a.nfe else None
 
 
+def has_analytic(sp: SolverSpec) -> bool:
+    """Whether the plan's first step is the analytic one (it assumes a zero data mean)."""
+    return bool(sp.steps[0].analytic)
+
+
+def random_time_shift(rng, training_steps: int = 1000) -> dict | None:
+    """A Time-Shift setting drawn for the search: off a third of the time, else a window of 2..100
+    training steps (even) and a cutoff in [0, 0.8 N) training steps (samplers/time_shift.py)."""
+    if rng.random() < P_SHIFT_OFF:
+        return None
+    window = int(2 * rng.integers(1, WINDOW_MAX // 2 + 1))
+    return {"window": window, "cutoff": int(rng.integers(0, int(0.8 * training_steps)))}
+
+
+def mutate_time_shift(rng, ts: dict | None, training_steps: int = 1000) -> dict | None:
+    """A nudge of a setting (window +-, cutoff +-) or a fresh draw (off included)."""
+    if ts is None or rng.random() < 0.4:
+        return random_time_shift(rng, training_steps)
+    window = int(np.clip(ts["window"] + 2 * rng.integers(-5, 6), 2, WINDOW_MAX))
+    cutoff = int(np.clip(ts["cutoff"] + rng.normal(0.0, 0.05 * training_steps), 0, training_steps - 2))
+    return {"window": window, "cutoff": cutoff}
+
+
 # ---------------------------------------------------------------------------------------------
 # the predictor
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +276,10 @@ _EST = tuple(e.name for e in ESTIMATOR_TABLE.values() if e.searched)
 
 def encode(sp: SolverSpec, slots: int) -> np.ndarray:
     """Fixed-length encoding: per step slot (present, time, step size, prediction, effective order,
-    corrector, relaxation, GHVB momentum, estimator one-hot), the number of steps, the final point and
-    the last step's start."""
+    corrector, relaxation, GHVB momentum, estimator one-hot), the number of steps, the final point,
+    the last step's start and the time shift (on, window, cutoff)."""
     per = 8 + len(_EST)
-    f = np.zeros(slots * per + 3)
+    f = np.zeros(slots * per + 6)
     orders = sp.orders
     for i, s in enumerate(sp.steps[:slots]):
         row = [1.0, sp.times[i], sp.times[i + 1] - sp.times[i], float(s.prediction == "data"), orders[i] / 4.0,
@@ -260,9 +287,11 @@ def encode(sp: SolverSpec, slots: int) -> np.ndarray:
         f[i * per:(i + 1) * per] = row
         if s.analytic:
             f[i * per + 4] = 0.0
-    f[-3] = len(sp.steps) / slots
-    f[-2] = float(sp.final == "zero")
-    f[-1] = sp.times[-2]  # where the last step starts (the last model call of a final "zero" plan)
+    f[-6] = len(sp.steps) / slots
+    f[-5] = float(sp.final == "zero")
+    f[-4] = sp.times[-2]  # where the last step starts (the last model call of a final "zero" plan)
+    if sp.time_shift is not None:  # the Time-Shift setting: on, window and cutoff (training steps)
+        f[-3:] = (1.0, sp.time_shift["window"] / 100.0, sp.time_shift["cutoff"] / 1000.0)
     return f
 
 

@@ -483,6 +483,9 @@ class SolverSpec:
     coordinate: str = "logsnr"
     name: str = ""
     info: dict = field(default_factory=dict, compare=False)
+    #: the Time-Shift sampler's setting the plan runs with ({"window": w, "cutoff": t_c}, see
+    #: samplers/time_shift.py), or None (off); part of the plan's decisions, its key and its YAML
+    time_shift: dict | None = None
 
     def __post_init__(self):
         _of_type(_is_list, "a list of steps")("steps", self.steps)
@@ -490,6 +493,7 @@ class SolverSpec:
         object.__setattr__(self, "steps", tuple(s if isinstance(s, StepSpec) else StepSpec.from_dict(s, f"steps[{i}]")
                                                 for i, s in enumerate(self.steps)))
         object.__setattr__(self, "times", tuple(float(t) for t in self.times))
+        object.__setattr__(self, "time_shift", _time_shift_setting(self.time_shift))
         self.validate()
 
     # -- validation ------------------------------------------------------------------------
@@ -574,6 +578,8 @@ class SolverSpec:
             d["name"] = self.name
         d.update({"coordinate": self.coordinate, "final": self.final, "nfe": self.nfe,
                   "times": [float(t) for t in self.times], "steps": [s.to_dict() for s in self.steps]})
+        if self.time_shift is not None:
+            d["time_shift"] = dict(self.time_shift)
         info = {k: v for k, v in self.info.items() if k != "nfe"}
         if info:
             d["info"] = info
@@ -596,7 +602,7 @@ class SolverSpec:
             info["nfe"] = d["nfe"]
         return cls(steps=tuple(StepSpec.from_dict(s, f"steps[{i}]") for i, s in enumerate(d["steps"])),
                    times=tuple(d["times"]), final=d.get("final", "zero"), coordinate=d.get("coordinate", "logsnr"),
-                   name=d.get("name", ""), info=info)
+                   name=d.get("name", ""), info=info, time_shift=d.get("time_shift"))
 
     def to_yaml(self) -> str:
         import yaml
@@ -627,8 +633,10 @@ class SolverSpec:
     def key(self) -> str:
         """A short hash of the decisions and times (for search logs)."""
         d = self.to_dict()
-        blob = json.dumps({"steps": d["steps"], "times": d["times"], "final": d["final"], "coordinate": d["coordinate"]},
-                          sort_keys=True)
+        key = {"steps": d["steps"], "times": d["times"], "final": d["final"], "coordinate": d["coordinate"]}
+        if self.time_shift is not None:  # plans without a time shift keep the keys they had
+            key["time_shift"] = d["time_shift"]
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     # -- grid and compilation ---------------------------------------------------------------
@@ -681,7 +689,28 @@ class SolverSpec:
         if grid.final_zero != (self.final == "zero"):
             raise ValueError(f"plan {self.name or '(unnamed)'} has final={self.final!r}, the grid ends "
                              f"{'at sigma = 0' if grid.final_zero else 'at t_min'}")
-        return _Compiler(self, grid).run()
+        plan = _Compiler(self, grid).run()
+        if self.time_shift is not None:  # run_plan / sample() turn it on (samplers/loop.py)
+            plan.info["time_shift"] = dict(self.time_shift)
+        return plan
+
+
+def _time_shift_setting(v) -> dict | None:
+    """A plan's time_shift: None (off) or {"window": int >= 2, "cutoff": number}, checked by TimeShift."""
+    if v is None:
+        return None
+    from .time_shift import TimeShift
+
+    if not isinstance(v, dict):
+        raise PlanFormatError(f"time_shift must be a mapping {{window: ..., cutoff: ...}} or null, got {v!r}")
+    if set(v) != {"window", "cutoff"}:
+        raise PlanFormatError(f"time_shift needs exactly the keys ['cutoff', 'window'], got {sorted(v)}")
+    try:
+        ts = TimeShift.from_spec(dict(v))
+    except (ValueError, TypeError) as e:
+        raise PlanFormatError(f"time_shift: {e}") from None
+    cutoff = int(ts.cutoff) if float(ts.cutoff).is_integer() else ts.cutoff
+    return {"window": ts.window, "cutoff": cutoff}
 
 
 _PLAN_FIELDS = {
@@ -693,6 +722,7 @@ _PLAN_FIELDS = {
     "times": _numbers,
     "steps": _of_type(_is_list, "a list of step mappings"),
     "info": _of_type(lambda v: isinstance(v, dict), "a mapping"),
+    "time_shift": _optional(_of_type(lambda v: isinstance(v, dict), "a mapping {window, cutoff}")),
 }
 
 

@@ -101,6 +101,7 @@ def _solver_keys(name: str | None) -> dict[str, Type]:
     keys = {"name": STR, "options": MAPPING}
     if name == "plan":
         keys["path"] = optional(STR)
+        keys["plan_dir"] = optional(STR)
     return keys
 
 

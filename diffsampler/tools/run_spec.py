@@ -110,7 +110,7 @@ def resolve(cfg) -> RunSpec:
         cfg = OmegaConf.create(cfg)
     check_schema(cfg)
     plain = {key: _plain(cfg[key]) for key in cfg.keys() if key != "hydra"}
-    model, solver, guidance = plain["model"], plain["solver"], plain["guidance"]
+    model, solver, guidance = plain["model"], _plan_in_dir(plain["solver"]), plain["guidance"]
     sampling = {k: plain[k] for k in SamplingSpec.__dataclass_fields__}
     sampling["final"] = _final(plain["final"], solver)
     sampling["spacing"] = _spacing(plain["spacing"], solver)
@@ -123,6 +123,27 @@ def resolve(cfg) -> RunSpec:
         sampling=SamplingSpec(**sampling),
         results_file=plain["results_file"],
     )
+
+
+def _plan_in_dir(solver: dict) -> dict:
+    """solver=plan with solver.plan_dir: a plan given by name is <plan_dir>/<name>.yaml (the
+    directory's plans come before the package's); the name must be there."""
+    from pathlib import Path
+
+    if solver.get("name") != "plan" or not solver.get("plan_dir"):
+        return solver
+    d = Path(str(solver["plan_dir"])).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"solver.plan_dir {str(d)!r} is not a directory")
+    path = solver.get("path")
+    if not path:
+        raise ConfigError(f"solver.plan_dir needs solver.path=<plan name>; plans there: "
+                          f"{sorted(p.stem for p in d.glob('*.yaml'))}")
+    f = d / f"{path}.yaml"
+    if Path(str(path)).expanduser().is_file() or not f.is_file():
+        raise ConfigError(f"solver.path={path!r} is not a plan name in solver.plan_dir {str(d)!r} (plans there: "
+                          f"{sorted(p.stem for p in d.glob('*.yaml'))})")
+    return {**solver, "path": str(f), "options": {**(solver.get("options") or {}), "path": str(f)}}
 
 
 def model_spec(model: dict) -> ModelSpec:

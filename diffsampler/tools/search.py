@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,7 +30,8 @@ import torch
 
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
-from ..samplers.search import N_PARENTS, P_CROSSOVER, PlanPredictor, crossover, initial_plans, mutate, random_plan
+from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, PlanPredictor, crossover, has_analytic, initial_plans,
+                               mutate, mutate_time_shift, random_plan, random_time_shift)
 from ..samplers.usf import FINALS, SolverSpec, spec_of
 from .search_log import SearchLog
 
@@ -72,6 +73,8 @@ class S3Settings:
     screen: int = 8
     final: str | None = None
     coordinate: str = "logsnr"
+    analytic: bool = True      # plans may start with the analytic first step (assumes a zero data mean)
+    time_shift: bool = False   # the Time-Shift setting is searched too (off included)
 
     @property
     def n_verify_batch(self) -> int:
@@ -136,7 +139,8 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
 def evaluate(plan: SolverSpec, denoiser, batch: Batch) -> float:
     """The plan's score on the batch; inf for a plan that fails or gives a non-finite score."""
     try:
-        s = batch.score(run_plan(plan.compile(denoiser.schedule), denoiser, batch.x_T.clone()))
+        with torch.no_grad():
+            s = batch.score(run_plan(plan.compile(denoiser.schedule), denoiser, batch.x_T.clone()))
     except (ValueError, FloatingPointError):
         s = math.inf
     return s if math.isfinite(s) else math.inf
@@ -144,24 +148,49 @@ def evaluate(plan: SolverSpec, denoiser, batch: Batch) -> float:
 
 class Objective:
     """`evaluate` on the batch of a phase ("calib", "verify"), answered from the log when the plan was
-    evaluated before; counts the model calls it spends."""
+    evaluated before; counts the model calls it spends.  `many` evaluates a list of plans; under
+    torch.distributed (torchrun) plan j of the plans not in the log runs on rank j % world, the
+    scores are gathered, and every rank holds them all (rank 0 alone writes the log)."""
 
-    def __init__(self, denoiser, batches: dict[str, Batch], log: SearchLog | None = None):
+    def __init__(self, denoiser, batches: dict[str, Batch], log: SearchLog | None = None,
+                 rank: int = 0, world: int = 1):
         self.denoiser, self.batches, self.log = denoiser, batches, log or SearchLog(None, {})
+        self.rank, self.world = rank, world
         self.model_calls = 0
         self.sample_evaluations = 0
 
-    def __call__(self, plan: SolverSpec, phase: str = "calib") -> float:
-        key = (phase, plan.key())
-        if key in self.log.cache:
-            return self.log.cache[key]
-        batch = self.batches[phase]
+    def _evaluate(self, plan: SolverSpec, phase: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        s = evaluate(plan, self.denoiser, batch)
+        s = evaluate(plan, self.denoiser, self.batches[phase])
+        return s, time.perf_counter() - t0
+
+    def _count(self, plan: SolverSpec, phase: str) -> None:
         self.model_calls += plan.nfe
-        self.sample_evaluations += plan.nfe * batch.x_T.shape[0]
-        self.log.record(phase, plan, s, time.perf_counter() - t0)
-        return s
+        self.sample_evaluations += plan.nfe * self.batches[phase].x_T.shape[0]
+
+    def __call__(self, plan: SolverSpec, phase: str = "calib") -> float:
+        return self.many([plan], phase)[0]
+
+    def many(self, plans: list[SolverSpec], phase: str = "calib") -> list[float]:
+        todo: dict[str, SolverSpec] = {}
+        for p in plans:
+            if (phase, p.key()) not in self.log.cache:
+                todo.setdefault(p.key(), p)
+        todo_list = list(todo.values())
+        if self.world > 1 and todo_list:
+            import torch.distributed as dist
+
+            mine = {p.key(): self._evaluate(p, phase) for j, p in enumerate(todo_list) if j % self.world == self.rank}
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+            done = {k: v for d in gathered for k, v in d.items()}
+        else:
+            done = {p.key(): self._evaluate(p, phase) for p in todo_list}
+        for p in todo_list:  # in the plans' order: the log is that of one process
+            s, seconds = done[p.key()]
+            self._count(p, phase)
+            self.log.record(phase, p, s, seconds)
+        return [self.log.cache[(phase, p.key())] for p in plans]
 
 
 @dataclass
@@ -218,72 +247,117 @@ def _metric_batch(x_T, metric) -> Batch:
 @dataclass(frozen=True)
 class PlanSpace:
     """The plans searched: `nfe` model calls on `schedule`, ending at one of `finals`; with `base`
-    only the time points change."""
+    only the time points change.  analytic: whether plans may start with the analytic first step
+    (it assumes a zero data mean; keep it out for data with another mean).  time_shift: whether
+    the Time-Shift setting is searched too (off is one of its values); `training_steps` is the
+    schedule's N (samplers/time_shift.py)."""
 
     schedule: object
     nfe: int
     finals: tuple[str, ...]
     coordinate: str = "logsnr"
     base: SolverSpec | None = None
+    analytic: bool = True
+    time_shift: bool = False
+    training_steps: int = 1000
+
+    def allows(self, plan: SolverSpec | None) -> bool:
+        return plan is not None and (self.analytic or not has_analytic(plan)) and (
+            self.time_shift or plan.time_shift is None)
 
     def seed_plans(self) -> list[SolverSpec]:
-        """Registered solvers' solver specs on several spacings (with `base`: its steps on them)."""
-        return initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base)
+        """Registered solvers' solver specs on several spacings (with `base`: its steps on them);
+        with time_shift, the first of them also with the Time-Shift paper's settings."""
+        plans = [p for p in initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base)
+                 if self.allows(p)]
+        if self.time_shift:
+            n = self.training_steps
+            settings = [{"window": w, "cutoff": int(c * n)} for w in (10, 40) for c in (0.2, 0.4)]
+            plans += [replace(p, time_shift=ts) for p in plans[:4] for ts in settings]
+        return plans
 
     def random(self, rng) -> SolverSpec:
         final = None if self.base is None and len(self.finals) > 1 else self.finals[0]
-        return random_plan(rng, self.nfe, self.schedule, final, self.coordinate, self.base)
+        for _ in range(1000):
+            plan = random_plan(rng, self.nfe, self.schedule, final, self.coordinate, self.base)
+            if self.time_shift:
+                plan = replace(plan, time_shift=random_time_shift(rng, self.training_steps))
+            if self.allows(plan):
+                return plan
+        raise ValueError("no plan of this search space is allowed (an analytic base plan with analytic=False?)")
 
     def child(self, rng, parents: list[SolverSpec]) -> SolverSpec | None:
-        """An offspring: crossover of two parents (sometimes), then mutation."""
+        """An offspring: crossover of two parents (sometimes), then mutation; with time_shift the
+        setting comes from a parent or is re-drawn."""
         times_only = self.base is not None
         a = parents[int(rng.integers(len(parents)))]
-        child = a
+        child, ts = a, a.time_shift
         if rng.random() < P_CROSSOVER and len(parents) > 1:
             b = parents[int(rng.integers(len(parents)))]
             child = crossover(rng, a, b, times_only) or a
-        return mutate(rng, child, times_only, self.finals)
+            if self.time_shift and rng.random() < 0.5:
+                ts = b.time_shift
+        child = mutate(rng, child, times_only, self.finals)
+        if child is not None and self.time_shift:
+            if rng.random() < P_SHIFT:
+                ts = mutate_time_shift(rng, ts, self.training_steps)
+            child = replace(child, time_shift=ts)
+        return child if self.allows(child) else None
 
 
 class Population:
-    """The plans evaluated on the calibration batch, in order, up to `budget`."""
+    """The plans evaluated on the calibration batch, in order, up to `budget`.  `consider_many`
+    hands a whole generation to the objective at once (`objective.many` when it has one: the
+    distributed objective spreads it over ranks); the order of the scores, and so the search, is
+    that of one process evaluating them one by one."""
 
     def __init__(self, objective: Callable[[SolverSpec], float], budget: int, on_new: Callable | None = None):
         self.objective, self.budget, self.on_new = objective, budget, on_new
         self.scored: dict[str, tuple[SolverSpec, float]] = {}
         self.history: list[dict] = []
+        self.generation = 0
 
     def full(self) -> bool:
         return len(self.scored) >= self.budget
 
     def consider(self, plan: SolverSpec) -> None:
-        k = plan.key()
-        if k in self.scored or self.full():
+        self.consider_many([plan])
+
+    def consider_many(self, plans: list[SolverSpec]) -> None:
+        new: dict[str, SolverSpec] = {}
+        for plan in plans:
+            k = plan.key()
+            if k not in self.scored and k not in new and len(self.scored) + len(new) < self.budget:
+                new[k] = plan
+        if not new:
             return
-        s = self.objective(plan)
-        self.scored[k] = (plan, s)
-        self.history.append({"key": k, "score": s})
-        if self.on_new is not None:
-            self.on_new(min(v[1] for v in self.scored.values()))
+        many = getattr(self.objective, "many", None)
+        scores = many(list(new.values())) if many is not None else [self.objective(p) for p in new.values()]
+        for (k, plan), s in zip(new.items(), scores):
+            self.scored[k] = (plan, s)
+            self.history.append({"key": k, "score": s, "generation": self.generation})
+            if self.on_new is not None:
+                self.on_new(min(v[1] for v in self.scored.values()))
 
     def ranked(self) -> list[tuple[SolverSpec, float]]:
         return sorted(self.scored.values(), key=lambda v: v[1])
 
 
 def evolve(space: PlanSpace, population: Population, seed: int, batch: int, screen: int) -> Population:
-    """Fill `population` up to its budget: the initial population, then generations of `batch`
-    evaluations chosen among `screen` x batch offspring by the predictor."""
+    """Fill `population` up to its budget: the initial population (evaluated `batch` at a time),
+    then generations of `batch` evaluations chosen among `screen` x batch offspring by the predictor."""
     rng = np.random.default_rng([seed, 0])
     init = space.seed_plans()
     n_init = max(len(init), MIN_POPULATION)
     while len(init) < n_init:
         init.append(space.random(rng))
-    for plan in init:
-        population.consider(plan)
+    for j in range(0, len(init), batch):
+        population.consider_many(init[j:j + batch])
     predictor = PlanPredictor(space.nfe + 1)
     gen = stall = 0
     while not population.full() and stall < MAX_STALL:
         gen += 1
+        population.generation = gen
         before = len(population.scored)
         generation(space, population, predictor, np.random.default_rng([seed, gen]), batch, screen)
         stall = stall + 1 if len(population.scored) == before else 0
@@ -296,8 +370,7 @@ def generation(space: PlanSpace, population: Population, predictor, rng, batch: 
     predictor.fit([p for p, _ in scored], [s for _, s in scored])
     parents = [p for p, _ in population.ranked()[:N_PARENTS]]
     candidates = offspring(space, parents, population.scored, rng, screen * batch)
-    for plan in screened(candidates, predictor, rng, batch):
-        population.consider(plan)
+    population.consider_many(screened(candidates, predictor, rng, batch))
 
 
 def offspring(space: PlanSpace, parents, seen, rng, n: int) -> list[SolverSpec]:
@@ -395,27 +468,44 @@ def search(
 
 def run_search(denoiser, nfe: int, shape: Sequence[int], settings: S3Settings, *, metric="rmse", reference=None,
                reference_solver: str = "dpmpp_3m", reference_nfe: int = 200, base=None, log=None, out=None,
-               name: str | None = None, dtype: torch.dtype = torch.float32, progress: bool = True) -> SearchResult:
-    """`search` with its settings in one S3Settings."""
+               name: str | None = None, dtype: torch.dtype = torch.float32, progress: bool = True,
+               batches: Calibration | None = None, metric_name: str | None = None,
+               provenance: dict | None = None) -> SearchResult:
+    """`search` with its settings in one S3Settings.  batches: the calibration (and verification)
+    batches made by the caller (e.g. against cached reference endpoints), else made here from
+    `metric` / `reference`.  Under torchrun every rank runs this; each generation's plans are spread
+    over the ranks (`Objective.many`) and the result is that of one process."""
+    from ..eval.generate import barrier, dist_env
+
     _check(nfe, settings, metric)
     seeds = settings.noise_seeds()
     space = _space(denoiser.schedule, nfe, settings, base)
+    rank, world = dist_env()
     t_start = time.perf_counter()
-    cal = calibration(denoiser, shape, seeds, settings.n_calib, metric, reference, dtype, reference_solver,
-                      reference_nfe)
-    config = _log_config(nfe, settings, metric, seeds, space)
-    objective = Objective(denoiser, cal.batches, SearchLog(log, config))
-    bar = _progress_bar(settings.budget, nfe) if progress else None
-    population = Population(objective, settings.budget, _bar_update(bar) if bar is not None else None)
+    cal = batches if batches is not None else calibration(denoiser, shape, seeds, settings.n_calib, metric, reference,
+                                                           dtype, reference_solver, reference_nfe)
+    config = _log_config(nfe, settings, metric_name or metric, seeds, space)
+    if rank == 0:
+        search_log = SearchLog(log, config)
+    barrier()  # rank 0 has created (or repaired) the log; the others replay it
+    if rank != 0:
+        search_log = SearchLog(log, config, readonly=True)
+    objective = Objective(denoiser, cal.batches, search_log, rank, world)
+    bar = _progress_bar(settings.budget, nfe) if progress and rank == 0 else None
+    population = Population(objective, settings.budget, _bar_update(bar, lambda: population.generation)
+                            if bar is not None else None)
     evolve(space, population, settings.seed, settings.batch, settings.screen)
     if bar is not None:
         bar.close()
-    verifier = (lambda p: objective(p, "verify")) if "verify" in cal.batches else None
+    verifier = None
+    if "verify" in cal.batches:
+        objective.many([p for p, _ in population.ranked()[:settings.top_k]], "verify")  # spread over ranks
+        verifier = (lambda p: objective(p, "verify"))
     top = verify(population.ranked(), verifier, settings.top_k)
     best, s_cal, s_ver = best_verified(top)
     best = _named(best, name or f"searched_nfe{nfe}", config["metric"], s_cal, s_ver, settings, len(population.scored),
-                  seeds, base)
-    if out is not None:
+                  seeds, base, provenance)
+    if out is not None and rank == 0:
         best.save(out)
     return SearchResult(plan=best, calib_score=s_cal, verify_score=s_ver, evaluations=len(population.scored),
                         model_calls=cal.model_calls + objective.model_calls,
@@ -435,14 +525,17 @@ def _check(nfe, settings: S3Settings, metric) -> None:
 
 
 def _space(schedule, nfe: int, settings: S3Settings, base) -> PlanSpace:
+    from ..samplers.time_shift import training_steps
+
     final, coordinate = settings.final, settings.coordinate
+    flags = dict(analytic=settings.analytic, time_shift=settings.time_shift, training_steps=training_steps(schedule))
     if base is None:
-        return PlanSpace(schedule, nfe, FINALS if final is None else (final,), coordinate)
+        return PlanSpace(schedule, nfe, FINALS if final is None else (final,), coordinate, **flags)
     plan = base if isinstance(base, SolverSpec) else spec_of(base, schedule, nfe, "logsnr", final or "zero",
                                                                 coordinate)
     if plan.nfe != nfe:
         raise ValueError(f"base plan spends {plan.nfe} model calls, nfe={nfe}")
-    return PlanSpace(schedule, nfe, (plan.final,), plan.coordinate, plan)
+    return PlanSpace(schedule, nfe, (plan.final,), plan.coordinate, plan, **flags)
 
 
 def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space: PlanSpace) -> dict:
@@ -452,17 +545,23 @@ def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space:
             "seeds": [seeds[0], seeds[-1], len(seeds)],
             "base": space.base.to_dict()["steps"] if space.base is not None else None,
             "final": settings.final if space.base is None else space.base.final,
-            "coordinate": space.coordinate, "batch": settings.batch, "screen": settings.screen}
+            "coordinate": space.coordinate, "batch": settings.batch, "screen": settings.screen,
+            # recorded only away from their defaults, so logs written before these existed still resume
+            **({"analytic": False} if not settings.analytic else {}),
+            **({"time_shift": True} if settings.time_shift else {})}
 
 
 def _named(plan: SolverSpec, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
-           evaluations: int, seeds: list[int], base) -> SolverSpec:
-    info = {"search": {"metric": metric, "calib_score": s_cal, "verify_score": s_ver, "budget": settings.budget,
+           evaluations: int, seeds: list[int], base, provenance: dict | None = None) -> SolverSpec:
+    info = {"search": {**(provenance or {}), "metric": metric, "calib_score": s_cal, "verify_score": s_ver, "budget": settings.budget,
                        "evaluations": evaluations, "n_calib": settings.n_calib,
                        "n_verify_samples": settings.n_verify_batch, "seed": settings.seed,
                        "seeds": f"{seeds[0]}..{seeds[-1]}",
                        "base": None if base is None else str(base if isinstance(base, str) else base.name or "plan")}}
-    return SolverSpec(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info)
+    info["search"]["time_shift_searched"] = settings.time_shift
+    info["search"].setdefault("analytic_first_step", "searched" if settings.analytic else "excluded")
+    return SolverSpec(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info,
+                      time_shift=plan.time_shift)
 
 
 def _progress_bar(budget: int, nfe: int):
@@ -471,8 +570,8 @@ def _progress_bar(budget: int, nfe: int):
     return tqdm(total=budget, desc=f"search nfe={nfe}", unit="plan")
 
 
-def _bar_update(bar):
+def _bar_update(bar, generation=lambda: 0):
     def update(best: float) -> None:
         bar.update(1)
-        bar.set_postfix(best=f"{best:.3e}")
+        bar.set_postfix(generation=generation(), best=f"{best:.3e}")
     return update

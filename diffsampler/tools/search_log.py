@@ -22,17 +22,18 @@ class SearchLog:
     incomplete last line (a write the interrupted run did not finish; it is cut off, with a warning);
     any other damage is an error naming the file and line."""
 
-    def __init__(self, path, config: dict):
+    def __init__(self, path, config: dict, readonly: bool = False):
         self.path = Path(path) if path is not None else None
+        self.readonly = readonly  # another rank's view: replays the log, never writes it
         self.cache: dict[tuple[str, str], float] = {}
         if self.path is None:
             return
-        records = _read_log(self.path) if self.path.exists() else []
+        records = _read_log(self.path, readonly) if self.path.exists() else []
         if records:
             _check_config(self.path, records[0][1], config)
             for _, rec in records[1:]:
                 self.cache[(rec["phase"], rec["key"])] = math.inf if rec["score"] is None else float(rec["score"])
-        else:  # a new log (or one whose only line was cut off while being written)
+        elif not readonly:  # a new log (or one whose only line was cut off while being written)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"type": "config", "config": config})
 
@@ -43,12 +44,12 @@ class SearchLog:
 
     def record(self, phase: str, sp: SolverSpec, score: float, seconds: float) -> None:
         self.cache[(phase, sp.key())] = score
-        if self.path is not None:
+        if self.path is not None and not self.readonly:
             self._append({"type": "eval", "phase": phase, "key": sp.key(), "score": score if math.isfinite(score) else None,
                           "seconds": round(seconds, 4), "plan": sp.to_dict()})
 
 
-def _read_log(path: Path) -> list[tuple[int, dict]]:
+def _read_log(path: Path, readonly: bool = False) -> list[tuple[int, dict]]:
     """(line number, record) of every line of a search log, checked; then the file ends with a newline."""
     text = path.read_text(errors="replace")
     *lines, tail = text.split("\n")  # tail: what follows the last newline ('' for a complete file)
@@ -61,6 +62,8 @@ def _read_log(path: Path) -> list[tuple[int, dict]]:
             partial = True
     for k, (i, rec) in enumerate(records):
         _check_record(path, i, rec, first=k == 0)
+    if readonly:
+        return records
     if partial:
         _cut_partial_line(path, text, tail, len(lines) + 1)
     elif tail.strip():  # a complete last record without its newline: end the line before appending
