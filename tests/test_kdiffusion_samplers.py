@@ -155,3 +155,18 @@ def test_edm_stochastic_without_churn_is_heun(gmm16):
 def test_edm_stochastic_refuses_churn_beyond_a_vp_schedule(gmm16):
     with pytest.raises(ValueError, match="s_tmax"):
         make_plan("edm_stochastic", ds.DiscreteVP.linear(), 8, "karras", s_churn=10.0)
+
+
+def test_diffusers_dpmsolver_sde_refused_by_name_and_upgradable():
+    """DPMSolverSDEScheduler is dpmpp_sde with a batch-wide Brownian tree seeded by noise_sampler_seed:
+    parity by default is refused naming why; naming the solver keeps the class's grid."""
+    from diffusers import DPMSolverSDEScheduler
+
+    from diffsampler.pipelines import DiffSamplerScheduler
+
+    cfg = DPMSolverSDEScheduler().config
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler.*noise_sampler_seed"):
+        DiffSamplerScheduler.from_config(cfg)
+    sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_sde")
+    sched.set_timesteps(9)
+    assert sched.plan.nfe == 9 and sched.plan.info["noise"] == "brownian"

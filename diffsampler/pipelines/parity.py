@@ -266,6 +266,13 @@ _MAPPERS = {
                                                "heun solver is undefined"),
     "PNDMScheduler": _not_yet("its PRK / PLMS warm-up is not in the registry (pndm is iPNDM)"),
     "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),
+    # the method is registered (dpmpp_sde); its noise is what is not reproduced
+    "DPMSolverSDEScheduler": _not_yet(
+        "it is k-diffusion's DPM++ SDE (registered as dpmpp_sde, Brownian-tree noise by default), but its noise "
+        "is one torchsde Brownian tree over the whole batch seeded by noise_sampler_seed (a random seed when "
+        "None, no generator) and queried at float32 noise levels, and torchsde's increments depend on the "
+        "query times at its 1e-6 resolution and on the query history: its draws are not reproduced; "
+        "solver='dpmpp_sde' samples the same method with one tree per sample, seeded from the generator"),
 }
 
 
