@@ -74,6 +74,7 @@ def test_dpmpp_sde_equals_kdiffusion(gmm16, sched_name, spacing, final, nfe, opt
     ("dpmpp_sde", "dpmpp_sde", {}),  # Brownian noise is dpmpp_sde's default, as k-diffusion's
     ("dpmpp_sde", "dpmpp_sde", {"noise": "brownian", "r": 0.3}),
     ("dpmpp_2m_sde", "dpmpp_2m_sde", {"noise": "brownian", "lower_order_final": False}),
+    ("dpmpp_3m_sde", "dpmpp_3m_sde", {"noise": "brownian", "lower_order_final": False}),
 ])
 @pytest.mark.parametrize("sched_name,spacing,final,nfe", [("edm", "karras", "zero", 9), ("linear_vp", "logsnr", "last", 8)])
 def test_brownian_tree_noise_equals_kdiffusion(gmm16, solver, ref_name, opts, sched_name, spacing, final, nfe):

@@ -184,9 +184,6 @@ def test_naming_a_solver_or_a_spacing_still_wins():
 
 
 REFUSED = [
-    (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='dpmsolver'"),
-    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
-    (DPMSolverMultistepScheduler, dict(solver_type="heun"), "solver_type='heun'"),
     # the use_*_sigmas grids are reproduced (tests/test_parity_grids.py) except with this combination
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, solver_order=3, final_sigmas_type="sigma_min"),
      "use_karras_sigmas=True"),
@@ -195,7 +192,7 @@ REFUSED = [
     (DPMSolverMultistepScheduler, dict(use_lu_lambdas=True, solver_order=3, final_sigmas_type="sigma_min"),
      "use_lu_lambdas=True"),
     (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type='learned_range'"),
-    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", euler_at_final=True), "euler_at_final"),
+    # the other algorithm types, solver_type heun, euler_at_final: tests/test_parity_dpm.py
     (DEISMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
     (DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
     (FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "stochastic_sampling=True cannot be reproduced"),

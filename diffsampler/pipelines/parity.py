@@ -20,9 +20,13 @@ SUPPORTED_CLASSES = {
     "DDIMScheduler": "ddim (diffusers_stride=True; timestep_spacing linspace / leading / trailing with steps_offset, "
                      "set_alpha_to_one, eta in step(), clip_sample / thresholding with the raw epsilon "
                      "(raw_noise=True), prediction types epsilon / sample / v_prediction)",
-    "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (algorithm_type='dpmsolver++', solver_type='midpoint'; "
-                                   "use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas / use_beta_sigmas "
-                                   "as the spacings diffusers_karras / _exponential / _lu / _beta)",
+    "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (dpmsolver++), dpmpp_2m_sde / dpmpp_3m_sde "
+                                   "(sde-dpmsolver++, diffusers' third-order D2 weight), dpm_solver_2m / dpm_solver_3m "
+                                   "(dpmsolver; sde-dpmsolver with sde=True): solver_type midpoint / heun, "
+                                   "solver_order 1-3, lower_order_final, euler_at_final, final_sigmas_type, "
+                                   "thresholding, use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas / "
+                                   "use_beta_sigmas as the spacings diffusers_karras / _exponential / _lu / _beta, "
+                                   "the same generator's noise",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
     "EulerDiscreteScheduler": "euler on the class's sigma grid (convention='EulerDiscreteScheduler': timestep_spacing, "
                               "steps_offset, interpolation_type, use_karras / exponential / beta_sigmas, sigma_min / "
@@ -166,23 +170,32 @@ def _check_zero_snr(r):
                          "schedule anyway")
 
 
+#: DPMSolverMultistep's algorithm_type -> (solver of order 2, of order 3, options)
+_DPM_ALGORITHMS = {
+    "dpmsolver++": ("dpmpp_2m", "dpmpp_3m", {}),
+    "sde-dpmsolver++": ("dpmpp_2m_sde", "dpmpp_3m_sde", {"third_order": "diffusers"}),
+    "dpmsolver": ("dpm_solver_2m", "dpm_solver_3m", {}),
+    "sde-dpmsolver": ("dpm_solver_2m", "dpm_solver_3m", {"sde": True}),
+}
+
+
 def _dpmsolver_multistep(r):
-    r.require("algorithm_type", ("dpmsolver++",),
-              " -- the noise-prediction variants (dpmsolver, sde-dpmsolver) and sde-dpmsolver++ "
-              "(its per-step noise draws) are not in the registry yet")
+    algo = r.require("algorithm_type", tuple(_DPM_ALGORITHMS))
     order = r.require("solver_order", (1, 2, 3))
-    if order > 1:
-        r.require("solver_type", ("midpoint",), " -- the heun form is not in the registry yet")
+    solver_type = r.require("solver_type", ("midpoint", "heun"))
+    if algo == "sde-dpmsolver" and order == 3:
+        r.require("solver_order", (1, 2), " with algorithm_type='sde-dpmsolver' (diffusers' third-order update "
+                                          "has no sde-dpmsolver form)")
     if r["variance_type"] in ("learned", "learned_range"):  # other values are ignored by diffusers here
         raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
                          "(supported: None or a fixed variance type, which DPMSolverMultistep ignores)")
-    r.require("lambda_min_clipped", (float("-inf"),))
+    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
     r.off("use_dynamic_shifting")
     spacing, final = _grid(r, tuple(k for k, _ in _SIGMA_GRIDS)), _final(r)
-    if r["euler_at_final"] and final == "last" and order > 1:
-        raise ValueError(f"{r.name}: euler_at_final=True with final_sigmas_type='sigma_min' cannot be "
-                         "reproduced by diffsampler (supported: euler_at_final=False, or final_sigmas_type='zero')")
+    if final == "zero" and algo in ("dpmsolver", "sde-dpmsolver"):
+        r.require("final_sigmas_type", ("sigma_min",), f" with algorithm_type={algo!r} (diffusers' own class raises)")
     lower = bool(r["lower_order_final"])
+    euler_at_final = bool(r["euler_at_final"])
     if spacing in _SIGMA_SPACINGS and final == "last" and order > 1:
         # diffusers' last call steps from sigma_min to sigma_min (x unchanged); the grid ends at
         # sigma_min without it, so the order lowered there is no real step's
@@ -193,11 +206,22 @@ def _dpmsolver_multistep(r):
                              "before its zero-length last step, and its 3rd-order zero-length step is NaN "
                              "from 15 steps on); supported: solver_order 1 or 2, or final_sigmas_type='zero'")
         lower = False
+        if euler_at_final:
+            raise ValueError(f"{r.name}: euler_at_final=True with {key}=True and final_sigmas_type='sigma_min' "
+                             "cannot be reproduced by diffsampler (its first-order step is diffusers' zero-length "
+                             "last step; the step before it keeps its order); supported: euler_at_final=False "
+                             "or final_sigmas_type='zero'")
+    two, three, opts = _DPM_ALGORITHMS[algo]
     # clip_sample is no DPMSolverMultistep argument: one inherited from a DDPM config does nothing there
-    if order == 1:
+    if order == 1 and algo == "dpmsolver++":
         return dict(solver="ddim", spacing=spacing, final=final, clip_sample=False)
-    return dict(solver="dpmpp_2m" if order == 2 else "dpmpp_3m", spacing=spacing, final=final,
-                solver_options={"lower_order_final": lower}, clip_sample=False)
+    opts = dict(opts, lower_order_final=lower, solver_type=solver_type, euler_at_final=euler_at_final)
+    if order == 1:
+        opts["order"] = 1
+    if order < 3:
+        opts.pop("third_order", None)
+    return dict(solver=three if order == 3 else two, spacing=spacing, final=final, solver_options=opts,
+                clip_sample=False)
 
 
 def _deis(r):

@@ -16,8 +16,8 @@ from ..schedules import TimeGrid
 from .plan import Combo, PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverPP2S", "phi", "dpmpp_multistep_weights", "dpmpp_2s_weights",
-           "point_at_lambda"]
+__all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverMultistep", "DPMSolverPP2S", "phi", "dpm_weights",
+           "dpmpp_multistep_weights", "dpmpp_2s_weights", "point_at_lambda", "SOLVER_TYPES"]
 
 
 def phi(n: int, z: float) -> float:
@@ -36,27 +36,91 @@ def phi(n: int, z: float) -> float:
     return f
 
 
-def dpmpp_multistep_weights(lams: Sequence[float], lam_t: float, alpha_t: float, relax: float = 0.0) -> list[float]:
-    """Weights w_j of D_{i-j} in x_t = (sigma_t / sigma_s) x_s + sum_j w_j D_{i-j}, with `lams` the
-    log-SNRs lambda_i, lambda_{i-1}, ... of the k = len(lams) <= 3 outputs (newest first):
-    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) and 3M (its official code).  `relax` = c scales the
-    first-derivative estimate D1 by (1 + c h) (USF's linear relaxation)."""
-    k, (l_s, *earlier) = len(lams), lams
+#: how a second-order multistep step uses the first difference D1 (diffusers' `solver_type`)
+SOLVER_TYPES = ("midpoint", "heun")
+PREDICTIONS = ("data", "noise")
+
+
+def _differences(lams: Sequence[float], h: float) -> list[np.ndarray]:
+    """[D0, D1, D2] (as many as outputs) as coefficient vectors over the outputs M_i, M_{i-1}, ...
+    (newest first): D1 = (M_i - M_{i-1}) / r_0 for two, and for three D1 = D1_0 + r_0 / (r_0 + r_1)
+    (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r_0 + r_1), r_j the earlier log-SNR steps over h
+    (Lu et al. 2022, DPM-Solver++ Alg. 2 and its official 3M code)."""
+    k = len(lams)
+    E = np.eye(k)
+    if k == 1:
+        return [E[0]]
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (E[0] - E[1]) / r0
+    if k == 2:
+        return [E[0], d1_0]
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (E[1] - E[2]) / r1
+    return [E[0], d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)]
+
+
+def dpm_weights(lams: Sequence[float], lam_t: float, a_s: float, s_s: float, a_t: float, s_t: float, *,
+                predict: str = "data", solver_type: str = "midpoint", eta: float = 0.0, relax: float = 0.0,
+                d2: str = "phi") -> tuple[float, list[float], float]:
+    """(c_x, [w_0, ..., w_{k-1}], c_z) of one multistep DPM-Solver step from s to t,
+    x_t = c_x x_s + sum_j w_j M_{i-j} + c_z z, with `lams` the log-SNRs lambda_i, lambda_{i-1}, ...
+    of the k = len(lams) <= 3 outputs M (newest first) and h = lambda_t - lambda_s.
+
+    predict="data" (DPM-Solver++, Lu et al. 2022, arXiv:2211.01095), with H = (1 + eta) h:
+        x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t H [phi_1(-H) D0 + c_1 D1 + phi_3(-H) D2]
+              + sigma_t sqrt(1 - e^{-2 eta h}) z,
+    eta = 0 the ODE solver, eta = 1 SDE-DPM-Solver++ (diffusers' sde-dpmsolver++), other eta
+    k-diffusion's sample_dpmpp_2m_sde / 3m_sde.
+    predict="noise" (DPM-Solver, Lu et al. 2022, arXiv:2206.00927; eta in {0, 1}):
+        x_t = (alpha_t / alpha_s) x_s - (1 + eta) sigma_t h [phi_1(h) D0 + c_1 D1 + phi_3(h) D2]
+              + eta sigma_t sqrt(e^{2h} - 1) z,
+    eta = 1 SDE-DPM-Solver (sde-dpmsolver: the ODE's weights doubled).
+    c_1 = phi_1 / 2 ("midpoint") or phi_2 ("heun") for two outputs, phi_2 for three (at -H or h);
+    D0, D1, D2 are `_differences`.  `relax` = c scales D1 by (1 + c h) (USF's linear relaxation).
+    d2="diffusers_sde": diffusers' third-order sde-dpmsolver++ D2 weight alpha_t ((1 - e^{-2h} - 2h) /
+    (2h)^2 - 1/2) = -alpha_t (phi_2(-2h) + 1/2), not the derivation's alpha_t 2h phi_3(-2h) =
+    -alpha_t (phi_2(-2h) - 1/2) that k-diffusion's sample_dpmpp_3m_sde uses (for parity only).
+    A step onto sigma_t = 0 is the first-order limit: x_0 = D_s (data), alpha_t (x_s - (1 + eta)
+    sigma_s eps_s + eta sigma_s z) / alpha_s (noise)."""
+    if predict not in PREDICTIONS:
+        raise ValueError(f"predict must be one of {PREDICTIONS}, got {predict!r}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    k, l_s = len(lams), lams[0]
+    if s_t == 0.0:
+        if predict == "data":
+            return 0.0, [a_t], 0.0
+        return a_t / a_s, [-(1.0 + eta) * a_t * s_s / a_s], eta * a_t * s_s / a_s
     h = lam_t - l_s
-    D = np.eye(k)  # D[j] is the unit vector of D_{i-j}: the formulas act on coefficient vectors
-    w = alpha_t * h * phi(1, -h) * D[0]
-    if k >= 2:
-        r0 = (l_s - earlier[0]) / h
-        D1_0 = (D[0] - D[1]) / r0
-    if k == 2:  # x_t = ... + alpha_t h phi_1(-h) (D_i + D1 / 2), D1 = (D_i - D_{i-1}) / r_0
-        w = w + 0.5 * alpha_t * h * phi(1, -h) * (1.0 + relax * h) * D1_0
+    if predict == "data":
+        H, z = (1.0 + eta) * h, -(1.0 + eta) * h
+        g = a_t * H
+        c_x = s_t / s_s * math.exp(-eta * h)
+        c_z = s_t * math.sqrt(-math.expm1(-2.0 * eta * h)) if eta else 0.0
+    else:
+        if eta not in (0.0, 1.0):
+            raise ValueError(f"noise-prediction DPM-Solver takes eta 0 (ODE) or 1 (SDE), got {eta!r}")
+        z = h
+        g = -(1.0 + eta) * s_t * h
+        c_x = a_t / a_s
+        c_z = s_t * math.sqrt(math.expm1(2.0 * h)) if eta else 0.0
+    D = _differences(lams, h)
+    w = phi(1, z) * D[0]
+    if k == 2:
+        w = w + (0.5 * phi(1, z) if solver_type == "midpoint" else phi(2, z)) * (1.0 + relax * h) * D[1]
     elif k == 3:
-        r1 = (earlier[0] - earlier[1]) / h
-        D1_1 = (D[1] - D[2]) / r1
-        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-        D2 = (D1_0 - D1_1) / (r0 + r1)
-        w = w + alpha_t * h * phi(2, -h) * (1.0 + relax * h) * D1 + alpha_t * h * phi(3, -h) * D2
-    return [float(c) for c in w]
+        w = w + phi(2, z) * (1.0 + relax * h) * D[1]
+        if d2 == "diffusers_sde":
+            w = w - (phi(2, z) + 0.5) / H * D[2]  # g * this = -alpha_t (phi_2(-2h) + 1/2) D2
+        else:
+            w = w + phi(3, z) * D[2]
+    return c_x, [float(g * c) for c in w], c_z
+
+
+def dpmpp_multistep_weights(lams: Sequence[float], lam_t: float, alpha_t: float, relax: float = 0.0) -> list[float]:
+    """Weights w_j of D_{i-j} in x_t = (sigma_t / sigma_s) x_s + sum_j w_j D_{i-j}: DPM-Solver++(2M)
+    (midpoint) and 3M, `dpm_weights` with predict="data", eta = 0 (the sigmas cancel in the weights)."""
+    return dpm_weights(lams, lam_t, 1.0, 1.0, alpha_t, 1.0, relax=relax)[1]
 
 
 def dpmpp_2s_weights(lam_s: float, lam_t: float, alpha_t: float, r1: float) -> list[float]:
@@ -79,43 +143,81 @@ def _point(grid: TimeGrid, i: int) -> tuple[float, float, float]:
     return float(grid.alpha[i]), float(grid.sigma[i]), float(grid.lam[i])
 
 
-@register("dpmpp_2m", order=2)
-@register("dpmpp_3m", order=3)
-class DPMSolverPP(MultistepSolver):
-    """Multistep DPM-Solver++ of order 1-3 (Alg. 2 of the paper; 3M as in its official code)."""
+class _DPMMultistep(MultistepSolver):
+    """Multistep DPM-Solver of order 1-3 on `dpm_weights` (one copy of the coefficients).
 
-    name = "dpmpp_multistep"
+    Options: `solver_type` "midpoint" | "heun" (the second-order steps' use of D1: diffusers'
+    solver_type, k-diffusion's 2m_sde solver_type); `euler_at_final` makes the last step first order
+    (diffusers' euler_at_final); `lower_order_final`, `momentum` as every multistep solver."""
+
     max_order = 3
-    kind = "data"
+    predict = "data"
+    eta = 0.0
+    d2 = "phi"
+
+    def __init__(self, order: int | None = None, lower_order_final: bool = True, momentum: float | None = None,
+                 solver_type: str = "midpoint", euler_at_final: bool = False):
+        if solver_type not in SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        super().__init__(order=order, lower_order_final=lower_order_final, momentum=momentum)
+        self.solver_type, self.euler_at_final = solver_type, bool(euler_at_final)
+
+    def step_orders(self, grid):
+        orders = super().step_orders(grid)
+        if self.euler_at_final and orders:
+            orders[-1] = 1
+        return orders
 
     def coefficients(self, grid, i, k):
-        a_s, s_s, l_s = _point(grid, i)
+        a_s, s_s, _ = _point(grid, i)
         a_t, s_t, l_t = _point(grid, i + 1)
-        if s_t == 0.0:  # step onto sigma = 0: x_0 = D_s (first order; h is infinite)
-            return 0.0, [a_t], 0.0
-        return s_t / s_s, dpmpp_multistep_weights([float(grid.lam[i - j]) for j in range(k)], l_t, a_t), 0.0
+        return dpm_weights([float(grid.lam[i - j]) for j in range(k)], l_t, a_s, s_s, a_t, s_t,
+                           predict=self.predict, solver_type=self.solver_type, eta=self.eta, d2=self.d2)
+
+
+@register("dpmpp_2m", order=2)
+@register("dpmpp_3m", order=3)
+class DPMSolverPP(_DPMMultistep):
+    """Multistep DPM-Solver++ of order 1-3 (Alg. 2 of the paper; 3M as in its official code;
+    diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++")."""
+
+    name = "dpmpp_multistep"
+    kind = "data"
 
 
 register("dpmpp_2m_hb", DPMSolverPP, order=2, momentum=0.8)
 
 
 @register("dpmpp_2m_sde", order=2)
-class DPMSolverPPSDE(MultistepSolver):
-    """SDE-DPM-Solver++ (1 and 2M, midpoint form; Lu et al. 2022, App. and diffusers' sde-dpmsolver++).
+@register("dpmpp_3m_sde", order=3, solver_type="heun")
+class DPMSolverPPSDE(_DPMMultistep):
+    """SDE-DPM-Solver++ (Lu et al. 2022, Sec. 5 / App.; diffusers' sde-dpmsolver++; k-diffusion's
+    sample_dpmpp_2m_sde and sample_dpmpp_3m_sde), order 1-3:
 
-    x_t = (sigma_t/sigma_s) e^{-h} x + alpha_t (1 - e^{-2h}) (D_0 + 1/2 D_1) + sigma_t sqrt(1 - e^{-2h}) z.
-    """
+    x_t = (sigma_t/sigma_s) e^{-eta h} x + alpha_t H [phi_1(-H) D_0 + ...] + s_noise sigma_t sqrt(1 - e^{-2 eta h}) z,
+    H = (1 + eta) h (`dpm_weights`).  dpmpp_3m_sde's second-order steps are "heun" (k-diffusion's).
+    `third_order="diffusers"` takes diffusers' D2 weight of its third-order sde-dpmsolver++ step
+    (`dpm_weights` d2="diffusers_sde"; for parity with that class only)."""
 
     name = "dpmpp_sde"
-    max_order = 2
     stochastic = True
     kind = "data"
 
     def __init__(self, order: int | None = None, lower_order_final: bool = True, momentum: float | None = None,
-                 noise: str = "gaussian"):
+                 solver_type: str = "midpoint", euler_at_final: bool = False, eta: float = 1.0,
+                 s_noise: float = 1.0, third_order: str = "kdiffusion", noise: str = "gaussian"):
         from .stochastic import check_noise
 
-        super().__init__(order, lower_order_final, momentum)
+        super().__init__(order, lower_order_final, momentum, solver_type, euler_at_final)
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        if not s_noise >= 0:
+            raise ValueError(f"s_noise must be >= 0, got {s_noise!r}")
+        if third_order not in ("kdiffusion", "diffusers"):
+            raise ValueError(f"third_order must be 'kdiffusion' or 'diffusers', got {third_order!r}")
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.d2 = "diffusers_sde" if third_order == "diffusers" else "phi"
+        self.stochastic = self.eta > 0 and self.s_noise > 0
         self.noise = check_noise(noise)  # "brownian": one Brownian tree per sample (samplers/brownian.py)
 
     def build(self, grid, nfe=None):
@@ -124,17 +226,27 @@ class DPMSolverPPSDE(MultistepSolver):
         return plan
 
     def coefficients(self, grid, i, k):
-        a_s, s_s, l_s = _point(grid, i)
-        a_t, s_t, l_t = _point(grid, i + 1)
-        if s_t == 0.0:
-            return 0.0, [a_t], 0.0
-        h = l_t - l_s
-        one_m_e2h = -math.expm1(-2.0 * h)
-        c = np.array([a_t * one_m_e2h] + [0.0] * (k - 1))
-        if k == 2:
-            r0 = (l_s - float(grid.lam[i - 1])) / h
-            c = c + 0.5 * a_t * one_m_e2h * np.array([1.0, -1.0]) / r0
-        return s_t / s_s * math.exp(-h), list(c), s_t * math.sqrt(one_m_e2h)
+        c_x, w, c_z = super().coefficients(grid, i, k)
+        return c_x, w, self.s_noise * c_z
+
+
+@register("dpm_solver_2m", order=2)
+@register("dpm_solver_3m", order=3)
+class DPMSolverMultistep(_DPMMultistep):
+    """Multistep DPM-Solver with noise prediction (Lu et al. 2022, arXiv:2206.00927; diffusers'
+    algorithm_type "dpmsolver"), order 1-3; `sde=True` is SDE-DPM-Solver ("sde-dpmsolver": the ODE's
+    weights doubled, noise sigma_t sqrt(e^{2h} - 1) z).  `dpm_weights` with predict="noise"."""
+
+    name = "dpm_solver_multistep"
+    kind = "noise"
+    predict = "noise"
+
+    def __init__(self, order: int | None = None, lower_order_final: bool = True, momentum: float | None = None,
+                 solver_type: str = "midpoint", euler_at_final: bool = False, sde: bool = False):
+        super().__init__(order, lower_order_final, momentum, solver_type, euler_at_final)
+        self.sde = bool(sde)
+        self.eta = 1.0 if self.sde else 0.0
+        self.stochastic = self.sde
 
 
 @register("dpmpp_2s")

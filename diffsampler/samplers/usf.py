@@ -885,6 +885,10 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
     if isinstance(solver, DDIM):
         return "data", "multistep", None
     if isinstance(solver, DPMSolverPP):
+        if solver.solver_type != "midpoint" or solver.euler_at_final:
+            raise ValueError(f"no solver spec for solver {solver.name!r} with solver_type={solver.solver_type!r}, "
+                             f"euler_at_final={solver.euler_at_final}: the spec's multistep_dpm is the midpoint form "
+                             "with the registry's order schedule")
         return "data", "multistep_dpm", beta
     if isinstance(solver, DEIS):
         return "noise", {"t": "multistep_t", "rho": "multistep_rho", "logrho": "multistep_logrho"}[solver.basis], beta
