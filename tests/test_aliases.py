@@ -103,9 +103,12 @@ def test_options_are_the_callers_on_top_unless_they_contradict(problem):
     schedule, den, x = problem
     s = get("DPM++ 2M", order=1)  # an option the alias does not fix
     assert s.order == 1 and s.alias == "DPM++ 2M"
-    with pytest.raises(ValueError, match=r"'uni_pc_bh2' is 'unipc' with variant='bh2'; got variant='bh1'|"
+    with pytest.raises(ValueError, match=r"'uni_pc_bh2' is 'unipc' with solver_type='bh2'; got solver_type='bh1'|"
                                          r"'uni_pc_bh2' maps to solver 'unipc'"):
-        get("uni_pc_bh2", variant="bh1")
+        get("uni_pc_bh2", solver_type="bh1")
+    with pytest.raises(ValueError, match=r"'DPM\+\+ 2M SDE Heun' is 'dpmpp_2m_sde' with solver_type='heun'; got "
+                                         r"solver_type='midpoint'|'DPM\+\+ 2M SDE Heun' maps to solver"):
+        get("DPM++ 2M SDE Heun", solver_type="midpoint")
     with pytest.raises(ValueError, match=r"solver 'dpmpp_2m' got unknown option\(s\) \['etaa'\]"):
         get("DPM++ 2M Karras", etaa=1.0)
 

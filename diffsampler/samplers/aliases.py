@@ -69,16 +69,16 @@ ALIASES: dict[str, Alias] = {
     "Restart": Alias("restart", "karras"),  # A1111 runs Restart on Karras sigmas
     # AUTOMATIC1111 (timestep samplers)
     "DDIM": Alias("ddim"),
-    "PLMS": Alias("pndm"),
-    "UniPC": Alias("unipc", None, {"variant": "bh1"}),  # A1111's default uni_pc_variant
+    "PLMS": Alias("plms"),  # LDM's PLMS: Heun-like first step, then Adams-Bashforth 2-4 (diffusers' PNDM form)
+    "UniPC": Alias("unipc", None, {"solver_type": "bh1"}),  # A1111's default uni_pc_variant
     # ComfyUI names that differ from the registered ones (euler, heun, lms, dpmpp_2m, ... are the same)
     "dpm_2": Alias("dpm2", source="ComfyUI"),
     "dpm_2_ancestral": Alias("dpm2_ancestral", source="ComfyUI"),
     "dpmpp_sde_gpu": Alias("dpmpp_sde", None, dict(_BROWNIAN), "ComfyUI"),
     "dpmpp_2m_sde_gpu": Alias("dpmpp_2m_sde", None, dict(_BROWNIAN), "ComfyUI"),
     "dpmpp_3m_sde_gpu": Alias("dpmpp_3m_sde", None, dict(_BROWNIAN), "ComfyUI"),
-    "uni_pc": Alias("unipc", None, {"variant": "bh1"}, "ComfyUI"),
-    "uni_pc_bh2": Alias("unipc", None, {"variant": "bh2"}, "ComfyUI"),
+    "uni_pc": Alias("unipc", None, {"solver_type": "bh1"}, "ComfyUI"),  # diffusers' name of the B(h) choice
+    "uni_pc_bh2": Alias("unipc", None, {"solver_type": "bh2"}, "ComfyUI"),
 }
 
 
