@@ -103,6 +103,12 @@ CONFIGS = [
 FLOW_CONFIGS = [
     ("FlowMatchEulerDiscreteScheduler", dict()),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=2.0, shift_terminal=0.1)),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0, use_karras_sigmas=True)),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_exponential_sigmas=True)),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=2.0, use_beta_sigmas=True)),
+    ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True)),
+    ("FlowMatchHeunDiscreteScheduler", dict()),
 ]
 
 TOL = 1e-4
