@@ -464,10 +464,17 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             # them (use_karras_sigmas, FlowMatch's invert_sigmas...); they are not routed as solver options
             # (handed over beside the call: diffusers' register_to_config drops "_" keywords)
             DiffSamplerScheduler._source_keys = {k: v for k, v in foreign.items() if k not in extra}
+            hidden = {k: v for k, v in model.config.items() if k.startswith("_")}  # _class_name, _use_default_values
             try:
                 model = cls(**{k: v for k, v in model.config.items() if k in known}, **extra)
             finally:
                 DiffSamplerScheduler._source_keys = None
+            if hidden:
+                # as after ConfigMixin.from_config: _class_name, and the keys left at their defaults marked so
+                # (a diffusers class built from this config later takes its own defaults for them)
+                from diffusers.configuration_utils import FrozenDict
+
+                model._internal_dict = FrozenDict({**model._internal_dict, **hidden})
             out = (model, *out[1:]) if return_unused_kwargs else model
         model.register_to_config(**{k: v for k, v in foreign.items() if k not in model.config})
         return out
