@@ -114,7 +114,7 @@ def assert_same(ours, ref, images, images_ref):
 # 1. every registered solver through DDPMPipeline.__call__
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ds.available())
+@pytest.mark.parametrize("name", [n for n in ds.available() if not ds.samplers.info(n)["adaptive"]])  # the adapter refuses adaptive solvers
 def test_ddpm_pipeline_every_solver(ddpm, name):
     sched = DiffSamplerScheduler.from_config(ddpm.base_config, solver=name)
     images, x, calls = run_ddpm(ddpm, sched, 6)

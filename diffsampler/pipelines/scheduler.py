@@ -246,6 +246,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             solver = "dpmpp_2m"
             self.register_to_config(solver=solver)
         self.solver = get(solver, **dict(solver_options or {}))  # ValueError for unknown names/options
+        if getattr(self.solver, "adaptive", False):
+            raise ValueError(f"solver {solver!r} chooses its step sizes while it samples (error control: each step's "
+                             "size follows the last step's error, and rejected steps are redone); diffusers' "
+                             "set_timesteps fixes the timesteps before the first model call, so a pipeline's loop "
+                             "cannot drive it: use diffsampler.sample() with denoiser_from_pipeline(pipe)")
         fixed = self.solver.alias_spacing  # an A1111 name with its schedule ("DPM++ 2M Karras")
         spacing = canonical_spacing(spacing)  # A1111's schedule-type labels ("Karras", ...)
         if fixed is not None and spacing not in (None, fixed):

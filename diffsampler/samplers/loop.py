@@ -85,6 +85,8 @@ def make_plan(
     A solver plan (`"plan:<name or path>"`, samplers/usf.py) brings its own time points, NFE and
     final point: `nfe` may be None or must equal the plan's, `spacing` must stay at its default."""
     s = get(solver, **options)
+    if getattr(s, "adaptive", False):
+        return _adaptive_plan(s, schedule, nfe, spacing, final, grid)
     if grid is not None:
         if isinstance(solver, str):  # a built Solver (the adapter's) lays its own alias grid
             _check_alias_spacing(s, None, grid)
@@ -112,6 +114,20 @@ def make_plan(
     steps = s.steps_for_nfe(nfe, final_zero=(final == "zero"))
     grid = time_grid(schedule, steps, spacing, final=final, **spacing_kw)
     return _built(s, grid, nfe, spacing if isinstance(spacing, str) else "explicit")
+
+
+def _adaptive_plan(s: Solver, schedule, nfe, spacing, final, grid) -> Plan:
+    """An adaptive solver's plan (dpm_adaptive): nfe is a budget (None: none), it lays its own steps."""
+    if grid is not None:
+        raise ValueError(f"solver {s.name!r} chooses its steps while it samples (error control); grid= cannot "
+                         "apply (drop it; nfe is its budget of model calls)")
+    if spacing not in (None, DEFAULT_SPACING, "adaptive"):
+        raise ValueError(f"solver {s.name!r} chooses its steps while it samples (error control); spacing="
+                         f"{spacing!r} cannot apply (leave spacing at its default)")
+    final = "zero" if final is None else final
+    if final not in FINALS:
+        raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+    return s.plan_for(schedule, nfe, final == "zero")
 
 
 def _check_alias_spacing(s: Solver, spacing, grid=None) -> None:
@@ -237,7 +253,7 @@ def _resolve_plan(schedule, solver, nfe, spacing, final, grid, options: dict) ->
         check_schedule(solver.grid, schedule, "plan")
         return solver
     s = get(solver, **options)
-    if nfe is None and grid is None and getattr(s, "own_grid", None) is None:
+    if nfe is None and grid is None and getattr(s, "own_grid", None) is None and not getattr(s, "adaptive", False):
         nfe = DEFAULT_NFE
     if grid is not None:
         _check_alias_spacing(s, None, grid)
@@ -297,6 +313,9 @@ def sample(
             raise ValueError(f"time_shift={time_shift!r} cannot apply: the solver plan {plan.solver!r} carries its own "
                              f"time_shift {plan.info['time_shift']}; drop time_shift (or edit the plan)")
         time_shift = dict(plan.info["time_shift"])
+    if strategy and getattr(plan, "adaptive", False):
+        raise ValueError(f"solver {plan.solver!r} chooses its steps while it samples; the sampling strategy "
+                         f"{type(guidance).__name__} runs a fixed plan's steps: use another solver")
     if strategy and time_shift is not None:
         raise ValueError(f"time_shift cannot be combined with the sampling strategy {type(guidance).__name__} "
                          "(it runs its own loop); drop one of them")

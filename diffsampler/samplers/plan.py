@@ -314,6 +314,12 @@ def run_plan(
         from .time_shift import TimeShift
 
         time_shift = TimeShift.from_spec(dict(plan.info["time_shift"]))
+    if getattr(plan, "adaptive", False):  # steps built while sampling (dpm_adaptive), each through a Stepper
+        if time_shift is not None or transition is not None:
+            raise ValueError(f"solver {plan.solver!r} chooses its steps while it samples: "
+                             f"{'time_shift' if time_shift is not None else 'a sampling strategy (transition)'} "
+                             "cannot apply to it")
+        return plan.run(denoiser, x, callback=callback, progress=progress)
     at = time_shift.hook(plan, denoiser.schedule, x.device) if time_shift is not None else None
     stepper = Stepper(plan, denoiser, x, noise_fn, at=at, transition=transition, on_step=callback)
     bar = None

@@ -328,4 +328,4 @@ def info(name: str) -> dict:
     """Registry metadata of a solver: order, nfe_per_step, stochastic, kind."""
     s = get(name)
     return {"name": name, "order": s.order, "nfe_per_step": s.nfe_per_step, "stochastic": s.stochastic,
-            "kind": s.kind, "min_nfe": s.min_nfe}
+            "kind": s.kind, "min_nfe": s.min_nfe, "adaptive": bool(getattr(s, "adaptive", False))}
