@@ -152,7 +152,8 @@ def test_14_solvers_hold_no_state_between_calls(gmm8):
 
 def test_15_registry_metadata():
     assert ds.samplers.info("heun") == {"name": "heun", "order": 2, "nfe_per_step": 2, "stochastic": False,
-                                        "kind": "noise", "min_nfe": 1}
+                                        "kind": "noise", "min_nfe": 1, "adaptive": False}
+    assert ds.samplers.info("dpm_adaptive")["adaptive"] is True
     assert ds.samplers.info("dpmpp_2m_sde")["stochastic"] is True
     assert ds.samplers.info("dpmpp_3m")["order"] == 3
     assert ds.samplers.info("dpmpp_2s")["nfe_per_step"] == 2
