@@ -131,22 +131,32 @@ def label_of(name, kw):
     return f"{short} {kw}" if kw else short
 
 
-def ours_from(config):
+#: keys of a row that are `step()` arguments (DDIMPipeline's `eta`), not config keys: diffusers gets them
+#: at every step; ours gets them in `from_config` (a top-level solver option) and at every step
+STEP_KEYS = ("eta",)
+
+
+def split_step(kw):
+    return ({k: v for k, v in kw.items() if k not in STEP_KEYS}, {k: v for k, v in kw.items() if k in STEP_KEYS})
+
+
+def ours_from(config, **step_kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DDIM's trailing-grid note: 5, 10 and 25 divide 1000
-        return DiffSamplerScheduler.from_config(config)
+        return DiffSamplerScheduler.from_config(config, **step_kw)
 
 
 def takes_generator(sched) -> bool:
     return "generator" in inspect.signature(sched.step).parameters
 
 
-def run_loop(sched, model, nfe, x, seed=1):
+def run_loop(sched, model, nfe, x, seed=1, **step_kw):
     """The standard diffusers loop (as StableDiffusion-style pipelines run it): x_T * init_noise_sigma,
     scale_model_input, model, step; stochastic steps draw from a generator seeded `seed` on both sides."""
     sched.set_timesteps(nfe)
     x = x * getattr(sched, "init_noise_sigma", 1.0)
     kw = {"generator": torch.Generator().manual_seed(seed)} if takes_generator(sched) else {}
+    kw.update(step_kw)
     for t in sched.timesteps:
         x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         x = sched.step(model(x_in, t).sample, t, x, **kw).prev_sample
@@ -156,18 +166,20 @@ def run_loop(sched, model, nfe, x, seed=1):
 def mixture_row(gmm, name, kw):
     """(solver or None, [max abs diff per NFE] or the refusal message)."""
     cls = getattr(diffusers, name)
+    kw, step_kw = split_step(kw)
     try:
-        ours = ours_from(cls(**kw))  # the instance names its class (LMS / KDPM2* share their config keys)
+        ours = ours_from(cls(**kw), **step_kw)  # the instance names its class (LMS / KDPM2* share their config keys)
     except ValueError as e:
         return None, str(e)
     errs = []
     for nfe in NFES:
         ref_sched = cls(**kw)
-        ours = ours_from(ref_sched)
+        ours = ours_from(ref_sched, **step_kw)
         model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
         model, x = Image4d(model), x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples
-        errs.append((run_loop(ours, model, nfe, x) - run_loop(ref_sched, model, nfe, x)).abs().max().item())
+        errs.append((run_loop(ours, model, nfe, x, **step_kw)
+                     - run_loop(ref_sched, model, nfe, x, **step_kw)).abs().max().item())
     return ours.config.solver, errs
 
 
@@ -183,11 +195,11 @@ class DigitsUNet(torch.nn.Module):
         return self.unet(x, t)
 
 
-def digits_images(pipe, sched, nfe):
+def digits_images(pipe, sched, nfe, **step_kw):
     """The digits pipeline's UNet in the standard loop from the same x_T (seed 0), decoded as
     DDPMPipeline decodes: images in [0, 1]."""
     x = torch.randn(DIGITS_BATCH, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    x = run_loop(sched, DigitsUNet(pipe.unet), nfe, x)
+    x = run_loop(sched, DigitsUNet(pipe.unet), nfe, x, **step_kw)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -195,15 +207,16 @@ def digits_row(pipe, base, name, kw):
     """(solver or None, errors or refusal): the diffusers scheduler `cls.from_config(base, **kw)` (the
     digits DDPM config's keys inherited as a user's `from_config(pipe.scheduler.config)` inherits them)."""
     cls = getattr(diffusers, name)
+    kw, step_kw = split_step(kw)
     try:
-        ours = ours_from(cls.from_config(base, **kw))
+        ours = ours_from(cls.from_config(base, **kw), **step_kw)
     except ValueError as e:
         return None, str(e)
     errs = []
     for nfe in NFES:
         ref_sched = cls.from_config(base, **kw)
-        ref = digits_images(pipe, ref_sched, nfe)
-        got = digits_images(pipe, ours_from(ref_sched), nfe)
+        ref = digits_images(pipe, ref_sched, nfe, **step_kw)
+        got = digits_images(pipe, ours_from(ref_sched, **step_kw), nfe, **step_kw)
         errs.append(float((ref - got).abs().max()))
     return ours.config.solver, errs
 
