@@ -27,7 +27,7 @@ def _ours_and_ref(gmm, sched_name, solver, ref_name, spacing, final, nfe, ref_kw
     x_T = _x_T(sched)
     noise_fn, draws = recording_noise()
     ours = run_plan(plan, den, x_T.clone(), noise_fn=noise_fn)
-    ref = run(ref_name, gmm, plan.grid, x_T.clone(), noise_sampler=replay(draws), **(ref_kw or opts))
+    ref = run(ref_name, gmm, plan.grid, x_T.clone(), noise_sampler=replay(draws), **(opts if ref_kw is None else ref_kw))
     return ours, ref, plan, draws
 
 
@@ -171,3 +171,13 @@ def test_diffusers_dpmsolver_sde_refused_by_name_and_upgradable():
     sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_sde")
     sched.set_timesteps(9)
     assert sched.plan.nfe == 9 and sched.plan.info["noise"] == "brownian"
+
+
+@pytest.mark.parametrize("sched_name", sorted(SCHEDULES))
+@pytest.mark.parametrize("kw", [{}, {"eta": 0.5, "s_noise": 0.8}, {"solver_type": "heun"},
+                                {"solver_type": "heun", "eta": 0.7}])
+def test_dpmpp_2m_sde_equals_kdiffusion(gmm16, sched_name, kw):
+    ours, ref, plan, draws = _ours_and_ref(gmm16, sched_name, "dpmpp_2m_sde", "dpmpp_2m_sde", "karras", "zero", 8,
+                                           ref_kw=kw, lower_order_final=False, **kw)
+    assert len(draws) == len(plan.steps) - 1
+    assert float((ours - ref).abs().max()) < 1e-6
