@@ -87,3 +87,13 @@ def test_ipndm_through_sample_and_options(gmm):
         ds.samplers.get("ipndm", order=5)
     with pytest.raises(ValueError, match="max_order"):
         ds.samplers.get("ipndm", max_order=3)
+
+
+@pytest.mark.parametrize("cls,match", [("IPNDMScheduler", "alpha = 0"), ("SASolverScheduler", "SA-Solver")])
+def test_diffusers_classes_not_reproduced_are_refused_by_name(cls, match):
+    import diffusers
+
+    from diffsampler.pipelines import DiffSamplerScheduler
+
+    with pytest.raises(ValueError, match=f"{cls} cannot be reproduced.*{match}"):
+        DiffSamplerScheduler.from_config(getattr(diffusers, cls)().config)

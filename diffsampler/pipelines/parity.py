@@ -289,6 +289,12 @@ _MAPPERS = {
     "FlowMatchHeunDiscreteScheduler": _not_yet("its Heun step starts at t = 1, where alpha = 0 and the eps-form "
                                                "heun solver is undefined"),
     "PNDMScheduler": _not_yet("its PRK / PLMS warm-up is not in the registry (pndm is iPNDM)"),
+    "IPNDMScheduler": _not_yet(
+        "its method is pndm (AB 1-4 on eps with the warm-up, full order onto sigma = 0), but its schedule is its "
+        "own: alpha = sqrt(1 - sin^4(pi s / 2)), sigma = sin^2(pi s / 2) on s uniform from 1 to 0, a v-prediction "
+        "network at time atan2(sigma, alpha) 2 / pi, starting at alpha = 0, where its first step drops the x0 "
+        "prediction (pred = (x - sigma eps) / max(alpha, 1e-8) = 0); no diffsampler schedule starts there yet"),
+    "SASolverScheduler": _not_yet("SA-Solver (stochastic Adams) is not a registered solver yet"),
     "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),
     # the method is registered (dpmpp_sde); its noise is what is not reproduced
     "DPMSolverSDEScheduler": _not_yet(
