@@ -127,7 +127,8 @@ def _exact_moments(plan, den, x_scalar_dtype=torch.float64):
                                              # independent draws make it ~1 (measured 0.84)
                                              ("dpmpp_sde", {}, 2), ("dpmpp_sde", {"noise": "gaussian"}, 1),
                                              ("dpmpp_2m_sde", {"solver_type": "heun"}, 2),
-                                             ("dpmpp_3m_sde", {}, 2), ("dpm_solver_2m", {"sde": True}, 2)])
+                                             ("dpmpp_3m_sde", {}, 2), ("dpm_solver_2m", {"sde": True}, 2),
+                                             ("ddpm", {}, 1), ("ddpm", {"variance": "fixed_large"}, 1)])
 def test_sde_weak_order(name, opts, order):
     """SDE solvers converge in distribution: for Gaussian data N(mu, s^2) the output law is exactly
     Gaussian, and its mean/std error against the true marginal at t_min shrinks at the weak order

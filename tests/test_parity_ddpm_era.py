@@ -5,7 +5,7 @@ at NFE 5, 10 and 25, for every timestep_spacing and the options that change the 
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffsampler.eval.gmm import GMMModel
 from diffsampler.pipelines import DiffSamplerScheduler
@@ -188,3 +188,68 @@ def hydra_spec(*overrides):
     _register_solver_configs()
     with initialize_config_module("diffsampler.configs", version_base=None):
         return validate(compose("config", overrides=list(overrides)))
+
+
+# -- DDPM -------------------------------------------------------------------------------------------
+
+DDPM_CONFIGS = [
+    dict(),  # diffusers' defaults: leading, fixed_small, clip_sample=True
+    dict(variance_type="fixed_large"),
+    dict(variance_type="fixed_small_log", timestep_spacing="trailing"),
+    dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False),  # noise on the last step
+    dict(timestep_spacing="linspace", prediction_type="v_prediction", clip_sample_range=0.8),
+    dict(steps_offset=1, prediction_type="sample", clip_sample=False, **SD),
+    dict(thresholding=True, sample_max_value=1.5, clip_sample=False),
+]
+
+
+@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("kw", DDPM_CONFIGS, ids=str)
+def test_ddpm_by_default(gmm16, kw, nfe):
+    ref_sched = DDPMScheduler(**kw)
+    ours_sched, ours, ref = both(gmm16, ref_sched, nfe, seed=3)
+    assert ours_sched.config.solver == "ddpm"
+    assert ours_sched.timesteps.tolist() == ref_sched.timesteps.tolist()
+    assert max_diff(ours, ref) <= 1e-4
+
+
+def test_ddpm_noise_and_variance_matter(gmm16):
+    _, ours, _ = both(gmm16, DDPMScheduler(), 10, seed=3)
+    assert max_diff(both(gmm16, DDPMScheduler(), 10, seed=4)[1], ours) > 1e-2
+    assert max_diff(both(gmm16, DDPMScheduler(variance_type="fixed_large"), 10, seed=3)[1], ours) > 1e-2
+    # DDPM's fixed_small is DDIM's eta = 1 (same mean, same variance), as a diffsampler run shows
+    _, ddim, _ = both(gmm16, DDPMScheduler(clip_sample=False), 10, seed=3,
+                      ours_kw=dict(solver="ddim", spacing="ddim_leading", eta=1.0))
+    _, ddpm, _ = both(gmm16, DDPMScheduler(clip_sample=False), 10, seed=3)
+    assert max_diff(ddim, ddpm) <= 1e-5
+
+
+@pytest.mark.parametrize("variance", ["learned", "learned_range", "fixed_large_log"])
+def test_ddpm_variances_refused_by_name(variance):
+    with pytest.raises(ValueError, match=f"variance_type='{variance}'"):
+        DiffSamplerScheduler.from_config(DDPMScheduler(variance_type=variance).config)
+    with pytest.raises(ValueError, match="variance must be one of"):
+        DiffSamplerScheduler(solver="ddpm", solver_options={"variance": variance})
+
+
+def test_ddpm_through_sample_and_hydra(gmm16):
+    import diffsampler as ds
+    from diffsampler.eval.gmm import gmm_denoiser
+
+    ref_sched = DDPMScheduler(variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing")
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config)
+    model = Image4d(GMMModel(gmm16, ours_sched.schedule))
+    # one generator per sample row: the adapter and sample(seeds=...) draw the same noise
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    x = torch.stack([torch.randn(1, 4, 4, generator=g) for g in gens])
+    adapter = run_diffusers(ours_sched, model, 10, x, generator=gens)
+    den = gmm_denoiser(gmm16, ours_sched.schedule)
+    ours = ds.sample(den, shape=(4, 16), seeds=range(4), solver="ddpm", variance="fixed_large", nfe=10,
+                     spacing="trailing")
+    assert max_diff(ours, adapter.reshape(4, 16)) <= 1e-5
+    alone = ds.sample(den, shape=(1, 16), seeds=[2], solver="ddpm", variance="fixed_large", nfe=10, spacing="trailing")
+    assert max_diff(alone[0], ours[2]) == 0.0  # sample k depends only on seed k
+    with pytest.raises(ValueError, match="variance-preserving"):
+        ds.sample(gmm_denoiser(gmm16, ds.EDM()), shape=(1, 16), seeds=[0], solver="ddpm", variance="fixed_large", nfe=4)
+    spec = hydra_spec("solver=ddpm", "spacing=ddim_leading", "nfe=10", "+solver.options.variance=fixed_large")
+    assert spec.solver.options == {"variance": "fixed_large"} and spec.sampling.spacing == "ddim_leading"

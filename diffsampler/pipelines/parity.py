@@ -20,6 +20,9 @@ SUPPORTED_CLASSES = {
     "DDIMScheduler": "ddim (diffusers_stride=True; timestep_spacing linspace / leading / trailing with steps_offset, "
                      "set_alpha_to_one, eta in step(), clip_sample / thresholding with the raw epsilon "
                      "(raw_noise=True), prediction types epsilon / sample / v_prediction)",
+    "DDPMScheduler": "ddpm (variance_type fixed_small / fixed_small_log / fixed_large; timestep_spacing linspace / "
+                     "leading / trailing with steps_offset; clip_sample / thresholding; prediction types epsilon / "
+                     "sample / v_prediction)",
     "DPMSolverMultistepScheduler": "ddim / dpmpp_2m / dpmpp_3m (dpmsolver++), dpmpp_2m_sde / dpmpp_3m_sde "
                                    "(sde-dpmsolver++, diffusers' third-order D2 weight), dpm_solver_2m / dpm_solver_3m "
                                    "(dpmsolver; sde-dpmsolver with sde=True): solver_type midpoint / heun, "
@@ -160,13 +163,26 @@ def _ddim(r):
                                 "raw_noise": bool(r["clip_sample"] or r["thresholding"])})
 
 
+def _ddpm(r):
+    # DDPMScheduler (0.42) steps from each timestep to the next one (previous_timestep), the last onto
+    # alpha_bar = 1, with the posterior mean of the clipped / thresholded x0 and noise where t > 0
+    spacing = _DDIM_SPACINGS[r.require("timestep_spacing", tuple(_DDIM_SPACINGS))]
+    _check_zero_snr(r)
+    variance = r.require("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"),
+                         " -- learned / learned_range need the network's variance output; fixed_large_log "
+                         "gives diffusers NaN noise (the square root of a log variance)")
+    # fixed_small_log draws sqrt(beta~) z from exp(0.5 log beta~): the same noise as fixed_small
+    return dict(solver="ddpm", spacing=spacing, final="zero",
+                solver_options={"variance": "fixed_large" if variance == "fixed_large" else "fixed_small"})
+
+
 def _check_zero_snr(r):
     """diffusers keeps alpha_bar_T = 0 with rescale_betas_zero_snr; our schedule floors it at 2^-24."""
     if r["rescale_betas_zero_snr"]:
         raise ValueError(f"{r.name}: rescale_betas_zero_snr=True cannot be reproduced by diffsampler (supported: "
                          "False): diffusers evaluates the network at alpha_bar_T = 0 exactly, our schedule floors it "
                          "at 2^-24 (lambda finite), which moves the samples by up to 9e-4 (max abs on the mixture, "
-                         "v_prediction, trailing, 5 steps; 3e-4 at 10); name a solver to sample with the floored "
+                         "DDIM, v_prediction, trailing, 5 steps; 3e-4 at 10); name a solver to sample with the floored "
                          "schedule anyway")
 
 
@@ -277,6 +293,7 @@ def _not_yet(why: str):
 
 _MAPPERS = {
     "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
     "DPMSolverMultistepScheduler": _dpmsolver_multistep,
     "DEISMultistepScheduler": _deis,
     "EulerDiscreteScheduler": _k_class("euler", ("epsilon", "v_prediction", "sample")),

@@ -21,7 +21,8 @@ from .plan import Combo
 from .plan import PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DDIM", "Heun", "heun_weights", "euler_weights", "ddim_coefficients", "stride_targets"]
+__all__ = ["DDIM", "DDPM", "Heun", "heun_weights", "euler_weights", "ddim_coefficients", "stride_targets",
+           "DDPM_VARIANCES"]
 
 
 def ddim_coefficients(a_s: float, s_s: float, l_s: float, a_t: float, s_t: float, l_t: float,
@@ -140,6 +141,46 @@ class DDIM(MultistepSolver):
                 update = Combo(c_x, ((m, c_d),))
             b.end_step(update, c_z, 1)
         return b.plan(self.name, targets=[tg[0] for tg in targets])
+
+
+#: DDPM's reverse-step variances (diffusers' variance_type names): beta~_t (posterior) and beta_t
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+@register("ddpm")
+class DDPM(MultistepSolver):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) on any grid of a VP schedule: from s to t the
+    posterior mean mu = sqrt(abar_t) beta / (1 - abar_s) D + sqrt(abar_s / abar_t) (1 - abar_t) / (1 - abar_s) x_s
+    (eq. 7, beta = 1 - abar_s / abar_t; with the data prediction D clipped / thresholded by the denoiser,
+    as diffusers' DDPMScheduler), which is DDIM's eta = 1 mean (`ddim_coefficients`), plus sigma z with
+    sigma^2 = beta~ = (1 - abar_t) / (1 - abar_s) beta ("fixed_small", = DDIM eta = 1) or beta
+    ("fixed_large"); no noise on a step from the schedule's first time t_min (Alg. 2: z = 0 at t = 1),
+    as diffusers adds none from timestep 0."""
+
+    name = "ddpm"
+    max_order = 1
+    kind = "data"
+    stochastic = True
+
+    def __init__(self, variance: str = "fixed_small"):
+        super().__init__(order=1)
+        if variance not in DDPM_VARIANCES:
+            raise ValueError(f"variance must be one of {DDPM_VARIANCES} (diffusers' variance_type names), got "
+                             f"{variance!r}")
+        self.variance = variance
+
+    def coefficients(self, grid, i, k):
+        a_s, s_s, l_s = float(grid.alpha[i]), float(grid.sigma[i]), float(grid.lam[i])
+        a_t, s_t, l_t = float(grid.alpha[i + 1]), float(grid.sigma[i + 1]), float(grid.lam[i + 1])
+        c_x, c_d, c_z, _ = ddim_coefficients(a_s, s_s, l_s, a_t, s_t, l_t, 1.0)
+        if self.variance == "fixed_large":
+            if abs(a_s * a_s + s_s * s_s - 1.0) > 1e-9:
+                raise ValueError("ddpm: variance='fixed_large' (beta_t = 1 - abar_s / abar_t) needs a variance-"
+                                 f"preserving schedule, got alpha^2 + sigma^2 = {a_s * a_s + s_s * s_s:g}")
+            c_z = math.sqrt(-math.expm1(2.0 * (math.log(a_s) - math.log(a_t))))  # sqrt(beta)
+        if grid.schedule is not None and float(grid.t[i]) <= grid.schedule.t_min:
+            c_z = 0.0
+        return c_x, [c_d], c_z
 
 
 @register("heun")
