@@ -47,6 +47,8 @@ EXPECTED = {
     # Adams-Bashforth weights for equal steps on a non-uniform rho grid: consistent to order 2 only
     "pndm": (2, (80, 160, 320), "equal-step AB-4 weights on a variable grid"),
     "ipndm": (2, (80, 160, 320), "pndm with an Euler step onto sigma = 0 (the same plan on final='last')"),
+    # diffusers' PLMS: the same AB-4 weights after a Heun warm-up step (n + 1 calls on n steps); measured 1.99
+    "plms": (2, (81, 161, 321), "equal-step AB-4 weights on a variable grid, Heun warm-up"),
     # heavy ball mixes old directions into the update: first order (Wizadwongsa et al. 2023, measured 0.97)
     "dpmpp_2m_hb": (1, (160, 320, 640), "heavy-ball momentum beta=0.8 on DPM-Solver++(2M)"),
     "pndm_hb": (1, (160, 320, 640), "heavy-ball momentum beta=0.8 on PLMS"),

@@ -107,6 +107,8 @@ PARITY = [
     (DDIMScheduler, dict(clip_sample=False, timestep_spacing="trailing"), "ddim"),
     (DDIMScheduler, dict(clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False), "ddim"),
     (DDIMScheduler, dict(), "ddim"),  # leading, clip_sample=True: more in tests/test_parity_ddpm_era.py
+    (DDPMScheduler, dict(clip_sample=False), "ddpm"),  # stochastic: with the generator of run_diffusers' caller
+    (PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=False, **SD), "plms"),  # Stable Diffusion's
     (DPMSolverMultistepScheduler, dict(), "dpmpp_2m"),
     (DPMSolverMultistepScheduler, dict(solver_order=1), "ddim"),
     (DPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp_3m"),
@@ -148,8 +150,13 @@ def parity_error(gmm, cls, kw, nfe, how="config"):
     x = x_T(32)
     if kw.get("thresholding"):
         model, x = Image4d(model), x.reshape(32, 1, 4, 4)
-    ref = run_diffusers(ref_sched, model, nfe, x)
-    ours = run_diffusers(ours_sched, model, nfe, x)
+    stochastic = ours_sched.solver.stochastic  # then the same generator on both sides
+
+    def gen():
+        return torch.Generator().manual_seed(7) if stochastic else None
+
+    ref = run_diffusers(ref_sched, model, nfe, x, generator=gen())
+    ours = run_diffusers(ours_sched, model, nfe, x, generator=gen())
     return ours_sched, (ours - ref).abs().max().item()
 
 
@@ -197,7 +204,7 @@ REFUSED = [
     (DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
     (FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "stochastic_sampling=True cannot be reproduced"),
     (FlowMatchHeunDiscreteScheduler, dict(), "FlowMatchHeunDiscreteScheduler cannot be reproduced"),
-    (PNDMScheduler, dict(skip_prk_steps=True), "PNDMScheduler cannot be reproduced"),
+    (PNDMScheduler, dict(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type='v_prediction'"),
     (UniPCMultistepScheduler, dict(), "UniPCMultistepScheduler cannot be reproduced"),
     # the sigma-space classes are reproduced (tests/test_parity_kdiffusion.py); diffusers' own raises for these
     (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type='sample'"),

@@ -5,7 +5,7 @@ at NFE 5, 10 and 25, for every timestep_spacing and the options that change the 
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from diffsampler.eval.gmm import GMMModel
 from diffsampler.pipelines import DiffSamplerScheduler
@@ -253,3 +253,78 @@ def test_ddpm_through_sample_and_hydra(gmm16):
         ds.sample(gmm_denoiser(gmm16, ds.EDM()), shape=(1, 16), seeds=[0], solver="ddpm", variance="fixed_large", nfe=4)
     spec = hydra_spec("solver=ddpm", "spacing=ddim_leading", "nfe=10", "+solver.options.variance=fixed_large")
     assert spec.solver.options == {"variance": "fixed_large"} and spec.sampling.spacing == "ddim_leading"
+
+
+# -- PNDM -------------------------------------------------------------------------------------------
+
+PNDM_CONFIGS = [
+    dict(),  # diffusers' defaults: leading, skip_prk_steps=False (three Runge-Kutta warm-up steps)
+    dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **SD),  # Stable Diffusion's PNDM
+    dict(skip_prk_steps=True, timestep_spacing="linspace"),
+    dict(skip_prk_steps=True, timestep_spacing="trailing", set_alpha_to_one=False),
+    dict(timestep_spacing="trailing"),
+    dict(timestep_spacing="linspace", set_alpha_to_one=False),
+]
+
+
+@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("kw", PNDM_CONFIGS, ids=str)
+def test_pndm_by_default(gmm16, kw, nfe):
+    """set_timesteps(n) as diffusers counts it: n timesteps, n + 1 model calls (n + 9 with PRK)."""
+    ref_sched = PNDMScheduler(**kw)
+    ours_sched, ours, ref = both(gmm16, ref_sched, nfe)
+    assert ours_sched.config.solver == "plms" and ours_sched.config.budget == "steps"
+    assert ours_sched.solver.prk == (not ref_sched.config.skip_prk_steps)
+    assert ours_sched.timesteps.tolist() == ref_sched.timesteps.tolist()
+    assert ours_sched.timesteps.dtype == torch.int64 and ours_sched.num_inference_steps == nfe
+    assert len(ours_sched.timesteps) == nfe + (9 if ours_sched.solver.prk else 1)
+    assert max_diff(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("nfe", [7, 13])
+def test_pndm_stride_matters(gmm16, nfe):
+    """Off the leading grid diffusers' PLMS steps to t - T // n and its warm-up trapezoid starts from
+    t_1 + T // n: both reproduced; stepping along the grid instead differs."""
+    ref_sched = PNDMScheduler(skip_prk_steps=True, timestep_spacing="trailing")
+    ours_sched, ours, ref = both(gmm16, ref_sched, nfe)
+    assert max_diff(ours, ref) <= 1e-4
+    on_grid = dict(solver="plms", spacing="trailing", budget="steps")
+    assert max_diff(both(gmm16, ref_sched, nfe, ours_kw=on_grid)[1], ref) > 1e-3
+
+
+def test_pndm_refusals_and_plms_counts():
+    import diffsampler as ds
+    from diffsampler.samplers import make_plan
+
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*4.7"):
+        DiffSamplerScheduler.from_config(PNDMScheduler(prediction_type="v_prediction").config)
+    sch = ds.DiscreteVP.linear()
+    assert [make_plan("plms", sch, n, "ddim_leading").nfe for n in (1, 2, 3, 10)] == [1, 2, 3, 10]
+    assert make_plan("plms", sch, 2, "ddim_leading").orders == [1, 2]  # no call left for the warm-up
+    assert make_plan("plms", sch, 3, "ddim_leading").orders == [2, 2]  # trapezoid warm-up, then AB-2
+    assert make_plan("plms", sch, 13, "ddim_leading", prk=True).nfe == 13
+    with pytest.raises(ValueError, match="plms. spends 5 model calls on this grid .4 steps."):
+        make_plan("plms", sch, 4, grid=ds.time_grid(sch, 4, "ddim_leading"))
+    with pytest.raises(ValueError, match="needs an integer nfe >= 13"):
+        make_plan("plms", sch, 12, "ddim_leading", prk=True)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        DiffSamplerScheduler(budget="calls")
+
+
+def test_plms_through_sample_adapter_and_hydra(gmm16):
+    """plms (and its prk warm-up) in sample() equals the adapter on the same grid; Hydra takes its options."""
+    import diffsampler as ds
+    from diffsampler.eval.gmm import gmm_denoiser
+
+    for prk, nfe in ((False, 8), (True, 14)):
+        sched = DiffSamplerScheduler(solver="plms", spacing="time_uniform", solver_options={"prk": prk})
+        model = Image4d(GMMModel(gmm16, sched.schedule))
+        x = x_T(8)
+        adapter = run_diffusers(sched, model, nfe, x)
+        assert len(sched.timesteps) == nfe and sched.num_inference_steps == nfe
+        ours = ds.sample(gmm_denoiser(gmm16, sched.schedule), x.reshape(8, 16), solver="plms", prk=prk, nfe=nfe,
+                         spacing="time_uniform")
+        assert max_diff(ours, adapter.reshape(8, 16)) <= 1e-5
+    spec = hydra_spec("solver=plms", "nfe=14", "+solver.options.prk=true", "+solver.options.diffusers_stride=true",
+                      "spacing=ddim_leading")
+    assert spec.solver.options == {"prk": True, "diffusers_stride": True}

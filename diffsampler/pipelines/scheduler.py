@@ -52,6 +52,8 @@ FLOWMATCH_CLASS = "FlowMatchEulerDiscreteScheduler"
 FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
 _DIFFUSERS_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS
+#: what set_timesteps' num_inference_steps counts: model calls, or solver steps (diffusers' PNDM: n + 1 calls)
+_BUDGETS = ("nfe", "steps")
 
 
 def _diffusers_config_keys() -> frozenset:
@@ -161,11 +163,15 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             `scale_model_input`, `sigmas`, `order`, float32 `timesteps` and `add_noise` are the class's,
             `num_inference_steps` counts its steps, and the grid is its own (`schedules.diffusers_k_grid`
             from the config's keys; `spacing` is then refused).
+        budget: what `num_inference_steps` in `set_timesteps` counts: "nfe" (default: model calls) or
+            "steps" (grid steps, the model calls being what the solver spends on them: diffusers'
+            PNDMScheduler makes n + 1 calls for n, and `from_config` of its config sets "steps").
         **kwargs: an option of `solver` (e.g. `eta=1.0` for "ddim", `order=1.5` for "ghvb"): applied
             and recorded in `solver_options`; any other key of a diffusers scheduler config: kept in
             the config, not used; anything else: TypeError naming it.
 
-    `num_inference_steps` in `set_timesteps` is the budget of model calls (NFE), not of steps.
+    `num_inference_steps` in `set_timesteps` is the budget of model calls (NFE), not of steps
+    (unless budget="steps").
     """
 
     config_name = "scheduler_config.json"
@@ -205,6 +211,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         convention: str | None = None,
+        budget: str = "nfe",
         **kwargs,
     ):
         source_keys = DiffSamplerScheduler._source_keys or {}  # from_config: the source config's other keys
@@ -212,6 +219,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         solver_options = self._route_keywords(solver, solver_options, kwargs)
         if source_keys:
             self.register_to_config(**{k: v for k, v in source_keys.items() if k not in self.config})
+        if budget not in _BUDGETS:
+            raise ValueError(f"budget must be one of {_BUDGETS}, got {budget!r}")
         # -- schedule -------------------------------------------------------------------------
         if schedule_type not in (None, "vp", "flow"):
             raise ValueError(f"schedule_type must be None, 'vp' or 'flow', got {schedule_type!r}")
@@ -646,18 +655,29 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             own_grid = getattr(self.solver, "own_grid", None)  # a solver plan brings its own time points and end
             if own_grid is not None:
                 final = self.solver.plan.final
-            steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
+            by_steps = self.config.budget == "steps" and own_grid is None
+            if by_steps:
+                if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+                    raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+                steps = int(num_inference_steps)
+            else:
+                steps = self.solver.steps_for_nfe(num_inference_steps, final_zero=(final == "zero"))
             grid = own_grid(self.schedule) if own_grid is not None else self._grid(steps, mu)
-            fewer = self.__dict__.get("_grid_model_t") is not None and final == "last"
+            fewer = by_steps or (self.__dict__.get("_grid_model_t") is not None and final == "last")
             plan = make_plan(self.solver, self.schedule, None if fewer else num_inference_steps, grid=grid)
         self._full_plan = plan
-        self.num_inference_steps = plan.nfe if not self.convention else (num_inference_steps or len(plan.steps))
+        if self.convention:
+            self.num_inference_steps = num_inference_steps or len(plan.steps)
+        elif self.config.budget == "steps" and timesteps is None and sigmas is None:
+            self.num_inference_steps = num_inference_steps  # diffusers' count of steps (PNDM: n + 1 calls)
+        else:
+            self.num_inference_steps = plan.nfe
         self._set_plan(plan)
         self._denoiser.start_run()  # finite flags of an earlier (aborted) trajectory are not this one's
         # diffusers' dtype: int64 where a discrete schedule's model times are all integers and each step
         # makes one model call (as DDIM, DPM-Solver, UniPC); float32 otherwise (as Heun, flow schedules)
-        one_call = all(len(st.evals) == 1 for st in plan.steps) and (
-            getattr(self.solver, "own_grid", None) is not None or self.solver.steps_for_nfe(4, final_zero=True) == 4)
+        one_call = getattr(self.solver, "timesteps_int64", False) or (all(len(st.evals) == 1 for st in plan.steps) and (
+            getattr(self.solver, "own_grid", None) is not None or self.solver.steps_for_nfe(4, final_zero=True) == 4))
         integral = (not self.is_flow and one_call
                     and bool((self._t_model64 == self._t_model64.round()).all()))
         if self.convention:  # the sigma-space classes' timesteps are float32

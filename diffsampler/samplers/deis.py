@@ -19,7 +19,7 @@ from numpy.polynomial import polynomial as P
 
 from .registry import MultistepSolver, register
 
-__all__ = ["DEIS", "PNDM", "lagrange_basis", "deis_weights", "plms_weights", "AB_WEIGHTS", "BASES"]
+__all__ = ["DEIS", "PNDM", "lagrange_basis", "deis_weights", "plms_weights", "transfer", "AB_WEIGHTS", "BASES"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)
 
@@ -110,12 +110,17 @@ AB_WEIGHTS = {
 }
 
 
+def transfer(a_s: float, r_s: float, a_t: float, r_t: float) -> tuple[float, float]:
+    """(c_x, c_eps) of PNDM's transfer phi (Liu et al. 2022, eq. 11), the DDIM step with a noise
+    estimate: x_t = alpha_t (v_s + (rho_t - rho_s) eps) = (alpha_t / alpha_s) x_s + alpha_t (rho_t - rho_s) eps."""
+    return a_t / a_s, a_t * (r_t - r_s)
+
+
 def plms_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
     """(c_x, [c_0, ..., c_{k-1}]) with x_{i+1} = c_x x_i + sum_j c_j eps_{i-j}: PLMS (Liu et al. 2022,
     Sec. 4.2), x_{i+1} = alpha_{i+1} (v_i + (rho_{i+1} - rho_i) sum_j w_j eps_{i-j}), w = AB_WEIGHTS[k]."""
-    a_s, a_t = float(grid.alpha[i]), float(grid.alpha[i + 1])
-    dr = float(grid.rho[i + 1] - grid.rho[i])
-    return a_t / a_s, [a_t * dr * w for w in AB_WEIGHTS[k]]
+    c_x, c_e = transfer(float(grid.alpha[i]), float(grid.rho[i]), float(grid.alpha[i + 1]), float(grid.rho[i + 1]))
+    return c_x, [c_e * w for w in AB_WEIGHTS[k]]
 
 
 @register("pndm")

@@ -876,6 +876,7 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
     from .deis import DEIS, PNDM
     from .dpm_solver import DPMSolverPP, DPMSolverPP2S
     from .momentum import GHVB
+    from .plms import PLMS
 
     if solver.stochastic:
         raise ValueError(f"no solver spec for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
@@ -902,6 +903,11 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
 
     if isinstance(solver, DPM2):
         return "noise", "dpm2", None
+    if isinstance(solver, PLMS):  # its Heun warm-up step is a "heun" step (spec_of), the rest "plms"
+        if solver.prk or solver.diffusers_stride:
+            raise ValueError(f"no solver spec for solver {solver.name!r} with prk / diffusers_stride: its Runge-Kutta "
+                             "warm-up and diffusers' off-grid step ends are no solver-spec steps")
+        return "noise", "plms", None
     raise ValueError(f"no solver spec for solver {solver.name!r} ({type(solver).__name__})")
 
 
@@ -933,7 +939,9 @@ def spec_of(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unifor
     pred, est, beta = _estimator_of(get(solver))
     plan = make_plan(solver, schedule, nfe, spacing, final)
     r1 = getattr(get(solver), "r1", 0.5)
-    steps = tuple(StepSpec(pred, k, est, beta=beta, r=(r1,) if k == 2 and r1 != 0.5 else None) for k in plan.orders)
+    # a two-call step of a multistep solver is its Heun warm-up (plms)
+    steps = tuple(StepSpec(pred, k, "heun" if est == "plms" and len(st.evals) == 2 else est, beta=beta,
+                           r=(r1,) if k == 2 and r1 != 0.5 else None) for k, st in zip(plan.orders, plan.steps))
     return SolverSpec(steps, tuple(SolverSpec.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
 
