@@ -203,3 +203,19 @@ def test_two_gloo_ranks_give_the_log_and_plan_of_one_process(tmp_path):
     assert (tmp_path / "one" / "plan.yaml").read_text().replace("world_size: 1", "") == \
         (tmp_path / "two" / "plan.yaml").read_text().replace("world_size: 2", "")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_plan_scored_in_chunks_scores_the_same(search_problem):
+    from diffsampler.tools.search import Batch, evaluate
+
+    gmm, sch, exact = search_problem
+    den = gmm_denoiser(gmm, sch, "epsilon")
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = exact(x)
+
+    def score(y):
+        return float((y - ref).pow(2).mean().sqrt())
+
+    plan = spec_of("dpmpp_3m", sch, 5, "logsnr")
+    whole, chunked = evaluate(plan, den, Batch(x, score)), evaluate(plan, den, Batch(x, score, chunk=3))
+    assert chunked == pytest.approx(whole, rel=1e-12) and den.nfe == 5 + 5 * 4  # 4 chunks of 3, 3, 3, 1

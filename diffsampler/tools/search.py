@@ -130,6 +130,7 @@ class Batch:
 
     x_T: torch.Tensor
     score: Callable[[torch.Tensor], float]
+    chunk: int | None = None  # rows per model call (None: the whole batch); per-sample plans: the same samples
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -139,8 +140,12 @@ def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
 def evaluate(plan: SolverSpec, denoiser, batch: Batch) -> float:
     """The plan's score on the batch; inf for a plan that fails or gives a non-finite score."""
     try:
+        compiled = plan.compile(denoiser.schedule)
+        n = batch.x_T.shape[0]
+        step = batch.chunk or n
         with torch.no_grad():
-            s = batch.score(run_plan(plan.compile(denoiser.schedule), denoiser, batch.x_T.clone()))
+            x = torch.cat([run_plan(compiled, denoiser, batch.x_T[i:i + step].clone()) for i in range(0, n, step)])
+        s = batch.score(x)
     except (ValueError, FloatingPointError):
         s = math.inf
     return s if math.isfinite(s) else math.inf
@@ -446,6 +451,8 @@ def search(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    analytic: bool = True,
+    time_shift: bool = False,
 ) -> SearchResult:
     """Search a SolverSpec of exactly `nfe` model calls for `denoiser` (see the module docstring).
 
@@ -456,11 +463,13 @@ def search(
     n_verify: the top-k plans re-scored on the verification batch; the other settings are those of
         `S3Settings`.  base: a solver with a solver spec (`samplers.usf.spec_solvers()`: every
         deterministic registered solver) or a SolverSpec: time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
-        plan there as YAML.
+        plan there as YAML.  analytic: whether plans may start with the analytic first step (it
+        assumes a zero data mean).  time_shift: search the Time-Shift setting too (off included).
     """
     settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
                           None if seeds is None else tuple(seeds),
-                          None if holdout_seeds is None else tuple(holdout_seeds), batch, screen, final, coordinate)
+                          None if holdout_seeds is None else tuple(holdout_seeds), batch, screen, final, coordinate,
+                          analytic, time_shift)
     return run_search(denoiser, nfe, shape, settings, metric=metric, reference=reference,
                       reference_solver=reference_solver, reference_nfe=reference_nfe, base=base, log=log, out=out,
                       name=name, dtype=dtype, progress=progress)

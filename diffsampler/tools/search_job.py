@@ -71,7 +71,7 @@ SEARCH_KEYS: dict[str, Type] = {
     "metric": STR, "base": optional(STR), "seed": INT, "name": optional(STR), "final": optional(one_of("zero", "last")),
     "reference_solver": STR, "reference_nfe": INT,
     "analytic": Type("true, false or auto", _bool_or_auto), "time_shift": Type("true, false or auto", _bool_or_auto),
-    "holdout": INT, "top_k": INT, "batch": INT, "log": optional(STR), "plan_dir": optional(STR), "cache_dir": STR,
+    "holdout": INT, "top_k": INT, "batch": INT, "batch_size": optional(INT), "log": optional(STR), "plan_dir": optional(STR), "cache_dir": STR,
 }
 TOP_KEYS: dict[str, Type] = {"model": Type("a config group", lambda v: isinstance(v, dict)),
                              "guidance": Type("a config group", lambda v: isinstance(v, dict)),
@@ -103,6 +103,7 @@ class SearchSpec:
     holdout: int
     top_k: int
     batch: int
+    batch_size: int | None
     log: str | None
     plan_dir: str | None
     cache_dir: str
@@ -164,9 +165,9 @@ def _check_search(spec: SearchSpec) -> None:
     from . import run_checks
 
     for key, lo in (("nfe", 1), ("budget", 1), ("calib", 1), ("verify", 0), ("seed", 0), ("reference_nfe", 1),
-                    ("holdout", 0), ("top_k", 1), ("batch", 1)):
+                    ("holdout", 0), ("top_k", 1), ("batch", 1), ("batch_size", 1)):
         v = getattr(spec, key)
-        if v < lo:
+        if v is not None and v < lo:
             raise ConfigError(f"search.{key} must be an integer >= {lo}, got {v!r}")
     search_seeds(spec.calib, spec.verify, spec.holdout)
     if not _NAME.match(spec.name):
@@ -397,14 +398,15 @@ class MetricScorer:
         return fid
 
     def batch(self, x_T: torch.Tensor, reference: torch.Tensor | None) -> Batch:
+        chunk = self.spec.batch_size
         if self.spec.metric == "rmse":
             ref = reference.to(x_T.device, torch.float64)
-            return Batch(x_T, lambda x: rmse(x, ref))
+            return Batch(x_T, lambda x: rmse(x, ref), chunk)
         if self.fn is not None:
             fn = self.fn
-            return Batch(x_T, lambda x: float(fn(x, x_T)))
+            return Batch(x_T, lambda x: float(fn(x, x_T)), chunk)
         fid = self._fid_setup()
-        return Batch(x_T, lambda x: fid(self.images(x)))
+        return Batch(x_T, lambda x: fid(self.images(x)), chunk)
 
 
 def data_mean_rule(spec: SearchSpec, gmm, reference: torch.Tensor | None) -> tuple[bool, str]:
@@ -492,7 +494,7 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     plan.info["search"]["training_steps"] = training_steps(sch)
     conv = convergence(r, den, batches, spec, log, rank, world)
     table = compare(spec, den, shape, dtype, plan, scorer, seeds["holdout"], refs.get("holdout"), device, gmm) \
-        if spec.holdout else []
+        if spec.holdout and rank == 0 else []
     summary = {"name": spec.name, "nfe": spec.nfe, "metric": spec.metric, "calib_score": r.calib_score,
                "verify_score": r.verify_score, "evaluations": r.evaluations, "model_calls": r.model_calls,
                "search_seconds": round(search_s, 2), "world_size": world, "reference_cache": cache,
@@ -604,8 +606,9 @@ def compare(spec: SearchSpec, den, shape, dtype, plan, scorer: MetricScorer, hol
     batch = scorer.batch(x_T, reference)
 
     def score(solver, denoiser=den) -> float:
+        step = spec.batch_size or len(x_T)
         try:
-            x = sample(denoiser, x_T.clone(), solver=solver)
+            x = torch.cat([sample(denoiser, x_T[i:i + step].clone(), solver=solver) for i in range(0, len(x_T), step)])
         except FloatingPointError:
             return math.inf
         s = batch.score(x)
