@@ -93,7 +93,7 @@ def _search_hydra_main() -> None:
         try:
             spec = validate_search(cfg)  # every key, before the model is built
             summary = run_search_job(spec, run_dir)
-        except ConfigError as e:
+        except (ConfigError, ValueError) as e:  # a refused value, or a log / cache of another search
             print(f"diffsampler search: error: {e}", file=sys.stderr)
             raise SystemExit(2)
         from .eval.generate import is_main

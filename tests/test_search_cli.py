@@ -107,6 +107,8 @@ def test_search_job_end_to_end_resume_and_plan_by_name(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (run / "search.jsonl").read_text().splitlines() == lines
     assert SolverSpec.load(run / "plan.yaml").key() == plan.key()
+    r = _run(args + ["model.seed=1"], tmp_path)  # another model: its log is not replayed
+    assert r.returncode == 2 and "was written by a different search" in r.stderr and "model_hash" in r.stderr
     # by name: sample() (DIFFSAMPLER_PLAN_PATH), the adapter and Hydra (solver.plan_dir)
     from diffsampler.eval.gmm import GaussianMixture
 

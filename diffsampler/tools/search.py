@@ -479,11 +479,12 @@ def run_search(denoiser, nfe: int, shape: Sequence[int], settings: S3Settings, *
                reference_solver: str = "dpmpp_3m", reference_nfe: int = 200, base=None, log=None, out=None,
                name: str | None = None, dtype: torch.dtype = torch.float32, progress: bool = True,
                batches: Calibration | None = None, metric_name: str | None = None,
-               provenance: dict | None = None) -> SearchResult:
+               provenance: dict | None = None, log_extra: dict | None = None) -> SearchResult:
     """`search` with its settings in one S3Settings.  batches: the calibration (and verification)
     batches made by the caller (e.g. against cached reference endpoints), else made here from
     `metric` / `reference`.  Under torchrun every rank runs this; each generation's plans are spread
-    over the ranks (`Objective.many`) and the result is that of one process."""
+    over the ranks (`Objective.many`) and the result is that of one process.  log_extra: more
+    values the log's config line records (a log written under others is refused), e.g. the model."""
     from ..eval.generate import barrier, dist_env
 
     _check(nfe, settings, metric)
@@ -493,7 +494,7 @@ def run_search(denoiser, nfe: int, shape: Sequence[int], settings: S3Settings, *
     t_start = time.perf_counter()
     cal = batches if batches is not None else calibration(denoiser, shape, seeds, settings.n_calib, metric, reference,
                                                            dtype, reference_solver, reference_nfe)
-    config = _log_config(nfe, settings, metric_name or metric, seeds, space)
+    config = {**_log_config(nfe, settings, metric_name or metric, seeds, space), **(log_extra or {})}
     if rank == 0:
         search_log = SearchLog(log, config)
     barrier()  # rank 0 has created (or repaired) the log; the others replay it

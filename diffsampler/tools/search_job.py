@@ -333,15 +333,29 @@ def reference_endpoints(spec: SearchSpec, den, shape, seeds: list[int], device, 
 
     check_shards(out, fp)  # a cache dir of another model: refused, naming the differences
     try:  # every seed already there (an earlier search on this model): nothing to generate
-        return load_shards(out, seeds)[1], str(out)
+        have = load_shards(out, seeds)[1]
     except (MissingSeedsError, FileNotFoundError):
-        pass
+        have = None
+    if _all_ranks(have is not None, world):  # decided together: every rank takes the same collectives
+        return have, str(out)
     with torch.no_grad():  # each contiguous range from its start: aligned shards, reusable by later searches
         for part in _ranges(seeds):
             generate_shards(sample_fn, part, out, REFERENCE_SHARD, rank, world, progress=spec.progress and rank == 0,
                             desc=f"reference {spec.reference_solver} nfe={spec.reference_nfe}", fingerprint=fp)
     barrier()
     return load_shards(out, seeds)[1], str(out)
+
+
+def _all_ranks(flag: bool, world: int) -> bool:
+    """True when `flag` holds on every rank (after a barrier, so no rank is still writing)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    dist.barrier()
+    flags: list = [None] * world
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
 
 
 def _ranges(seeds: list[int]) -> list[list[int]]:
@@ -488,7 +502,8 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     log = Path(spec.log).expanduser() if spec.log else run_dir / "search.jsonl"
     r = run_search(den, spec.nfe, shape, settings, metric=spec.metric if spec.metric == "rmse" else _named_fn(spec.metric),
                    base=spec.base, log=log, out=None, name=spec.name, dtype=dtype, progress=spec.progress,
-                   batches=Calibration(batches), metric_name=spec.metric, provenance=provenance)
+                   batches=Calibration(batches), metric_name=spec.metric, provenance=provenance,
+                   log_extra={"model_hash": provenance["model_hash"], "reference": provenance["reference"]})
     search_s = time.perf_counter() - t0
     plan = r.plan
     plan.info["search"]["training_steps"] = training_steps(sch)
