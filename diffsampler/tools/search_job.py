@@ -624,7 +624,7 @@ def compare(spec: SearchSpec, den, shape, dtype, plan, scorer: MetricScorer, hol
         step = spec.batch_size or len(x_T)
         try:
             x = torch.cat([sample(denoiser, x_T[i:i + step].clone(), solver=solver) for i in range(0, len(x_T), step)])
-        except FloatingPointError:
+        except (FloatingPointError, RuntimeError):  # e.g. a plan that runs out of its budget: no score
             return math.inf
         s = batch.score(x)
         return s if math.isfinite(s) else math.inf
@@ -632,7 +632,7 @@ def compare(spec: SearchSpec, den, shape, dtype, plan, scorer: MetricScorer, hol
     rows = [{"method": f"searched plan {spec.name}", "spacing": "plan", "score": score(plan.compile(den.schedule)),
              "kind": "searched"}]
     for name in available():
-        if info(name)["stochastic"]:
+        if info(name)["stochastic"] or info(name).get("adaptive"):  # adaptive: the NFE is not the plan's
             continue
         best = None
         for sp in COMPARE_SPACINGS:
