@@ -34,6 +34,10 @@ SUPPORTED_CLASSES = {
                                    "use_beta_sigmas as the spacings diffusers_karras / _exponential / _lu / _beta, "
                                    "the same generator's noise",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
+    "UniPCMultistepScheduler": "unipc (predict_x0=True): solver_order 1-3, solver_type bh1 / bh2, disable_corrector, "
+                               "lower_order_final, final_sigmas_type, thresholding, timestep_spacing, "
+                               "use_karras / exponential / beta_sigmas as the spacings diffusers_karras / "
+                               "_exponential / _beta",
     "EulerDiscreteScheduler": "euler on the class's sigma grid (convention='EulerDiscreteScheduler': timestep_spacing, "
                               "steps_offset, interpolation_type, use_karras / exponential / beta_sigmas, sigma_min / "
                               "sigma_max, final_sigmas_type, timestep_type; s_churn in step() is refused)",
@@ -265,6 +269,32 @@ def _deis(r):
                 solver_options={"lower_order_final": bool(r["lower_order_final"])})
 
 
+def _unipc(r):
+    r.require("predict_x0", (True,), " -- UniPC with noise prediction is not registered (unipc is data prediction)")
+    r.require("solver_p", (None,), " -- an external predictor scheduler is not reproduced")
+    order = r.require("solver_order", (1, 2, 3))
+    solver_type = r.require("solver_type", ("bh1", "bh2"))
+    r.off("use_dynamic_shifting")
+    _check_zero_snr(r)
+    spacing, final = _grid(r, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")), _final(r)
+    dis = r["disable_corrector"] or []
+    try:
+        dis = sorted({int(k) for k in dis})
+    except (TypeError, ValueError):
+        raise ValueError(f"{r.name}: disable_corrector={r['disable_corrector']!r} cannot be reproduced by "
+                         "diffsampler (supported: a list of step indices)") from None
+    lower = bool(r["lower_order_final"])
+    if final == "last" and spacing in _SIGMA_SPACINGS and order > 1:
+        key = next(k for k, v in _SIGMA_GRIDS if v == spacing)
+        raise ValueError(f"{r.name}: solver_order={order} with {key}=True and final_sigmas_type='sigma_min' "
+                         "cannot be reproduced by diffsampler (diffusers' last call is a zero-length step from "
+                         "sigma_min to sigma_min whose order and corrector the grid without it cannot mirror); "
+                         "supported: solver_order 1 or final_sigmas_type='zero'")
+    return dict(solver="unipc", spacing=spacing, final=final, clip_sample=False,
+                solver_options={"order": order, "solver_type": solver_type, "disable_corrector": dis,
+                                "lower_order_final": lower})
+
+
 def _k_class(solver: str, preds: tuple, sigma_grids: bool = True, clip: bool = False):
     """A sigma-space class (Euler, Heun, LMS, KDPM2 and their ancestral forms): `solver` on the class's own
     grid and conventions (DiffSamplerScheduler(convention=<class>), schedules.diffusers_k_grid)."""
@@ -328,7 +358,7 @@ _MAPPERS = {
         "network at time atan2(sigma, alpha) 2 / pi, starting at alpha = 0, where its first step drops the x0 "
         "prediction (pred = (x - sigma eps) / max(alpha, 1e-8) = 0); no diffsampler schedule starts there yet"),
     "SASolverScheduler": _not_yet("SA-Solver (stochastic Adams) is not a registered solver yet"),
-    "UniPCMultistepScheduler": _not_yet("UniPC is a solver spec (usf.spec_of('unipc_2')), not a registered solver"),
+    "UniPCMultistepScheduler": _unipc,
     # the method is registered (dpmpp_sde); its noise is what is not reproduced
     "DPMSolverSDEScheduler": _not_yet(
         "it is k-diffusion's DPM++ SDE (registered as dpmpp_sde, Brownian-tree noise by default), but its noise "
