@@ -58,6 +58,9 @@ EXPECTED = {
     # variable-step Adams in rho (exact Lagrange integrals); the lower-order warm-up at t_max costs
     # little (eps is nearly constant there): measured 3.77 on NFE 80-320, 3.48 on 40-160
     "lms": (4, (80, 160, 320), "linear multistep of order 4 in rho"),
+    # UniC raises UniP-p to order p + 1 (Zhao et al. 2023, Thm 3.3): measured 1.97 (order 1), 3.08 (order 2,
+    # the default), 3.13 (bh1); 1.93 with corrector=False
+    "unipc": (3, (80, 160, 320), "UniPC-2 bh2: UniP-2 + UniC-2, order 3"),
 }
 
 B = 64
