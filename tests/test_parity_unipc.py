@@ -9,7 +9,7 @@ from diffusers import UniPCMultistepScheduler
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.samplers import get, make_plan
 from diffsampler.schedules import DiscreteVP
-from diffsampler.samplers.unipc import unipc_weights
+from diffsampler.samplers.unipc import bh_system_weights, unipc_weights
 from diffsampler.eval.gmm import GMMModel
 from diffusers_loop import run_diffusers
 from test_parity import Image4d, x_T
@@ -117,6 +117,21 @@ def test_step_onto_zero_where_diffusers_breaks(gmm16, kw):
     assert torch.isfinite(ours[-1]).all()
 
 
+def test_bh2_system_is_usf_unipc():
+    """bh2's linear system (diffusers' rhos) has USF's exact-Taylor unipc weights as its solution: the
+    solver takes bh2's weights from usf.exp_weights (one copy); bh1 differs."""
+    lams, lam_t = [0.1, -0.3, -0.8], 0.6
+    for corrector in (False, True):
+        for p in (1, 2, 3):
+            a = bh_system_weights(lams[:p], lam_t, 0.7, "bh2", corrector)
+            b = unipc_weights(lams[:p], lam_t, 0.7, "bh2", corrector)
+            assert max(abs(u - v) for u, v in zip(a, b)) < 1e-14 and len(a) == len(b) == p + corrector
+            # B(h) cancels where the system is solved; bh1 differs only at the fixed 1/2 (UniP-2, UniC-1)
+            c = bh_system_weights(lams[:p], lam_t, 0.7, "bh1", corrector)
+            differs = max(abs(u - v) for u, v in zip(a, c)) > 1e-3
+            assert differs == ((p, corrector) in ((2, False), (1, True))), (p, corrector)
+
+
 def test_corrector_weights_are_unic():
     """UniC-1 (c = 1/2) is the trapezoid on the data prediction: weights -alpha_t e1 ... consistent sums:
     the UniC and UniP weights both sum to -alpha_t (e^{-h} - 1) (exact for a constant prediction)."""
@@ -126,7 +141,7 @@ def test_corrector_weights_are_unic():
             want = -a_t * torch.expm1(torch.tensor(-(lam_t - lams[0]), dtype=torch.float64)).item()
             assert abs(sum(unipc_weights(lams[:p], lam_t, a_t, variant)) - want) < 1e-12
             assert abs(sum(unipc_weights(lams[:p], lam_t, a_t, variant, corrector=True)) - want) < 1e-12
-    assert unipc_weights([0.1], 0.5, 0.7, "bh1") == unipc_weights([0.1], 0.5, 0.7, "bh2")
+    assert unipc_weights([0.1], 0.5, 0.7, "bh1") == pytest.approx(unipc_weights([0.1], 0.5, 0.7, "bh2"), abs=1e-15)
 
 
 REFUSED = [

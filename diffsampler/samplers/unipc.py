@@ -11,14 +11,15 @@ functions (dpm_solver.phi) and b_n = n! hh phi_{n+1}(hh) / B(h).  A step of orde
 
 with a = 1/2 at p = 2 and the solution of sum_k a_k r_k^{n-1} = b_n (n < p) at p = 3; c = 1/2 at p = 1
 and the solution of sum_k c_k r_k^{n-1} = b_n (n <= p, r_p = 1) otherwise (diffusers' simplified
-low orders).  M_t is the model output at the predicted x_t, so the corrector costs no call: on the
+low orders).  Where the system is solved B(h) cancels (b ~ 1 / B(h)): bh1 and bh2 differ only by the
+fixed 1/2 of UniP-2 and UniC-1.  M_t is the model output at the predicted x_t, so the corrector costs no call: on the
 engine the state x_i is the predicted point the model sees, and the corrected x_i^c = x_i + Delta_i
 (Delta_i = UniC - UniP, a combination of outputs only: both start from the same x_s with the same
 factor) enters the next step's update, x_{i+1} = (sigma_{i+1} / sigma_i) (x_i + Delta_i) + UniP terms.
 The last step has no corrector after it (no model call follows).
 
-`samplers/usf.py`'s ``unipc`` estimator is UniPC-bh2 with exact Taylor weights (its own formula for
-the search space); this module is diffusers' coefficients, for parity.
+`samplers/usf.py`'s ``unipc`` estimator is UniPC-bh2 (exact Taylor weights, which solve bh2's system):
+bh2's weights are computed there, bh1's by the system here (`unipc_weights`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import numpy as np
 
 from .dpm_solver import phi
 from .plan import Combo, PlanBuilder
-from .registry import LOWER_ORDER_FINAL_BELOW, MultistepSolver, register  # noqa: F401
+from .registry import MultistepSolver, register
 
-__all__ = ["UniPC", "unipc_weights", "VARIANTS"]
+__all__ = ["UniPC", "unipc_weights", "bh_system_weights", "VARIANTS"]
 
 #: diffusers' solver_type: B(h) = hh ("bh1") or e^hh - 1 ("bh2")
 VARIANTS = ("bh1", "bh2")
@@ -49,9 +50,25 @@ def unipc_weights(lams: Sequence[float], lam_t: float, alpha_t: float, variant: 
                   corrector: bool = False) -> list[float]:
     """Weights of the model outputs in one UniPC step from s (log-SNR lams[0]) to t, besides
     (sigma_t / sigma_s) x_s: UniP over [M_s, M_{s-1}, ...] (len(lams) = p outputs, newest first), or,
-    with `corrector`, UniC-p over [M_t, M_s, M_{s-1}, ...] (see the module docstring)."""
+    with `corrector`, UniC-p over [M_t, M_s, M_{s-1}, ...] (see the module docstring).
+
+    bh2's system has the exact lambda-Taylor weights as its solution (with h phi_1 / 2 at two points),
+    which is USF's ``unipc`` estimator: bh2 is computed there (`usf.exp_weights`, one copy; the system
+    gives the same weights, tests/test_parity_unipc.py), bh1 by the system (`bh_system_weights`)."""
     if variant not in VARIANTS:
         raise ValueError(f"solver_type must be one of {VARIANTS}, got {variant!r}")
+    if variant == "bh2":
+        from .usf import exp_weights
+
+        nodes = [lam_t, *lams] if corrector else list(lams)
+        return [float(w) for w in exp_weights("data", nodes, lams[0], lam_t, 1.0, 1.0, alpha_t, 1.0, "unipc")[1]]
+    return bh_system_weights(lams, lam_t, alpha_t, variant, corrector)
+
+
+def bh_system_weights(lams: Sequence[float], lam_t: float, alpha_t: float, variant: str,
+                      corrector: bool = False) -> list[float]:
+    """`unipc_weights` from the B(h) linear system of Zhao et al. 2023 (Alg. 1-3; diffusers'
+    multistep_uni_p_bh_update / multistep_uni_c_bh_update), for either variant."""
     p = len(lams)
     h = lam_t - lams[0]
     e1, B, b = _bh(h, variant, p)

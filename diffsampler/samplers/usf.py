@@ -34,6 +34,7 @@ Derivative estimators (`StepSpec.estimator`):
                      prediction): exact Taylor weights, except that two points (order-2 predictor,
                      first-order step's corrector) use h phi_1/2 as DPM-Solver++(2M) does.  With a
                      corrector on every step but the last it is diffusers' UniPCMultistepScheduler.
+                     The registered `unipc` (samplers/unipc.py) takes its bh2 weights from here.
 * ``singlestep``     `order - 1` intermediate points inside the step at fractions `r` of h, each
                      reached by the lower-order step through the points before it (DPM-Solver-k
                      style, exact Taylor weights); costs `order` model calls.
