@@ -904,6 +904,13 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
 
     if isinstance(solver, DPM2):
         return "noise", "dpm2", None
+    from .unipc import UniPC
+
+    if isinstance(solver, UniPC):  # the corrector flags: spec_of
+        if solver.solver_type != "bh2":
+            raise ValueError(f"no solver spec for solver {solver.name!r} with solver_type={solver.solver_type!r}: "
+                             "the spec's unipc estimator is bh2 (bh1's UniP-2 / UniC-1 weights differ)")
+        return "data", "unipc", None
     if isinstance(solver, PLMS):  # its Heun warm-up step is a "heun" step (spec_of), the rest "plms"
         if solver.prk or solver.diffusers_stride:
             raise ValueError(f"no solver spec for solver {solver.name!r} with prk / diffusers_stride: its Runge-Kutta "
@@ -941,8 +948,13 @@ def spec_of(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unifor
     plan = make_plan(solver, schedule, nfe, spacing, final)
     r1 = getattr(get(solver), "r1", 0.5)
     # a two-call step of a multistep solver is its Heun warm-up (plms)
+    s = get(solver)
+    n = len(plan.steps)
+    # UniPC: UniC on step i's result unless off / disabled, never on the last step (no call follows)
+    corr = [est == "unipc" and s.corrector and i < n - 1 and i not in s.disable_corrector for i in range(n)]
     steps = tuple(StepSpec(pred, k, "heun" if est == "plms" and len(st.evals) == 2 else est, beta=beta,
-                           r=(r1,) if k == 2 and r1 != 0.5 else None) for k, st in zip(plan.orders, plan.steps))
+                           r=(r1,) if k == 2 and r1 != 0.5 else None, corrector=c)
+                  for k, st, c in zip(plan.orders, plan.steps, corr))
     return SolverSpec(steps, tuple(SolverSpec.times_of(plan.grid, coordinate)), final, coordinate,
                       name=f"{solver}_{spacing}_nfe{nfe}")
 
