@@ -3,6 +3,8 @@ with diffusers' DPMSolverMultistepScheduler (every algorithm_type, solver_type, 
 euler_at_final, final_sigmas_type, sigma grids, thresholding) in the standard loop, stochastic ones with
 the same generator; equality with k-diffusion's sample_dpmpp_2m_sde / 3m_sde on the same sigmas and noise."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -146,3 +148,61 @@ def test_equals_kdiffusion_on_the_same_sigmas_and_noise(K, solver, opts, ref, re
     assert plan.nfe == n
     err = (got - want).abs().max().item()
     assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+# -- singlestep DPM-Solver: k-diffusion's sample_dpm_fast (DPM-Solver-fast) on the same lambda grid -------
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 6, 7, 8, 10])
+def test_dpm_fast_equals_kdiffusion(K, nfe):
+    from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+    from diffsampler.samplers.plan import run_plan
+    from diffsampler.schedules import time_grid
+
+    gmm = GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
+    schedule = DiscreteVP.linear()
+    r = schedule.rho(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+    s_max, s_min = float(r[0]) * (1 - 1e-9), float(r[1])
+    solver = ds.samplers.get("dpm_fast")
+    m = solver.steps_for_nfe(nfe, final_zero=False)
+    t0, t1 = torch.tensor(s_max, dtype=torch.float64).log().neg(), torch.tensor(s_min, dtype=torch.float64).log().neg()
+    rho = torch.linspace(float(t0), float(t1), m + 1, dtype=torch.float64).neg().exp()
+    grid = time_grid(schedule, m, schedule.t_from_lambda(-rho.log()), final="last")
+    plan = ds.samplers.make_plan(solver, schedule, nfe, grid=grid)
+    assert plan.nfe == nfe
+    x_T_v = torch.randn(5, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s_max
+    class Exact:  # the mixture's E[x0 | x] at the plan's float64 alpha, sigma (not the float32 model time)
+        def __init__(self):
+            self.schedule = schedule
+
+        def predict_at(self, x, t, a, s, kind):
+            d = gmm.posterior_mean(x, torch.full((len(x),), a, dtype=x.dtype), torch.full((len(x),), s, dtype=x.dtype))
+            return d if kind == "data" else (x - a * d) / s
+
+        def raise_if_nonfinite(self):
+            pass
+
+    den = Exact()
+    got = run_plan(plan, den, x_T_v * float(grid.alpha[0])) / float(grid.alpha[-1])
+    # sample_dpm_fast's DPMSolver.dpm_solver_fast with its times in float64 (sample_dpm_fast makes them float32)
+    want = _kdiff(K, lambda model, x, sigmas, **kw: K.DPMSolver(model).dpm_solver_fast(x, t0, t1, nfe),
+                  gmm, schedule, None, x_T_v, [])
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("name", ["dpm_solver", "dpmpp"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_singlestep_runs_every_budget_exactly(gmm16, name, order):
+    from diffsampler.eval.gmm import gmm_denoiser
+
+    den = gmm_denoiser(gmm16, DiscreteVP.linear())
+    for nfe in (4, 5, 6, 9):
+        den.nfe = 0
+        x = ds.sample(den, x_T(4), solver=name, nfe=nfe, order=order)
+        assert den.nfe == nfe and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="orders"):
+        ds.samplers.get(name, orders="slow")
+    if order > 1:
+        with pytest.raises(ValueError, match="multiple"):
+            ds.samplers.make_plan(ds.samplers.get(name, order=order, orders="fixed"), DiscreteVP.linear(), 1 + order + 1,
+                                  "logsnr", "zero")
