@@ -165,9 +165,11 @@ def _float64_times(fn):
     return run
 
 
-@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 6, 7, 8, 10])
-def test_dpm_fast_equals_kdiffusion(K, nfe):
-    from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+def _singlestep_case(solver, nfe, final_zero=False):
+    """Our `solver` at `nfe` on a grid uniform in t = -log rho (k-diffusion's DPMSolver grid) from rho_max
+    to rho_min (and 0 with `final_zero`), with the exact mixture at the plan's float64 alpha, sigma:
+    (our sample as v = x / alpha, the grid's t values, the mixture, x_T as v)."""
+    from diffsampler.eval.gmm import GaussianMixture
     from diffsampler.samplers.plan import run_plan
     from diffsampler.schedules import time_grid
 
@@ -175,14 +177,14 @@ def test_dpm_fast_equals_kdiffusion(K, nfe):
     schedule = DiscreteVP.linear()
     r = schedule.rho(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
     s_max, s_min = float(r[0]) * (1 - 1e-9), float(r[1])
-    solver = ds.samplers.get("dpm_fast")
-    m = solver.steps_for_nfe(nfe, final_zero=False)
-    t0, t1 = torch.tensor(s_max, dtype=torch.float64).log().neg(), torch.tensor(s_min, dtype=torch.float64).log().neg()
-    rho = torch.linspace(float(t0), float(t1), m + 1, dtype=torch.float64).neg().exp()
-    grid = time_grid(schedule, m, schedule.t_from_lambda(-rho.log()), final="last")
+    m = solver.steps_for_nfe(nfe, final_zero=final_zero) - (1 if final_zero else 0)
+    ts = torch.linspace(-math.log(s_max), -math.log(s_min), m + 1, dtype=torch.float64)
+    t_grid = schedule.t_from_lambda(ts)
+    grid = time_grid(schedule, m + (1 if final_zero else 0), t_grid, final="zero" if final_zero else "last")
     plan = ds.samplers.make_plan(solver, schedule, nfe, grid=grid)
     assert plan.nfe == nfe
     x_T_v = torch.randn(5, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s_max
+
     class Exact:  # the mixture's E[x0 | x] at the plan's float64 alpha, sigma (not the float32 model time)
         def __init__(self):
             self.schedule = schedule
@@ -194,14 +196,50 @@ def test_dpm_fast_equals_kdiffusion(K, nfe):
         def raise_if_nonfinite(self):
             pass
 
-    den = Exact()
-    got = run_plan(plan, den, x_T_v * float(grid.alpha[0])) / float(grid.alpha[-1])
+    x0 = run_plan(plan, Exact(), x_T_v * float(grid.alpha[0]))
+    got = x0 if final_zero else x0 / float(grid.alpha[-1])
+    return got, ts, gmm, schedule, x_T_v
+
+
+def _close(got, want):
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 6, 7, 8, 10])
+def test_dpm_fast_equals_kdiffusion(K, nfe):
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpm_fast"), nfe)
+    t0, t1 = torch.tensor(float(ts[0]), dtype=torch.float64), torch.tensor(float(ts[-1]), dtype=torch.float64)
     # DPMSolver.dpm_solver_fast builds its times with torch.linspace in the default dtype: float32 unless
     # set (in float32 its grid alone moves the nfe=2 sample by 4e-3); float64 here, as ours.
     want = _kdiff(K, _float64_times(lambda model, x, sigmas, **kw: K.DPMSolver(model).dpm_solver_fast(x, t0, t1, nfe)),
                   gmm, schedule, None, x_T_v, [])
-    err = (got - want).abs().max().item()
-    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+    _close(got, want)
+
+
+@pytest.mark.parametrize("order,steps", [(1, 5), (2, 4), (3, 3), (3, 1)])
+def test_dpm_solver_fixed_order_equals_kdiffusion_steps(K, order, steps):
+    """dpm_solver with every step of `order` = k-diffusion's DPMSolver.dpm_solver_{order}_step, step after step."""
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpm_solver", order=order, orders="fixed"),
+                                                     order * steps)
+
+    def loop(model, x, sigmas, **kw):
+        dpm = K.DPMSolver(model)
+        step = getattr(dpm, f"dpm_solver_{order}_step")
+        for i in range(len(ts) - 1):
+            x, _ = step(x, ts[i], ts[i + 1])
+        return x
+
+    _close(got, _kdiff(K, loop, gmm, schedule, None, x_T_v, []))
+
+
+def test_dpmpp_order2_equals_kdiffusion_2s(K):
+    """dpmpp order 2 (r = 1/2, the last step onto sigma = 0 first order) = sample_dpmpp_2s_ancestral with
+    eta = 0 on the same sigmas."""
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpmpp", order=2, orders="fixed"), 2 * 4 + 1,
+                                                     final_zero=True)
+    sigmas = torch.cat([ts.neg().exp(), torch.zeros(1, dtype=torch.float64)])
+    _close(got, _kdiff(K, K.sample_dpmpp_2s_ancestral, gmm, schedule, sigmas, x_T_v, [], eta=0.0))
 
 
 @pytest.mark.parametrize("name", ["dpm_solver", "dpmpp"])
