@@ -27,7 +27,9 @@ def vp():
 # the registered solvers are plans
 # ---------------------------------------------------------------------------------------------
 
-DETERMINISTIC = [n for n in ds.available() if not ds.samplers.info(n)["stochastic"]]
+#: adaptive solvers (dpm_adaptive) choose their steps at run time: no fixed plan form (refused, tested below)
+DETERMINISTIC = [n for n in ds.available()
+                 if not ds.samplers.info(n)["stochastic"] and not ds.samplers.info(n).get("adaptive")]
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -53,6 +55,11 @@ def test_every_deterministic_solver_has_a_plan_form():
     assert set(DETERMINISTIC) <= set(spec_solvers())
     with pytest.raises(ValueError, match="stochastic"):
         spec_of("dpmpp_2m_sde", ds.DiscreteVP.linear(), 5)
+    adaptive = [n for n in ds.available() if ds.samplers.info(n).get("adaptive")]
+    assert adaptive and not set(adaptive) & set(spec_solvers())
+    for name in adaptive:
+        with pytest.raises(ValueError, match="adaptive"):
+            spec_of(name, ds.DiscreteVP.linear(), 5)
 
 
 @pytest.mark.parametrize("order", [2, 3])

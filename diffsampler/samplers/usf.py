@@ -92,7 +92,7 @@ from ..schedules import FINALS, LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .ddim import heun_weights
 from .kdiffusion import dpm2_through
 from .deis import deis_weights, lagrange_basis, plms_weights
-from .dpm_solver import dpmpp_2s_weights, dpmpp_multistep_weights, phi
+from .dpm_solver import dpm_weights, dpmpp_2s_weights, dpmpp_multistep_weights, phi
 from .momentum import ghvb_step
 from .registry import heavy_ball
 from .plan import Combo, Plan, PlanBuilder
@@ -128,6 +128,14 @@ def _dpmpp(grid, i, pts, s):
     if s_t == 0.0:  # onto sigma = 0: x_0 = D_s
         return 0.0, [a_t]
     return s_t / s_s, dpmpp_multistep_weights([float(grid.lam[p]) for p in pts], float(grid.lam[i + 1]), a_t, s.relax)
+
+
+def _dpm_noise(grid, i, pts, s):
+    """multistep DPM-Solver with noise prediction (`dpm_weights` predict="noise", midpoint)."""
+    (a_s, s_s, a_t, s_t) = (float(grid.alpha[i]), float(grid.sigma[i]), float(grid.alpha[i + 1]), float(grid.sigma[i + 1]))
+    c_x, w, _ = dpm_weights([float(grid.lam[p]) for p in pts], float(grid.lam[i + 1]), a_s, s_s, a_t, s_t,
+                            predict="noise", relax=s.relax)
+    return c_x, w
 
 
 def _deis_t(grid, i, pts, s):
@@ -186,6 +194,8 @@ class Estimator:
 ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
     Estimator("multistep", "exact lambda-Taylor weights", corrector=True, relax=True, weights=_taylor),
     Estimator("multistep_dpm", "DPM-Solver++ 2M/3M", ("data",), 3, relax=True, weights=_dpmpp),
+    Estimator("multistep_dpm_noise", "DPM-Solver 2M/3M (noise prediction)", ("noise",), 3, relax=True,
+              searched=False, weights=_dpm_noise),
     Estimator("multistep_t", "tAB-DEIS, Lagrange basis in t", ("noise",), to_zero=True, weights=_deis_t),
     Estimator("unipc", "UniPC-bh2", corrector=True, relax=True, weights=_unipc),
     Estimator("singlestep", "DPM-Solver-k style intermediate points", history=None, calls_per_order=True,
@@ -881,6 +891,9 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
 
     if solver.stochastic:
         raise ValueError(f"no solver spec for solver {solver.name!r}: it is stochastic, a plan's steps are deterministic")
+    if getattr(solver, "adaptive", False):
+        raise ValueError(f"no solver spec for solver {solver.name!r}: it is adaptive (its steps follow its error "
+                         "estimate at run time), a plan's steps are fixed")
     beta = getattr(solver, "momentum", None)
     if isinstance(solver, GHVB):
         return solver.kind, "ghvb", solver.beta
@@ -892,6 +905,14 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
                              f"euler_at_final={solver.euler_at_final}: the spec's multistep_dpm is the midpoint form "
                              "with the registry's order schedule")
         return "data", "multistep_dpm", beta
+    from .dpm_solver import DPMSolverMultistep
+
+    if isinstance(solver, DPMSolverMultistep):
+        if solver.solver_type != "midpoint" or solver.euler_at_final:
+            raise ValueError(f"no solver spec for solver {solver.name!r} with solver_type={solver.solver_type!r}, "
+                             f"euler_at_final={solver.euler_at_final}: the spec's multistep_dpm_noise is the "
+                             "midpoint form with the registry's order schedule")
+        return "noise", "multistep_dpm_noise", beta
     if isinstance(solver, DEIS):
         return "noise", {"t": "multistep_t", "rho": "multistep_rho", "logrho": "multistep_logrho"}[solver.basis], beta
     if isinstance(solver, PNDM):
