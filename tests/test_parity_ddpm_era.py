@@ -328,3 +328,18 @@ def test_plms_through_sample_adapter_and_hydra(gmm16):
     spec = hydra_spec("solver=plms", "nfe=14", "+solver.options.prk=true", "+solver.options.diffusers_stride=true",
                       "spacing=ddim_leading")
     assert spec.solver.options == {"prk": True, "diffusers_stride": True}
+
+
+@pytest.mark.parametrize("nfe", [5, 10])
+def test_pndm_from_a_ddpm_config_ignores_its_clip_sample(gmm16, nfe):
+    """PNDMScheduler.from_config(a DDPM config) keeps clip_sample=True in its config but never clips
+    (PNDM takes no such argument): parity by default must not clip either (the digits pipeline's case;
+    its images moved by 0.07 when the inherited key was applied)."""
+    ref_sched = PNDMScheduler.from_config(DDPMScheduler(clip_sample=True, clip_sample_range=0.5).config)
+    assert ref_sched.config.clip_sample is True  # inherited, unused by PNDM
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched)  # the instance names its class
+    assert ours_sched.config.solver == "plms" and not ours_sched.config.clip_sample
+    model = Image4d(GMMModel(gmm16, ours_sched.schedule, ours_sched.prediction_kind))
+    x = x_T()
+    ours, ref = (run_loop(s, model, nfe, x, None, {}) for s in (ours_sched, ref_sched))
+    assert max_diff(ours, ref) <= 1e-4

@@ -191,7 +191,8 @@ def _pndm(r):
               " -- diffusers' PNDM combines raw v_prediction outputs of several times and converts the "
               "combination at one time, which the engine's per-call conversion does not reproduce (measured: "
               "up to 4.7 max abs apart on the mixture at 5 steps, 0.16 at 25)")
-    return dict(solver="plms", spacing=spacing, final="zero", budget="steps",
+    # clip_sample / thresholding are no PNDMScheduler arguments: inherited from a DDPM config they do nothing
+    return dict(solver="plms", spacing=spacing, final="zero", budget="steps", clip_sample=False, thresholding=False,
                 solver_options={"prk": not r["skip_prk_steps"], "diffusers_stride": True,
                                 "set_alpha_to_one": bool(r["set_alpha_to_one"])})
 
