@@ -121,19 +121,23 @@ def _exact_moments(plan, den, x_scalar_dtype=torch.float64):
     in (x_T, z_1..z_n), so out = b + A x_T + sum_k c_k z_k and Var = A^2 + c^T C c, C the draws'
     correlation (the identity for independent draws, `draw_correlation` for Brownian-tree noise)."""
 
-    def run(x0, k):
-        count = [0]
+    # one batched run: row 0 is x_T = 0 without noise (b), row 1 x_T = 1 (b + A), row 2 + k draw k = 1 (b + c_k)
+    n = plan.n_draws
+    count = [0]
 
-        def noise(x):
-            z = torch.zeros_like(x) + (1.0 if count[0] == k else 0.0)
-            count[0] += 1
-            return z
+    def noise(x):
+        z = torch.zeros_like(x)
+        z[2 + count[0]] = 1.0
+        count[0] += 1
+        return z
 
-        return float(run_plan(plan, den, torch.full((1, 1), x0, dtype=x_scalar_dtype), noise_fn=noise))
-
-    b = run(0.0, -1)
-    A = run(1.0, -1) - b
-    cs = np.array([run(0.0, k) - b for k in range(plan.n_draws)])
+    x_T = torch.zeros((n + 2, 1), dtype=x_scalar_dtype)
+    x_T[1] = 1.0
+    out = run_plan(plan, den, x_T, noise_fn=noise).flatten().double().numpy()
+    assert count[0] == n
+    b = float(out[0])
+    A = float(out[1]) - b
+    cs = out[2:] - b
     corr = draw_correlation(plan) if plan.info.get("noise") == "brownian" else np.eye(len(cs))
     return b, A * A + float(cs @ corr @ cs)
 
