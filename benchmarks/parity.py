@@ -294,6 +294,13 @@ def main():
         md_table(["diffusers config", "our solver"] + [f"mixture NFE {n}" for n in NFES]
                  + [f"digits NFE {n}" for n in NFES], rows,
                  "ll" + "r" * (2 * len(NFES))), "",
+        "Cells above the tolerance, investigated: *diffusers NaN* -- UniPC bh1's step onto sigma = 0 multiplies "
+        "B(h) = h = -inf by 0 in diffusers itself (ours takes the limit x_0 = D; the steps before it agree to 1e-4, "
+        "tests/test_parity_unipc.py); the isolated mixture cells of 1e-4..1e-3 (LMS, Euler trailing, PNDM, DEIS) "
+        "come from one of the 64 samples on a boundary between mixture components, where diffusers' own float32 "
+        "and float64 runs differ by as much (9e-4 for the Euler cell; the other samples agree to 4e-7), and "
+        "from diffusers' float32 sigma / coefficient tables (DEIS equals diffusers to 1e-10 when its tables are "
+        "float64: tests/test_parity_float64.py).", "",
     ]
     out += ["Refused (the error names the key or class):", "",
             md_table(["diffusers config", "message (first clause)"], refused, "ll")]
