@@ -100,7 +100,9 @@ def test_flow_transformer_every_solver(tmp_path):
     for name in ds.available():
         den.reset_nfe()
         x = ds.sample(den, x_T.clone(), name, nfe=80, seeds=[0, 1])
-        assert den.nfe == 80 and torch.isfinite(x).all()
+        # an adaptive solver (dpm_adaptive) takes nfe as a budget: it spends at most that many calls
+        spent_ok = den.nfe <= 80 if ds.samplers.info(name).get("adaptive") else den.nfe == 80
+        assert spent_ok and torch.isfinite(x).all(), (name, den.nfe)
         if not ds.samplers.info(name)["stochastic"]:
             assert float((x - ref).pow(2).mean().sqrt()) < 5e-3, name
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..schedules import TimeGrid
 from .plan import Combo, PlanBuilder
-from .registry import MultistepSolver, SinglestepSolver, Solver, register
+from .registry import MultistepSolver, SinglestepSolver, register
 
 __all__ = ["DPMSolverPP", "DPMSolverPPSDE", "DPMSolverMultistep", "DPMSolverPP2S", "phi", "dpm_weights",
            "dpmpp_multistep_weights", "dpmpp_2s_weights", "point_at_lambda", "SOLVER_TYPES"]
@@ -288,105 +288,3 @@ class DPMSolverPP2S(SinglestepSolver):
             w0, w1 = dpmpp_2s_weights(l_s, l_t, a_t, self.r1)
             b.end_step(Combo(s_t / s_s, ((m0, w0), (m1, w1))), order=2)
         return b.plan(self.name)
-
-
-def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
-    """Step orders spending exactly `nfe` calls (Lu et al. 2022's order list for singlestep DPM-Solver,
-    its DPM-Solver-fast for order 3 = k-diffusion's sample_dpm_fast): order-k steps, ending on one
-    lower-order step for the remainder (order 3 with nfe % 3 == 0: ..., 3, 2, 1); with `final_zero`
-    the step onto sigma = 0 is one more first-order step."""
-    n = nfe - 1 if final_zero else nfe
-    if order == 3:
-        orders = [3] * (n // 3 - 1) + [2, 1] if n % 3 == 0 else [3] * (n // 3) + [n % 3]
-    elif order == 2:
-        orders = [2] * (n // 2) + [1] * (n % 2)
-    else:
-        orders = [1] * n
-    orders = [k for k in orders if k > 0]
-    return orders + [1] if final_zero else orders
-
-
-class _DPMSinglestep(Solver):
-    """Singlestep DPM-Solver-k (Lu et al. 2022, arXiv:2206.00927, Alg. 1-2; DPM-Solver++ singlestep,
-    arXiv:2211.01095): a step from s to t of order k calls the model at s and at k - 1 points in
-    between, lambda_{s_j} = lambda_s + r_j h (r = 1/2 for k = 2; 1/3, 2/3 for k = 3):
-      k = 2: u_1 first order to s_1; x_t the midpoint form on (s, s_1);
-      k = 3: u_1 first order to s_1, u_2 the heun form to s_2 on (s, s_1); x_t the heun form on (s, s_2),
-    every stage `dpm_weights` (its D1 is the divided difference through the two points given).
-    `order` 1-3, spent over `nfe` calls as `singlestep_orders` (orders="fast"), or every step of
-    `order` (orders="fixed": nfe must be a multiple of it, plus 1 with a step onto sigma = 0)."""
-
-    predict = "data"
-
-    def __init__(self, order: int = 3, orders: str = "fast"):
-        if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or not 1 <= order <= 3:
-            raise ValueError(f"order must be an integer in 1..3, got {order!r}")
-        if orders not in ("fast", "fixed"):
-            raise ValueError(f"orders must be 'fast' or 'fixed', got {orders!r}")
-        self.order, self.orders = int(order), orders
-        self.nfe_per_step = self.order
-
-    def step_list(self, nfe: int, final_zero: bool) -> list[int]:
-        self.check_nfe(nfe)
-        if self.orders == "fixed":
-            n = nfe - 1 if final_zero else nfe
-            if n % self.order or n == 0:
-                raise ValueError(f"orders='fixed' with order {self.order} needs nfe = a multiple of {self.order}"
-                                 f"{' plus 1 (the step onto sigma = 0)' if final_zero else ''}, got nfe={nfe}")
-            return [self.order] * (n // self.order) + ([1] if final_zero else [])
-        return singlestep_orders(nfe, self.order, final_zero)
-
-    def steps_for_nfe(self, nfe, final_zero=True):
-        return len(self.step_list(nfe, final_zero))
-
-    def build(self, grid, nfe=None):
-        n = grid.steps
-        if nfe is None:
-            nfe = self.order * n - ((self.order - 1) if grid.final_zero else 0)
-        orders = self.step_list(nfe, grid.final_zero)
-        if len(orders) != n:
-            raise ValueError(f"{self.name!r}: nfe={nfe} needs {len(orders)} steps, the grid has {n}")
-        sched, b, kind = grid.schedule, PlanBuilder(grid), self.kind
-        for i, k in enumerate(orders):
-            a_s, s_s, l_s = _point(grid, i)
-            a_t, s_t, l_t = _point(grid, i + 1)
-            m0 = b.eval_at(i, kind)
-
-            def stage(lams, ms, l_to, a_to, s_to, st):
-                c_x, w, _ = dpm_weights(lams, l_to, a_s, s_s, a_to, s_to, predict=self.predict, solver_type=st)
-                return Combo(c_x, tuple(zip(ms, w)))
-
-            if k == 1 or s_t == 0.0:
-                b.end_step(stage([l_s], [m0], l_t, a_t, s_t, "midpoint"), order=1)
-                continue
-            h = l_t - l_s
-            rs = (0.5,) if k == 2 else (1.0 / 3.0, 2.0 / 3.0)
-            pts = [(l_s + r * h, *point_at_lambda(sched, l_s + r * h)) for r in rs]
-            l1, t1, a1, s1 = pts[0]
-            m1 = b.eval(t1, a1, s1, kind, stage([l_s], [m0], l1, a1, s1, "midpoint"))
-            if k == 2:
-                b.end_step(stage([l_s, l1], [m0, m1], l_t, a_t, s_t, "midpoint"), order=2)
-                continue
-            l2, t2, a2, s2 = pts[1]
-            m2 = b.eval(t2, a2, s2, kind, stage([l_s, l1], [m0, m1], l2, a2, s2, "heun"))
-            b.end_step(stage([l_s, l2], [m0, m2], l_t, a_t, s_t, "heun"), order=3)
-        return b.plan(self.name)
-
-
-@register("dpm_solver")
-@register("dpm_fast", order=3, orders="fast")
-class DPMSolverSinglestep(_DPMSinglestep):
-    """Singlestep DPM-Solver (noise prediction; `dpm_fast` is DPM-Solver-fast, k-diffusion's sample_dpm_fast)."""
-
-    name = "dpm_solver"
-    kind = "noise"
-    predict = "noise"
-
-
-@register("dpmpp")
-class DPMSolverPPSinglestep(_DPMSinglestep):
-    """Singlestep DPM-Solver++ (data prediction), order 1-3."""
-
-    name = "dpmpp"
-    kind = "data"
-    predict = "data"
