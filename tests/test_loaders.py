@@ -99,9 +99,12 @@ def test_flow_transformer_every_solver(tmp_path):
     ref = ds.sample(den, x_T.clone(), "dpmpp_3m", nfe=400)
     for name in ds.available():
         den.reset_nfe()
-        x = ds.sample(den, x_T.clone(), name, nfe=80, seeds=[0, 1])
-        # an adaptive solver (dpm_adaptive) takes nfe as a budget: it spends at most that many calls
-        spent_ok = den.nfe <= 80 if ds.samplers.info(name).get("adaptive") else den.nfe == 80
+        # an adaptive solver's accuracy is set by its tolerances and nfe is only its budget (it spends at most
+        # that many calls): asked for rtol = atol = 1e-3 within 400 calls (this random network oscillates in t)
+        adaptive = ds.samplers.info(name).get("adaptive")
+        nfe, tol = (400, dict(rtol=1e-3, atol=1e-3)) if adaptive else (80, {})
+        x = ds.sample(den, x_T.clone(), name, nfe=nfe, seeds=[0, 1], **tol)
+        spent_ok = den.nfe <= nfe if adaptive else den.nfe == nfe
         assert spent_ok and torch.isfinite(x).all(), (name, den.nfe)
         if not ds.samplers.info(name)["stochastic"]:
             assert float((x - ref).pow(2).mean().sqrt()) < 5e-3, name
