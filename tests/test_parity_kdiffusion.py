@@ -3,9 +3,7 @@
 EulerAncestral / Heun / LMS / KDPM2 / KDPM2Ancestral schedulers through `from_config` with no solver
 named, in the standard loop (1e-4), the stochastic ones with the same generator."""
 
-import importlib.util
 import sys
-import types
 
 import pytest
 import torch
@@ -17,23 +15,10 @@ from diffsampler.schedules import EDM, DiscreteVP, time_grid
 
 
 def _load_kdiffusion_sampling():
-    """k_diffusion/sampling.py alone (the package's __init__ imports optional dependencies): it needs
-    only `append_dims` from k_diffusion.utils."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed")
-    root = spec.submodule_search_locations[0]
-    pkg = types.ModuleType("_kd")
-    pkg.__path__ = [root]
-    utils = types.ModuleType("_kd.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    sys.modules.setdefault("_kd", pkg)
-    sys.modules.setdefault("_kd.utils", utils)
-    pkg.utils = sys.modules["_kd.utils"]
-    s = importlib.util.spec_from_file_location("_kd.sampling", f"{root}/sampling.py")
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod
+    """k_diffusion/sampling.py loaded on its own: tests/kdiffusion_ref.py's one loader."""
+    from kdiffusion_ref import sampling
+
+    return sampling
 
 
 @pytest.fixture(scope="module")
