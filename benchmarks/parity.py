@@ -109,6 +109,7 @@ FLOW_CONFIGS = [
     ("FlowMatchEulerDiscreteScheduler", dict(shift=2.0, use_beta_sigmas=True)),
     ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True)),
     ("FlowMatchHeunDiscreteScheduler", dict()),
+    ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
 ]
 
 TOL = 1e-4

@@ -145,7 +145,9 @@ def test_step_refuses_unknown_keywords_and_clipped_output_it_cannot_honour():
     sched = DiffSamplerScheduler(solver="ddim", clip_sample=True)
     sched.set_timesteps(3)
     x = torch.randn(1, 2)
-    with pytest.raises(TypeError, match="s_churn"):
+    with pytest.raises(TypeError, match="s_chrun"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, s_chrun=1.0)
+    with pytest.raises(ValueError, match="s_churn=1.0"):  # diffusers' Euler churn argument: refused above 0
         sched.step(torch.zeros_like(x), sched.timesteps[0], x, s_churn=1.0)
     with pytest.raises(ValueError, match="use_clipped_model_output=False"):
         sched.step(torch.zeros_like(x), sched.timesteps[0], x, use_clipped_model_output=False)

@@ -203,7 +203,6 @@ REFUSED = [
     (DEISMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
     (DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
     (FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "stochastic_sampling=True cannot be reproduced"),
-    (FlowMatchHeunDiscreteScheduler, dict(), "FlowMatchHeunDiscreteScheduler cannot be reproduced"),
     (PNDMScheduler, dict(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type='v_prediction'"),
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0=False"),  # the rest: tests/test_parity_unipc.py
     # the sigma-space classes are reproduced (tests/test_parity_kdiffusion.py); diffusers' own raises for these

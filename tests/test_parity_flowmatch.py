@@ -98,9 +98,54 @@ def test_flowmatch_refusals_name_the_key(kw, match):
         DiffSamplerScheduler.from_config(FlowMatchEulerDiscreteScheduler(**kw).config)
 
 
-def test_flowmatch_heun_refused_by_name():
-    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler cannot be reproduced"):
-        DiffSamplerScheduler.from_config(FlowMatchHeunDiscreteScheduler().config)
+@pytest.mark.parametrize("kw,n", [({}, 5), ({}, 2), (dict(shift=3.0), 10), (dict(num_train_timesteps=500, shift=2.0), 7)])
+def test_flowmatch_heun_parity_by_default(gmm16, kw, n):
+    """FlowMatchHeunDiscreteScheduler: heun with coordinates='flow' (Heun on dx/dt = (x - D) / t from t = 1, an
+    Euler step onto 0) on the class's grid; its keys num_train_timesteps and shift honoured; n grid points,
+    2n - 1 calls, order 2, the class's repeated timesteps and sigmas."""
+    ref_sched = FlowMatchHeunDiscreteScheduler(**kw)
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config)
+    assert ours_sched.config.solver == "heun" and ours_sched.solver.coordinates == "flow"
+    model = GMMModel(gmm16, ours_sched.schedule, "flow")
+    x = x_T()
+    ref = run_diffusers(ref_sched, model, n, x)
+    ours = run_diffusers(ours_sched, model, n, x)
+    assert torch.equal(ours_sched.timesteps, ref_sched.timesteps) and len(ours_sched.timesteps) == 2 * n - 1
+    assert torch.equal(ours_sched.sigmas, ref_sched.sigmas)
+    assert ours_sched.order == ref_sched.order == 2 and ours_sched.num_inference_steps == n
+    assert (ours - ref).abs().max().item() <= 1e-4  # measured 2.8e-5 at n = 5, 5e-6 at 25
+
+
+def test_flowmatch_heun_differs_from_the_rho_heun():
+    """The flow-coordinate Heun is another method than Karras' Heun in rho (the check above can fail)."""
+    from diffsampler.samplers import get
+
+    sch, x = ds.RectifiedFlow(), x_T()
+    flow = get("heun", coordinates="flow")
+    g = ds.time_grid(sch, 3, "time_uniform")
+    plan_f, plan_r = flow.build(g), get("heun").build(g)
+    assert plan_f.nfe == plan_r.nfe == 5 and plan_f.steps[0].evals[0].kind == "data"
+    den = gmm_denoiser(ds.eval.gmm.GaussianMixture.random(16, 4, seed=1), sch)
+    a, b = ds.sample(den, x.clone(), solver=plan_f), ds.sample(den, x.clone(), solver=plan_r)
+    assert (a - b).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="coordinates must be one of"):
+        get("heun", coordinates="x")
+    with pytest.raises(ValueError, match="rectified flow"):
+        flow.build(ds.time_grid(ds.DiscreteVP.linear(), 3, "time_uniform"))
+
+
+def test_flowmatch_heun_refusals():
+    sched = DiffSamplerScheduler.from_config(FlowMatchHeunDiscreteScheduler().config)
+    with pytest.raises(ValueError, match="num_inference_steps only"):
+        sched.set_timesteps(sigmas=[1.0, 0.5])
+    sched.set_timesteps(3)
+    x = x_T(2)
+    with pytest.raises(ValueError, match="s_churn=0.3"):
+        sched.step(x, sched.timesteps[0], x, s_churn=0.3)
+    sched.step(x, sched.timesteps[0], x, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)  # defaults: no effect
+    # a named solver keeps the class's grid (FlowMatchEuler's convention with its shift)
+    up = DiffSamplerScheduler.from_config(FlowMatchHeunDiscreteScheduler(shift=3.0).config, solver="dpmpp_2m")
+    assert up.spacing == "flowmatch" and up.config.solver == "dpmpp_2m"
 
 
 def test_invert_sigmas_refused_with_a_named_solver_too():

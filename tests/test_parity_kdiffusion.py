@@ -258,7 +258,7 @@ def test_sigma_space_class_options_the_mapping_cannot_honour_are_refused():
     ours = DiffSamplerScheduler.from_config(diffusers.EulerDiscreteScheduler())
     ours.set_timesteps(4)
     x = torch.zeros(2, 3)
-    with pytest.raises(TypeError, match="s_churn"):
+    with pytest.raises(ValueError, match="s_churn=0.5"):
         ours.step(x, ours.timesteps[0], x, s_churn=0.5)
     lms = DiffSamplerScheduler.from_config(diffusers.LMSDiscreteScheduler())
     lms.set_timesteps(4)

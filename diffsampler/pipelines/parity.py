@@ -46,6 +46,10 @@ SUPPORTED_CLASSES = {
     "LMSDiscreteScheduler": "lms (order 4; step()'s order argument is refused) on the class's grid",
     "KDPM2DiscreteScheduler": "dpm2 on the class's grid (n steps, 2n - 1 model calls)",
     "KDPM2AncestralDiscreteScheduler": "dpm2_ancestral (eta=1) on the class's grid, the same generator's noise",
+    "FlowMatchHeunDiscreteScheduler": "heun (coordinates='flow': Heun on dx/dt = (x - D) / t in the flow's x and t, "
+                                      "an Euler step onto t = 0) on the class's grid (shift, num_train_timesteps); "
+                                      "num_inference_steps counts its grid points (2n - 1 model calls); step()'s "
+                                      "s_churn > 0 is refused",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -330,6 +334,14 @@ def _flowmatch_euler(r):
     return dict(solver="ddim", convention="FlowMatchEulerDiscreteScheduler", final="zero", schedule_type="flow")
 
 
+def _flowmatch_heun(r):
+    # Heun on dx/dt = (x - D) / t in the flow's own x and t (heun, coordinates="flow": data predictions, so it
+    # starts at t = 1), an Euler step onto t = 0; the grid is FlowMatchEuler's with the config's shift and
+    # num_train_timesteps (its only keys); set_timesteps(n) lays n points: 2n - 1 calls (budget="steps")
+    return dict(solver="heun", solver_options={"coordinates": "flow"}, convention="FlowMatchHeunDiscreteScheduler",
+                final="zero", schedule_type="flow", budget="steps")
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -351,8 +363,7 @@ _MAPPERS = {
     "KDPM2DiscreteScheduler": _k_class("dpm2", ("epsilon", "v_prediction")),
     "KDPM2AncestralDiscreteScheduler": _k_class("dpm2_ancestral", ("epsilon", "v_prediction")),
     "FlowMatchEulerDiscreteScheduler": _flowmatch_euler,
-    "FlowMatchHeunDiscreteScheduler": _not_yet("its Heun step starts at t = 1, where alpha = 0 and the eps-form "
-                                               "heun solver is undefined"),
+    "FlowMatchHeunDiscreteScheduler": _flowmatch_heun,
     "IPNDMScheduler": _not_yet(
         "its method is pndm (AB 1-4 on eps with the warm-up, full order onto sigma = 0), but its schedule is its "
         "own: alpha = sqrt(1 - sin^4(pi s / 2)), sigma = sin^2(pi s / 2) on s uniform from 1 to 0, a v-prediction "

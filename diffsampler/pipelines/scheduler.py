@@ -49,6 +49,9 @@ __all__ = ["DiffSamplerScheduler", "DiffSamplerSchedulerOutput"]
 
 _FINAL_SIGMAS = {"zero": "zero", "sigma_min": "last"}
 FLOWMATCH_CLASS = "FlowMatchEulerDiscreteScheduler"
+#: FlowMatchHeunDiscreteScheduler: the same grid (its shift), Heun in the flow's coordinates (heun, coordinates="flow"),
+#: num_inference_steps counting its grid points (2n - 1 model calls) and diffusers' order 2
+FLOWMATCH_HEUN = "FlowMatchHeunDiscreteScheduler"
 FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
 _DIFFUSERS_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS
@@ -228,14 +231,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self.is_flow = schedule_type == "flow" or bool(use_flow_sigmas) or shift is not None or (
             schedule_type is None and pred == "flow")
         # FlowMatchEulerDiscreteScheduler's grid (`flowmatch_sigmas`): its conventions and its first time t = 1
-        self.flowmatch = convention == FLOWMATCH_CLASS
+        self.flowmatch = convention in (FLOWMATCH_CLASS, FLOWMATCH_HEUN)
+        self.flow_class = convention if self.flowmatch else None
         if self.flowmatch and schedule_type not in (None, "flow"):
             raise ValueError(f"convention={convention!r} needs the flow schedule, got schedule_type={schedule_type!r}")
         if self.flowmatch:
             self.is_flow = True
         if self.is_flow:
             # t = 1 (alpha = 0) is reachable by the data-form first-order step only (flow Euler = DDIM)
-            t_max = 1.0 if self.flowmatch and solver in self._T1_SOLVERS else 0.999
+            t1 = solver in self._T1_SOLVERS or (solver == "heun" and (solver_options or {}).get("coordinates") == "flow")
+            t_max = 1.0 if self.flowmatch and t1 else 0.999
             self.schedule = RectifiedFlow(t_max=t_max, time_scale=float(num_train_timesteps))
             pred = pred or "flow"
         else:
@@ -291,7 +296,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         # pipelines read `order` as model calls per entry of `timesteps` (warm-up counts, img2img's
         # set_begin_index(t_start * order)); ours has one entry per model call, except under a
         # two-call class's convention (Heun, KDPM2: diffusers' order 2, num_inference_steps = steps)
-        self.order = int(self.solver.nfe_per_step) if self.convention else 1
+        self.order = int(self.solver.nfe_per_step) if self.convention or convention == FLOWMATCH_HEUN else 1
         self.solver_order = int(self.solver.order)
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
@@ -344,11 +349,17 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         sigma_max, timestep_type)."""
         if convention is None:
             return None
-        if convention == FLOWMATCH_CLASS:
+        if convention == FLOWMATCH_HEUN and (self.config.budget != "steps" or getattr(self.solver, "coordinates", None)
+                                             != "flow"):
+            raise ValueError(f"convention={convention!r} is the class's Heun step on its grid: solver='heun' with "
+                             "solver_options={'coordinates': 'flow'} and budget='steps' (num_inference_steps counts "
+                             "its grid points, 2n - 1 model calls), as from_config of its config sets")
+        if convention in (FLOWMATCH_CLASS, FLOWMATCH_HEUN):
             self._check_flowmatch()
             return None  # self.flowmatch: the sample, timesteps and sigmas are already the flow class's
         if convention not in K_CLASSES:
-            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS,)}, got {convention!r}")
+            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS, FLOWMATCH_HEUN)}, "
+                             f"got {convention!r}")
         if self.is_flow:
             raise ValueError(f"convention={convention!r} needs a discrete VP schedule; this config is a flow schedule")
         if spacing is not None:
@@ -454,7 +465,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("schedule_type", "flow")
         from .parity import source_class
 
-        if (name or source or source_class(cfg)) == FLOWMATCH_CLASS and kwargs.get("spacing") is None:
+        src = name or source or source_class(cfg)
+        named = kwargs.get("solver") is not None or cfg.get("solver") is not None
+        if (src == FLOWMATCH_CLASS or (src == FLOWMATCH_HEUN and named)) and kwargs.get("spacing") is None:
             kwargs.setdefault("convention", FLOWMATCH_CLASS)  # a named solver keeps the class's grid too
         if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
             # a misspelt keyword is named before the source scheduler is mapped
@@ -609,6 +622,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         grid = None
         final = self.final
         self.__dict__["_grid_model_t"] = None
+        if self.flow_class == FLOWMATCH_HEUN and (timesteps is not None or sigmas is not None or mu is not None):
+            raise ValueError(f"{FLOWMATCH_HEUN}.set_timesteps takes num_inference_steps only (no timesteps=, sigmas= "
+                             "or mu=); its grid is the shifted linspace of its config")
         if (timesteps is not None or sigmas is not None) and self.spacing == FLOWMATCH_SPACING:
             # as FlowMatchEulerDiscreteScheduler: the given sigmas (or timesteps / T) go through its shift,
             # shift_terminal and use_*_sigmas; the timesteps given are the network's as they are
@@ -1058,6 +1074,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             return z.to(x.device, x.dtype)
         return randn_tensor(x.shape, generator=self._generator, device=x.device, dtype=x.dtype)
 
+    #: step() arguments of diffusers' Euler / FlowMatchHeun / EDMEuler: accepted at s_churn = 0 (no effect there)
+    _CHURN_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -1080,8 +1099,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         direction term as diffusers' default; other solvers: True, the clipped data prediction's).  `generator`: one torch.Generator or a list of
         per-sample generators for stochastic solvers; each stochastic step draws its noise from it as
         diffusers' schedulers do (so the same generator reproduces their noise)."""
+        churn = {k: kwargs.pop(k) for k in self._CHURN_KEYS if k in kwargs}
         if kwargs:
             raise TypeError(f"step() got unexpected keyword argument(s) {sorted(kwargs)}")
+        if churn.get("s_churn", 0.0):
+            raise ValueError(f"step(s_churn={churn['s_churn']}) cannot be reproduced by diffsampler (supported: s_churn=0, "
+                             "where s_tmin / s_tmax / s_noise do nothing): diffusers' Euler / FlowMatchHeun churn raises "
+                             "the noise level of a sample the network has already been evaluated on (the output at "
+                             "sigma is used at sigma_hat), a step the plan is not compiled with; for EDM's churn "
+                             "(the network evaluated after it) use solver='edm_stochastic' with solver_options "
+                             "{'s_churn': ..., 's_tmin': ..., 's_tmax': ..., 's_noise': ...}")
         if eta and eta != getattr(self.solver, "eta", 0.0):
             raise ValueError(f"eta={eta} passed to step; set it on the solver: "
                              f"DiffSamplerScheduler(solver='ddim', solver_options={{'eta': {eta}}})")

@@ -21,7 +21,7 @@ from .plan import Combo
 from .plan import PlanBuilder
 from .registry import MultistepSolver, SinglestepSolver, register
 
-__all__ = ["DDIM", "DDPM", "Heun", "heun_weights", "euler_weights", "ddim_coefficients", "stride_targets",
+__all__ = ["DDIM", "DDPM", "Heun", "heun_weights", "flow_heun_weights", "euler_weights", "ddim_coefficients", "stride_targets",
            "DDPM_VARIANCES"]
 
 
@@ -191,9 +191,21 @@ class Heun(SinglestepSolver):
     name = "heun"
     order = 2
     kind = "noise"
+    #: "rho": Karras' Heun on dv/drho = eps; "flow": Heun on the rectified flow's own ODE (`flow_heun_weights`)
+    coordinates = "rho"
+    COORDINATES = ("rho", "flow")
+
+    def __init__(self, coordinates: str = "rho"):
+        if coordinates not in self.COORDINATES:
+            raise ValueError(f"heun: coordinates must be one of {self.COORDINATES}, got {coordinates!r}")
+        self.coordinates = coordinates
+        if coordinates == "flow":
+            self.kind = "data"
 
     def build(self, grid, nfe=None):
         orders = self.step_orders(grid, nfe)
+        if self.coordinates == "flow":
+            return self._build_flow(grid, orders)
         b = PlanBuilder(grid)
         for i, k in enumerate(orders):
             e0 = b.eval_at(i, "noise")
@@ -206,3 +218,38 @@ class Heun(SinglestepSolver):
             cx, (w0, w1) = heun_weights(grid, i, 2)
             b.end_step(Combo(cx, ((e0, w0), (e1, w1))), order=2)
         return b.plan(self.name)
+
+    def _build_flow(self, grid, orders):
+        """Heun on dx/dt = (x - D) / t of a rectified flow (alpha = 1 - t, sigma = t), in x and t themselves
+        (diffusers' FlowMatchHeunDiscreteScheduler); data predictions, so it starts at t = 1 (alpha = 0)."""
+        from ..schedules import RectifiedFlow
+
+        if not isinstance(grid.schedule, RectifiedFlow):
+            raise ValueError("heun with coordinates='flow' integrates a rectified flow's ODE; the schedule is "
+                             f"{type(grid.schedule).__name__} (use coordinates='rho')")
+        b = PlanBuilder(grid)
+        for i, k in enumerate(orders):
+            d0 = b.eval_at(i, "data")
+            cx, (w,) = flow_heun_weights(grid, i, 1)
+            euler = Combo(cx, ((d0, w),))
+            if k == 1:
+                b.end_step(euler, order=1)
+                continue
+            d1 = b.eval_at(i + 1, "data", euler)
+            cx, (w0, w1) = flow_heun_weights(grid, i, 2)
+            b.end_step(Combo(cx, ((d0, w0), (d1, w1))), order=2)
+        return b.plan(self.name)
+
+
+def flow_heun_weights(grid, i: int, k: int) -> tuple[float, list[float]]:
+    """(c_x, weights of D_s (and D' at t)) of Heun's method on a rectified flow's ODE dx/dt = u = (x - D) / t
+    (alpha = 1 - t, sigma = t), step h = t' - t: the Euler step x' = x + h (x - D_s) / t for k = 1, the
+    trapezoid x_{t'} = x + h/2 ((x - D_s) / t + (x' - D') / t') for k = 2 (Heun 1900; diffusers'
+    FlowMatchHeunDiscreteScheduler).  t is the flow time, sigma."""
+    t, t1 = float(grid.sigma[i]), float(grid.sigma[i + 1])
+    h = t1 - t
+    cx1, w = 1.0 + h / t, -h / t  # Euler: x' = cx1 x + w D_s
+    if k == 1:
+        return cx1, [w]
+    q = 0.5 * h / t1  # x_{t'} = x + h/2 (x - D_s)/t + q (x' - D')
+    return 1.0 + 0.5 * h / t + q * cx1, [-0.5 * h / t + q * w, -q]
