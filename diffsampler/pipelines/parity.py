@@ -9,6 +9,7 @@ yet is refused by name."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import Any
@@ -69,6 +70,7 @@ _KNOWN_CLASSES = (
 )
 
 
+@functools.lru_cache(maxsize=None)
 def _class_keys(name: str) -> frozenset | None:
     import diffusers
 
@@ -85,23 +87,56 @@ def _class_keys(name: str) -> frozenset | None:
 
 
 def source_class(config: dict) -> str | list[str] | None:
-    """The diffusers class of `config`: its `_class_name`, else the known classes whose init keys
-    are exactly the config's keys (one name, or a list of several when the keys are shared), else None."""
+    """The diffusers class of `config`: its `_class_name`; else, matching the config's diffusers keys (its
+    keys but `_*` and DiffSamplerScheduler's own `solver`, `spacing`...) against each class's `__init__`
+    arguments:
+
+    1. the known class whose keys are exactly the config's (a full config saved without `_class_name`);
+    2. else the supported class (`SUPPORTED_CLASSES`) whose keys include the config's (a partial config: a
+       dict a user builds, a config saved by an older diffusers with fewer keys);
+    3. else any other diffusers class whose keys include them (then refused by name, not reproduced).
+
+    One name, or the list of candidates when several fit at the first step that finds any (the mapping
+    refuses those, asking for `_class_name`), or None when no class has all the keys."""
     name = config.get("_class_name")
     if name is not None:
         return name
-    keys = frozenset(k for k in config if not k.startswith("_"))
-    hits = [n for n in _KNOWN_CLASSES if _class_keys(n) == keys]
-    if not hits:  # any other diffusers scheduler class (DDIMInverse, CosineDPMSolverMultistep, FlowMatchLCM...)
-        hits = [n for n in _all_classes() if n not in _KNOWN_CLASSES and _class_keys(n) == keys]
-    return hits[0] if len(hits) == 1 else (hits or None)
+    keys = _diffusers_keys_of(config)
+    exact = [n for n in _KNOWN_CLASSES if _class_keys(n) == keys]
+    if exact:
+        return exact[0] if len(exact) == 1 else exact
+    for pool in (tuple(SUPPORTED_CLASSES), _KNOWN_CLASSES, _all_classes()):
+        hits = sorted({n for n in pool if (k := _class_keys(n)) is not None and keys <= k})
+        if hits:
+            return hits[0] if len(hits) == 1 else hits
+    return None
 
 
-def _all_classes() -> list:
+def _diffusers_keys_of(config: dict) -> frozenset:
+    """The config's keys but `_*` ones and DiffSamplerScheduler's own that no diffusers class has."""
+    return frozenset(k for k in config if not k.startswith("_") and k not in _own_only_keys())
+
+
+@functools.lru_cache(maxsize=None)
+def _generic_keys() -> frozenset:
+    """The keys every supported discrete-VP class has (the noise schedule, prediction_type, timestep_spacing,
+    steps_offset): a config of these alone names no class."""
+    return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES if not n.startswith("FlowMatch")))
+
+
+@functools.lru_cache(maxsize=None)
+def _own_only_keys() -> frozenset:
+    from .scheduler import _DIFFUSERS_KEYS, DiffSamplerScheduler
+
+    return frozenset(inspect.signature(DiffSamplerScheduler.__init__).parameters) - _DIFFUSERS_KEYS - {"self"}
+
+
+@functools.lru_cache(maxsize=None)
+def _all_classes() -> tuple:
     import diffusers.schedulers as schedulers
 
-    return sorted({n for group in getattr(schedulers, "_import_structure", {}).values() for n in group
-                   if n.endswith("Scheduler")})
+    return tuple(sorted({n for group in getattr(schedulers, "_import_structure", {}).values() for n in group
+                   if n.endswith("Scheduler")}))
 
 
 def _class_defaults(name: str) -> dict:
@@ -381,20 +416,18 @@ _MAPPERS = {
 }
 
 
-def solver_for_config(config: dict, class_name: str | None = None) -> dict:
+def solver_for_config(config: dict, class_name: str | list | None = None) -> dict:
     """`DiffSamplerScheduler` arguments (`solver`, `spacing`, `final`, `solver_options`) that
     reproduce the diffusers scheduler of `config` (keyed by `class_name`, else its `_class_name`,
-    else the class whose config keys it has)."""
+    else the class its keys fit: `source_class`)."""
     name = class_name or source_class(config)
     if name is None:
-        raise ValueError("the config has no _class_name and its keys are no known diffusers scheduler's: "
-                         "name a solver (solver=...)")
+        raise ValueError("the config has no _class_name and its keys are no diffusers scheduler's: add "
+                         "_class_name or name a solver (solver=...)")
     if isinstance(name, list):
-        if not any(n in SUPPORTED_CLASSES for n in name):
-            name = " / ".join(name)
-        else:
-            raise ValueError(f"the config has no _class_name and its keys fit {', '.join(name)}: "
-                             "add _class_name or name a solver (solver=...)")
+        raise ValueError(f"the config has no _class_name and its keys fit several diffusers scheduler classes "
+                         f"({', '.join(name)}): add _class_name (e.g. {{'_class_name': {name[0]!r}, ...}}) or name "
+                         "a solver (solver=...)")
     fn = _MAPPERS.get(name)
     if fn is None:
         raise ValueError(f"{name} cannot be reproduced by diffsampler: it is not in the registry yet "
@@ -408,18 +441,22 @@ def solver_for_config(config: dict, class_name: str | None = None) -> dict:
 def parity_arguments(config: dict, overrides: dict | None = None, class_name: str | None = None) -> dict:
     """What `DiffSamplerScheduler.from_config(config, **overrides)` with no solver named uses: the
     arguments of `solver_for_config` for a diffusers config (its keys updated by `overrides`); {}
-    (the default solver) for a config of DiffSamplerScheduler's own keys only.  A config that has
-    diffusers keys but no recognisable class warns, naming `_class_name`."""
+    (the default solver) for a config of DiffSamplerScheduler's own keys only (with no `_class_name`).
+    A config without `_class_name` is matched to a class by its keys (`source_class`); one whose keys
+    fit several classes is refused naming them; one whose keys fit no diffusers class warns, naming
+    the keys and `_class_name`."""
     from .scheduler import DiffSamplerScheduler
 
-    name = class_name or source_class(config)
-    if name is None:
-        own = set(inspect.signature(DiffSamplerScheduler.__init__).parameters)
-        foreign = sorted(k for k in config if not k.startswith("_") and k not in own)
-        if foreign:
-            warnings.warn(f"the config has no _class_name and its keys ({', '.join(foreign[:5])}...) are no "
-                          "known diffusers scheduler's: sampling with the default solver 'dpmpp_2m'; add "
-                          "_class_name or name a solver (solver=...)", stacklevel=3)
-        return {}
+    if class_name is None and config.get("_class_name") is None:
+        keys = _diffusers_keys_of(config)
+        if keys <= _generic_keys():  # no key of one class more than another's: DiffSamplerScheduler's own config
+            return {}
+        if source_class(config) is None:
+            own = set(inspect.signature(DiffSamplerScheduler.__init__).parameters)
+            foreign = sorted(k for k in keys if k not in own)
+            warnings.warn(f"the config has no _class_name and its keys ({', '.join(foreign[:5])}"
+                          f"{'...' if len(foreign) > 5 else ''}) are no single diffusers scheduler's: sampling with "
+                          "the default solver 'dpmpp_2m'; add _class_name or name a solver (solver=...)", stacklevel=3)
+            return {}
     merged = {**config, **(overrides or {})}
-    return solver_for_config(merged, name if isinstance(name, str) else None)
+    return solver_for_config(merged, class_name or source_class(config))
