@@ -96,6 +96,7 @@ CONFIGS = [
     ("KDPM2DiscreteScheduler", dict()),
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, **SD)),
     ("KDPM2AncestralDiscreteScheduler", dict()),
+    ("IPNDMScheduler", dict()),
     ("DPMSolverSDEScheduler", dict()),
 ]
 

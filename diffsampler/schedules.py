@@ -24,6 +24,8 @@ __all__ = [
     "DiscreteVP",
     "LinearVP",
     "CosineVP",
+    "TrigVP",
+    "ipndm_times",
     "EDM",
     "RectifiedFlow",
     "TimeGrid",
@@ -208,6 +210,37 @@ class CosineVP(_VP):
     def t_from_lambda(self, lam) -> torch.Tensor:
         la = self._log_alpha_from_lambda(_f64(lam))
         return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(la + self._log_alpha_0)) - self.s
+
+
+class TrigVP(_VP):
+    """alpha = cos(pi t / 2), sigma = sin(pi t / 2) on t in (0, 1], the network given t itself: diffusers'
+    IPNDMScheduler's schedule (its timesteps atan2(sigma, alpha) 2 / pi; Liu et al. 2022's PNDM code).
+    It reaches pure noise: alpha = 0 exactly at t = 1 (lambda = -inf there, t(lambda = -inf) = 1)."""
+
+    def __init__(self, t_min: float = 1e-7, t_max: float = 1.0):
+        if not 0 < t_min < t_max <= 1:
+            raise ValueError(f"need 0 < t_min < t_max <= 1, got {t_min}, {t_max}")
+        self.t_min, self.t_max = t_min, t_max
+
+    def log_alpha(self, t) -> torch.Tensor:
+        t = _f64(t)
+        la = torch.log(torch.cos(t * (math.pi / 2.0)).clamp(min=0.0))
+        return torch.where(t >= 1.0, torch.full_like(t, -math.inf), la)  # cos(pi / 2) is 6e-17 in float64
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        return torch.atan(torch.exp(-_f64(lam))) * (2.0 / math.pi)
+
+
+def ipndm_times(n: int) -> np.ndarray:
+    """The n model times of diffusers' IPNDMScheduler.set_timesteps(n), computed as it does in float32:
+    s = linspace(1, 0, n + 1)[:-1], sigma = sin^2(pi s / 2), alpha = sqrt(1 - sigma^2), t = atan2(sigma, alpha) 2 / pi
+    (`TrigVP` times; the first is 1, alpha = 0)."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+    s = torch.linspace(1, 0, n + 1)[:-1]
+    sig = torch.sin(s * math.pi / 2) ** 2
+    alp = (1.0 - sig**2) ** 0.5
+    return (torch.atan2(sig, alp) / math.pi * 2).double().numpy()
 
 
 class EDM(NoiseSchedule):

@@ -51,6 +51,10 @@ SUPPORTED_CLASSES = {
                                       "an Euler step onto t = 0) on the class's grid (shift, num_train_timesteps); "
                                       "num_inference_steps counts its grid points (2n - 1 model calls); step()'s "
                                       "s_churn > 0 is refused",
+    "IPNDMScheduler": "pndm (Adams-Bashforth 1-4 on eps with the warm-up, full order onto sigma = 0) on the class's "
+                      "schedule alpha = cos(pi t / 2), sigma = sin(pi t / 2) (schedules.TrigVP, the network given t) "
+                      "and grid (schedules.ipndm_times: first call at t = 1, alpha = 0, where the x0 estimate is "
+                      "taken as 0 as the class does), v-prediction; trained_betas refused",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -377,6 +381,19 @@ def _flowmatch_heun(r):
                 final="zero", schedule_type="flow", budget="steps")
 
 
+def _ipndm(r):
+    # pndm (AB 1-4 on eps with the lower-order warm-up, full order onto sigma = 0) on the class's schedule
+    # (schedules.TrigVP: alpha = cos(pi t / 2), the network given t) and grid (schedules.ipndm_times), v-prediction;
+    # its first step, from alpha = 0, takes the x0 estimate as 0 (deis.transfer), as the class does
+    if r["trained_betas"] is not None:
+        raise ValueError(f"{r.name}: trained_betas cannot be reproduced by diffsampler (supported: None): the class "
+                         "then takes them as its per-step sigma table (n + 1 values for n steps, sigma = betas), "
+                         "not a noise schedule")
+    # num_train_timesteps does nothing in the class (its grid is s = linspace(1, 0, n + 1)): nothing to map
+    return dict(solver="pndm", convention="IPNDMScheduler", final="zero", prediction_type="v_prediction",
+                solver_options={"order": 4, "lower_order_final": False})
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -399,11 +416,7 @@ _MAPPERS = {
     "KDPM2AncestralDiscreteScheduler": _k_class("dpm2_ancestral", ("epsilon", "v_prediction")),
     "FlowMatchEulerDiscreteScheduler": _flowmatch_euler,
     "FlowMatchHeunDiscreteScheduler": _flowmatch_heun,
-    "IPNDMScheduler": _not_yet(
-        "its method is pndm (AB 1-4 on eps with the warm-up, full order onto sigma = 0), but its schedule is its "
-        "own: alpha = sqrt(1 - sin^4(pi s / 2)), sigma = sin^2(pi s / 2) on s uniform from 1 to 0, a v-prediction "
-        "network at time atan2(sigma, alpha) 2 / pi, starting at alpha = 0, where its first step drops the x0 "
-        "prediction (pred = (x - sigma eps) / max(alpha, 1e-8) = 0); no diffsampler schedule starts there yet"),
+    "IPNDMScheduler": _ipndm,
     "SASolverScheduler": _not_yet("SA-Solver (stochastic Adams) is not a registered solver yet"),
     "UniPCMultistepScheduler": _unipc,
     # the method is registered (dpmpp_sde); its noise is what is not reproduced

@@ -41,7 +41,7 @@ from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
 from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, K_CLASSES, SPACINGS, DiscreteVP,
-                         RectifiedFlow, TimeGrid, diffusers_k_grid, flowmatch_sigmas, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
+                         RectifiedFlow, TimeGrid, TrigVP, diffusers_k_grid, ipndm_times, flowmatch_sigmas, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
 
 from .parity import parity_arguments as _parity
 
@@ -52,6 +52,10 @@ FLOWMATCH_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: FlowMatchHeunDiscreteScheduler: the same grid (its shift), Heun in the flow's coordinates (heun, coordinates="flow"),
 #: num_inference_steps counting its grid points (2n - 1 model calls) and diffusers' order 2
 FLOWMATCH_HEUN = "FlowMatchHeunDiscreteScheduler"
+#: IPNDMScheduler: its own schedule (`schedules.TrigVP`, the network given t in [0, 1]), its grid
+#: (`schedules.ipndm_times`, first call at t = 1 where alpha = 0), a v-prediction network
+IPNDM_CLASS = "IPNDMScheduler"
+IPNDM_SPACING = "ipndm"
 FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
 _DIFFUSERS_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS
@@ -243,6 +247,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             t_max = 1.0 if self.flowmatch and t1 else 0.999
             self.schedule = RectifiedFlow(t_max=t_max, time_scale=float(num_train_timesteps))
             pred = pred or "flow"
+        elif convention == IPNDM_CLASS:
+            if schedule_type not in (None, "vp") or trained_betas is not None:
+                raise ValueError(f"convention={convention!r} is that class's own trigonometric schedule (alpha = "
+                                 "cos(pi t / 2)); schedule_type / trained_betas cannot apply")
+            self.schedule = TrigVP()
+            pred = pred or "v_prediction"  # the class converts the output as a v-prediction: eps = sigma x + alpha v
         else:
             self.schedule = DiscreteVP.from_diffusers_config(dict(
                 num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
@@ -272,12 +282,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                              f"it, or name the sampler without its schedule: solver={self.solver.name!r})")
         if self.flowmatch and spacing is None and fixed is None:
             spacing = FLOWMATCH_SPACING  # the class's own grid, with its shift / grid keys
+        elif convention == IPNDM_CLASS and spacing is None and fixed is None:
+            spacing = IPNDM_SPACING
         elif spacing is None and fixed is None and convention is None:
             spacing = self._sigma_grid_key()  # a source's use_karras_sigmas etc.: the same grid
         spacing = spacing or fixed or timestep_spacing or "linspace"
         if self.is_flow and spacing in _DIFFUSERS_SPACINGS:
             spacing = "time_uniform"  # integer-timestep spacings exist for discrete VP schedules only
-        if spacing not in SPACINGS and spacing != FLOWMATCH_SPACING:
+        if spacing == IPNDM_SPACING and convention != IPNDM_CLASS:
+            raise ValueError(f"spacing {IPNDM_SPACING!r} is {IPNDM_CLASS}'s grid on its schedule: convention={IPNDM_CLASS!r}")
+        if spacing not in SPACINGS and spacing not in (FLOWMATCH_SPACING, IPNDM_SPACING):
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
         self.spacing = spacing
         if final is None:
@@ -293,6 +307,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         self.grid_shift = shift if shift is not None else (flow_shift if use_flow_sigmas else None)
         self._prior_std = float(self.schedule.prior_std)
         self.convention = self._check_convention(convention, self.config.spacing)
+        if convention == IPNDM_CLASS and self.spacing == IPNDM_SPACING:
+            self._check_starts_at_pure_noise()
         # pipelines read `order` as model calls per entry of `timesteps` (warm-up counts, img2img's
         # set_begin_index(t_start * order)); ours has one entry per model call, except under a
         # two-call class's convention (Heun, KDPM2: diffusers' order 2, num_inference_steps = steps)
@@ -354,11 +370,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"convention={convention!r} is the class's Heun step on its grid: solver='heun' with "
                              "solver_options={'coordinates': 'flow'} and budget='steps' (num_inference_steps counts "
                              "its grid points, 2n - 1 model calls), as from_config of its config sets")
+        if convention == IPNDM_CLASS:
+            if self.final != "zero":
+                raise ValueError(f"final={self.final!r} cannot apply with convention={convention!r}: its grid ends "
+                                 "at sigma = 0")
+            return None  # the schedule and grid are the class's; its sample, timesteps and sigmas are ours
         if convention in (FLOWMATCH_CLASS, FLOWMATCH_HEUN):
             self._check_flowmatch()
             return None  # self.flowmatch: the sample, timesteps and sigmas are already the flow class's
         if convention not in K_CLASSES:
-            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS, FLOWMATCH_HEUN)}, "
+            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS, FLOWMATCH_HEUN, IPNDM_CLASS)}, "
                              f"got {convention!r}")
         if self.is_flow:
             raise ValueError(f"convention={convention!r} needs a discrete VP schedule; this config is a flow schedule")
@@ -398,6 +419,21 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                              "discrete VP schedules, and on FlowMatchEulerDiscreteScheduler's own grid); pass "
                              "spacing= to choose the grid")
         return dict(self._SIGMA_KEYS)[on[0]]
+
+    def _check_starts_at_pure_noise(self) -> None:
+        """IPNDMScheduler's grid starts at alpha = 0: a solver whose coefficients divide by alpha there (the eps-form
+        Heun, DEIS, LMS, DPM-2, ancestral steps) is refused by name now, not at set_timesteps."""
+        try:
+            plan = make_plan(self.solver, self.schedule, grid=self._grid(4, None))
+            ok = all(math.isfinite(c) for st in plan.steps for cb in (st.update, *(ev.x for ev in st.evals))
+                     for c in (cb.cx, *(w for _, w in cb.terms), *(w for _, w in cb.noise))) and all(
+                     math.isfinite(st.noise) for st in plan.steps)
+        except (ZeroDivisionError, OverflowError):
+            ok = False
+        if not ok:
+            raise ValueError(f"solver {self.config.solver!r} cannot start at {IPNDM_CLASS}'s first time t = 1, where "
+                             "alpha = 0 (pure noise): its coefficients divide by alpha there; solvers that can: "
+                             "pndm (the class's own method), ipndm, ddim, euler, plms, dpmpp_2m, dpmpp_3m, unipc, ...")
 
     def _check_flowmatch(self) -> None:
         """The FlowMatchEulerDiscreteScheduler keys its grid cannot honour are refused by name."""
@@ -469,6 +505,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         named = kwargs.get("solver") is not None or cfg.get("solver") is not None
         if (src == FLOWMATCH_CLASS or (src == FLOWMATCH_HEUN and named)) and kwargs.get("spacing") is None:
             kwargs.setdefault("convention", FLOWMATCH_CLASS)  # a named solver keeps the class's grid too
+        if src == IPNDM_CLASS:
+            kwargs.setdefault("convention", IPNDM_CLASS)  # its schedule, whatever the solver
         if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
             # a misspelt keyword is named before the source scheduler is mapped
             _refuse_unknown_keywords(cls, {k: v for k, v in kwargs.items() if k not in known and not k.startswith("_")},
@@ -562,6 +600,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         kw = dict(kw)
         if kw["name"] == FLOWMATCH_SPACING:
             return self._flowmatch_grid(steps, mu=mu)
+        if kw["name"] == IPNDM_SPACING:  # IPNDMScheduler's float32 times, then sigma = 0
+            return TimeGrid.from_times(self.schedule, torch.from_numpy(ipndm_times(steps)), final_zero=True)
         if kw["name"] in DIFFUSERS_SIGMA_SPACINGS:
             return self._sigma_space_grid(steps, kw["name"])
         grid = time_grid(self.schedule, steps, kw.pop("name"), final=self.final, **kw)
@@ -694,7 +734,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         # makes one model call (as DDIM, DPM-Solver, UniPC); float32 otherwise (as Heun, flow schedules)
         one_call = getattr(self.solver, "timesteps_int64", False) or (all(len(st.evals) == 1 for st in plan.steps) and (
             getattr(self.solver, "own_grid", None) is not None or self.solver.steps_for_nfe(4, final_zero=True) == 4))
-        integral = (not self.is_flow and one_call
+        integral = (isinstance(self.schedule, DiscreteVP) and one_call
                     and bool((self._t_model64 == self._t_model64.round()).all()))
         if self.convention:  # the sigma-space classes' timesteps are float32
             integral = False
@@ -872,14 +912,16 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if self.is_flow:
             s = [e.t for e in ev] + [float(g.t[-1]) if not g.final_zero else 0.0]
         else:
-            s = [e.sigma / e.alpha for e in ev] + [float(g.sigma[-1] / g.alpha[-1]) if not g.final_zero else 0.0]
+            # (inf at alpha = 0: IPNDMScheduler's first call, at pure noise)
+            s = [e.sigma / e.alpha if e.alpha else math.inf for e in ev] + [
+                float(g.sigma[-1] / g.alpha[-1]) if not g.final_zero else 0.0]
         return torch.tensor(s, dtype=torch.float64).to(torch.float32)
 
     _NOT_DEFINED = {
         "sigmas": "is set by set_timesteps; call it first",
-        "alphas_cumprod": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
-        "alphas": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
-        "betas": "exists for discrete VP schedules only; this scheduler's schedule is a flow",
+        "alphas_cumprod": "exists for discrete VP schedules only; this scheduler's schedule is not one (a flow, or IPNDM's)",
+        "alphas": "exists for discrete VP schedules only; this scheduler's schedule is not one (a flow, or IPNDM's)",
+        "betas": "exists for discrete VP schedules only; this scheduler's schedule is not one (a flow, or IPNDM's)",
     }
 
     def __getattr__(self, name: str):
@@ -898,7 +940,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
 
     def _discrete_ref(self):
         """diffusers' own betas / alphas / alphas_cumprod of this config (DDPMScheduler's, float32)."""
-        if self.is_flow:
+        if not isinstance(self.schedule, DiscreteVP):
             return None
         ref = self.__dict__.get("_vp_ref")
         if ref is None:

@@ -112,7 +112,11 @@ AB_WEIGHTS = {
 
 def transfer(a_s: float, r_s: float, a_t: float, r_t: float) -> tuple[float, float]:
     """(c_x, c_eps) of PNDM's transfer phi (Liu et al. 2022, eq. 11), the DDIM step with a noise
-    estimate: x_t = alpha_t (v_s + (rho_t - rho_s) eps) = (alpha_t / alpha_s) x_s + alpha_t (rho_t - rho_s) eps."""
+    estimate: x_t = alpha_t (v_s + (rho_t - rho_s) eps) = (alpha_t / alpha_s) x_s + alpha_t (rho_t - rho_s) eps.
+    From alpha_s = 0 (pure noise, x_s = sigma_s eps) the step's x0 estimate (x_s - sigma_s eps) / alpha_s is 0 / 0;
+    it is taken as 0, x_t = sigma_t eps (diffusers' IPNDMScheduler: (x - sigma eps) / max(alpha, 1e-8) = 0 there)."""
+    if a_s == 0.0:
+        return 0.0, a_t * r_t
     return a_t / a_s, a_t * (r_t - r_s)
 
 
