@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -135,12 +136,13 @@ def _hydra_main() -> None:
 
     @hydra.main(config_path="configs", config_name="config", version_base=None)
     def app(cfg):
+        started = time.perf_counter()  # the row's load time counts the checks (and a first job's imports)
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         base = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else run_dir
         try:
             spec = validate(cfg)  # before any value is used, even the results path
-            row = execute(spec, run_dir, base / spec.results_file)
+            row = execute(spec, run_dir, base / spec.results_file, started=started)
         except ConfigError as e:
             print(f"diffsampler: error: {e}", file=sys.stderr)
             raise SystemExit(2)

@@ -33,3 +33,15 @@ def search_problem():
         return gmm.ode_endpoint(x.double(), aT, sT, 1.0, 0.0)
 
     return gmm, sch, exact
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runner_cache():
+    """Each test starts without pipelines or feature networks kept by an earlier test's run (the
+    runner keeps them per process for a sweep's later jobs; a test's fake loader must not leak)."""
+    import sys
+
+    yield
+    runner = sys.modules.get("diffsampler.tools.runner")
+    if runner is not None:
+        runner.clear_cache()

@@ -17,7 +17,7 @@ from pathlib import Path
 METRICS = ("fid_proxy", "fid", "kid", "rmse", "fd", "reward_mean", "target_share", "minority_top_share")
 X = "nfe"
 MEASURED = (*METRICS, "nfe_counted", "classifier_calls")
-TIMINGS = ("wall_time_s", "gen_time_s")
+TIMINGS = ("wall_time_s", "load_time_s", "gen_time_s", "score_time_s")
 BOOKKEEPING = ("run_dir", "world_size")
 TABLE = "results.csv"
 

@@ -10,8 +10,9 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +34,37 @@ def _device(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a process keeps between the jobs of a sweep
+# ---------------------------------------------------------------------------------------------
+
+#: kind ("pipeline", "feature") -> (key, object): the last one built of each kind, in this process.
+_CACHE: dict[str, tuple[str, Any]] = {}
+#: Objects actually built (not taken from the cache) per kind, in this process.
+LOADS: Counter = Counter()
+
+
+def cached(kind: str, key: dict, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """`(object, built)`: the `kind` object kept from an earlier job of this process if it was built
+    under an equal `key` (JSON values: the config that determines it), else `build()` -- after the old
+    one is dropped, so two models never sit in memory together.  A Hydra multirun with the basic
+    launcher runs every job in one process: the pipeline and the feature network load once."""
+    k = json.dumps(key, sort_keys=True, default=str)
+    hit = _CACHE.get(kind)
+    if hit is not None and hit[0] == k:
+        return hit[1], False
+    _CACHE.pop(kind, None)
+    obj = build()
+    LOADS[kind] += 1
+    _CACHE[kind] = (k, obj)
+    return obj, True
+
+
+def clear_cache() -> None:
+    """Forget every kept object (the next job loads afresh)."""
+    _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
 
@@ -46,9 +78,8 @@ def build_gmm(m: ModelSpec):
     return gmm, gmm_denoiser(gmm, schedule, pred)
 
 
-def _pipeline_denoiser(m: ModelSpec, g: GuidanceSpec, device):
-    from ..pipelines import denoiser_from_pipeline
-
+def _load_pipeline(m: ModelSpec, device):
+    """The model's diffusers pipeline on `device`."""
     if m.name == "digits":
         from ..eval.digits import load_digits_pipeline
 
@@ -61,7 +92,22 @@ def _pipeline_denoiser(m: ModelSpec, g: GuidanceSpec, device):
             pipe = DiffusionPipeline.from_pretrained(str(m.path), torch_dtype=dtype)
         except OSError as e:
             raise ConfigError(f"model.path {m.path!r} could not be loaded with from_pretrained: {e}") from None
-    pipe.to(device)
+    return pipe.to(device)
+
+
+def _pipeline_key(m: ModelSpec, device) -> dict:
+    """What the loaded pipeline depends on: the model config (prompts and labels too: any change
+    reloads) and the device."""
+    return {"model": m.config or {"name": m.name, "path": m.path, "dtype": m.dtype}, "device": str(device)}
+
+
+def _pipeline_denoiser(m: ModelSpec, g: GuidanceSpec, device):
+    """The denoiser of model=digits / diffusers: the pipeline comes from the process cache when an
+    earlier job loaded the same model config; the denoiser around it (call counter, guidance, prompt
+    encoding) is built afresh for every job."""
+    from ..pipelines import denoiser_from_pipeline
+
+    pipe, _ = cached("pipeline", _pipeline_key(m, device), lambda: _load_pipeline(m, device))
     kw: dict[str, Any] = {}
     scale = g.scale if g.name == "cfg" else 1.0
     if m.prompt:
@@ -135,8 +181,15 @@ def run(cfg, run_dir: Path, table: Path) -> dict:
     return execute(validate(cfg), run_dir, table)
 
 
-def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
-    """`run` of a checked run spec."""
+def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = None) -> dict:
+    """`run` of a checked run spec.  `started`: the `time.perf_counter()` at which the job began (before
+    its config was checked: a process's first job pays the imports there); the load time and wall
+    time count from it.
+
+    Times in the row: `load_time_s` (job start to the first sample: config check, model, guidance,
+    plan, FID feature network -- near 0 for a sweep's later jobs, which reuse what this process
+    loaded), `gen_time_s` (drawing and saving this rank's shards), `score_time_s` (reading the
+    shards, metrics, image grid) and `wall_time_s` (all of it)."""
     from ..eval.generate import barrier, dist_env, generate_shards, load_shards, save_image_grid
 
     rank, world = dist_env()
@@ -145,7 +198,8 @@ def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
     _check_writable(run_dir, table)
     fingerprint, value_range = _fingerprint(spec, device), _value_range(spec.model.name)
     _check_resumable(run_dir / "samples", fingerprint, value_range)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
+    loads0 = dict(LOADS)
     s, m = spec.sampling, spec.model
     gmm = None
     if m.name == "gmm":
@@ -156,6 +210,8 @@ def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
         shape = den.sample_shape(1, m.height, m.width)[1:]
     guidance = _guidance(spec, device)
     plan = make_plan(spec.solver.name, den.schedule, s.nfe, s.spacing, s.final, **spec.solver.options)
+    if rank == 0 and gmm is None and _scores_features(m.name, spec.eval):
+        _feature_extractor(m.name, spec.eval, device)  # loaded with the model (or kept from an earlier job)
     seeds = s.seeds
     calls: list[int] = []  # network calls per trajectory, measured (guidance can add some)
 
@@ -172,14 +228,16 @@ def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
             out.append(x.float().cpu())
         return torch.cat(out)
 
+    t1 = time.perf_counter()
     with torch.no_grad():
         generate_shards(sample_fn, seeds, run_dir / "samples", s.shard_size, rank, world,
                         progress=s.progress and rank == 0, desc=f"{spec.solver.name} nfe={s.nfe}",
                         fingerprint=fingerprint, value_range=value_range)
-    gen_time = time.perf_counter() - t0
+    t2 = time.perf_counter()
     barrier()
     row: dict[str, Any] = {}
     if rank == 0:
+        t3 = time.perf_counter()
         _, samples = load_shards(run_dir / "samples", seeds)
         metrics = _metrics(spec, gmm, den, samples, device)
         if spec.guidance.name == "svdd":
@@ -188,6 +246,7 @@ def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
             metrics.update(_minority_metrics(guidance, den, samples, device, max(len(calls), 1)))
         if gmm is None:
             save_image_grid(samples[: s.grid_size], run_dir / "grid.png")
+        t4 = time.perf_counter()
         row = {
             "model": m.name, "solver": spec.solver.name,
             "solver_options": json.dumps(spec.solver.options, sort_keys=True), "nfe": s.nfe,
@@ -196,10 +255,15 @@ def execute(spec: RunSpec, run_dir: Path, table: Path) -> dict:
             "guidance": _guidance_str(spec.guidance),
             "time_shift": json.dumps(s.time_shift, sort_keys=True) if s.time_shift else "",
             "num_samples": s.num_samples, "seeds": f"{seeds[0]}-{seeds[-1]}", "rng_device": "cpu",
-            **metrics, "wall_time_s": round(time.perf_counter() - t0, 3), "gen_time_s": round(gen_time, 3),
+            **metrics, "load_time_s": round(t1 - t0, 3), "gen_time_s": round(t2 - t1, 3),
+            "score_time_s": round(t4 - t3, 3), "wall_time_s": round(t4 - t0, 3),
             "world_size": world, "run_dir": str(run_dir),
         }
-        (run_dir / "metrics.json").write_text(json.dumps({**row, "fingerprint": fingerprint}, indent=2))
+        loaded = {k: LOADS[k] - loads0.get(k, 0) for k in ("pipeline", "feature")}
+        timing = {"load_s": t1 - t0, "gen_s": t2 - t1, "wait_s": t3 - t2, "score_s": t4 - t3, "wall_s": t4 - t0,
+                  "loaded_now": {k: v > 0 for k, v in loaded.items()}}
+        (run_dir / "metrics.json").write_text(json.dumps({**row, "timing": timing, "fingerprint": fingerprint},
+                                                         indent=2))
         try:
             append_row(table, row)
         except OSError as e:
@@ -288,10 +352,10 @@ def _guidance_str(g: GuidanceSpec) -> str:
 
 def _reference(model: str, e: EvalSpec) -> tuple | None:
     """(dataset, images_fn, content) of the reference data for reference_stats; None: no FID."""
+    if not _scores_features(model, e):
+        return None
     if e.reference:
         return Path(str(e.reference)).expanduser(), None, None
-    if model != "digits":
-        return None
     import hashlib
 
     from ..eval.digits import digits_dataset
@@ -306,15 +370,36 @@ def _metrics(spec: RunSpec, gmm, den, samples: torch.Tensor, device) -> dict:
     return _image_metrics(spec.model.name, spec.eval, samples, device)
 
 
+def _scores_features(model: str, e: EvalSpec) -> bool:
+    """Whether the run computes FID (it has reference data: `_reference` is not None)."""
+    return bool(e.reference) or model == "digits"
+
+
+def _feature_name(model: str, e: EvalSpec) -> str:
+    return e.feature if e.feature != "auto" else "digits" if model == "digits" else "inception"
+
+
+def _feature_extractor(model: str, e: EvalSpec, device):
+    """The FID feature network of the run, kept for the next job of this process under the same
+    extractor, weights file, checksum and device."""
+    from ..eval.fid import get_feature_extractor
+
+    feature = _feature_name(model, e)
+    key = {"feature": feature, "weights_path": e.weights_path, "sha256": e.sha256, "device": str(device)}
+    extractor, _ = cached("feature", key, lambda: get_feature_extractor(feature, e.weights_path, e.sha256,
+                                                                        device=device))
+    return extractor
+
+
 def _image_metrics(model: str, e: EvalSpec, samples: torch.Tensor, device) -> dict:
-    from ..eval.fid import FIDEvaluator, get_feature_extractor, reference_features, reference_stats
+    from ..eval.fid import FIDEvaluator, reference_features, reference_stats
 
     source = _reference(model, e)
     if source is None:
         return {}
     dataset, images_fn, content = source
-    feature = e.feature if e.feature != "auto" else "digits" if model == "digits" else "inception"
-    extractor = get_feature_extractor(feature, e.weights_path, e.sha256, device=device)
+    feature = _feature_name(model, e)
+    extractor = _feature_extractor(model, e, device)
     cache = Path(str(e.cache_dir)).expanduser()
     stats = reference_stats(dataset, images_fn, extractor, cache, content=content)
     real = reference_features(dataset, images_fn, extractor, cache, content=content) if e.kid else None
