@@ -1,6 +1,6 @@
 """Registry of solvers over one plan-based engine.  `available()` lists the names."""
 
-from . import ddim, deis, dpm_adaptive, dpm_solver, kdiffusion, momentum, plms, stochastic, unipc, usf  # noqa: F401  (registers the built-in solvers)
+from . import ddim, deis, dpm_adaptive, dpm_solver, kdiffusion, momentum, plms, sa_solver, stochastic, unipc, usf  # noqa: F401  (registers the built-in solvers)
 from .loop import initial_noise, make_plan, per_sample_generators, sample
 from .plan import Combo, Eval, Plan, PlanBuilder, Step, Stepper, run_plan
 from .registry import (MultistepSolver, SinglestepSolver, Solver, available, get, info, is_solver_name, register,
