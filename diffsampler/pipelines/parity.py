@@ -70,7 +70,7 @@ _KNOWN_CLASSES = (
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
     "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+    "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "IPNDMScheduler",
 )
 
 
@@ -125,7 +125,8 @@ def _diffusers_keys_of(config: dict) -> frozenset:
 def _generic_keys() -> frozenset:
     """The keys every supported discrete-VP class has (the noise schedule, prediction_type, timestep_spacing,
     steps_offset): a config of these alone names no class."""
-    return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES if not n.startswith("FlowMatch")))
+    return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES
+                                    if not n.startswith("FlowMatch") and n != "IPNDMScheduler"))  # own schedules
 
 
 @functools.lru_cache(maxsize=None)
@@ -462,7 +463,9 @@ def parity_arguments(config: dict, overrides: dict | None = None, class_name: st
 
     if class_name is None and config.get("_class_name") is None:
         keys = _diffusers_keys_of(config)
-        if keys <= _generic_keys():  # no key of one class more than another's: DiffSamplerScheduler's own config
+        # no key of one class more than another's: DiffSamplerScheduler's own config -- unless they are exactly a
+        # known class's full key set (IPNDMScheduler's: num_train_timesteps, trained_betas)
+        if keys <= _generic_keys() and not any(_class_keys(n) == keys for n in _KNOWN_CLASSES):
             return {}
         if source_class(config) is None:
             own = set(inspect.signature(DiffSamplerScheduler.__init__).parameters)
