@@ -55,6 +55,13 @@ SUPPORTED_CLASSES = {
                       "schedule alpha = cos(pi t / 2), sigma = sin(pi t / 2) (schedules.TrigVP, the network given t) "
                       "and grid (schedules.ipndm_times: first call at t = 1, alpha = 0, where the x0 estimate is "
                       "taken as 0 as the class does), v-prediction; trained_betas refused",
+    "SASolverScheduler": "sa_solver: predictor_order / corrector_order 1-4, algorithm_type data_prediction / "
+                         "noise_prediction, tau_func (None: 1 on timesteps 200..800; any function of the timestep "
+                         "that is constant, or one value on one range of timesteps and 0 elsewhere, read at every "
+                         "training timestep) as tau / tau_interval, lower_order_final, thresholding (data_prediction), "
+                         "timestep_spacing linspace / leading / trailing with steps_offset, use_karras / exponential / "
+                         "beta_sigmas (the zero-length last step's call corrects the result: final_corrector), "
+                         "prediction types epsilon / sample / v_prediction, the same generator's noise (one draw per step)",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -70,7 +77,7 @@ _KNOWN_CLASSES = (
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
     "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "IPNDMScheduler",
+    "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "IPNDMScheduler", "SASolverScheduler",
 )
 
 
@@ -395,6 +402,76 @@ def _ipndm(r):
                 solver_options={"order": 4, "lower_order_final": False})
 
 
+def _sa_tau(r, spacing: str) -> dict:
+    """SASolverScheduler's tau_func as sa_solver's tau / tau_interval: tau_func is read at every training
+    timestep (diffusers calls it with the step's integer timestep); a constant is `tau`, one value c on one
+    range of timesteps a..b and 0 elsewhere is tau = c on the noise levels rho = sigma / alpha of the grid
+    points whose timestep diffusers gives as a..b (rounded on its own and karras grids: rho(a - 1/2) ..
+    rho(b + 1/2); truncated on the exponential / beta grids: rho(a) .. rho(b + 1)).  Any other shape is
+    refused by name."""
+    import math
+
+    import torch
+
+    from ..schedules import DiscreteVP
+
+    fn = r["tau_func"]
+    T = int(r["num_train_timesteps"])
+    if fn is None:  # diffusers' default: lambda t: 1 if t >= 200 and t <= 800 else 0
+        fn = lambda t: 1 if 200 <= t <= 800 else 0  # noqa: E731
+    try:
+        vals = [float(fn(t)) for t in range(T)]
+    except Exception as e:
+        raise ValueError(f"{r.name}: tau_func could not be read at the training timesteps 0..{T - 1} ({e!r}); "
+                         "supported: a function of the integer timestep") from None
+    if any(not math.isfinite(v) or v < 0 for v in vals):
+        bad = next(v for v in vals if not math.isfinite(v) or v < 0)
+        raise ValueError(f"{r.name}: tau_func gives {bad} cannot be reproduced by diffsampler (supported: finite "
+                         "values >= 0; a negative tau flips the sign of noise_prediction's noise)")
+    if len(set(vals)) == 1:
+        return {"tau": vals[0]}
+    on = [t for t, v in enumerate(vals) if v != 0.0]
+    a, b = on[0], on[-1]
+    if len({vals[t] for t in on}) != 1 or b - a + 1 != len(on):
+        raise ValueError(f"{r.name}: tau_func cannot be reproduced by diffsampler (supported: a constant, or one "
+                         "value on one range of timesteps and 0 elsewhere, as its default 1 on 200..800)")
+    sch = DiscreteVP.from_diffusers_config(dict(r.c))
+    lo, hi = ((a - 0.5, b + 0.5) if spacing not in ("diffusers_exponential", "diffusers_beta") else (a, b + 1))
+    rho = lambda t: float(sch.rho(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    return {"tau": vals[a], "tau_interval": [0.0 if lo <= 0 else rho(lo), math.inf if hi >= T - 1 else rho(hi)]}
+
+
+def _sasolver(r):
+    # SASolverScheduler steps from its timesteps to the next, the last one to t = 0 (sigma_last) -- or, on its
+    # use_*_sigmas grids, from sigma_min to sigma_min, a call whose output only corrects the result
+    # (final_corrector); one randn per step from the step's generator
+    p = r.require("predictor_order", (1, 2, 3, 4))
+    c = r.require("corrector_order", (1, 2, 3, 4))
+    algo = r.require("algorithm_type", ("data_prediction", "noise_prediction"))
+    r.require("prediction_type", ("epsilon", "sample", "v_prediction"),
+              " -- flow_prediction needs use_flow_sigmas, which is not reproduced")
+    if r["variance_type"] in ("learned", "learned_range"):
+        raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
+                         "(supported: None; diffusers keeps the first 3 channels of the output)")
+    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
+    if r["thresholding"] and algo == "noise_prediction":
+        raise ValueError(f"{r.name}: thresholding=True with algorithm_type='noise_prediction' cannot be reproduced "
+                         "by diffsampler (diffusers' thresholding there indexes its alpha table by a timestep it "
+                         "does not have); supported: thresholding with algorithm_type='data_prediction'")
+    _check_zero_snr(r)
+    spacing = _grid(r, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+    if spacing == "diffusers_karras" and r["beta_schedule"] == "squaredcos_cap_v2":
+        raise ValueError(f"{r.name}: use_karras_sigmas=True with beta_schedule='squaredcos_cap_v2' cannot be "
+                         "reproduced by diffsampler (SASolverScheduler rounds these timesteps, the karras grid "
+                         "of DPMSolverMultistepScheduler that the adapter reproduces does not); supported: another "
+                         "beta_schedule or grid")
+    opts = {"predictor_order": p, "corrector_order": c, "prediction": algo.split("_")[0],
+            "lower_order_final": bool(r["lower_order_final"]), **_sa_tau(r, spacing)}
+    if spacing in _SIGMA_SPACINGS:
+        opts["final_corrector"] = True
+    return dict(solver="sa_solver", spacing=spacing, final="last", clip_sample=False, solver_options=opts)
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -418,7 +495,7 @@ _MAPPERS = {
     "FlowMatchEulerDiscreteScheduler": _flowmatch_euler,
     "FlowMatchHeunDiscreteScheduler": _flowmatch_heun,
     "IPNDMScheduler": _ipndm,
-    "SASolverScheduler": _not_yet("SA-Solver (stochastic Adams) is not a registered solver yet"),
+    "SASolverScheduler": _sasolver,
     "UniPCMultistepScheduler": _unipc,
     # the method is registered (dpmpp_sde); its noise is what is not reproduced
     "DPMSolverSDEScheduler": _not_yet(

@@ -634,13 +634,18 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         else truncated).  With final "last" diffusers' last call, at sigma_min, steps from sigma_min
         to sigma_min (no change of x): the grid ends at sigma_min and that call is not made."""
         last = self.final == "last"
+        # a solver that calls the model at the grid's last point (sa_solver's final_corrector) makes that
+        # zero-length call: `steps` grid steps, then diffusers' last timestep
+        at_end = last and bool(getattr(self.solver, "final_corrector", False))
+        if at_end:
+            steps += 1
         if last and steps < 2:
             raise ValueError(f"spacing {name!r} with final='last' needs at least 2 model calls, got {steps}")
         grid = time_grid(self.schedule, steps - 1 if last else steps, name, final=self.final)
         _, t = diffusers_sigmas(self.schedule, steps, name)
         rounded = name in ("diffusers_karras", "diffusers_lu") and self.config.beta_schedule != "squaredcos_cap_v2"
         t = np.round(t) if rounded else np.trunc(t)
-        self.__dict__["_grid_model_t"] = torch.tensor(t[:grid.steps if not last else steps - 1], dtype=torch.float64)
+        self.__dict__["_grid_model_t"] = torch.tensor(t[:grid.steps + at_end], dtype=torch.float64)
         return grid
 
     def set_timesteps(

@@ -109,6 +109,7 @@ class SASolver(Solver):
 
     name = "sa_solver"
     kind = "data"
+    timesteps_int64 = True  # one model call per step (the final corrector's too): the adapter's int64 timesteps
 
     def __init__(self, predictor_order: int = 2, corrector_order: int = 2, prediction: str = "data",
                  tau: float = 1.0, tau_interval: Sequence[float] | None = None, lower_order_final: bool = True,
@@ -148,10 +149,7 @@ class SASolver(Solver):
     # ------------------------------------------------------------------------------------------
     def steps_for_nfe(self, nfe, final_zero=True):
         self.check_nfe(nfe)
-        if self.final_corrector:
-            self._check_final(final_zero)
-            return nfe - 1
-        return nfe
+        return nfe - 1 if self.final_corrector else nfe  # build refuses final_corrector on a grid ending at sigma = 0
 
     def _check_final(self, final_zero: bool) -> None:
         if final_zero:
