@@ -40,6 +40,21 @@ from diffsampler.pipelines import DiffSamplerScheduler  # noqa: E402
 NFES = (5, 10, 25)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 
+class _Tau:
+    """A constant SASolverScheduler tau_func that prints as its value in the table."""
+
+    def __init__(self, tau: float):
+        self.tau = tau
+
+    def __call__(self, t):
+        return self.tau
+
+    def __repr__(self):
+        return f"tau={self.tau}"
+
+
+TAU_HALF, TAU_ZERO = _Tau(0.5), _Tau(0.0)
+
 #: (diffusers class name, options)
 CONFIGS = [
     ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing")),
@@ -98,6 +113,11 @@ CONFIGS = [
     ("KDPM2AncestralDiscreteScheduler", dict()),
     ("IPNDMScheduler", dict()),
     ("DPMSolverSDEScheduler", dict()),
+    ("SASolverScheduler", dict()),
+    ("SASolverScheduler", dict(predictor_order=3, corrector_order=3)),
+    ("SASolverScheduler", dict(predictor_order=4, corrector_order=4, tau_func=TAU_HALF)),
+    ("SASolverScheduler", dict(use_karras_sigmas=True, **SD)),
+    ("SASolverScheduler", dict(algorithm_type="noise_prediction", tau_func=TAU_ZERO)),
 ]
 
 #: flow-matching configurations, on the mixture in rectified-flow form (no digits model of that kind)
