@@ -32,6 +32,9 @@ def test_sweep_writes_one_row_per_job_and_report_plots(tmp_path):
         assert s.rmse.iloc[1] < s.rmse.iloc[0]
     out = cli("report", str(sweep)).stdout
     assert (sweep / "report_rmse.png").stat().st_size > 1000 and (sweep / "report.md").exists()
+    assert (sweep / "report_samples_gmm.png").stat().st_size > 1000  # the scatter matrix of the same seeds
+    html = (sweep / "report.html").read_text()
+    assert all(f"<img src='{f}'" in html for f in ("report_rmse.png", "report_fd.png", "report_samples_gmm.png"))
     assert "| dpmpp_2m |" in out and "NFE 10" in out
 
 
