@@ -215,3 +215,17 @@ def test_alias_equals_kdiffusion_on_its_sigmas(problem, name, spacing, fn, sigma
     want = getattr(K, fn)(model, x / float(schedule.alpha(schedule.t_max)), sigmas, disable=True)
     got = ds.sample(den, x.clone(), solver=name, nfe=nfe, spacing=spacing)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dpm_fast_is_kdiffusion_sample_dpm_fast_grid():
+    """"DPM fast" (A1111: sample_dpm_fast(sigma_min, sigma_max, n)): DPM-Solver-fast's order list on a grid
+    uniform in lambda = -log(sigma / alpha) from the schedule's ends (its values: tests/test_parity_dpm.py)."""
+    schedule = ds.schedules.DiscreteVP.linear()
+    for nfe in (5, 6, 10):
+        plan = make_plan("DPM fast", schedule, nfe, final="last")
+        lam = plan.grid.lam
+        m = nfe // 3 + 1
+        assert plan.nfe == nfe and len(plan.steps) == m and plan.info["spacing"] == "logsnr"
+        want = torch.linspace(float(lam[0]), float(lam[-1]), m + 1, dtype=torch.float64)
+        torch.testing.assert_close(lam, want, rtol=0, atol=1e-9)
+        assert [s.order for s in plan.steps] == ([3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3])

@@ -3,6 +3,8 @@ with diffusers' DPMSolverMultistepScheduler (every algorithm_type, solver_type, 
 euler_at_final, final_sigmas_type, sigma grids, thresholding) in the standard loop, stochastic ones with
 the same generator; equality with k-diffusion's sample_dpmpp_2m_sde / 3m_sde on the same sigmas and noise."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -146,3 +148,113 @@ def test_equals_kdiffusion_on_the_same_sigmas_and_noise(K, solver, opts, ref, re
     assert plan.nfe == n
     err = (got - want).abs().max().item()
     assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+# -- singlestep DPM-Solver: k-diffusion's sample_dpm_fast (DPM-Solver-fast) on the same lambda grid -------
+
+def _float64_times(fn):
+    """`fn` run with torch's default dtype float64 (k-diffusion's DPMSolver makes its time grid with
+    torch.linspace, which takes the default dtype), restored afterwards."""
+    def run(*args, **kw):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return fn(*args, **kw)
+        finally:
+            torch.set_default_dtype(old)
+    return run
+
+
+def _singlestep_case(solver, nfe, final_zero=False):
+    """Our `solver` at `nfe` on a grid uniform in t = -log rho (k-diffusion's DPMSolver grid) from rho_max
+    to rho_min (and 0 with `final_zero`), with the exact mixture at the plan's float64 alpha, sigma:
+    (our sample as v = x / alpha, the grid's t values, the mixture, x_T as v)."""
+    from diffsampler.eval.gmm import GaussianMixture
+    from diffsampler.samplers.plan import run_plan
+    from diffsampler.schedules import time_grid
+
+    gmm = GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
+    schedule = DiscreteVP.linear()
+    r = schedule.rho(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+    s_max, s_min = float(r[0]) * (1 - 1e-9), float(r[1])
+    m = solver.steps_for_nfe(nfe, final_zero=final_zero) - (1 if final_zero else 0)
+    ts = torch.linspace(-math.log(s_max), -math.log(s_min), m + 1, dtype=torch.float64)
+    t_grid = schedule.t_from_lambda(ts)
+    grid = time_grid(schedule, m + (1 if final_zero else 0), t_grid, final="zero" if final_zero else "last")
+    plan = ds.samplers.make_plan(solver, schedule, nfe, grid=grid)
+    assert plan.nfe == nfe
+    x_T_v = torch.randn(5, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s_max
+
+    class Exact:  # the mixture's E[x0 | x] at the plan's float64 alpha, sigma (not the float32 model time)
+        def __init__(self):
+            self.schedule = schedule
+
+        def predict_at(self, x, t, a, s, kind):
+            d = gmm.posterior_mean(x, torch.full((len(x),), a, dtype=x.dtype), torch.full((len(x),), s, dtype=x.dtype))
+            return d if kind == "data" else (x - a * d) / s
+
+        def raise_if_nonfinite(self):
+            pass
+
+    x0 = run_plan(plan, Exact(), x_T_v * float(grid.alpha[0]))
+    got = x0 if final_zero else x0 / float(grid.alpha[-1])
+    return got, ts, gmm, schedule, x_T_v
+
+
+def _close(got, want):
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 6, 7, 8, 10])
+def test_dpm_fast_equals_kdiffusion(K, nfe):
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpm_fast"), nfe)
+    t0, t1 = torch.tensor(float(ts[0]), dtype=torch.float64), torch.tensor(float(ts[-1]), dtype=torch.float64)
+    # DPMSolver.dpm_solver_fast builds its times with torch.linspace in the default dtype: float32 unless
+    # set (in float32 its grid alone moves the nfe=2 sample by 4e-3); float64 here, as ours.
+    want = _kdiff(K, _float64_times(lambda model, x, sigmas, **kw: K.DPMSolver(model).dpm_solver_fast(x, t0, t1, nfe)),
+                  gmm, schedule, None, x_T_v, [])
+    _close(got, want)
+
+
+@pytest.mark.parametrize("order,steps", [(1, 5), (2, 4), (3, 3), (3, 1)])
+def test_dpm_solver_fixed_order_equals_kdiffusion_steps(K, order, steps):
+    """dpm_solver with every step of `order` = k-diffusion's DPMSolver.dpm_solver_{order}_step, step after step."""
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpm_solver", order=order, orders="fixed"),
+                                                     order * steps)
+
+    def loop(model, x, sigmas, **kw):
+        dpm = K.DPMSolver(model)
+        step = getattr(dpm, f"dpm_solver_{order}_step")
+        for i in range(len(ts) - 1):
+            x, _ = step(x, ts[i], ts[i + 1])
+        return x
+
+    _close(got, _kdiff(K, loop, gmm, schedule, None, x_T_v, []))
+
+
+def test_dpmpp_order2_equals_kdiffusion_2s(K):
+    """dpmpp order 2 (r = 1/2, the last step onto sigma = 0 first order) = sample_dpmpp_2s_ancestral with
+    eta = 0 on the same sigmas."""
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpmpp", order=2, orders="fixed"), 2 * 4 + 1,
+                                                     final_zero=True)
+    sigmas = torch.cat([ts.neg().exp(), torch.zeros(1, dtype=torch.float64)])
+    _close(got, _kdiff(K, K.sample_dpmpp_2s_ancestral, gmm, schedule, sigmas, x_T_v, [], eta=0.0))
+
+
+@pytest.mark.parametrize("name", ["dpm_solver", "dpmpp"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_singlestep_runs_every_budget_exactly(gmm16, name, order):
+    from diffsampler.eval.gmm import gmm_denoiser
+
+    den = gmm_denoiser(gmm16, DiscreteVP.linear())
+    for nfe in (4, 5, 6, 9):
+        den.nfe = 0
+        x = ds.sample(den, x_T(4), solver=name, nfe=nfe, order=order)
+        assert den.nfe == nfe and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="orders"):
+        ds.samplers.get(name, orders="slow")
+    if order > 1:
+        with pytest.raises(ValueError, match="multiple"):
+            ds.samplers.make_plan(ds.samplers.get(name, order=order, orders="fixed"), DiscreteVP.linear(), 1 + order + 1,
+                                  "logsnr", "zero")

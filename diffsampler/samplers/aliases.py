@@ -64,7 +64,9 @@ ALIASES: dict[str, Alias] = {
     **_a1111("DPM++ 2M SDE Heun", "dpmpp_2m_sde", {**_BROWNIAN, "solver_type": "heun"},
              schedules=("karras", "exponential")),
     **_a1111("DPM++ 3M SDE", "dpmpp_3m_sde", _BROWNIAN, schedules=("karras", "exponential")),
-    "DPM fast": Alias("dpm_fast"),
+    # sample_dpm_fast: uniform in t = -log sigma (= lambda, "logsnr") from sigma_max to sigma_min; A1111 ends
+    # there (final="last", the caller's: an alias fixes no final)
+    "DPM fast": Alias("dpm_fast", "logsnr"),
     "DPM adaptive": Alias("dpm_adaptive"),
     "Restart": Alias("restart", "karras"),  # A1111 runs Restart on Karras sigmas
     # AUTOMATIC1111 (timestep samplers)

@@ -25,7 +25,7 @@ import torch
 
 from ..schedules import TimeGrid
 from .ddim import euler_weights
-from .dpm_solver import phi
+from .dpm_solver import dpm_weights
 from .plan import Combo, Plan, PlanBuilder, Stepper, combine
 from .registry import Solver, register
 
@@ -35,16 +35,14 @@ __all__ = ["DPMAdaptive", "AdaptivePlan", "PIDController", "dpm_solver_weights"]
 def dpm_solver_weights(a_s: float, s_s: float, l_s: float, a_t: float, s_t: float, l_t: float,
                        r: float | None = None, form: str = "phi1") -> tuple[float, list[float]]:
     """(c_x, [w_s] or [w_s, w_r]) of a singlestep DPM-Solver step from s to t on the noise
-    prediction, x_t = c_x x_s + w_s eps_s + w_r eps_r (module docstring): first order without r
-    (`euler_weights`: DPM-Solver-1 is Euler in rho); with the output eps_r at lambda_s + r h, the
-    weight c of (eps_r - eps_s) is sigma_t (e^h - 1) / (2 r) ("phi1", DPM-Solver-2) or
-    sigma_t h phi_2(h) / r ("phi2", DPM-Solver-3), with a minus sign."""
-    c_x, g = euler_weights(a_s, s_s / a_s, a_t, s_t / a_t)  # g = -sigma_t (e^h - 1)
-    if r is None:
-        return c_x, [g]
-    h = l_t - l_s
-    c = g / (2.0 * r) if form == "phi1" else -s_t * h * phi(2, h) / r
-    return c_x, [g - c, c]
+    prediction, x_t = c_x x_s + w_s eps_s + w_r eps_r (module docstring): first order without r;
+    with the output eps_r at lambda_s + r h, the weight c of (eps_r - eps_s) is sigma_t (e^h - 1) / (2 r)
+    ("phi1", DPM-Solver-2) or sigma_t h phi_2(h) / r ("phi2", DPM-Solver-3), with a minus sign: the
+    noise-prediction `dpm_weights` (one copy of the coefficients), "midpoint" / "heun" through (s, r)."""
+    lams = [l_s] if r is None else [l_s, l_s + r * (l_t - l_s)]
+    c_x, w, _ = dpm_weights(lams, l_t, a_s, s_s, a_t, s_t, predict="noise",
+                            solver_type="midpoint" if form == "phi1" else "heun")
+    return c_x, w
 
 
 class PIDController:

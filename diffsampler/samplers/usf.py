@@ -50,6 +50,13 @@ Derivative estimators (`StepSpec.estimator`):
 * ``multistep_rho`` / ``multistep_logrho``  DEIS with the Lagrange basis in rho / log rho (`deis_rho_k`,
                      `deis_logrho_k`).  ``plms``  equal-step Adams-Bashforth (`pndm`).  Noise only.
 * ``singlestep_dpm`` DPM-Solver++(2S) (`dpmpp_2s`), data, order <= 2, intermediate point at r_1 (default 1/2).
+* ``dpm_singlestep`` singlestep DPM-Solver-k (Lu et al. 2022, Alg. 1-2; `dpm_solver`, `dpmpp`, `dpm_fast`),
+                     order <= 3, either prediction: the intermediate point s_1 by the first-order step, s_2
+                     (order 3) by the phi_2 form through (s, s_1), the end by DPM-Solver-2 (phi_1 / (2 r_1)
+                     through (s, s_1)) or DPM-Solver-3 (phi_2 / r_2 through (s, s_2)); points at r = 1/2 or
+                     1/3, 2/3 unless given.  ``dpm_singlestep_midpoint`` / ``dpm_singlestep_heun``: the stage
+                     rules of diffusers' DPMSolverSinglestepScheduler solver_type "midpoint" / "heun" (with
+                     r at its grid points).  Every stage is `dpm_solver.singlestep_weights`.
 * ``heun``           Heun's trapezoid in rho (`heun`), noise, order <= 2, second call at the step's end.
 * ``dpm2``           k-diffusion's DPM-Solver-2 (`dpm2`), noise, order <= 2: an Euler step in rho to the
                      log-SNR midpoint (rho_mid = sqrt(rho_s rho_t)), then the Euler step in rho from x_s with
@@ -92,7 +99,7 @@ from ..schedules import FINALS, LAMBDA_FLOOR, NoiseSchedule, TimeGrid
 from .ddim import heun_weights
 from .kdiffusion import dpm2_through
 from .deis import deis_weights, lagrange_basis, plms_weights
-from .dpm_solver import dpm_weights, dpmpp_2s_weights, dpmpp_multistep_weights, phi
+from .dpm_solver import dpm_weights, dpmpp_2s_weights, dpmpp_multistep_weights, phi, singlestep_weights
 from .momentum import ghvb_step
 from .registry import heavy_ball
 from .plan import Combo, Plan, PlanBuilder
@@ -166,6 +173,22 @@ def _dpmpp_2s(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
     return s_t / s_s, dpmpp_2s_weights(l_s, l_t, a_t, (lams[1] - l_s) / (l_t - l_s))
 
 
+def _dpm_stage(solver_type: str):
+    """A stage of a singlestep DPM-Solver step (`singlestep_weights` with diffusers' / the paper's rule)."""
+    def stage(lams, l_s, l_t, a_s, s_s, a_t, s_t, s):
+        c_x, w, _ = singlestep_weights(lams, l_t, a_s, s_s, a_t, s_t, s.order, predict=s.prediction,
+                                       solver_type=solver_type)
+        return c_x, w
+    return stage
+
+
+def _dpm_first(grid, i, pts, s):
+    """The first-order step of either prediction (`dpm_weights`; onto sigma = 0 its limit)."""
+    c_x, w, _ = dpm_weights([float(grid.lam[i])], float(grid.lam[i + 1]), float(grid.alpha[i]), float(grid.sigma[i]),
+                            float(grid.alpha[i + 1]), float(grid.sigma[i + 1]), predict=s.prediction)
+    return c_x, w
+
+
 @dataclass(frozen=True)
 class Estimator:
     """What a derivative estimator allows and how its weights are computed.  `StepSpec` /
@@ -189,6 +212,7 @@ class Estimator:
     weights: object = None  # one-call steps: (grid, i, grid points, step) -> (c_x, weights over those points)
     through: object = _taylor_through  # calls_per_order: the step through its points' log-SNRs -> (c_x, weights)
     at_end: bool = False  # calls_per_order: the intermediate point is the step's end (Heun's trapezoid)
+    inner: object = None  # calls_per_order: an intermediate point's stage, as `through` (None: exact Taylor)
 
 
 ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
@@ -215,6 +239,12 @@ ESTIMATOR_TABLE: dict[str, Estimator] = {e.name: e for e in (
               at_end=True),
     Estimator("dpm2", "k-diffusion DPM-2, midpoint in log rho", ("noise",), 2, history=None, calls_per_order=True,
               searched=False, weights=_heun, through=dpm2_through),
+    *(Estimator(f"dpm_singlestep{suffix}", title, max_order=3, history=None, calls_per_order=True, r=True,
+                searched=False, weights=_dpm_first, through=_dpm_stage(rule), inner=_dpm_stage(rule))
+      for suffix, rule, title in (
+          ("", "dpm_solver", "singlestep DPM-Solver-k (Lu et al. 2022)"),
+          ("_midpoint", "midpoint", "diffusers' singlestep DPM-Solver, solver_type midpoint"),
+          ("_heun", "heun", "diffusers' singlestep DPM-Solver, solver_type heun"))),
 )}
 for _name in ("multistep_dpm", "multistep_t"):  # heavy ball (any multistep solver's `momentum`)
     ESTIMATOR_TABLE[_name] = replace(ESTIMATOR_TABLE[_name], beta="optional")
@@ -869,7 +899,10 @@ class _Compiler:
             l_j = l_s + r * h
             t_j = float(sched.t_from_lambda(l_j))
             a_j, s_j = float(sched.alpha(t_j)), float(sched.sigma(t_j))
-            cx, w = exp_weights(s.prediction, lams, l_s, l_j, a_s, s_s, a_j, s_j)
+            if est.inner is not None:
+                cx, w = est.inner(lams, l_s, l_j, a_s, s_s, a_j, s_j, s)
+            else:
+                cx, w = exp_weights(s.prediction, lams, l_s, l_j, a_s, s_s, a_j, s_j)
             m = self.b.eval(t_j, a_j, s_j, s.prediction, self._lift(cx, dict(zip(outs, w)), pending))
             lams.append(l_j)
             outs.append(m)
@@ -919,6 +952,11 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
         return "noise", "plms", beta
     if isinstance(solver, DPMSolverPP2S):
         return "data", "singlestep_dpm", None
+    from .dpm_solver import _DPMSinglestep
+
+    if isinstance(solver, _DPMSinglestep):
+        return solver.kind, {"dpm_solver": "dpm_singlestep", "midpoint": "dpm_singlestep_midpoint",
+                             "heun": "dpm_singlestep_heun"}[solver.solver_type], None
     if isinstance(solver, Heun):
         return "noise", "heun", None
     from .kdiffusion import DPM2
@@ -963,21 +1001,32 @@ def spec_of(solver: str, schedule: NoiseSchedule, nfe: int, spacing="time_unifor
         steps = tuple(StepSpec(pred, min(p, i + 1, n - i), est, corrector=i < n - 1) for i in range(n))
         return SolverSpec(steps, tuple(SolverSpec.times_of(grid, coordinate)), final, coordinate,
                           name=f"{solver}_{spacing if isinstance(spacing, str) else 'explicit'}_nfe{nfe}")
+    import torch
+
     from .registry import get
 
-    pred, est, beta = _estimator_of(get(solver))
-    plan = make_plan(solver, schedule, nfe, spacing, final)
-    r1 = getattr(get(solver), "r1", 0.5)
-    # a two-call step of a multistep solver is its Heun warm-up (plms)
     s = get(solver)
+    pred, est, beta = _estimator_of(s)
+    plan = make_plan(s, schedule, nfe, spacing, final)
+    r1 = getattr(s, "r1", 0.5)
+    grid_points = getattr(s, "intermediate", None) == "grid"  # singlestep calls at the grid's points
     n = len(plan.steps)
+    lam = plan.grid.lam.tolist()
+
+    def fractions(i, st, k):
+        if grid_points and k > 1:  # the calls' log-SNRs as fractions of the step
+            return tuple((float(schedule.lambda_(torch.tensor(ev.t, dtype=torch.float64))) - lam[i]) / (lam[i + 1] - lam[i])
+                         for ev in st.evals[1:])
+        return (r1,) if k == 2 and r1 != 0.5 else None
+
     # UniPC: UniC on step i's result unless off / disabled, never on the last step (no call follows)
     corr = [est == "unipc" and s.corrector and i < n - 1 and i not in s.disable_corrector for i in range(n)]
+    # a two-call step of a multistep solver is its Heun warm-up (plms)
     steps = tuple(StepSpec(pred, k, "heun" if est == "plms" and len(st.evals) == 2 else est, beta=beta,
-                           r=(r1,) if k == 2 and r1 != 0.5 else None, corrector=c)
-                  for k, st, c in zip(plan.orders, plan.steps, corr))
+                           r=fractions(i, st, k), corrector=c)
+                  for i, (k, st, c) in enumerate(zip(plan.orders, plan.steps, corr)))
     return SolverSpec(steps, tuple(SolverSpec.times_of(plan.grid, coordinate)), final, coordinate,
-                      name=f"{solver}_{spacing}_nfe{nfe}")
+                      name=f"{solver if isinstance(solver, str) else s.name}_{spacing}_nfe{nfe}")
 
 
 def spec_solvers() -> list[str]:
