@@ -58,6 +58,8 @@ DIFFUSERS = [
     ("Euler", "EulerDiscreteScheduler", dict(), "euler", False),
     ("Heun", "HeunDiscreteScheduler", dict(), "heun", False),
     ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde", True),
+    # its default tau: 1 on timesteps 200..800 (sa_solver's default is tau = 1 everywhere; from_config maps the interval)
+    ("SA-Solver", "SASolverScheduler", dict(), None, True),
 ]
 # default-grid pairs used in the summary: ours (package default spacing) vs the diffusers default of the same method
 PAIRS = [("ddim", "DDIM (trailing)"), ("euler", "Euler"), ("heun", "Heun"), ("dpmpp_2m", "DPM++ 2M"),
