@@ -610,7 +610,8 @@ def diffusers_sigma_to_t(sigma, log_table: np.ndarray) -> np.ndarray:
 
 #: diffusers' sigma-space (k-diffusion style) scheduler classes whose grids `diffusers_k_grid` builds
 K_CLASSES = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+             "DPMSolverSDEScheduler")
 
 
 def diffusers_k_grid(schedule: NoiseSchedule, steps: int, class_name: str = "EulerDiscreteScheduler", *,
@@ -643,8 +644,9 @@ def diffusers_k_grid(schedule: NoiseSchedule, steps: int, class_name: str = "Eul
     acp = schedule.alphas_cumprod.to(torch.float32)
     table = np.array(((1 - acp) / acp) ** 0.5)  # float32, as the classes' __init__
     log_table = np.log(table)
-    if timestep_spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+    if timestep_spacing == "linspace":  # DPMSolverSDE lays them in float64, the others in float32
+        ts = np.linspace(0, T - 1, steps, dtype=np.float64 if class_name == "DPMSolverSDEScheduler"
+                         else np.float32)[::-1].copy()
     elif timestep_spacing == "leading":
         ts = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.float32) + steps_offset
     elif timestep_spacing == "trailing":

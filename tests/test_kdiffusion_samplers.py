@@ -158,19 +158,88 @@ def test_edm_stochastic_refuses_churn_beyond_a_vp_schedule(gmm16):
         make_plan("edm_stochastic", ds.DiscreteVP.linear(), 8, "karras", s_churn=10.0)
 
 
-def test_diffusers_dpmsolver_sde_refused_by_name_and_upgradable():
-    """DPMSolverSDEScheduler is dpmpp_sde with a batch-wide Brownian tree seeded by noise_sampler_seed:
-    parity by default is refused naming why; naming the solver keeps the class's grid."""
+SDE_CASES = [
+    (dict(noise_sampler_seed=3), 5), (dict(noise_sampler_seed=3), 25),
+    (dict(noise_sampler_seed=7, use_karras_sigmas=True), 10),
+    (dict(noise_sampler_seed=7, use_exponential_sigmas=True), 10), (dict(noise_sampler_seed=7, use_beta_sigmas=True), 10),
+    (dict(noise_sampler_seed=7, timestep_spacing="trailing", prediction_type="v_prediction"), 10),
+    (dict(noise_sampler_seed=7, timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear"), 8),
+    (dict(), 6),  # noise_sampler_seed None: the tree's seed from torch's global generator, on both sides
+]
+
+
+@pytest.mark.filterwarnings("ignore:Should have")
+@pytest.mark.parametrize("kw,n", SDE_CASES, ids=[f"{k}-{n}" for k, n in SDE_CASES])
+def test_diffusers_dpmsolver_sde_parity_by_default(gmm16, kw, n):
+    """DPMSolverSDEScheduler is dpmpp_sde on its sigma-space grid with one torchsde Brownian tree for the batch,
+    seeded by noise_sampler_seed and queried at the class's float32 noise levels: the same draws, the same
+    samples in the standard loop.  Every config key: the schedule keys, prediction_type (epsilon /
+    v_prediction), use_karras / exponential / beta_sigmas, timestep_spacing, steps_offset, noise_sampler_seed.
+    Measured: max abs diff <= 1.1e-6 (samples up to 4)."""
     from diffusers import DPMSolverSDEScheduler
 
+    from diffsampler.eval.gmm import GMMModel
     from diffsampler.pipelines import DiffSamplerScheduler
+    from diffusers_loop import run_diffusers
 
-    cfg = DPMSolverSDEScheduler().config
-    with pytest.raises(ValueError, match="DPMSolverSDEScheduler.*noise_sampler_seed"):
-        DiffSamplerScheduler.from_config(cfg)
-    sched = DiffSamplerScheduler.from_config(cfg, solver="dpmpp_sde")
-    sched.set_timesteps(9)
-    assert sched.plan.nfe == 9 and sched.plan.info["noise"] == "brownian"
+    ref_sched = DPMSolverSDEScheduler(**kw)
+    ours_sched = DiffSamplerScheduler.from_config(ref_sched.config)
+    assert ours_sched.config.solver == "dpmpp_sde" and ours_sched.convention == "DPMSolverSDEScheduler"
+    model = GMMModel(gmm16, ours_sched.schedule, ours_sched.prediction_kind)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(11)
+    ref = run_diffusers(ref_sched, model, n, x)
+    torch.manual_seed(11)
+    ours = run_diffusers(ours_sched, model, n, x)
+    assert torch.equal(ours_sched.sigmas, ref_sched.sigmas) and len(ours_sched.timesteps) == 2 * n - 1
+    assert ours_sched.order == ref_sched.order == 2
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Should have")
+def test_diffusers_dpmsolver_sde_noise_is_the_class_tree(gmm16):
+    """The draws are the class's own: the seed decides; queried at float64 levels the tree gives other
+    increments (the check above can fail); s_noise and an img2img start
+    it cannot honour are refused by name; naming the solver keeps the grid (per-sample trees then)."""
+    from diffusers import DPMSolverSDEScheduler
+
+    from diffsampler.eval.gmm import GMMModel
+    from diffsampler.pipelines import DiffSamplerScheduler
+    from diffusers_loop import run_diffusers
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for seed in (3, 4):
+        sched = DiffSamplerScheduler.from_config(DPMSolverSDEScheduler(noise_sampler_seed=seed).config)
+        outs[seed] = run_diffusers(sched, GMMModel(gmm16, sched.schedule), 6, x)
+    assert (outs[3] - outs[4]).abs().max().item() > 1e-2
+    # the query times matter: the midpoint level in float64 (sqrt(sigma sigma_next)) instead of the class's float32
+    # arithmetic moves the increment by ~1e-3 (why the adapter computes the levels as the class does)
+    from diffsampler.samplers.brownian import BrownianTrees
+
+    s0, s1 = 14.614641189575195, 7.5  # float32 levels
+    t, t_n = -torch.tensor(s0).log(), -torch.tensor(s1).log()
+    mid32 = float((-(t + (t_n - t) * 0.5)).exp())
+    trees = [BrownianTrees((4, 16), 0.03, s0, [3], batched=False) for _ in range(2)]
+    d32, d64 = trees[0].draw(s0, mid32), trees[1].draw(s0, (s0 * s1) ** 0.5)
+    assert mid32 != (s0 * s1) ** 0.5 and (d32 - d64).abs().max().item() > 1e-4
+    sched = DiffSamplerScheduler.from_config(DPMSolverSDEScheduler(noise_sampler_seed=3).config)
+    with pytest.warns(UserWarning, match="noise_sampler_seed=3 seeds the Brownian tree"):
+        with_gen = run_diffusers(sched, GMMModel(gmm16, sched.schedule), 6, x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(with_gen, outs[3])
+    sched.set_timesteps(6)
+    with pytest.raises(ValueError, match="s_noise=0.5"):
+        sched.step(x, sched.timesteps[0], x, s_noise=0.5)
+    sched.set_timesteps(6)
+    sched.set_begin_index(2)
+    with pytest.raises(ValueError, match="set_begin_index"):
+        sched.step(x, sched.timesteps[2], x)
+    up = DiffSamplerScheduler.from_config(DPMSolverSDEScheduler().config, solver="dpmpp_sde")
+    up.set_timesteps(9)
+    assert up.plan.nfe == 9 and up.plan.info["noise"] == "brownian"
+    gens = [torch.Generator().manual_seed(k) for k in range(8)]
+    a = run_diffusers(up, GMMModel(gmm16, up.schedule), 9, x, generator=gens)
+    assert torch.isfinite(a).all()
 
 
 @pytest.mark.parametrize("sched_name", sorted(SCHEDULES))

@@ -62,6 +62,11 @@ SUPPORTED_CLASSES = {
                          "timestep_spacing linspace / leading / trailing with steps_offset, use_karras / exponential / "
                          "beta_sigmas (the zero-length last step's call corrects the result: final_corrector), "
                          "prediction types epsilon / sample / v_prediction, the same generator's noise (one draw per step)",
+    "DPMSolverSDEScheduler": "dpmpp_sde (eta=1, r=0.5) on the class's grid (timestep_spacing, steps_offset, "
+                             "use_karras / exponential / beta_sigmas; n steps, 2n - 1 calls) with its Brownian noise: "
+                             "one torchsde tree for the batch seeded by noise_sampler_seed (else the generator, else "
+                             "torch's global one as the class), queried at the class's float32 noise levels; "
+                             "step()'s s_noise must be the solver's",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -497,13 +502,7 @@ _MAPPERS = {
     "IPNDMScheduler": _ipndm,
     "SASolverScheduler": _sasolver,
     "UniPCMultistepScheduler": _unipc,
-    # the method is registered (dpmpp_sde); its noise is what is not reproduced
-    "DPMSolverSDEScheduler": _not_yet(
-        "it is k-diffusion's DPM++ SDE (registered as dpmpp_sde, Brownian-tree noise by default), but its noise "
-        "is one torchsde Brownian tree over the whole batch seeded by noise_sampler_seed (a random seed when "
-        "None, no generator) and queried at float32 noise levels, and torchsde's increments depend on the "
-        "query times at its 1e-6 resolution and on the query history: its draws are not reproduced; "
-        "solver='dpmpp_sde' samples the same method with one tree per sample, seeded from the generator"),
+    "DPMSolverSDEScheduler": _k_class("dpmpp_sde", ("epsilon", "v_prediction")),
 }
 
 

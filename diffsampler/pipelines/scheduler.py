@@ -55,6 +55,9 @@ FLOWMATCH_HEUN = "FlowMatchHeunDiscreteScheduler"
 #: IPNDMScheduler: its own schedule (`schedules.TrigVP`, the network given t in [0, 1]), its grid
 #: (`schedules.ipndm_times`, first call at t = 1 where alpha = 0), a v-prediction network
 IPNDM_CLASS = "IPNDMScheduler"
+#: DPMSolverSDEScheduler: dpmpp_sde on its sigma-space grid (a K_CLASSES convention) with its Brownian noise: one
+#: torchsde tree for the batch seeded by noise_sampler_seed, queried at the class's float32 noise levels
+SDE_CLASS = "DPMSolverSDEScheduler"
 IPNDM_SPACING = "ipndm"
 FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
@@ -760,6 +763,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"num_inference_steps must be a positive integer (the number of {self.convention} "
                              f"steps), got {steps!r}")
         sig, ts, end = self._k_grid_kwargs(self.convention, int(steps))
+        self.__dict__["_k_levels"] = np.append(sig, end)  # the class's float32 noise levels (DPMSolverSDE's tree)
         if end > 0 and np.float32(end) == np.float32(sig[-1]):
             if len(sig) < 2:
                 raise ValueError("one step from sigma_min to sigma_min: nothing to sample")
@@ -772,7 +776,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         acp = sch.alphas_cumprod.to(torch.float32)
         log_table = np.log(np.array(((1 - acp) / acp) ** 0.5))
         continuous = self.config.get("timestep_type", "discrete") == "continuous" and self.prediction_kind == "v_prediction"
-        midpoints = self.convention.startswith("KDPM2")  # its second calls are at midpoints, even where
+        midpoints = self.convention.startswith(("KDPM2", SDE_CLASS))  # second calls at midpoints, even where
         model_t = []                                     # one coincides with the next point (eta = 1)
         for i, st in enumerate(plan.steps):
             for k, ev in enumerate(st.evals):
@@ -1106,6 +1110,43 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if tuple(z.shape) != tuple(sample.shape):
             raise ValueError(f"variance_noise has shape {tuple(z.shape)}, the sample {tuple(sample.shape)}")
 
+    def _sde_class_noise(self, x_T: torch.Tensor, generator):
+        """DPMSolverSDEScheduler's draws, as the class makes them: one torchsde Brownian tree for the whole batch
+        on [smallest positive, largest] of its float32 noise levels, seeded by the config's noise_sampler_seed
+        (else from the generator; with neither, from torch's global generator as the class does), queried per
+        two-call step at (sigma, sigma_mid) then (sigma, sigma_next) with the class's float32 arithmetic
+        (sigma_mid = exp(-(t + (t_next - t) / 2)), t = -log sigma); the increments depend on those exact query
+        times, so they are computed as the class computes them.  Returns the stepper's noise source."""
+        from ..samplers.brownian import BrownianTrees, tree_seeds
+
+        if self._offset:
+            raise ValueError(f"{SDE_CLASS} started at call {self._offset} (set_begin_index): its Brownian draws are "
+                             "not reproduced there; start at 0, or name a solver (solver='dpmpp_sde')")
+        lv = torch.tensor(self.__dict__["_k_levels"], dtype=torch.float32)
+        seed = self.config.get("noise_sampler_seed")
+        if seed is not None:
+            if generator is not None and not self.__dict__.get("_warned_seed"):
+                self._warned_seed = True
+                warnings.warn(f"noise_sampler_seed={seed} seeds the Brownian tree (as {SDE_CLASS}, whose step() takes "
+                              "no generator); the generator passed to step() is not used", stacklevel=3)
+            seeds, batched = [int(seed)], False
+        else:
+            seeds, batched = tree_seeds(generator)
+        pos = lv[lv > 0]
+        trees = BrownianTrees(x_T.shape, pos.min().item(), lv.max().item(), seeds, x_T.dtype, batched)
+        draws = []
+        for st, s, n in zip(self.plan.steps, lv[:-1], lv[1:]):
+            if not st.n_draws:
+                continue
+            t, t_n = -s.log(), -n.log()
+            t_p = t + (t_n - t) * 0.5
+            pts = ((t, t_p), (t, t_n)) if len(st.evals) == 2 else ((t, t_n),)
+            if len(pts) != st.n_draws:
+                raise ValueError(f"{SDE_CLASS}: step with {st.n_draws} draws, the class makes {len(pts)}")
+            draws += [trees.draw(float((-a).exp()), float((-b).exp())) for a, b in pts]
+        it = iter(torch.stack(draws).to(x_T.device).unbind(0) if draws else ())
+        return lambda x: next(it)
+
     def _noise_fn(self, x: torch.Tensor) -> torch.Tensor:  # the stepper's noise source
         """The noise of the stochastic step being completed: the caller's `variance_noise`, else one
         draw of the sample's shape from the step call's generator(s), exactly as diffusers' schedulers
@@ -1149,6 +1190,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         churn = {k: kwargs.pop(k) for k in self._CHURN_KEYS if k in kwargs}
         if kwargs:
             raise TypeError(f"step() got unexpected keyword argument(s) {sorted(kwargs)}")
+        if self.__dict__.get("convention") == SDE_CLASS and churn.get("s_noise", 1.0) != getattr(self.solver, "s_noise", 1.0):
+            raise ValueError(f"step(s_noise={churn['s_noise']}) cannot take effect: {SDE_CLASS}'s noise scale is compiled "
+                             f"into the plan (s_noise={getattr(self.solver, 's_noise', 1.0)}); build it with "
+                             f"solver_options={{'s_noise': {churn['s_noise']}}}")
         if churn.get("s_churn", 0.0):
             raise ValueError(f"step(s_churn={churn['s_churn']}) cannot be reproduced by diffsampler (supported: s_churn=0, "
                              "where s_tmin / s_tmax / s_noise do nothing): diffusers' Euler / FlowMatchHeun churn raises "
@@ -1189,7 +1234,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
                                  "(an analytic first step); pass the model the input "
                                  "scale_model_input(sample, t) gives (as StableDiffusion-style pipelines do)")
             self._brownian = None
-            if self.plan.stochastic and self.plan.info.get("noise") == "brownian":
+            if self.plan.stochastic and self.plan.info.get("noise") == "brownian" and k_conv == SDE_CLASS:
+                self._brownian = self._sde_class_noise(sample, generator)
+            elif self.plan.stochastic and self.plan.info.get("noise") == "brownian":
                 from ..samplers.brownian import brownian_noise  # trees seeded from this call's generator(s)
 
                 self._brownian = brownian_noise(self.plan, sample, generator)
