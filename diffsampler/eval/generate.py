@@ -1,8 +1,8 @@
 """Generation at scale: seeded samples written as resumable, atomically saved shards.
 
-* :func:`dist_env` / :func:`barrier` / :func:`is_main` -- torchrun-style distributed set-up (one
-  process per GPU with ``nccl``, or CPU processes with ``gloo``); a plain ``python`` run is rank 0
-  of a world of 1.
+* :func:`dist_env` / :func:`barrier` / :func:`is_main` -- distributed set-up from torchrun, submitit /
+  SLURM tasks or srun alike (:func:`launch_env`; one process per GPU with ``nccl``, or CPU processes
+  with ``gloo``); a plain ``python`` run is rank 0 of a world of 1.
 * :func:`generate_shards` -- split a list of seeds into consecutive shards; shard ``j`` is produced
   by rank ``j % world_size`` and saved as ``shard_{first:08d}_{last:08d}.pt`` holding
   ``{"seeds": LongTensor, "samples": float tensor, "fingerprint": str | None, "value_range":
@@ -32,20 +32,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import operator
 import os
 import re
+import socket
+import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["dist_env", "barrier", "is_main", "shard_name", "generate_shards", "load_shards", "iter_shards",
-           "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards", "shard_index",
+__all__ = ["dist_env", "launch_env", "Launch", "barrier", "is_main", "shard_name", "generate_shards", "load_shards",
+           "iter_shards", "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards", "shard_index",
            "checked_value_range", "fingerprint_digest", "save_image_grid"]
 
 _SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,29 +61,96 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class Launch(NamedTuple):
+    """This process's place among the processes of one job, as its launcher set it up."""
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" | "submitit" | "srun" | "single"
+
+
+def launch_env() -> Launch:
+    """``(rank, world_size, local_rank, launcher)`` from the environment, without initialising anything.
+
+    * torchrun (or any ``env://`` launcher, e.g. submitit's ``TorchDistributedEnvironment().export()``):
+      ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``;
+    * submitit (``SUBMITIT_EXECUTOR`` set: Hydra's ``submitit_slurm`` / ``submitit_local`` launchers with
+      ``tasks_per_node`` > 1): ``submitit.JobEnvironment()``'s global rank, number of tasks, local rank
+      (on SLURM: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``);
+    * srun without submitit: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (set inside a job step only, so
+      a plain ``python`` in an sbatch script is one process), ``SLURM_LOCALID``;
+    * otherwise one process: ``(0, 1, 0, "single")``.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), "torchrun")
+    if env.get("SUBMITIT_EXECUTOR"):
+        import submitit  # it launched this process
+
+        job = submitit.JobEnvironment()
+        return Launch(int(job.global_rank), int(job.num_tasks), int(job.local_rank), "submitit")
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                      "srun")
+    return Launch(0, 1, 0, "single")
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
+    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(2)
+    return prefix + re.split(r"[-,]", ranges)[0] if ranges else prefix
+
+
+def _rendezvous(launch: Launch) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for a launcher that does not set them (submitit, srun): rank 0's host
+    and a port derived from the job id, the same on every task; the environment's values win."""
+    env = os.environ
+    if launch.launcher == "submitit":
+        from submitit.helpers import TorchDistributedEnvironment
+
+        t = TorchDistributedEnvironment()  # first host of the job, a port seeded by the job id
+        addr, port = t.master_addr, t.master_port
+    else:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        addr = _first_host(nodes)
+        job = env.get("SLURM_JOB_ID", "0") + "." + env.get("SLURM_STEP_ID", "0")
+        port = 20000 + int(hashlib.sha256(job.encode()).hexdigest(), 16) % 40000
+    return env.get("MASTER_ADDR", addr), env.get("MASTER_PORT", str(port))
+
+
 def dist_env() -> tuple[int, int]:
     """``(rank, world_size)`` of this process.
 
-    Reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).  When ``WORLD_SIZE > 1``
-    and ``torch.distributed`` is not initialised yet, initialises the default process group from
-    the environment (``env://``) with backend ``nccl`` if CUDA is available (after selecting the
-    GPU ``LOCAL_RANK``) and ``gloo`` otherwise.  Without torchrun's variables: ``(0, 1)``.
+    Reads the launcher's environment (:func:`launch_env`: torchrun, submitit / SLURM tasks, srun).
+    When the world has more than one process and ``torch.distributed`` is not initialised yet,
+    initialises the default process group (``env://``) with backend ``nccl`` if CUDA is available
+    (after selecting the GPU of the local rank) and ``gloo`` otherwise.  For submitit and srun the
+    torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)
+    are set first from the launcher's, so later readers see the same ranks.  One process: ``(0, 1)``.
     """
     if _dist_ready():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
+    launch = launch_env()
+    if launch.world_size > 1:
         if not torch.distributed.is_available():
-            raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+            raise RuntimeError(f"{launch.launcher} started {launch.world_size} processes but this torch build has "
+                               "no torch.distributed")
+        if launch.launcher != "torchrun":
+            addr, port = _rendezvous(launch)
+            for k, v in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
+                         ("MASTER_ADDR", addr), ("MASTER_PORT", port)):
+                os.environ.setdefault(k, str(v))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
             backend = "nccl"
         else:
             backend = "gloo"
+        log.info("rank %d of %d (%s): joining the process group (%s, %s:%s)", launch.rank, launch.world_size,
+                 launch.launcher, backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
         torch.distributed.init_process_group(backend=backend, init_method="env://")
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return rank, world
+    return launch.rank, launch.world_size
 
 
 def barrier() -> None:
@@ -91,7 +163,7 @@ def is_main() -> bool:
     """True on rank 0 (and in a non-distributed run)."""
     if _dist_ready():
         return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_env().rank == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,15 +313,49 @@ def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
     return ShardRecord(fp, first["value_range"], fingerprint_digest(fp))
 
 
+def _tmp_path(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process uses (host and process id): ranks and
+    jobs sharing a directory on a shared filesystem never write the same temporary file.  Not a shard
+    name, so a leftover of a killed process is never read; the next run on the same host removes it."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete the temporary files of ``path`` left by killed processes of this host (and the older
+    ``<name>.tmp`` form).  A live writer's file, or one written on another host, is left alone."""
+    host = socket.gethostname()
+    for tmp in [path.with_name(path.name + ".tmp"), *path.parent.glob(f".{glob_escape(path.name)}.*.tmp")]:
+        stem = tmp.name[len(path.name) + 2:-len(".tmp")] if tmp.name.startswith(".") else None
+        if stem is not None:
+            tmp_host, _, pid = stem.rpartition(".")
+            if tmp_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+        tmp.unlink(missing_ok=True)
+
+
 def _save_atomic(obj, path: Path) -> None:
-    """torch.save to ``<path>.tmp`` in the same directory, fsync, then os.replace: a file with the
-    final name is always complete.  A ``.tmp`` left over by a killed run is simply overwritten."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a per-process temporary file in the same directory, fsync, then os.replace: a file
+    with the final name is always complete, whichever process wrote it."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def generate_shards(
@@ -319,12 +425,17 @@ def generate_shards(
                         f"shard ({len(shards[j])} seeds {shards[j][0]}..{shards[j][-1]}); use a fresh out_dir")
                 continue  # finished earlier: never regenerate
         todo.append(j)
+    for j in todo:
+        _remove_stale_tmp(paths[j])
 
     from tqdm.auto import tqdm
 
     record = {"fingerprint": canonical, "value_range": None if value_range is None else list(value_range)}
     total = sum(len(shards[j]) for j in mine)
     done = total - sum(len(shards[j]) for j in todo)
+    log.info("%s: rank %d of %d makes %d of %d shards (%d samples) in %s; %d finished earlier, %d to generate",
+             desc, rank, world_size, len(mine), len(shards), total, out, len(mine) - len(todo), len(todo))
+    started, made = time.perf_counter(), 0
     with tqdm(total=total, initial=done, desc=desc, unit="sample", dynamic_ncols=True,
               disable=not progress or rank != 0) as bar:
         for j in todo:
@@ -339,6 +450,9 @@ def generate_shards(
                 x = x.float()
             _save_atomic({"seeds": torch.tensor(s, dtype=torch.long), "samples": x.contiguous(), **record}, paths[j])
             bar.update(len(s))
+            done, made = done + len(s), made + len(s)
+            log.info("%s: rank %d saved %s (%d/%d samples of this rank, %.1f samples/s)", desc, rank, paths[j].name,
+                     done, total, made / max(time.perf_counter() - started, 1e-9))
     if world_size > 1:
         barrier()
     return paths

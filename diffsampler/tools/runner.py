@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -23,6 +24,8 @@ from .run_checks import gmm_schedule, minority_classifier_dir, reward_name, vali
 from .run_spec import EvalSpec, GuidanceSpec, ModelSpec, RunSpec, resolve
 
 __all__ = ["validate", "resolve", "run", "execute", "build_gmm", "append_row", "read_rows", "ConfigError"]
+
+log = logging.getLogger(__name__)
 
 
 def _device(name: str) -> torch.device:
@@ -212,6 +215,11 @@ def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = N
     plan = make_plan(spec.solver.name, den.schedule, s.nfe, s.spacing, s.final, **spec.solver.options)
     if rank == 0 and gmm is None and _scores_features(m.name, spec.eval):
         _feature_extractor(m.name, spec.eval, device)  # loaded with the model (or kept from an earlier job)
+    how = "built" if gmm is not None else "loaded" if LOADS["pipeline"] > loads0.get("pipeline", 0) else \
+        "kept from an earlier job of this process"
+    log.info("model=%s ready on %s (%s; %.1f s since the job started); solver %s, %d model calls per sample, spacing %s",
+             m.name, device, how, time.perf_counter() - t0, spec.solver.name, plan.nfe,
+             plan.info.get("spacing", s.spacing))
     seeds = s.seeds
     calls: list[int] = []  # network calls per trajectory, measured (guidance can add some)
 
@@ -238,8 +246,10 @@ def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = N
     row: dict[str, Any] = {}
     if rank == 0:
         t3 = time.perf_counter()
+        log.info("scoring %d samples of %s", len(seeds), run_dir / "samples")
         _, samples = load_shards(run_dir / "samples", seeds)
         metrics = _metrics(spec, gmm, den, samples, device)
+        log.info("metrics: %s", json.dumps(metrics))
         if spec.guidance.name == "svdd":
             metrics.update(_svdd_metrics(spec, guidance, samples, gmm is None))
         if spec.guidance.name == "minority":
