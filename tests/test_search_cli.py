@@ -102,6 +102,11 @@ def test_search_job_end_to_end_resume_and_plan_by_name(tmp_path):
     conv = (run / "convergence.csv").read_text().splitlines()
     assert conv[0] == "evaluations,best_calib,verify,key" and conv[-1].startswith("10,")
     lines = (run / "search.jsonl").read_text().splitlines()
+    cli_log = (run / "cli.log").read_text()  # what happened, in order
+    for needle in ("search (single, rank 0 of 1): ", "search.name=my_gmm4", "model=gmm ready",
+                   "search done in", "10 evaluations", "wrote plan.yaml, convergence.csv, comparison.csv",
+                   f"{plans}/my_gmm4.yaml", "best plan: name=my_gmm4"):
+        assert needle in cli_log, needle
     # resume: the same run dir replays the log; nothing is evaluated twice
     r = _run(args, tmp_path)
     assert r.returncode == 0, r.stderr

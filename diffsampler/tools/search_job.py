@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import math
 import re
 import time
@@ -36,6 +37,8 @@ import torch
 from .config_schema import BOOL, GROUPS, INT, STR, ConfigError, Type, _check_node, one_of, optional
 from .run_spec import EvalSpec, GuidanceSpec, ModelSpec, model_spec
 from .search import CALIBRATION_SEED_BASE, Batch, Calibration, S3Settings, rmse, run_search
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SearchSpec", "validate_search", "run_search_job", "search_seeds", "SEARCH_KEYS", "METRICS"]
 
@@ -466,12 +469,15 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     device = _device(spec.device)
     t0 = time.perf_counter()
     den, shape, dtype, gmm = build_model(spec, device)
+    logger.info("model=%s ready on %s in %.1f s; searching a %d-call plan for %s (budget %d evaluations)",
+                spec.model.name, device, time.perf_counter() - t0, spec.nfe, spec.metric, spec.budget)
     seeds = search_seeds(spec.calib, spec.verify, spec.holdout)
     fingerprint = model_fingerprint(spec)
     ref_seeds = seeds["calib"] + seeds["verify"] + (seeds["holdout"] if spec.holdout else [])
     reference, cache = None, None
     if spec.metric == "rmse":
         reference, cache = reference_endpoints(spec, den, shape, ref_seeds, device, gmm, rank, world, fingerprint)
+        logger.info("reference endpoints of %d seeds ready (%s)", len(ref_seeds), cache or "exact")
     analytic, analytic_note = data_mean_rule(spec, gmm, reference)
     scorer = MetricScorer(spec, den, device)
     sch = den.schedule
@@ -505,6 +511,8 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
                    batches=Calibration(batches), metric_name=spec.metric, provenance=provenance,
                    log_extra={"model_hash": provenance["model_hash"], "reference": provenance["reference"]})
     search_s = time.perf_counter() - t0
+    logger.info("search done in %.1f s: %d evaluations, calibration %s %.6g, verification %s; log %s", search_s,
+                r.evaluations, spec.metric, r.calib_score, r.verify_score, log)
     plan = r.plan
     plan.info["search"]["training_steps"] = training_steps(sch)
     conv = convergence(r, den, batches, spec, log, rank, world)
@@ -523,6 +531,8 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
         if table:
             _write_table(run_dir, table, spec, len(seeds["holdout"]))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        logger.info("wrote plan.yaml, convergence.csv, %ssummary.json in %s%s", "comparison.csv / .md, " if table else "",
+                    run_dir, f" and {spec.plan_dir}/{spec.name}.yaml" if spec.plan_dir is not None else "")
     barrier()
     return summary
 
