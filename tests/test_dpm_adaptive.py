@@ -63,6 +63,55 @@ def test_equals_kdiffusion_sample_dpm_adaptive(K, gmm, order, opts, sched):
     assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
 
 
+ETA_CASES = [(3, {"eta": 1.0}), (2, {"eta": 0.5, "s_noise": 0.8}), (3, {"eta": 0.7, "rtol": 0.02, "atol": 0.002})]
+
+
+@pytest.mark.parametrize("order,opts", ETA_CASES, ids=[f"{o}{k}" for o, k in ETA_CASES])
+@pytest.mark.parametrize("sched", ["edm", "vp"])
+def test_eta_equals_kdiffusion_with_the_same_noise(K, gmm, order, opts, sched):
+    """eta > 0: the pair solves to the ancestral level, an accepted attempt adds s_noise rho_up z (one draw per
+    accepted attempt, from the same per-sample generators on both sides), PID order 1.5: the same attempts and
+    the endpoint to 1e-6 (float64)."""
+    from diffsampler.samplers.loop import ondemand_noise, per_sample_generators, per_sample_noise
+
+    schedule = EDM(0.002, 80.0) if sched == "edm" else DiscreteVP.linear()
+    r = schedule.rho(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+    den = gmm_denoiser(gmm, schedule)
+    x_T_v = torch.randn(5, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * r[0]
+    gens = per_sample_generators(range(5))
+    want, info = K.sample_dpm_adaptive(_kd_model(den, schedule), x_T_v.clone(), r[1].clone(), r[0].clone(),
+                                       order=order, disable=True, return_info=True,
+                                       noise_sampler=lambda a, b: per_sample_noise(x_T_v.shape, gens, "cpu",
+                                                                                   torch.float64), **opts)
+    plan = ds.samplers.make_plan("dpm_adaptive", schedule, None, final="last", order=order, **opts)
+    assert plan.stochastic
+    a = schedule.alpha(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+    x = x_T_v * float(a[0])
+    got = ds.samplers.run_plan(plan, den, x, noise_fn=ondemand_noise(per_sample_generators(range(5)), x)) / float(a[1])
+    assert {k: plan.info[k] for k in info} == info
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 * max(1.0, want.abs().max().item()), err
+    # the noise takes effect: without it (eta = 0) the endpoint is another
+    det = ds.samplers.run_plan(ds.samplers.make_plan("dpm_adaptive", schedule, None, final="last", order=order),
+                               den, x) / float(a[1])
+    assert (det - got).abs().max().item() > 1e-2
+
+
+def test_eta_through_sample_per_sample_seeds(gmm):
+    """Sample k depends only on seed k (per-sample generators, one draw per accepted attempt) -- as long as the
+    batch takes the same steps: the error norm is over the batch (k-diffusion's), so a sample run alone takes
+    its own; a run with the same seeds is the same."""
+    den = gmm_denoiser(gmm, DiscreteVP.linear())
+    kw = dict(solver="dpm_adaptive", nfe=400, eta=1.0)
+    a = ds.sample(den, shape=(3, gmm.dim), seeds=[5, 6, 7], **kw)
+    b = ds.sample(den, shape=(3, gmm.dim), seeds=[5, 6, 7], **kw)
+    c = ds.sample(den, shape=(3, gmm.dim), seeds=[5, 6, 8], **kw)
+    assert torch.equal(a, b) and torch.isfinite(a).all() and (a - c).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="stochastic"):
+        ds.samplers.run_plan(ds.samplers.make_plan("dpm_adaptive", den.schedule, 400, eta=1.0), den,
+                             torch.zeros(2, gmm.dim))
+
+
 def test_through_sample_budget_and_report(gmm):
     schedule = DiscreteVP.linear()
     den = gmm_denoiser(gmm, schedule)
@@ -87,7 +136,7 @@ def test_through_sample_budget_and_report(gmm):
 
 @pytest.mark.parametrize("kw,match", [({"spacing": "karras"}, "spacing"), ({"order": 4}, "order"),
                                       ({"rtol": -1.0}, "rtol"), ({"h_init": 0.0}, "h_init"),
-                                      ({"nfe": 1}, "nfe"), ({"eta": 1.0}, "eta"),
+                                      ({"nfe": 1}, "nfe"), ({"eta": -1.0}, "eta"), ({"s_noise": 0.9}, "s_noise"),
                                       ({"time_shift": {"window": 4, "cutoff": 500}}, "time_shift")])
 def test_refused_by_name_before_any_call(gmm, kw, match):
     den = gmm_denoiser(gmm, DiscreteVP.linear())

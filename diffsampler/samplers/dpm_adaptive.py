@@ -26,6 +26,7 @@ import torch
 from ..schedules import TimeGrid
 from .ddim import euler_weights
 from .dpm_solver import dpm_weights
+from .kdiffusion import ancestral_step
 from .plan import Combo, Plan, PlanBuilder, Stepper, combine
 from .registry import Solver, register
 
@@ -93,14 +94,18 @@ class AdaptivePlan(Plan):
     def nfe(self):
         return self.budget
 
-    def run(self, denoiser, x: torch.Tensor, callback=None, progress: bool = False) -> torch.Tensor:
-        return self.driver.run(self, denoiser, x, callback)
+    @property
+    def stochastic(self) -> bool:
+        return self.driver.stochastic
+
+    def run(self, denoiser, x: torch.Tensor, callback=None, progress: bool = False, noise_fn=None) -> torch.Tensor:
+        return self.driver.run(self, denoiser, x, callback, noise_fn)
 
 
 @register("dpm_adaptive")
 class DPMAdaptive(Solver):
-    """DPM-Solver-12 / 23 with error control (k-diffusion's sample_dpm_adaptive, eta = 0), from
-    t_max to t_min, then (final="zero") one DPM-Solver-1 step onto sigma = 0.
+    """DPM-Solver-12 / 23 with error control (k-diffusion's sample_dpm_adaptive), from t_max to t_min,
+    then (final="zero") one DPM-Solver-1 step onto sigma = 0.
 
     Each attempt from lambda_s to lambda_t = min(lambda_end, lambda_s + h) spends `order` calls:
     order 3: x_low = DPM-Solver-2 with r_1 = 1/3, x_high = DPM-Solver-3 (r_1 = 1/3, r_2 = 2/3);
@@ -109,14 +114,20 @@ class DPMAdaptive(Solver):
     rtol max(|v_low|, |v_prev|)) with v_prev the last accepted v_low (v_T at first), over the whole
     batch as k-diffusion computes it; the PID controller (`PIDController`, order = `order`) accepts
     or rejects and rescales h.  A rejected attempt is redone from the same point (its first call
-    again, as k-diffusion does)."""
+    again, as k-diffusion does).
+
+    `eta` > 0 (k-diffusion's eta): each attempt from rho_s towards rho_t solves the ODE pair down to the
+    ancestral level lambda' = min(lambda_end, -log rho_down), (rho_down, rho_up) = `kdiffusion.ancestral_step`
+    (rho_s, rho_t, eta), and an accepted one adds s_noise sqrt(rho_t^2 - rho'^2) z in v (one draw per accepted
+    attempt, none for rejected ones; the controller's order is then 1.5, as k-diffusion's)."""
 
     name = "dpm_adaptive"
     kind = "noise"
     adaptive = True
 
     def __init__(self, order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
-                 pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81):
+                 pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
+                 eta: float = 0.0, s_noise: float = 1.0):
         if order not in (2, 3) or isinstance(order, bool):
             raise ValueError(f"order must be 2 (DPM-Solver-12) or 3 (DPM-Solver-23), got {order!r}")
         for key, v in (("rtol", rtol), ("atol", atol)):
@@ -131,6 +142,13 @@ class DPMAdaptive(Solver):
         if not pcoeff + icoeff + dcoeff > 0:
             raise ValueError(f"pcoeff + icoeff + dcoeff must be > 0 (the controller's step response), got "
                              f"{pcoeff} + {icoeff} + {dcoeff}")
+        for key, v in (("eta", eta), ("s_noise", s_noise)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
+        if eta == 0 and s_noise != 1.0:
+            raise ValueError(f"s_noise={s_noise} has no effect with eta=0 (no noise is added); give eta > 0")
+        self.eta, self.s_noise = float(eta), float(s_noise)
+        self.stochastic = self.eta > 0 and self.s_noise > 0
         self.order, self.nfe_per_step, self.min_nfe = int(order), int(order), int(order)
         self.rtol, self.atol, self.h_init = float(rtol), float(atol), float(h_init)
         self.pid = (float(pcoeff), float(icoeff), float(dcoeff), float(accept_safety))
@@ -191,14 +209,17 @@ class DPMAdaptive(Solver):
         b.end_step(Combo(cx, ((e0, w0), (e2, w2))), order=3)
         return b.plan(self.name), low
 
-    def run(self, plan: AdaptivePlan, denoiser, x: torch.Tensor, callback=None) -> torch.Tensor:
+    def run(self, plan: AdaptivePlan, denoiser, x: torch.Tensor, callback=None, noise_fn=None) -> torch.Tensor:
         """Sample from x = x_{t_max}: attempts through the Stepper until lambda_end; `plan.info`
-        records the spending.  `callback(i, x, M)` after each accepted step (and the final one)."""
+        records the spending.  `callback(i, x, M)` after each accepted step (and the final one).
+        `noise_fn(x)`: N(0, I) like x, one call per accepted attempt (eta > 0)."""
+        if self.stochastic and noise_fn is None:
+            raise ValueError(f"solver {self.name!r} with eta={self.eta} is stochastic: pass seeds or a generator")
         grid, sched = plan.grid, plan.grid.schedule
         s = (float(grid.t[0]), float(grid.alpha[0]), float(grid.sigma[0]), float(sched.lambda_(grid.t[0])))
         t_end = float(grid.t[1])
         l_end = float(sched.lambda_(grid.t[1]))
-        pid = PIDController(self.h_init, *self.pid[:3], self.order, self.pid[3])
+        pid = PIDController(self.h_init, *self.pid[:3], 1.5 if self.eta else self.order, self.pid[3])
         info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": 0, "lambdas": [s[3]]}
         plan.info.update(info)
         reserve = 1 if grid.final_zero else 0
@@ -210,8 +231,16 @@ class DPMAdaptive(Solver):
                     f"lambda={s[3]:.4g} of {l_end:.4g} ({info['n_accept']} steps accepted, {info['n_reject']} "
                     f"rejected); raise nfe, or rtol / atol")
             l_t = min(l_end, s[3] + pid.h)
-            t = (t_end, float(grid.alpha[1]), float(grid.sigma[1]), l_end) if l_t == l_end else _at(sched, l_t)
-            step, low = self.attempt(grid, s, t)
+            end = (t_end, float(grid.alpha[1]), float(grid.sigma[1]), l_end)
+            t = end if l_t == l_end else _at(sched, l_t)
+            t_, up = t, 0.0
+            if self.eta:  # the pair solves down to the ancestral level rho_down (capped at the end), noise up
+                r_s, r_t = math.exp(-s[3]), math.exp(-t[3])
+                r_down, _ = ancestral_step(r_s, r_t, self.eta)
+                l_ = min(l_end, -math.log(r_down)) if r_down > 0 else l_end
+                t_ = end if l_ == l_end else _at(sched, l_)
+                up = math.sqrt(max(r_t * r_t - math.exp(-2.0 * l_), 0.0))
+            step, low = self.attempt(grid, s, t_)
             pair = {}
 
             def keep_low(i, x_high, m, step=step, low=low):
@@ -222,11 +251,14 @@ class DPMAdaptive(Solver):
                 stepper.feed(denoiser.predict_at(*stepper.next_input()))
             info["nfe"] += self.order
             info["steps"] += 1
-            v_low, v_high = pair["low"] / t[1], stepper.x / t[1]
+            v_low, v_high = pair["low"] / t_[1], stepper.x / t_[1]
             delta = torch.clamp(self.rtol * torch.maximum(v_low.abs(), v_prev.abs()), min=self.atol)
             error = float(torch.linalg.norm((v_low - v_high) / delta)) / v_low.numel() ** 0.5
             if pid.propose(error):
-                x, v_prev, s = stepper.x, v_low, t
+                x, v_prev = stepper.x, v_low
+                if self.stochastic:  # v_t = v_high + s_noise rho_up z, at the attempt's target t
+                    x = (v_high + (self.s_noise * up) * noise_fn(x)) * t[1]
+                s = t
                 info["n_accept"] += 1
                 info["lambdas"].append(t[3])
                 if callback is not None:

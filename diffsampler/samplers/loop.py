@@ -343,7 +343,9 @@ def sample(
             noise_fn = brownian_noise(plan, x_T, gens)
         else:
             # a strategy (SVDD) draws a data-dependent amount of noise: drawn per call, still per sample
-            noise_fn = ondemand_noise(gens, x_T) if strategy else predrawn_noise(plan, gens, x_T)
+            # (an adaptive plan draws once per accepted step: as many as it accepts, not known before)
+            noise_fn = (ondemand_noise(gens, x_T) if strategy or getattr(plan, "adaptive", False)
+                        else predrawn_noise(plan, gens, x_T))
     if guidance is not None and callable(getattr(guidance, "wrap", None)):
         denoiser = guidance.wrap(denoiser)
     if strategy:

@@ -319,7 +319,7 @@ def run_plan(
             raise ValueError(f"solver {plan.solver!r} chooses its steps while it samples: "
                              f"{'time_shift' if time_shift is not None else 'a sampling strategy (transition)'} "
                              "cannot apply to it")
-        return plan.run(denoiser, x, callback=callback, progress=progress)
+        return plan.run(denoiser, x, callback=callback, progress=progress, noise_fn=noise_fn)
     at = time_shift.hook(plan, denoiser.schedule, x.device) if time_shift is not None else None
     stepper = Stepper(plan, denoiser, x, noise_fn, at=at, transition=transition, on_step=callback)
     bar = None
