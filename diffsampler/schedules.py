@@ -113,7 +113,8 @@ class DiscreteVP(_VP):
     t is measured in training timesteps, t in [0, N-1], exactly the `timestep` a diffusers UNet
     takes.  lambda is interpolated linearly in t between the N knots, so t(lambda) is the exact
     inverse.  A zero-terminal-SNR schedule (alpha_bar_N = 0) has its last value floored at
-    alpha_bar = 2^-24 as in diffusers, so the first step starts from (almost) pure noise.
+    alpha_bar = 2^-24 as in diffusers' DPMSolverMultistep / UniPC / Euler (at half the value before it where
+    that one is below 2^-24, so the table stays decreasing), so the first step starts from (almost) pure noise.
     """
 
     def __init__(self, alphas_cumprod):
@@ -122,8 +123,8 @@ class DiscreteVP(_VP):
             raise ValueError(f"alphas_cumprod must be a 1-D sequence of >= 2 values, got shape {tuple(acp.shape)}")
         if not bool((acp[1:] < acp[:-1]).all()) or not bool((acp <= 1).all()) or not bool((acp[:-1] > 0).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing, <= 1, and > 0 except possibly the last")
-        if acp[-1] <= 0:  # zero terminal SNR: lambda = -inf; floor as diffusers does (2^-24)
-            acp[-1] = min(2.0**-24, 0.5 * float(acp[-2]))
+        if acp[-1] <= 0:  # zero terminal SNR: lambda = -inf; floor as diffusers' DPM-Solver, UniPC, Euler do (2^-24)
+            acp[-1] = 2.0**-24 if float(acp[-2]) > 2.0**-24 else 0.5 * float(acp[-2])  # (kept decreasing)
         self.alphas_cumprod = acp
         self._lam = 0.5 * (acp.log() - torch.log1p(-acp))
         self._knots = torch.arange(len(acp), dtype=torch.float64)
@@ -394,6 +395,7 @@ def time_grid(
     t_end: float | None = None,
     rho: float | None = None,
     steps_offset: int = 0,
+    last_timestep: int | None = None,
     **options,
 ) -> TimeGrid:
     """Grid of `steps` solver steps (steps + 1 points).
@@ -409,7 +411,8 @@ def time_grid(
     `diffusers_sigmas`; the grid points sit at those float32 sigmas), the timesteps of diffusers'
     DDIM / DDPM / PNDM schedulers "ddim_linspace" / "ddim_leading" (their "trailing" is "trailing";
     `steps` timesteps, the last one 0 for ddim_linspace), or an explicit decreasing sequence of
-    model times.
+    model times.  `last_timestep` (linspace / leading / trailing only): the training range diffusers'
+    DPMSolverMultistep lays them on under `lambda_min_clipped` (`diffusers_last_timestep`).
 
     final: "zero" ends at sigma = 0 (the last step jumps to the data prediction), "last" ends at the
     last grid time.  Both lay steps + 1 points on [t_end, t_start] by the spacing; "zero" replaces
@@ -458,8 +461,10 @@ def time_grid(
             ts[-1] = schedule.t_min
         return TimeGrid.from_times(schedule, ts, final_zero)
 
+    if last_timestep is not None and spacing not in ("linspace", "leading", "trailing"):
+        raise ValueError(f"last_timestep applies to the spacings 'linspace', 'leading', 'trailing', not {spacing!r}")
     if spacing in DIFFUSERS_TIMESTEP_SPACINGS:
-        ts = _diffusers_timesteps(schedule, steps, spacing, steps_offset)
+        ts = _diffusers_timesteps(schedule, steps, spacing, steps_offset, last_timestep)
         if not final_zero:  # diffusers' final_sigmas_type="sigma_min": end at t = 0
             if ts[-1] <= schedule.t_min:
                 raise ValueError(f"spacing {spacing!r} with {steps} steps puts its last model call at t = "
@@ -535,13 +540,33 @@ def _ays_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: boo
     return TimeGrid.from_times(schedule, ts[:-1] if final_zero else ts, final_zero)
 
 
-def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+def _diffusers_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int,
+                         last_timestep: int | None = None) -> np.ndarray:
     """Integer timesteps exactly as diffusers' DPMSolverMultistepScheduler.set_timesteps makes them, or
     (ddim_*) as DDIMScheduler / DDPMScheduler / PNDMScheduler make them (`steps` points, leading with
-    step ratio T // steps)."""
+    step ratio T // steps).  `last_timestep`: DPMSolverMultistep's range under lambda_min_clipped (linspace
+    and leading are laid on [0, last_timestep), trailing counts down from it with the step T / steps)."""
     if not isinstance(schedule, DiscreteVP):
         raise ValueError(f"spacing {spacing!r} needs a DiscreteVP schedule, got {type(schedule).__name__}")
     T = schedule.num_train_timesteps
+    if last_timestep is not None:
+        last = int(last_timestep)
+        if not 0 < last <= T:
+            raise ValueError(f"last_timestep must be in [1, {T}], got {last_timestep!r}")
+        if spacing == "linspace":
+            ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            ts = (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + steps_offset
+        else:
+            ts = np.arange(last, 0, -T / steps).round() - 1
+            if len(ts) != steps:
+                raise ValueError(f"trailing spacing from last_timestep {last} gives {len(ts)} timesteps for {steps} "
+                                 "steps (diffusers' DPMSolverMultistep with lambda_min_clipped then makes fewer calls)")
+        ts = ts.astype(np.float64)
+        if len(np.unique(ts)) != len(ts) or ts.min() < 0:
+            raise ValueError(f"{steps} steps with {spacing!r} spacing below timestep {last} give duplicate or negative "
+                             "timesteps")
+        return ts
     if spacing == "ddim_linspace":
         ts = np.linspace(0, T - 1, steps).round()[::-1]
     elif spacing == "ddim_leading":
@@ -595,6 +620,19 @@ def diffusers_sigmas(schedule: NoiseSchedule, n: int, spacing: str) -> tuple[np.
                         for ppf in [scipy.stats.beta.ppf(u, 0.6, 0.6) for u in 1 - np.linspace(0, 1, n)]])
     t = diffusers_sigma_to_t(sig, log_table)
     return np.asarray(sig, dtype=np.float64), t.astype(np.float64)
+
+
+def diffusers_last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """DPMSolverMultistepScheduler's `last_timestep` under `lambda_min_clipped`: the number of training timesteps
+    whose float32 log-SNR lambda_t = log alpha_t - log sigma_t is at least the clip (the timesteps past it are not
+    used by its linspace / leading / trailing grids; DPM-Solver, Lu et al. 2022, clips lambda for the cosine
+    schedule's numerical stability)."""
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"lambda_min_clipped needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    acp = schedule.alphas_cumprod.to(torch.float32)
+    lam = torch.log(acp**0.5) - torch.log((1 - acp) ** 0.5)
+    clipped = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(float(lambda_min_clipped))))
+    return schedule.num_train_timesteps - clipped
 
 
 def diffusers_sigma_to_t(sigma, log_table: np.ndarray) -> np.ndarray:

@@ -43,6 +43,14 @@ DPM_MULTISTEP = [
     (dict(algorithm_type="sde-dpmsolver++", **MIN), "dpmpp_2m_sde"),
     (dict(algorithm_type="sde-dpmsolver", **MIN), "dpm_solver_2m"),
     (dict(algorithm_type="sde-dpmsolver", solver_type="heun", solver_order=1, **MIN), "dpm_solver_2m"),
+    # the cosine schedule's clipped log-SNR (stable diffusion 2's / DeepFloyd's configs): the grid stops short
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), "dpmpp_2m"),
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-3.0, timestep_spacing="trailing"), "dpmpp_2m"),
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-3.0, timestep_spacing="leading",
+          algorithm_type="sde-dpmsolver++", solver_order=3), "dpmpp_3m_sde"),
+    # zero terminal SNR: diffusers' last alpha_bar 2^-24 (scaled_linear keeps the table decreasing)
+    (dict(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction",
+          timestep_spacing="trailing"), "dpmpp_2m"),
 ]
 
 
@@ -69,8 +77,8 @@ def test_dpm_solver_multistep_options_reproduced(gmm16, kw, solver, nfe):
 
 REFUSED = [
     (dict(algorithm_type="sde-dpmsolver", solver_order=3, **MIN), "solver_order=3"),
-    (dict(algorithm_type="dpmsolver++", lambda_min_clipped=-5.1), "lambda_min_clipped=-5.1"),
     (dict(variance_type="learned"), "variance_type='learned'"),
+    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True with beta_schedule='linear'"),
     (dict(euler_at_final=True, use_karras_sigmas=True, **MIN), "euler_at_final=True"),
 ]
 

@@ -112,3 +112,202 @@ def test_config_of_schedule_keys_only_is_our_own():
         warnings.simplefilter("error")
         s = DiffSamplerScheduler.from_config(cfg)
     assert s.config.solver == "dpmpp_2m" and s.prediction_kind == "v_prediction"
+
+
+# -- 2. every config key of every supported class: reproduced, or refused / warned about by name ---------
+
+import inspect  # noqa: E402
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+#: non-default values tried for each diffusers config key (every value that is not the class's default)
+ALTERNATIVES = {
+    "num_train_timesteps": [500],
+    "beta_start": [0.0005],
+    "beta_end": [0.015],
+    "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
+    "trained_betas": [np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2],
+    "clip_sample": [True, False],
+    "set_alpha_to_one": [True, False],
+    "steps_offset": [1],
+    "prediction_type": ["epsilon", "v_prediction", "sample"],
+    "thresholding": [True],
+    "dynamic_thresholding_ratio": [0.9],
+    "clip_sample_range": [0.5],
+    "sample_max_value": [1.5],
+    "timestep_spacing": ["linspace", "leading", "trailing"],
+    "rescale_betas_zero_snr": [True],
+    "variance_type": ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"],
+    "skip_prk_steps": [True],
+    "solver_order": [1, 2, 3],
+    "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis"],
+    "solver_type": ["midpoint", "heun", "logrho", "bh1", "bh2"],
+    "lower_order_final": [False],
+    "euler_at_final": [True],
+    "use_karras_sigmas": [True],
+    "use_exponential_sigmas": [True],
+    "use_beta_sigmas": [True],
+    "use_lu_lambdas": [True],
+    "use_flow_sigmas": [True],
+    "flow_shift": [3.0],
+    "final_sigmas_type": ["zero", "sigma_min"],
+    "lambda_min_clipped": [-5.1],
+    "use_dynamic_shifting": [True],
+    "time_shift_type": ["exponential", "linear"],
+    "interpolation_type": ["log_linear"],
+    "sigma_min": [0.1],
+    "sigma_max": [10.0],
+    "timestep_type": ["continuous"],
+    "predict_x0": [False],
+    "disable_corrector": [[0], [1, 2]],
+    "solver_p": ["DDIMScheduler"],  # an instance, built in the test
+    "shift": [3.0],
+    "base_shift": [0.3],
+    "max_shift": [1.5],
+    "base_image_seq_len": [128],
+    "max_image_seq_len": [2048],
+    "invert_sigmas": [True],
+    "shift_terminal": [0.1],
+    "stochastic_sampling": [True],
+}
+
+#: the keys that act only together with another one: tried with it too
+CONTEXT = {
+    "dynamic_thresholding_ratio": {"thresholding": True},
+    "sample_max_value": {"thresholding": True},
+    "clip_sample_range": {"clip_sample": True},
+    "sigma_min": {"use_karras_sigmas": True},
+    "sigma_max": {"use_karras_sigmas": True},
+    "time_shift_type": {"use_dynamic_shifting": True},
+    "flow_shift": {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    "use_flow_sigmas": {"prediction_type": "flow_prediction"},
+    "timestep_type": {"prediction_type": "v_prediction"},
+    "rescale_betas_zero_snr": {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+                               "timestep_spacing": "trailing"},
+    "lambda_min_clipped": {"beta_schedule": "squaredcos_cap_v2"},
+    "solver_type": {"solver_order": 3},
+    # squaredcos_cap_v2's last timestep has sigma / alpha = 2e4: from there float32 round-off is ~1e-3 (below);
+    # leading spacing starts below it, where the method itself is compared
+    "beta_schedule": {"timestep_spacing": "leading"},
+}
+
+#: (key, value) whose configurations start from sigma / alpha >= 4096, where diffusers' and our float32 samples
+#: differ by float32 round-off (ours in float32 vs float64 moves by a fifth of the gap or more): audit_one's
+#: "float32 round-off"; the same keys are compared to 1e-4 in a well-conditioned context (CONTEXT)
+ROUNDOFF = {("beta_schedule", "squaredcos_cap_v2"), ("rescale_betas_zero_snr", True)}
+
+
+def _defaults(cls):
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty}
+
+
+def _same(a, b):
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    return type(a) is type(b) and a == b
+
+
+def audit_cases(classes=None):
+    """(class name, config options) for every key of every class in SUPPORTED_CLASSES set to each value of
+    ALTERNATIVES that is not its default, alone and (where CONTEXT has one) with the key it acts with."""
+    out = []
+    for name in sorted(classes or SUPPORTED_CLASSES):
+        d = _defaults(getattr(diffusers, name))
+        for key, default in d.items():
+            assert key in ALTERNATIVES, f"{name}.{key}: no alternative value to audit (add it to ALTERNATIVES)"
+            for v in ALTERNATIVES[key]:
+                if _same(v, default):
+                    continue
+                ctx = {k: c for k, c in CONTEXT.get(key, {}).items() if k in d}
+                for c in ([{}, ctx] if ctx else [{}]):
+                    out.append((name, {**c, key: v}))
+    return out
+
+
+def audit_one(gmm, name, opts, nfe=6):
+    """("diffusers raises" | "refused" | "warned" | "reproduced", detail) for the diffusers class `name` built
+    with `opts`: our from_config of its config must reproduce it (max abs difference within 1e-4 relative to the
+    sample's scale), or raise / warn naming the key."""
+    cls = getattr(diffusers, name)
+    kw = dict(opts)
+    if kw.get("solver_p") == "DDIMScheduler":
+        kw["solver_p"] = diffusers.DDIMScheduler()
+    try:
+        ref = cls(**kw)
+    except Exception as e:  # diffusers' own class refuses it
+        return "diffusers raises", f"{type(e).__name__}: {e}"
+    keys = [k for k in opts if not _same(opts[k], _defaults(cls).get(k, object()))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ours = DiffSamplerScheduler.from_config({**ref.config, "_class_name": name})
+        except (ValueError, NotImplementedError) as e:
+            msg = str(e)
+            return ("refused" if any(re.search(rf"\b{k}\b", msg) for k in keys) else "refused, key not named"), msg
+    named = [str(w.message) for w in caught if any(re.search(rf"\b{k}\b", str(w.message)) for k in keys)]
+    set_kw = {"mu": 0.7} if kw.get("use_dynamic_shifting") else {}
+    model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
+    from test_parity import Image4d
+
+    model, x = Image4d(model), x_T(16).reshape(16, 1, 4, 4)
+
+    def gen():
+        return torch.Generator().manual_seed(7)
+
+    stochastic = ours.solver.stochastic
+    try:
+        a = run_diffusers(ref, model, nfe, x, generator=gen() if stochastic else None, **set_kw)
+    except Exception as e:
+        return "diffusers raises", f"in its loop: {type(e).__name__}: {e}"
+    try:
+        b = run_diffusers(ours, model, nfe, x, generator=gen() if stochastic else None, **set_kw)
+    except (ValueError, NotImplementedError) as e:
+        msg = str(e)
+        return ("refused" if any(re.search(rf"\b{k}\b", msg) for k in keys) else "OURS RAISES"), msg
+    if not bool(torch.isfinite(a).all()):
+        return ("warned" if named else "diffusers NaN"), "; ".join(named) or "diffusers' own samples are not finite"
+    scale = max(1.0, a.abs().max().item())
+    err = (a - b).abs().max().item() / scale
+    if err <= 1e-4:
+        return "reproduced", f"{err:.1e}"
+    if named:
+        return "warned", f"{err:.1e} " + "; ".join(named)
+    # the same method, computed in float64: where float32 round-off moves ours by a fifth of the gap or more,
+    # the gap is round-off (a first step from sigma / alpha = 2e4 or 4096), not a different method
+    b64 = run_diffusers(DiffSamplerScheduler.from_config({**ref.config, "_class_name": name}), model, nfe, x.double(),
+                        generator=gen() if stochastic else None, **set_kw)
+    roundoff = (b.double() - b64).abs().max().item() / scale
+    if err <= 5 * roundoff:
+        return "float32 round-off", f"{err:.1e} apart; ours float32 vs float64 {roundoff:.1e}"
+    return "SILENTLY DIFFERENT", f"{err:.1e} (ours float32 vs float64 {roundoff:.1e})"
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED_CLASSES))
+def test_every_config_key_is_reproduced_or_refused_by_name(gmm16, name):
+    """Each __init__ key of the class (inspect) at each non-default value of ALTERNATIVES: from_config of that
+    diffusers scheduler reproduces it in the standard loop (1e-4 relative to the sample's scale, 5 steps, the same
+    generator), or raises / warns naming the key.  Configurations diffusers' own class refuses, or samples to
+    NaN, are not ours to reproduce."""
+    failures = []
+    for cls_name, opts in audit_cases([name]):
+        status, detail = audit_one(gmm16, cls_name, opts, nfe=5)
+        if status in ("reproduced", "refused", "warned", "diffusers raises", "diffusers NaN"):
+            continue
+        if status == "float32 round-off" and any(opts.get(k, object()) == v for k, v in ROUNDOFF):
+            continue
+        failures.append(f"{opts}: {status}: {detail[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_audit_can_fail(gmm16, monkeypatch):
+    """A key the mapping ignores is caught: lambda_min_clipped dropped from the config the adapter sees."""
+    real = DiffSamplerScheduler.from_config.__func__
+
+    def dropping(cls, config=None, **kw):
+        return real(cls, {k: v for k, v in dict(config).items() if k != "lambda_min_clipped"}, **kw)
+
+    monkeypatch.setattr(DiffSamplerScheduler, "from_config", classmethod(dropping))
+    status, _ = audit_one(gmm16, "DPMSolverMultistepScheduler", {"lambda_min_clipped": -3.0}, nfe=5)
+    assert status == "SILENTLY DIFFERENT"

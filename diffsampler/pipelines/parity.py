@@ -254,12 +254,32 @@ def _pndm(r):
 
 
 def _check_zero_snr(r):
-    """diffusers keeps alpha_bar_T = 0 with rescale_betas_zero_snr; our schedule floors it at 2^-24."""
+    """diffusers' DDIM / DDPM keep alpha_bar_T = 0 with rescale_betas_zero_snr; our schedule floors it at 2^-24."""
     if r["rescale_betas_zero_snr"]:
         raise ValueError(f"{r.name}: rescale_betas_zero_snr=True cannot be reproduced by diffsampler (supported: "
                          "False): diffusers evaluates the network at alpha_bar_T = 0 exactly, our schedule floors it "
                          "at 2^-24 (lambda finite), which moves the samples by up to 9e-4 (max abs on the mixture, "
                          "DDIM, v_prediction, trailing, 5 steps; 3e-4 at 10); name a solver to sample with the floored "
+                         "schedule anyway")
+
+
+def _check_zero_snr_floor(r):
+    """rescale_betas_zero_snr (Lin et al. 2024: the betas rescaled so that alpha_bar_T = 0): diffusers' DPM-Solver,
+    UniPC and Euler-family classes then set the last alpha_bar to 2^-24, as `DiscreteVP` does where that keeps
+    the table decreasing (scaled_linear: the one before is 8e-8); where the one before it is smaller (linear:
+    4e-9) diffusers' table is not monotone, which no noise schedule represents: refused by name."""
+    if not r["rescale_betas_zero_snr"]:
+        return
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    acp = DDPMScheduler(rescale_betas_zero_snr=True, **{k: r[k] for k in keys if r[k] is not None}).alphas_cumprod
+    if float(acp[-2]) <= 2.0**-24:
+        raise ValueError(f"{r.name}: rescale_betas_zero_snr=True with beta_schedule={r['beta_schedule']!r} cannot be "
+                         f"reproduced by diffsampler: diffusers sets the last alpha_bar to 2^-24, above the one before "
+                         f"it ({float(acp[-2]):.3g}), a noise table that is not monotone, which a noise schedule cannot "
+                         "represent (supported: rescale_betas_zero_snr=False, or a schedule whose alpha_bar before the "
+                         "last is above 2^-24, e.g. 'scaled_linear'); name a solver to sample with the floored "
                          "schedule anyway")
 
 
@@ -282,7 +302,7 @@ def _dpmsolver_multistep(r):
     if r["variance_type"] in ("learned", "learned_range"):  # other values are ignored by diffusers here
         raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
                          "(supported: None or a fixed variance type, which DPMSolverMultistep ignores)")
-    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
+    _check_zero_snr_floor(r)
     r.off("use_dynamic_shifting")
     spacing, final = _grid(r, tuple(k for k, _ in _SIGMA_GRIDS)), _final(r)
     if final == "zero" and algo in ("dpmsolver", "sde-dpmsolver"):
@@ -322,6 +342,11 @@ def _deis(r):
     r.require("solver_type", ("logrho",))
     order = r.require("solver_order", (1, 2, 3))
     r.off("use_dynamic_shifting")
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        # measured with the zero-length last step left out (as for DPMSolverMultistep's sigma_min grids): order 1
+        # agrees to 1e-6, order 2 by up to 1.4e-4 (karras, 10 steps) and 2e-4 (beta, 4 steps) in float64 on both sides
+        r.require(key, (False, None), " -- on these grids diffusers' DEIS and deis_logrho differ by up to 2e-4 (max "
+                                      "abs on the mixture, in float64 too), which is not explained yet")
     return dict(solver=f"deis_logrho_{order}", spacing=_grid(r), final="last", clip_sample=False,
                 solver_options={"lower_order_final": bool(r["lower_order_final"])})
 
@@ -332,8 +357,15 @@ def _unipc(r):
     order = r.require("solver_order", (1, 2, 3))
     solver_type = r.require("solver_type", ("bh1", "bh2"))
     r.off("use_dynamic_shifting")
-    _check_zero_snr(r)
+    _check_zero_snr_floor(r)
     spacing, final = _grid(r, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")), _final(r)
+    if spacing in _SIGMA_SPACINGS:  # UniPC's sigma grids span [sigma_min, sigma_max] where given
+        key = next(k for k, v in _SIGMA_GRIDS if v == spacing)
+        for bound in ("sigma_min", "sigma_max"):
+            if r[bound] is not None:
+                raise ValueError(f"{r.name}: {bound}={r[bound]!r} with {key}=True cannot be reproduced by diffsampler "
+                                 "(supported: None, the training table's end; the diffusers_* grids span the whole "
+                                 "table); name a solver to sample with it anyway")
     dis = r["disable_corrector"] or []
     try:
         dis = sorted({int(k) for k in dis})
@@ -363,11 +395,7 @@ def _k_class(solver: str, preds: tuple, sigma_grids: bool = True, clip: bool = F
         if r["beta_schedule"] == "exp":
             raise ValueError(f"{r.name}: beta_schedule='exp' cannot be reproduced by diffsampler (supported: "
                              "'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas)")
-        if r["rescale_betas_zero_snr"]:
-            raise ValueError(f"{r.name}: rescale_betas_zero_snr=True cannot be reproduced by diffsampler (supported: "
-                             "False): diffusers sets the last alpha_bar to 2^-24, above the one before it on the "
-                             "rescaled schedule (a noise table that is not monotone), which a noise schedule cannot "
-                             "represent; name a solver to sample with the floored schedule anyway")
+        _check_zero_snr_floor(r)
         out = dict(solver=solver, convention=r.name, thresholding=False,
                    clip_sample=bool(r["clip_sample"]) if clip else False)
         if r.name == "EulerDiscreteScheduler":

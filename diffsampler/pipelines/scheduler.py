@@ -41,7 +41,7 @@ from ..samplers import get, make_plan
 from ..samplers.loop import predrawn_noise
 from ..samplers.plan import Plan, Stepper
 from ..schedules import (DIFFUSERS_SIGMA_SPACINGS, DIFFUSERS_TIMESTEP_SPACINGS, K_CLASSES, SPACINGS, DiscreteVP,
-                         RectifiedFlow, TimeGrid, TrigVP, diffusers_k_grid, ipndm_times, flowmatch_sigmas, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
+                         RectifiedFlow, TimeGrid, TrigVP, diffusers_k_grid, diffusers_last_timestep, ipndm_times, flowmatch_sigmas, diffusers_sigma_to_t, diffusers_sigmas, time_grid)
 
 from .parity import parity_arguments as _parity
 
@@ -248,7 +248,9 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             # t = 1 (alpha = 0) is reachable by the data-form first-order step only (flow Euler = DDIM)
             t1 = solver in self._T1_SOLVERS or (solver == "heun" and (solver_options or {}).get("coordinates") == "flow")
             t_max = 1.0 if self.flowmatch and t1 else 0.999
-            self.schedule = RectifiedFlow(t_max=t_max, time_scale=float(num_train_timesteps))
+            # the class's grid may end below 1e-3 (time_shift_type='linear' with mu, shift_terminal): its range is (0, 1]
+            t_min = 1e-6 if self.flowmatch else 1e-3
+            self.schedule = RectifiedFlow(t_min=t_min, t_max=t_max, time_scale=float(num_train_timesteps))
             pred = pred or "flow"
         elif convention == IPNDM_CLASS:
             if schedule_type not in (None, "vp") or trained_betas is not None:
@@ -601,6 +603,10 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             spacing = {"name": spacing, "steps_offset": int(self.config.steps_offset)}
         kw = spacing if isinstance(spacing, dict) else {"name": spacing}
         kw = dict(kw)
+        clip = self.config.get("lambda_min_clipped")
+        if clip is not None and clip > -math.inf and kw["name"] in ("linspace", "leading", "trailing"):
+            # a DPMSolverMultistep config's clipped log-SNR: its grid stops short of the timesteps past the clip
+            kw["last_timestep"] = diffusers_last_timestep(self.schedule, clip)
         if kw["name"] == FLOWMATCH_SPACING:
             return self._flowmatch_grid(steps, mu=mu)
         if kw["name"] == IPNDM_SPACING:  # IPNDMScheduler's float32 times, then sigma = 0
