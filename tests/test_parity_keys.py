@@ -141,7 +141,8 @@ ALTERNATIVES = {
     "variance_type": ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"],
     "skip_prk_steps": [True],
     "solver_order": [1, 2, 3],
-    "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis"],
+    "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis", "data_prediction",
+                       "noise_prediction"],
     "solver_type": ["midpoint", "heun", "logrho", "bh1", "bh2"],
     "lower_order_final": [False],
     "euler_at_final": [True],
@@ -170,7 +171,12 @@ ALTERNATIVES = {
     "invert_sigmas": [True],
     "shift_terminal": [0.1],
     "stochastic_sampling": [True],
+    "predictor_order": [1, 3, 4],
+    "corrector_order": [1, 3, 4],
+    "tau_func": ["zero", "half"],  # functions, built in audit_one
 }
+#: tau_func values (SASolverScheduler: the stochasticity tau at each timestep)
+TAU_FUNCS = {"zero": lambda t: 0.0, "half": lambda t: 0.5}
 
 #: the keys that act only together with another one: tried with it too
 CONTEXT = {
@@ -234,6 +240,8 @@ def audit_one(gmm, name, opts, nfe=6):
     kw = dict(opts)
     if kw.get("solver_p") == "DDIMScheduler":
         kw["solver_p"] = diffusers.DDIMScheduler()
+    if isinstance(kw.get("tau_func"), str):
+        kw["tau_func"] = TAU_FUNCS[kw["tau_func"]]
     try:
         ref = cls(**kw)
     except Exception as e:  # diffusers' own class refuses it
@@ -276,8 +284,10 @@ def audit_one(gmm, name, opts, nfe=6):
         return "warned", f"{err:.1e} " + "; ".join(named)
     # the same method, computed in float64: where float32 round-off moves ours by a fifth of the gap or more,
     # the gap is round-off (a first step from sigma / alpha = 2e4 or 4096), not a different method
-    b64 = run_diffusers(DiffSamplerScheduler.from_config({**ref.config, "_class_name": name}), model, nfe, x.double(),
-                        generator=gen() if stochastic else None, **set_kw)
+    ours64 = DiffSamplerScheduler.from_config({**ref.config, "_class_name": name})
+    draw = ours64._noise_fn
+    ours64._noise_fn = lambda z: draw(z.float()).to(z.dtype)  # the float32 run's noise, in float64
+    b64 = run_diffusers(ours64, model, nfe, x.double(), generator=gen() if stochastic else None, **set_kw)
     roundoff = (b.double() - b64).abs().max().item() / scale
     if err <= 5 * roundoff:
         return "float32 round-off", f"{err:.1e} apart; ours float32 vs float64 {roundoff:.1e}"

@@ -65,6 +65,7 @@ DATA = [
     dict(prediction_type="sample", predictor_order=3),
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True),
     dict(thresholding=True, sample_max_value=1.5),
+    dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing"),  # clipped grid
 ]
 
 
@@ -146,7 +147,6 @@ def test_mapping_of_options():
     (dict(use_flow_sigmas=True), "use_flow_sigmas"),
     (dict(prediction_type="flow_prediction"), "prediction_type='flow_prediction'"),
     (dict(variance_type="learned_range"), "variance_type='learned_range'"),
-    (dict(lambda_min_clipped=-5.0), "lambda_min_clipped=-5.0"),
     (dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2"), "squaredcos_cap_v2"),
 ])
 def test_refused_by_name(kw, message):

@@ -486,7 +486,6 @@ def _sasolver(r):
     if r["variance_type"] in ("learned", "learned_range"):
         raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
                          "(supported: None; diffusers keeps the first 3 channels of the output)")
-    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
     if r["thresholding"] and algo == "noise_prediction":
         raise ValueError(f"{r.name}: thresholding=True with algorithm_type='noise_prediction' cannot be reproduced "
                          "by diffsampler (diffusers' thresholding there indexes its alpha table by a timestep it "
