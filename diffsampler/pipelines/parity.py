@@ -34,6 +34,13 @@ SUPPORTED_CLASSES = {
                                    "thresholding, use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas / "
                                    "use_beta_sigmas as the spacings diffusers_karras / _exponential / _lu / _beta, "
                                    "the same generator's noise",
+    "DPMSolverSinglestepScheduler": "dpmpp (dpmsolver++; sde-dpmsolver++ with eta=1, diffusers' third-order D2 "
+                                    "weight) / dpm_solver (dpmsolver) with intermediate='grid' (a step of order k "
+                                    "spans k grid intervals, its intermediate calls at diffusers' timesteps): "
+                                    "solver_order 1-3, solver_type midpoint / heun, lower_order_final, "
+                                    "final_sigmas_type, thresholding, use_karras_sigmas / use_exponential_sigmas / "
+                                    "use_beta_sigmas as the spacings diffusers_karras / _exponential / _beta, "
+                                    "prediction types epsilon / sample / v_prediction, the same generator's noise",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
     "UniPCMultistepScheduler": "unipc (predict_x0=True): solver_order 1-3, solver_type bh1 / bh2, disable_corrector, "
                                "lower_order_final, final_sigmas_type, thresholding, timestep_spacing, "
@@ -337,6 +344,55 @@ def _dpmsolver_multistep(r):
                 clip_sample=False)
 
 
+#: DPMSolverSinglestep's algorithm_type -> (solver, options); diffusers' init turns "deis" into "dpmsolver++"
+_DPM_SINGLESTEP_ALGORITHMS = {
+    "dpmsolver++": ("dpmpp", {}),
+    "deis": ("dpmpp", {}),
+    "sde-dpmsolver++": ("dpmpp", {"eta": 1.0}),
+    "dpmsolver": ("dpm_solver", {}),
+}
+
+
+def _dpmsolver_singlestep(r):
+    # each call is one grid interval; a step of order k (diffusers' get_order_list: calls 1, 2, .., k) goes from
+    # the sample at its first call with the outputs at its k grid points (intermediate="grid")
+    algo = r.require("algorithm_type", tuple(_DPM_SINGLESTEP_ALGORITHMS))
+    order = r.require("solver_order", (1, 2, 3))
+    # diffusers' init turns solver_type logrho / bh1 / bh2 into midpoint
+    solver_type = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}.get(r["solver_type"], r["solver_type"])
+    if solver_type not in ("midpoint", "heun"):
+        r.require("solver_type", ("midpoint", "heun"))
+    r.off("use_dynamic_shifting", "use_flow_sigmas", "use_lu_lambdas")
+    r.require("prediction_type", ("epsilon", "sample", "v_prediction"),
+              " -- flow_prediction goes with use_flow_sigmas, a flow schedule this mapping does not build")
+    if r["variance_type"] in ("learned", "learned_range"):
+        raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
+                         "(supported: None): diffusers keeps the first 3 channels of the network's output there")
+    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
+    # its timesteps are linspace's unless a sigma grid is set (it has no timestep_spacing / steps_offset /
+    # rescale_betas_zero_snr: such keys inherited from another class's config do nothing there, nor here)
+    spacing = next((v for k, v in _SIGMA_GRIDS if r[k]), "linspace")
+    final = _final(r)
+    if final == "zero" and algo == "dpmsolver":
+        r.require("final_sigmas_type", ("sigma_min",), " with algorithm_type='dpmsolver' (diffusers' own class raises)")
+    if algo == "dpmsolver":
+        r.require("thresholding", (False,), " with algorithm_type='dpmsolver': diffusers' own class fails there "
+                  "(its convert_model_output indexes the alpha / sigma tables with timestep=None)")
+    if spacing in _SIGMA_SPACINGS and final == "last" and order > 1:
+        key = next(k for k, v in _SIGMA_GRIDS if v == spacing)
+        raise ValueError(f"{r.name}: solver_order={order} with {key}=True and final_sigmas_type='sigma_min' "
+                         "cannot be reproduced by diffsampler (diffusers' last call is a zero-length step from "
+                         "sigma_min to sigma_min, part of a step of order up to 3 whose block the grid without it "
+                         "cannot mirror); supported: solver_order 1 or final_sigmas_type='zero'")
+    solver, opts = _DPM_SINGLESTEP_ALGORITHMS[algo]
+    opts = dict(opts, order=order, intermediate="grid", solver_type=solver_type,
+                lower_order_final=bool(r["lower_order_final"]))
+    if algo == "sde-dpmsolver++" and order == 3 and solver_type == "heun":
+        opts["third_order"] = "diffusers"
+    return dict(solver=solver, spacing=spacing, final=final, solver_options=opts, clip_sample=False, steps_offset=0,
+                rescale_betas_zero_snr=False)
+
+
 def _deis(r):
     r.require("algorithm_type", ("deis",))
     r.require("solver_type", ("logrho",))
@@ -517,6 +573,7 @@ _MAPPERS = {
     "DDPMScheduler": _ddpm,
     "PNDMScheduler": _pndm,
     "DPMSolverMultistepScheduler": _dpmsolver_multistep,
+    "DPMSolverSinglestepScheduler": _dpmsolver_singlestep,
     "DEISMultistepScheduler": _deis,
     "EulerDiscreteScheduler": _k_class("euler", ("epsilon", "v_prediction", "sample")),
     "EulerAncestralDiscreteScheduler": _k_class("euler_ancestral", ("epsilon", "v_prediction"), sigma_grids=False),

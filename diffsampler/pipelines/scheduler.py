@@ -736,6 +736,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             fewer = by_steps or (self.__dict__.get("_grid_model_t") is not None and final == "last")
             plan = make_plan(self.solver, self.schedule, None if fewer else num_inference_steps, grid=grid)
         self._full_plan = plan
+        self.__dict__["_call_grid"] = grid  # the grid given to the solver (set_begin_index: `build_from`)
         if self.convention:
             self.num_inference_steps = num_inference_steps or len(plan.steps)
         elif self.config.budget == "steps" and timesteps is None and sigmas is None:
@@ -865,7 +866,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index {k} is outside the plan's {full.nfe} model calls")
         starts = np.cumsum([0] + [len(s.evals) for s in full.steps])[:-1].tolist()
         g = full.grid
-        if k in starts:  # a step boundary: the same model times, multistep warm-up restarts here
+        build_from, call_grid = getattr(self.solver, "build_from", None), self.__dict__.get("_call_grid")
+        if build_from is not None and call_grid is not None and getattr(self.solver, "intermediate", None) == "grid":
+            # a solver whose calls sit on the grid's points restarts there as its source scheduler does
+            plan = build_from(call_grid, k)
+            self._set_plan(plan, offset=k)
+        elif k in starts:  # a step boundary: the same model times, multistep warm-up restarts here
             i = starts.index(k)
             sub = TimeGrid(t=g.t[i:], alpha=g.alpha[i:], sigma=g.sigma[i:], lam=g.lam[i:],
                            final_zero=g.final_zero, schedule=g.schedule)

@@ -460,15 +460,35 @@ class _DPMSinglestep(Solver):
             if nfe is not None and nfe != n:
                 raise ValueError(f"{self.name!r} with intermediate='grid' calls the model at each grid point: nfe={nfe} "
                                  f"needs {nfe} grid steps, the grid has {n}")
-            orders = self.step_list(n, grid.final_zero)
-            ends = np.cumsum([0] + orders)  # step i spans grid points ends[i] .. ends[i + 1]
-        else:
-            if nfe is None:
-                nfe = self.order * n - ((self.order - 1) if grid.final_zero else 0)
-            orders = self.step_list(nfe, grid.final_zero)
-            if len(orders) != n:
-                raise ValueError(f"{self.name!r}: nfe={nfe} needs {len(orders)} steps, the grid has {n}")
-            ends = np.arange(n + 1)
+            return self._plan(grid, self.step_list(n, grid.final_zero))
+        if nfe is None:
+            nfe = self.order * n - ((self.order - 1) if grid.final_zero else 0)
+        orders = self.step_list(nfe, grid.final_zero)
+        if len(orders) != n:
+            raise ValueError(f"{self.name!r}: nfe={nfe} needs {len(orders)} steps, the grid has {n}")
+        return self._plan(grid, orders)
+
+    def build_from(self, grid, k: int):
+        """The plan from model call k of this solver's plan on `grid` (intermediate="grid"), as diffusers'
+        scheduler runs it restarted there (set_begin_index, img2img): the step call k falls in is finished
+        as a step of the calls left in it (its earlier outputs do not exist: diffusers lowers the order),
+        then the order list goes on."""
+        if self.intermediate != "grid":
+            raise ValueError(f"{self.name!r}: build_from is for intermediate='grid' (one call per grid point)")
+        blocks = self.step_list(grid.steps, grid.final_zero)
+        ends = np.cumsum(blocks)
+        if not 0 <= k < int(ends[-1]):
+            raise ValueError(f"call {k} is outside the plan's {int(ends[-1])} model calls")
+        j = int(np.searchsorted(ends, k, side="right"))
+        tail = [int(ends[j]) - k] + blocks[j + 1:]
+        sub = TimeGrid(t=grid.t[k:], alpha=grid.alpha[k:], sigma=grid.sigma[k:], lam=grid.lam[k:],
+                       final_zero=grid.final_zero, schedule=grid.schedule)
+        return self._plan(sub, tail)
+
+    def _plan(self, grid, orders: list[int]):
+        """The plan of steps of `orders` on `grid` (intermediate="grid": step i spans orders[i] intervals)."""
+        n = len(orders)
+        ends = np.cumsum([0] + orders) if self.intermediate == "grid" else np.arange(n + 1)
         sched, kind = grid.schedule, self.kind
         sub = TimeGrid(t=grid.t[ends], alpha=grid.alpha[ends], sigma=grid.sigma[ends], lam=grid.lam[ends],
                        final_zero=grid.final_zero, schedule=sched)
