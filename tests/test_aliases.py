@@ -54,6 +54,10 @@ def test_the_table_names_what_users_type():
 def test_every_alias_is_its_solver_or_refused_by_name(problem, name):
     schedule, den, x = problem
     a = ALIASES[name]
+    if a.refused:  # checked by test_every_comfyui_and_a1111_sampler_name_resolves_or_is_refused_by_name
+        with pytest.raises(ValueError, match=re.escape(f"{name!r} ({a.source}) is not registered in diffsampler")):
+            ds.sample(den, x.clone(), solver=name, nfe=8, seeds=range(6))
+        return
     if a.solver not in available():
         with pytest.raises(ValueError, match=re.escape(f"'{name}' maps to solver '{a.solver}', which is not registered")):
             ds.sample(den, x.clone(), solver=name, nfe=8, seeds=range(6))
@@ -156,7 +160,7 @@ def test_hydra_takes_aliases():
     assert validate(_composed("solver=dpmpp_2m", "nfe=6")).sampling.spacing == "time_uniform"
     with pytest.raises(ConfigError, match=r"fixes spacing='karras'; spacing='logsnr' cannot apply"):
         validate(_composed("solver=DPM++ 2M Karras", "spacing=logsnr"))
-    missing = next((n for n, a in ALIASES.items() if a.solver not in available()), None)
+    missing = next((n for n, a in ALIASES.items() if not a.refused and a.solver not in available()), None)
     if missing is not None:
         with pytest.raises(ConfigError, match=re.escape(f"'{missing}' maps to solver '{ALIASES[missing].solver}', "
                                                         "which is not registered")):
@@ -229,3 +233,174 @@ def test_dpm_fast_is_kdiffusion_sample_dpm_fast_grid():
         want = torch.linspace(float(lam[0]), float(lam[-1]), m + 1, dtype=torch.float64)
         torch.testing.assert_close(lam, want, rtol=0, atol=1e-9)
         assert [s.order for s in plan.steps] == ([3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3])
+
+
+# --- the authoritative name lists: every name is a registered solver, an alias, or refused by name ---------
+
+#: ComfyUI comfy/samplers.py (comfyanonymous/ComfyUI; the lists moved to comfy/sampler_names.py later):
+#: KSAMPLER_NAMES as of ComfyUI 0.3.7x (exp_heun_2_x0*, dpmpp_2m_sde_heun*, cfgpp_ud10_ab are the latest additions)
+COMFY_KSAMPLER_NAMES = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
+    "lcm", "ipndm", "ipndm_v", "deis", "cfgpp_ud10_ab", "res_multistep", "res_multistep_cfg_pp",
+    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
+    "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
+#: comfy/samplers.py: SAMPLER_NAMES = KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
+COMFY_SAMPLER_NAMES = COMFY_KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
+#: comfy/samplers.py SCHEDULER_NAMES (SCHEDULER_HANDLERS' keys)
+COMFY_SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                         "linear_quadratic", "kl_optimal"]
+#: AUTOMATIC1111 modules/sd_samplers_kdiffusion.py samplers_k_diffusion labels (1.10; before 1.9 the schedule was
+#: part of the label: "DPM++ 2M Karras", ...), modules/sd_samplers_timesteps.py (DDIM, DDIM CFG++, PLMS, UniPC),
+#: modules/sd_samplers_lcm.py (LCM)
+A1111_SAMPLER_LABELS = [
+    "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "Euler",
+    "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC",
+    "LCM",
+    # A1111 < 1.9
+    "LMS Karras", "DPM2 Karras", "DPM2 a Karras", "DPM++ 2S a Karras", "DPM++ 2M Karras", "DPM++ SDE Karras",
+    "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential",
+    "DPM++ 3M SDE Karras", "DPM++ 3M SDE Exponential"]
+#: A1111 modules/sd_schedulers.py `schedulers` labels ("Automatic" is the sampler's own default)
+A1111_SCHEDULE_LABELS = ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                         "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
+
+#: what each name is expected to give here: (registered solver, options that must hold) or "refused"
+EXPECTED = {
+    "euler": ("euler", {}), "heun": ("heun", {}), "lms": ("lms", {"order": 4}),
+    "euler_ancestral": ("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}),
+    "dpm_2": ("dpm2", {}), "dpm_2_ancestral": ("dpm2_ancestral", {"eta": 1.0, "s_noise": 1.0}),
+    "dpm_fast": ("dpm_fast", {"eta": 0.0}),
+    "dpm_adaptive": ("dpm_adaptive", {"eta": 0.0, "order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05,
+                                      "pid": (0.0, 1.0, 0.0, 0.81)}),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {"eta": 1.0, "s_noise": 1.0}),
+    "dpmpp_sde": ("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0, "r": 0.5, "noise": "brownian"}),
+    "dpmpp_sde_gpu": ("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0, "r": 0.5, "noise": "brownian"}),
+    "dpmpp_2m": ("dpmpp_2m", {"order": 2}),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}),  # noise: see notes
+    "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint", "noise": "brownian"}),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "heun", "noise": "brownian"}),
+    "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "heun",
+                                               "noise": "brownian"}),
+    "dpmpp_3m_sde": ("dpmpp_3m_sde", {"eta": 1.0, "s_noise": 1.0}),
+    "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", {"eta": 1.0, "s_noise": 1.0, "noise": "brownian"}),
+    "ddpm": ("ddpm", {"variance": "fixed_small"}),
+    "ipndm": ("ipndm", {"order": 4, "first_order_to_zero": True}),
+    "ddim": ("ddim", {"eta": 0.0}),
+    "uni_pc": ("unipc", {"solver_type": "bh1"}), "uni_pc_bh2": ("unipc", {"solver_type": "bh2"}),
+    "sa_solver": ("sa_solver", {}),  # the registered name wins; ComfyUI's defaults differ (REGISTERED_NAMES_NOTES)
+    # A1111
+    "Euler a": ("euler_ancestral", {"eta": 1.0}), "Euler": ("euler", {}), "LMS": ("lms", {"order": 4}),
+    "Heun": ("heun", {}), "DPM2": ("dpm2", {}), "DPM2 a": ("dpm2_ancestral", {"eta": 1.0}),
+    "DPM++ 2S a": ("dpmpp_2s_ancestral", {"eta": 1.0}), "DPM++ 2M": ("dpmpp_2m", {}),
+    "DPM++ SDE": ("dpmpp_sde", {"noise": "brownian", "r": 0.5}),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", {"noise": "brownian", "solver_type": "midpoint"}),
+    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", {"noise": "brownian", "solver_type": "heun"}),
+    "DPM++ 3M SDE": ("dpmpp_3m_sde", {"noise": "brownian"}),
+    "DPM fast": ("dpm_fast", {"eta": 0.0}), "DPM adaptive": ("dpm_adaptive", {"eta": 0.0}),
+    "Restart": ("restart", {}), "DDIM": ("ddim", {"eta": 0.0}), "PLMS": ("plms", {}),
+    "UniPC": ("unipc", {"solver_type": "bh1"}),
+}
+REFUSED = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+           "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp", "heunpp2",
+           "exp_heun_2_x0", "exp_heun_2_x0_sde", "lcm", "ipndm_v", "deis", "cfgpp_ud10_ab", "res_multistep",
+           "res_multistep_ancestral", "gradient_estimation", "er_sde", "seeds_2", "seeds_3", "sa_solver_pece",
+           "DDIM CFG++", "LCM"}
+
+
+def _base_label(name):
+    for suffix in (" Karras", " Exponential"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix.strip().lower()
+    return name, None
+
+
+@pytest.mark.parametrize("name", COMFY_SAMPLER_NAMES + A1111_SAMPLER_LABELS)
+def test_every_comfyui_and_a1111_sampler_name_resolves_or_is_refused_by_name(name):
+    from diffsampler.samplers.aliases import REGISTERED_NAMES_NOTES
+
+    if name in REFUSED:
+        assert ALIASES[name].refused and name not in available()
+        with pytest.raises(ValueError, match=re.escape(f"{name!r} ({ALIASES[name].source}) is not registered in "
+                                                       f"diffsampler: {ALIASES[name].refused}")):
+            get(name)
+        return
+    base, spacing = _base_label(name)
+    solver, options = EXPECTED[base]
+    s = get(name)
+    assert s.name == solver, (name, s.name)
+    for k, v in options.items():
+        assert getattr(s, k) == v, (name, k, getattr(s, k), v)
+    if name in available():  # a ComfyUI name that is a registered name: how ComfyUI's sampler relates is said
+        assert name in REGISTERED_NAMES_NOTES, name
+    else:
+        # the grid a name fixes: its schedule suffix; sample_dpm_fast's log-SNR-uniform grid; A1111 runs Restart on
+        # Karras sigmas (sd_samplers_extra.restart_sampler)
+        spacing = spacing or {"DPM fast": "logsnr", "Restart": "karras"}.get(name)
+        assert s.alias == name and s.alias_spacing == spacing
+
+
+def test_every_table_entry_is_on_a_list():
+    listed = set(COMFY_SAMPLER_NAMES) | set(A1111_SAMPLER_LABELS)
+    assert set(ALIASES) <= listed, sorted(set(ALIASES) - listed)
+
+
+def test_refused_names_are_refused_everywhere(problem):
+    schedule, den, x = problem
+    with pytest.raises(ValueError, match=r"'er_sde' \(ComfyUI\) is not registered in diffsampler: ER-SDE"):
+        ds.sample(den, x.clone(), solver="er_sde", nfe=8, seeds=range(6))
+    with pytest.raises(ValueError, match=r"'LCM' \(A1111\) is not registered in diffsampler"):
+        DiffSamplerScheduler.from_config(DDPMScheduler(**SD_CFG).config, solver="LCM")
+    from diffsampler.tools.run_checks import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"'sa_solver_pece' \(ComfyUI\) is not registered in diffsampler: "
+                                          r"SA-Solver in PECE mode"):
+        validate(_composed("solver=sa_solver_pece", "nfe=6"))
+
+
+def test_comfyui_ddim_is_euler(problem):
+    """ComfyUI's "ddim" sampler runs its euler sampler: DDIM (eta = 0) equals Euler in sigma / alpha."""
+    schedule, den, x = problem
+    for spacing in ("karras", "time_uniform"):
+        got = ds.sample(den, x.clone(), solver="ddim", nfe=10, spacing=spacing)
+        want = ds.sample(den, x.clone(), solver="euler", nfe=10, spacing=spacing)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def _comfy_ddpm(model, x, sigmas, noises):
+    """ComfyUI's sample_ddpm (comfy/k_diffusion/sampling.py, generic_step_sampler + DDPMSampler_step), written
+    from its formula: on v = x / sqrt(1 + sigma^2), acp = 1 / (1 + sigma^2), the DDPM posterior mean
+    (epsilon form) plus sqrt((1 - a)(1 - acp') / (1 - acp)) z, a = acp / acp'; back to x-scaling after."""
+    for i in range(len(sigmas) - 1):
+        s, s1 = sigmas[i], sigmas[i + 1]
+        eps = (x - model(x, torch.tensor([s], dtype=torch.float64))) / s
+        acp, acp1 = 1.0 / (s * s + 1.0), 1.0 / (s1 * s1 + 1.0)
+        a = acp / acp1
+        v = x / (1.0 + s * s) ** 0.5
+        mu = (1.0 / a) ** 0.5 * (v - (1.0 - a) * eps / (1.0 - acp) ** 0.5)
+        if s1 > 0:
+            mu = mu + ((1.0 - a) * (1.0 - acp1) / (1.0 - acp)) ** 0.5 * noises[i]
+            mu = mu * (1.0 + s1 * s1) ** 0.5
+        x = mu
+    return x
+
+
+def test_comfyui_ddpm_is_registered_ddpm(problem):
+    """ComfyUI's ddpm on karras sigmas equals the registered ddpm (fixed_small) on the same grid and noise."""
+    schedule, den, x = problem
+    from kdiffusion_ref import kdiff_model
+
+    grid = time_grid(schedule, 10, "karras")
+    sig = (grid.sigma / grid.alpha).double()
+    sig[-1] = 0.0
+    noises = [torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
+              for i in range(10)]
+    model = kdiff_model(den.model.gmm, schedule)
+    want = _comfy_ddpm(model, x / float(schedule.alpha(schedule.t_max)), [float(v) for v in sig], noises)
+    plan = make_plan("ddpm", schedule, grid=grid)
+    assert plan.n_draws == 9
+    it = iter(noises)
+    got = ds.samplers.run_plan(plan, den, x.clone(), noise_fn=lambda _: next(it))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

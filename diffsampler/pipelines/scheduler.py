@@ -121,6 +121,8 @@ def _solver_option_names(solver) -> set | None:
     if not isinstance(solver, str):
         return None
     alias = registry.alias_of(solver)
+    if alias is not None and alias.refused:  # refused naming it by get()
+        return None
     if alias is not None:  # an A1111 / ComfyUI name takes its solver's options
         solver = alias.solver
     scheme = solver.split(":", 1)[0]

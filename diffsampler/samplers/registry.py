@@ -215,6 +215,8 @@ def _get_alias(name: str, options: dict) -> Solver:
     """The solver alias `name` maps to, with its options under the caller's; refused naming the
     alias when its solver is not registered, an option contradicts it or the solver lacks one."""
     a = alias_of(name)
+    if a.refused:
+        raise ValueError(f"{name!r} ({a.source}) is not registered in diffsampler: {a.refused}")
     if a.solver not in _REGISTRY:
         raise ValueError(f"{name!r} maps to solver {a.solver!r}, which is not registered; available: "
                          f"{', '.join(available())}")
