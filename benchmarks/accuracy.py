@@ -1,27 +1,37 @@
-"""Accuracy of every registered solver against the exact probability-flow ODE endpoint, next to
-diffusers' schedulers, on an exact Gaussian-mixture model.
+"""Accuracy of every registered solver against the exact target, next to diffusers' schedulers, on
+an exact Gaussian-mixture model.
 
 Setup: a fixed GaussianMixture in R^16 (6 components), the default diffusers linear-beta
-schedule (1000 training steps) as a DiscreteVP, x_T ~ N(0, I) from a fixed seed at t = 999, the
-exact mixture as an epsilon-prediction model.  Deterministic solvers are scored by the RMSE
-against the exact PF-ODE endpoint at sigma = 0 (DOP853, float64); stochastic ones by the
-Frechet distance (FD) between their samples and the exact mixture mean / covariance.  All
-sampling runs in float64 (diffusers casts to float32 inside some steps), so the numbers measure
-discretisation error, not float32 round-off.
+schedule (1000 training steps) as a DiscreteVP, x_T ~ N(0, I) at t = 999, the exact mixture as an
+epsilon-prediction model.  Deterministic (ODE) solvers are scored by the RMSE against the exact
+PF-ODE endpoint of the same x_T at sigma = 0 (DOP853, float64).  Stochastic (SDE / ancestral)
+solvers are scored by the sliced 2-Wasserstein distance SW2 between their samples and the exact
+mixture: for each of 128 fixed unit directions u the exact W2 between the empirical law of u.x and
+the projected mixture (a 1-d Gaussian mixture: its quantiles by bisection, its partial moments in
+closed form, so no reference sample adds noise), SW2 = sqrt(mean over u of W2^2).  Its noise floor
+is SW2 of as many exact mixture samples (five sets).  All sampling runs in float64 (diffusers
+casts to float32 inside some steps), so the numbers measure discretisation error, not round-off.
 
-Model calls are counted for every run (our Denoiser's counter, a wrapper around the model for
-diffusers); each diffusers scheduler gets the largest `num_inference_steps` whose call count does
-not exceed the NFE budget, and the actual count is reported.
+Every solver in `diffsampler.available()` is run (solvers registered later appear by themselves);
+a solver that cannot run at some NFE gets its refusal in the table instead of a number.  Adaptive
+solvers (dpm_adaptive) take `nfe` as a budget: their rows give the calls they spent.  Model calls
+are counted for every run (our Denoiser's counter, a wrapper around the model for diffusers);
+each diffusers scheduler gets the largest `num_inference_steps` whose call count does not exceed
+the NFE budget, and the actual count is reported.
 
-    python benchmarks/accuracy.py            # full run (~1 min on 2 cores)
+Seeds are fixed here, before any run, and used by no test (HELD_OUT_* below); they were not tuned.
+
+    python benchmarks/accuracy.py            # full run (~10 min on one core)
     python benchmarks/accuracy.py --quick    # smaller batches, NFE 5 and 10, two spacings
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,25 +52,53 @@ SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 #: the package's default spacing (read from `diffsampler.sample`, so the tables follow the package)
 DEFAULT_SPACING = ds.samplers.loop.DEFAULT_SPACING
 DTYPE = torch.float64
-DIM, K, GMM_SEED, X_SEED = 16, 6, 0, 1
+DIM, K, GMM_SEED = 16, 6, 0
+# held-out seeds, fixed before the run (no test uses them; not tuned): x_T of the deterministic runs,
+# x_T of the stochastic runs, their step noise (one torch.Generator for ours and for diffusers'), the
+# SW2 projection directions, and the exact-sample sets that measure SW2's noise floor
+HELD_OUT_X_SEED, HELD_OUT_X_SDE_SEED, HELD_OUT_NOISE_SEED = 1, 2, 1234
+HELD_OUT_PROJ_SEED, HELD_OUT_FLOOR_SEEDS = 3, (7, 8, 9, 10, 11)
+N_DIRECTIONS = 128
+# dpm_adaptive without a budget at these (rtol, atol): the first is its default (k-diffusion's)
+ADAPTIVE_TOLERANCES = ((0.05, 0.0078), (0.2, 0.03), (0.5, 0.08))
 
-# (label, scheduler class, kwargs, our solver doing the same method or None, stochastic)
+# (label, scheduler class, kwargs, our solver doing the same method (used if registered) or None, stochastic)
 DIFFUSERS = [
     ("DDIM (trailing)", "DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"), "ddim", False),
     ("DDIM (linspace)", "DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="linspace"), "ddim", False),
+    ("PNDM (PLMS)", "PNDMScheduler", dict(skip_prk_steps=True), "plms", False),
     ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(solver_order=2), "dpmpp_2m", False),
     ("DPM++ 2M karras", "DPMSolverMultistepScheduler", dict(solver_order=2, use_karras_sigmas=True), "dpmpp_2m", False),
     ("DPM++ 3M", "DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_3m", False),
     ("DPM++ 3M karras", "DPMSolverMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True), "dpmpp_3m", False),
+    # noise-prediction DPM-Solver: diffusers refuses final_sigmas_type="zero" for it, so it stops at sigma_min
+    ("DPM-Solver 2M", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver",
+                                                          final_sigmas_type="sigma_min"), "dpm_solver_2m", False),
+    ("DPM++ 2S (singlestep order 2)", "DPMSolverSinglestepScheduler", dict(solver_order=2), "dpmpp_2s", False),
+    ("DPM++ singlestep order 3", "DPMSolverSinglestepScheduler", dict(solver_order=3), "dpmpp", False),
     ("DEIS (order 3)", "DEISMultistepScheduler", dict(solver_order=3), "deis_logrho_3", False),
-    ("UniPC bh2 (order 2)", "UniPCMultistepScheduler", dict(solver_order=2), None, False),
+    ("UniPC bh2 (order 2)", "UniPCMultistepScheduler", dict(solver_order=2), "unipc", False),
     ("UniPC bh2 (order 3)", "UniPCMultistepScheduler", dict(solver_order=3), None, False),
     ("Euler", "EulerDiscreteScheduler", dict(), "euler", False),
     ("Heun", "HeunDiscreteScheduler", dict(), "heun", False),
+    ("LMS", "LMSDiscreteScheduler", dict(), "lms", False),
+    ("KDPM2", "KDPM2DiscreteScheduler", dict(), "dpm2", False),
+    ("DDPM", "DDPMScheduler", dict(clip_sample=False), "ddpm", True),
+    ("Euler a", "EulerAncestralDiscreteScheduler", dict(), "euler_ancestral", True),
+    ("KDPM2 a", "KDPM2AncestralDiscreteScheduler", dict(), "dpm2_ancestral", True),
     ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde", True),
+    ("DPM++ 3M SDE", "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++"), "dpmpp_3m_sde", True),
+    ("DPM++ SDE", "DPMSolverSDEScheduler", dict(noise_sampler_seed=HELD_OUT_NOISE_SEED), "dpmpp_sde", True),
     # its default tau: 1 on timesteps 200..800 (sa_solver's default is tau = 1 everywhere; from_config maps the interval)
     ("SA-Solver", "SASolverScheduler", dict(), None, True),
 ]
+#: diffusers classes for a registered solver that this benchmark does not run, and why
+NOT_RUN = {
+    "IPNDMScheduler": "its own schedule, betas = sin(pi t / 2)^2 on timesteps t in [0, 1], not the model's "
+                      "alphas_cumprod: it integrates another model's PF-ODE; `ipndm` is checked against ComfyUI's "
+                      "formula in tests/test_ipndm.py",
+    "EDMEulerScheduler": "EDM's own sigma schedule and preconditioning (not the DDPM schedule of this model)",
+}
 # default-grid pairs used in the summary: ours (package default spacing) vs the diffusers default of the same method
 PAIRS = [("ddim", "DDIM (trailing)"), ("euler", "Euler"), ("heun", "Heun"), ("dpmpp_2m", "DPM++ 2M"),
          ("dpmpp_3m", "DPM++ 3M"), ("deis_logrho_3", "DEIS (order 3)")]
@@ -87,13 +125,76 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
 
 
 def frechet(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float:
-    """FD between N(sample mean, sample cov) of x and N(mean, cov)."""
+    """FD between N(sample mean, sample cov) of x and N(mean, cov) (first two moments only; in the CSV)."""
     xs = x.double().reshape(x.shape[0], -1).numpy()
+    if not np.isfinite(xs).all():
+        return float("inf")
     m1, c1 = xs.mean(0), np.cov(xs, rowvar=False)
     m2, c2 = mean.double().numpy(), cov.double().numpy()
     s1 = _sqrtm_psd(c1)
     cross = _sqrtm_psd(s1 @ c2 @ s1)
     return float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(cross))
+
+
+class SlicedW2:
+    """Sliced 2-Wasserstein distance between the empirical law of samples and an isotropic Gaussian
+    mixture sum_k w_k N(mu_k, s_k^2 I), exact per direction.
+
+    Along a unit direction u the mixture is the 1-d mixture sum_k w_k N(u.mu_k, s_k^2) with CDF F.  The
+    W2 coupling of the n sorted projections y_(1) <= ... <= y_(n) with F sends y_(i) to the quantile cell
+    C_i = [F^-1((i-1)/n), F^-1(i/n)], so W2^2 = sum_i (y_(i)^2 P_i - 2 y_(i) M1_i + M2_i) with P, M1, M2
+    the mixture's mass and first two partial moments on C_i (closed form per component, for
+    Z ~ N(0, 1): E[Z; a<Z<b] = phi(a) - phi(b), E[Z^2; a<Z<b] = Phi(b) - Phi(a) - (b phi(b) - a phi(a))).
+    SW2 = sqrt(mean_u W2^2) over `n_dirs` directions drawn uniformly on the sphere from `seed`."""
+
+    def __init__(self, gmm: GaussianMixture, n_dirs: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(n_dirs, gmm.dim, generator=g, dtype=DTYPE)
+        self.u = u / u.norm(dim=1, keepdim=True)
+        self.m = self.u @ gmm.means.double().T  # (D, K) projected means
+        self.s = gmm.stds.double()  # (K,)
+        self.w = gmm.weights.double()
+        self._cells: dict[int, tuple] = {}
+
+    def _cdf(self, y: torch.Tensor) -> torch.Tensor:  # (D, q) -> (D, q)
+        return (torch.special.ndtr((y[..., None] - self.m[:, None, :]) / self.s) * self.w).sum(-1)
+
+    def _cell_moments(self, n: int):
+        if n not in self._cells:
+            D = self.m.shape[0]
+            q = (torch.arange(1, n, dtype=DTYPE) / n).expand(D, n - 1)
+            span = 40.0 * float(self.s.max())
+            lo = (self.m.min(1).values - span)[:, None].expand(D, n - 1).clone()
+            hi = (self.m.max(1).values + span)[:, None].expand(D, n - 1).clone()
+            for _ in range(24):  # bisection to 80 s_max / 2^24 ~ 5e-6 s_max ...
+                mid = 0.5 * (lo + hi)
+                below = self._cdf(mid) < q
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            y = 0.5 * (lo + hi)
+            for _ in range(3):  # ... then Newton (quadratic: ~1e-11, ~1e-22), kept inside the bracket
+                z = (y[..., None] - self.m[:, None, :]) / self.s
+                pdf = (torch.exp(-0.5 * z * z) / (np.sqrt(2 * np.pi) * self.s) * self.w).sum(-1)
+                y = (y - (self._cdf(y) - q) / pdf).clamp(lo, hi)
+            ends = torch.cat([(self.m.min(1).values - span)[:, None], y,
+                              (self.m.max(1).values + span)[:, None]], 1)  # (D, n + 1); +-40 s_max: mass 0
+            z = (ends[..., None] - self.m[:, None, :]) / self.s  # (D, n + 1, K)
+            Phi, phi = torch.special.ndtr(z), torch.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
+            dPhi, dphi, dzphi = Phi[:, 1:] - Phi[:, :-1], phi[:, :-1] - phi[:, 1:], (z * phi)[:, 1:] - (z * phi)[:, :-1]
+            m, s = self.m[:, None, :], self.s
+            P = (dPhi * self.w).sum(-1)
+            M1 = ((m * dPhi + s * dphi) * self.w).sum(-1)
+            M2 = ((m * m * dPhi + 2 * m * s * dphi + s * s * (dPhi - dzphi)) * self.w).sum(-1)
+            self._cells[n] = (P, M1, M2)
+        return self._cells[n]
+
+    def __call__(self, x: torch.Tensor) -> float:
+        x = x.double().reshape(x.shape[0], -1)
+        if not torch.isfinite(x).all():
+            return float("inf")
+        y = (self.u @ x.T).sort(dim=1).values  # (D, n)
+        P, M1, M2 = self._cell_moments(x.shape[0])
+        w2 = (y * y * P - 2 * y * M1 + M2).sum(1).clamp_min(0.0)
+        return float(w2.mean().sqrt())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +210,9 @@ class Setup:
         self.schedule = DiscreteVP.from_diffusers_config(cfg)
         t_T = self.schedule.t_max
         self.a_T, self.s_T = float(self.schedule.alpha(t_T)), float(self.schedule.sigma(t_T))
-        self.x_T = torch.randn(n, DIM, generator=torch.Generator().manual_seed(X_SEED), dtype=DTYPE)
-        # stochastic solvers: a larger batch so that FD is not dominated by finite-sample noise
-        self.x_T_sde = torch.randn(n_sde, DIM, generator=torch.Generator().manual_seed(X_SEED + 1), dtype=DTYPE)
+        self.x_T = torch.randn(n, DIM, generator=torch.Generator().manual_seed(HELD_OUT_X_SEED), dtype=DTYPE)
+        # stochastic solvers: a larger batch so that SW2 is not dominated by finite-sample noise
+        self.x_T_sde = torch.randn(n_sde, DIM, generator=torch.Generator().manual_seed(HELD_OUT_X_SDE_SEED), dtype=DTYPE)
         t0 = time.time()
         self.ref = self.gmm.ode_endpoint(self.x_T, self.a_T, self.s_T, 1.0, 0.0)
         # the endpoint at diffusers' sigma_min (t = 0), where DEIS stops: its distance to ref is a floor
@@ -121,89 +222,155 @@ class Setup:
         self.ref_seconds = time.time() - t0
         self.model = GMMModel(self.gmm, self.schedule, "epsilon")
         self.mean, self.cov = self.gmm.mean.double(), self.gmm.covariance.double()
-        exact = self.gmm.sample(n_sde, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
-        self.fd_floor = frechet(exact, self.mean, self.cov)  # FD of exact samples of the same size
+        self.sw = SlicedW2(self.gmm, N_DIRECTIONS, HELD_OUT_PROJ_SEED)
+        floors = [self.sw(self.gmm.sample(n_sde, generator=torch.Generator().manual_seed(s), dtype=DTYPE))
+                  for s in HELD_OUT_FLOOR_SEEDS]
+        self.sw_floor, self.sw_floor_max = float(np.mean(floors)), float(np.max(floors))
+        exact = self.gmm.sample(n_sde, generator=torch.Generator().manual_seed(HELD_OUT_FLOOR_SEEDS[0]), dtype=DTYPE)
+        self.fd_floor = frechet(exact, self.mean, self.cov)
 
     def denoiser(self):
         return gmm_denoiser(self.gmm, self.schedule, "epsilon")
 
-    def ours(self, solver: str, nfe: int, spacing, final: str = "zero", stochastic: bool = False):
+    def noise(self):
+        return torch.Generator().manual_seed(HELD_OUT_NOISE_SEED)
+
+    def ours(self, solver: str, nfe, spacing, final: str = "zero", stochastic: bool = False, **options):
+        """(x, model calls).  Stochastic runs draw from one generator (HELD_OUT_NOISE_SEED): the same law
+        as per-sample seeds, and one Brownian tree for the batch instead of one per sample (minutes)."""
         den = self.denoiser()
         x_T = self.x_T_sde if stochastic else self.x_T
-        seeds = list(range(len(x_T))) if stochastic else None
-        x = ds.sample(den, x_T.clone(), solver=solver, nfe=nfe, spacing=spacing, final=final, seeds=seeds)
+        x = ds.sample(den, x_T.clone(), solver=solver, nfe=nfe, spacing=spacing, final=final,
+                      generator=self.noise() if stochastic else None, **options)
         return x, den.nfe
 
     def diffusers(self, cls_name: str, kw: dict, steps: int, x_T=None, generator=None, variance_noise=None):
         sched = getattr(diffusers, cls_name)(**{**self.cfg, **kw})
         model = CountingModel(self.model)
         x_T = self.x_T if x_T is None else x_T
+        if generator is not None and "generator" not in inspect.signature(sched.step).parameters:
+            generator = None  # DPMSolverSDEScheduler: its own Brownian tree (noise_sampler_seed)
         x = run_diffusers(sched, model, steps, x_T.clone(), generator=generator, variance_noise=variance_noise)
         return x, model.calls, sched
 
-    def steps_for_nfe(self, cls_name: str, kw: dict, nfe: int) -> int:
+    def steps_for_nfe(self, cls_name: str, kw: dict, nfe: int, stochastic: bool = False) -> int:
         """Largest num_inference_steps whose model-call count is <= nfe (counted on a 1-sample run)."""
         for steps in range(nfe, 0, -1):
-            gen = torch.Generator().manual_seed(0) if kw.get("algorithm_type", "").startswith("sde") else None
+            gen = torch.Generator().manual_seed(0) if stochastic else None
             _, calls, _ = self.diffusers(cls_name, kw, steps, x_T=self.x_T[:1], generator=gen)
             if calls <= nfe:
                 return steps
         raise RuntimeError(f"{cls_name}: no step count fits {nfe} model calls")
 
     def score(self, x, stochastic: bool) -> dict:
+        fd = frechet(x, self.mean, self.cov)
         if stochastic:
-            return dict(rmse=float("nan"), median_err=float("nan"), fd=frechet(x, self.mean, self.cov))
-        return dict(rmse=rmse(x, self.ref), median_err=median_err(x, self.ref), fd=frechet(x, self.mean, self.cov))
+            return dict(rmse=float("nan"), median_err=float("nan"), sw2=self.sw(x), fd=fd)
+        return dict(rmse=rmse(x, self.ref), median_err=median_err(x, self.ref), sw2=float("nan"), fd=fd)
 
 
 def _kw(kw: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kw.items())
 
 
+def _info(name: str) -> dict:
+    return ds.samplers.info(name)
+
+
 def _stoch(name: str) -> bool:
-    return bool(ds.samplers.info(name)["stochastic"])
+    return bool(_info(name)["stochastic"])
+
+
+def _adaptive(name: str) -> bool:
+    return bool(_info(name).get("adaptive", False))
+
+
+def _metric(r: dict) -> float:
+    """The row's score: SW2 for stochastic runs, RMSE otherwise (inf when the run failed)."""
+    if r.get("error"):
+        return float("inf")
+    v = r["sw2"] if r["stochastic"] else r["rmse"]
+    return v if v == v else float("inf")
+
+
+def _short(e: Exception) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:160]}" + ("..." if len(msg) > 160 else "")
 
 
 # ---------------------------------------------------------------------------------------------
 # runs
 # ---------------------------------------------------------------------------------------------
 
+def _run_row(S: Setup, name, nfe, spacing, final="zero", table="ours", **options) -> dict:
+    st = _stoch(name)
+    r = dict(table=table, method=name, impl="diffsampler", spacing=spacing if spacing is not None else "adaptive",
+             final=final, nfe=nfe if nfe is not None else "", stochastic=st,
+             config=f'spacing="{spacing}", final="{final}"' + (", " + _kw(options) if options else ""))
+    try:
+        x, calls = S.ours(name, nfe, spacing, final, stochastic=st, **options)
+    except Exception as e:  # shown in the table with its reason, never dropped
+        r.update(actual_nfe="", rmse=float("nan"), median_err=float("nan"), sw2=float("nan"), fd=float("nan"),
+                 error=_short(e))
+        return r
+    r.update(actual_nfe=calls, **S.score(x, st), error="")
+    return r
+
+
 def run_ours(S: Setup, nfes, spacings, rows) -> dict:
+    """Every registered solver at every NFE and spacing (adaptive ones: at each NFE as a budget, and
+    without a budget at ADAPTIVE_TOLERANCES; keys (name, nfe, "adaptive") and (name, None, (rtol, atol)))."""
     ours = {}
     for name in ds.available():
-        st = _stoch(name)
-        for nfe in nfes:
-            for spacing in spacings:
-                x, calls = S.ours(name, nfe, spacing, stochastic=st)
-                r = dict(table="ours", method=name, impl="diffsampler", config=f'spacing="{spacing}", final="zero"',
-                         spacing=spacing, final="zero", nfe=nfe, actual_nfe=calls, stochastic=st, **S.score(x, st))
+        t0 = time.time()
+        if _adaptive(name):
+            for nfe in nfes:
+                ours[(name, nfe, "adaptive")] = r = _run_row(S, name, nfe, None)
                 rows.append(r)
-                ours[(name, nfe, spacing)] = r
-        print(f"  ours {name:16s} " + "  ".join(
-            f"{nfe}:{ours[(name, nfe, DEFAULT_SPACING)]['fd' if st else 'rmse']:.2e}" for nfe in nfes), flush=True)
+            for tol in ADAPTIVE_TOLERANCES:
+                ours[(name, None, tol)] = r = _run_row(S, name, None, None, rtol=tol[0], atol=tol[1])
+                rows.append(r)
+            line = "  ".join(f"{nfe}:{_cell(ours[(name, nfe, 'adaptive')])}" for nfe in nfes)
+        else:
+            for nfe in nfes:
+                for spacing in spacings:
+                    ours[(name, nfe, spacing)] = r = _run_row(S, name, nfe, spacing)
+                    rows.append(r)
+            line = "  ".join(f"{nfe}:{_cell(ours[(name, nfe, DEFAULT_SPACING)])}" for nfe in nfes)
+        print(f"  ours {name:18s} {line}  ({time.time() - t0:.1f}s)", flush=True)
     return ours
 
 
 def run_hf(S: Setup, nfes, rows) -> dict:
     hf = {}
     for label, cls_name, kw, equiv, st in DIFFUSERS:
+        t0 = time.time()
         for nfe in nfes:
-            steps = S.steps_for_nfe(cls_name, kw, nfe)
-            if st:
-                x, calls, sched = S.diffusers(cls_name, kw, steps, x_T=S.x_T_sde, generator=torch.Generator().manual_seed(1234))
-            else:
-                x, calls, sched = S.diffusers(cls_name, kw, steps)
-            note = "ends at sigma_min (t=0), not sigma=0" if cls_name == "DEISMultistepScheduler" else ""
+            r = dict(table="diffusers", method=label, impl="diffusers", config=f"{cls_name}({_kw(kw)})", final="",
+                     nfe=nfe, stochastic=st, equiv=equiv or "")
+            try:
+                steps = S.steps_for_nfe(cls_name, kw, nfe, st)
+                if st:
+                    x, calls, sched = S.diffusers(cls_name, kw, steps, x_T=S.x_T_sde, generator=S.noise())
+                else:
+                    x, calls, sched = S.diffusers(cls_name, kw, steps)
+            except Exception as e:
+                r.update(spacing="", actual_nfe="", rmse=float("nan"), median_err=float("nan"), sw2=float("nan"),
+                         fd=float("nan"), note="", error=_short(e))
+                rows.append(r)
+                hf[(label, nfe)] = r
+                continue
+            note = ("ends at sigma_min (t=0), not sigma=0"
+                    if cls_name == "DEISMultistepScheduler" or kw.get("final_sigmas_type") == "sigma_min" else "")
             if calls != nfe:
                 note = (note + "; " if note else "") + f"{calls} calls ({steps} steps)"
-            r = dict(table="diffusers", method=label, impl="diffusers", config=f"{cls_name}({_kw(kw)})",
-                     spacing=sched.config.get("timestep_spacing", ""), final="", nfe=nfe, actual_nfe=calls,
-                     stochastic=st, **S.score(x, st), note=note, equiv=equiv or "")
+            r.update(spacing=sched.config.get("timestep_spacing", ""), actual_nfe=calls, **S.score(x, st), note=note,
+                     error="")
             rows.append(r)
             hf[(label, nfe)] = r
-        print(f"  diffusers {label:20s} " + "  ".join(
-            f"{nfe}:{hf[(label, nfe)]['fd' if st else 'rmse']:.2e}({hf[(label, nfe)]['actual_nfe']})" for nfe in nfes),
-            flush=True)
+        print(f"  diffusers {label:28s} " + "  ".join(
+            f"{nfe}:{_cell(hf[(label, nfe)])}({hf[(label, nfe)]['actual_nfe']})" for nfe in nfes)
+            + f"  ({time.time() - t0:.1f}s)", flush=True)
     return hf
 
 
@@ -352,71 +519,165 @@ def same_grid_rows(S: Setup, nfes) -> list[dict]:
 # report
 # ---------------------------------------------------------------------------------------------
 
+def _cell(r) -> str:
+    """A row's score as a number (SW2 for stochastic runs, RMSE otherwise), or why it did not run."""
+    if r.get("error"):
+        return "refused"
+    return fmt_e(r["sw2"] if r["stochastic"] else r["rmse"])
+
+
 def _val(r) -> str:
-    return f"FD {r['fd']:.2e}" if r["stochastic"] else fmt_e(r["rmse"])
+    return ("SW2 " if r["stochastic"] else "") + _cell(r)
+
+
+class _Notes:
+    """Footnotes for refusals: the same reason gets the same number."""
+
+    def __init__(self):
+        self.reasons: list[str] = []
+
+    def ref(self, r) -> str:
+        if r["error"] not in self.reasons:
+            self.reasons.append(r["error"])
+        return f"refused [{self.reasons.index(r['error']) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i + 1}] {why}" for i, why in enumerate(self.reasons)]
+
+
+def _score_cell(S, r, notes: _Notes, nfe=None, mark_floor=True) -> str:
+    if r.get("error"):
+        return notes.ref(r)
+    v = _cell(r)
+    if r["stochastic"] and mark_floor and r["sw2"] <= S.sw_floor_max:
+        v += " (floor)"
+    if nfe is not None and r["actual_nfe"] != nfe:
+        v += f" ({r['actual_nfe']} calls)"
+    return v
 
 
 def render(S, ours, hf, grid, same, nfes, spacings, n, n_sde, deis_floor, quick, seconds) -> str:
     names = ds.available()
+    notes = _Notes()
     L = ["## Accuracy on an exact Gaussian mixture" + (" (quick run)" if quick else ""), ""]
     L.append(summary(S, ours, hf, grid, same, nfes))
     L.append("")
     L.append(f"Setup: `GaussianMixture.random({DIM}, {K}, seed={GMM_SEED})`, diffusers' default linear-beta schedule "
-             f"(1000 steps) as `DiscreteVP.from_diffusers_config`, {n} samples x_T ~ N(0, I) (seed {X_SEED}) at "
-             f"t = 999, the exact mixture as an epsilon model (`GMMModel`), float64 throughout.  Score: RMSE over "
-             f"all samples and coordinates against the exact PF-ODE endpoint at sigma = 0 (DOP853, rtol 1e-11).  "
-             f"Ours: `diffsampler.sample(..., final=\"zero\")`.  Stochastic solvers: Frechet distance (FD) of "
-             f"{n_sde} samples to the exact mixture mean / covariance; {n_sde} exact mixture samples have FD "
-             f"{S.fd_floor:.2e} (finite-sample floor).  Raw numbers, also the median per-sample error, in "
-             f"`benchmarks/results/accuracy.csv`.  Run: `python benchmarks/accuracy.py{' --quick' if quick else ''}`, "
-             f"{seconds:.0f}s; {machine_line()}.")
+             f"(1000 steps) as `DiscreteVP.from_diffusers_config`, the exact mixture as an epsilon model (`GMMModel`), "
+             f"float64 throughout, x_T ~ N(0, I) at t = 999.  **ODE solvers**: {n} samples (x_T seed "
+             f"{HELD_OUT_X_SEED}), score = RMSE over all samples and coordinates against the exact PF-ODE endpoint of "
+             f"the same x_T at sigma = 0 (DOP853, rtol 1e-11).  **SDE / ancestral solvers**: {n_sde} samples (x_T seed "
+             f"{HELD_OUT_X_SDE_SEED}, step noise from one `torch.Generator` seeded {HELD_OUT_NOISE_SEED}, ours and "
+             f"diffusers' alike), score = sliced 2-Wasserstein distance SW2 to the exact mixture: for "
+             f"{N_DIRECTIONS} fixed unit directions u (seed {HELD_OUT_PROJ_SEED}) the exact W2 between the empirical "
+             f"law of u.x and the projected mixture (a 1-d mixture: quantile cells by bisection, partial moments in "
+             f"closed form, so no reference sample adds noise), SW2 = sqrt(mean_u W2^2).  SW2 is a metric on laws "
+             f"with finite second moments (zero only for the exact law) and sees the modes, not only the first two "
+             f"moments as a Frechet distance would.  Noise floor: {n_sde} exact mixture samples (seeds "
+             f"{', '.join(map(str, HELD_OUT_FLOOR_SEEDS))}) score SW2 {S.sw_floor:.2e} on average, at most "
+             f"{S.sw_floor_max:.2e}; a value at or below that maximum is marked \"(floor)\": it is not distinguishable "
+             f"from exact sampling with this many samples.  All seeds are fixed in the script before the run and "
+             f"used by no test.  Ours: `diffsampler.sample(..., final=\"zero\")`.  Raw numbers (every spacing, also "
+             f"the median per-sample error and the Frechet distance) in `benchmarks/results/accuracy.csv`.  Run: "
+             f"`python benchmarks/accuracy.py{' --quick' if quick else ''}`, {seconds:.0f}s; {machine_line()}.")
     L.append("")
     L.append("The RMSE is dominated by the few samples whose trajectory ends in a different mixture component "
              "than the exact flow (RMSE > median error by 3-10x at NFE 20), so it converges slowly and "
              "unevenly; rankings at NFE 5 mostly say who gets the mode assignment right.")
     L.append("")
 
-    cols = list(dict.fromkeys([DEFAULT_SPACING, "logsnr"]))
-    L.append(f"### diffsampler solvers: RMSE at the default spacing ({DEFAULT_SPACING})"
-             + (", at logsnr" if len(cols) > 1 else "") + ", and the best over spacings")
+    L.append(f"### Every registered solver ({len(names)}): the default spacing ({DEFAULT_SPACING}) and the best "
+             f"spacing")
     L.append("")
-    hdr = (["solver"] + [f"NFE {k} {sp}" + (" (default)" if sp == DEFAULT_SPACING else "") for sp in cols for k in nfes]
+    hdr = (["solver", "kind", "score"] + [f"NFE {k} {DEFAULT_SPACING} (default)" for k in nfes]
            + [f"NFE {k} best (spacing)" for k in nfes])
     trs = []
     for nm in names:
+        if _adaptive(nm):
+            cells = [f"`{nm}`", "adaptive ODE", "RMSE"]
+            cells += [_score_cell(S, ours[(nm, k, "adaptive")], notes) + (
+                "" if ours[(nm, k, "adaptive")].get("error") else f" ({ours[(nm, k, 'adaptive')]['actual_nfe']} calls)")
+                for k in nfes]
+            cells += ["no grid (see below)"] * len(nfes)
+            trs.append(cells)
+            continue
         st = _stoch(nm)
-        cells = [f"`{nm}`"] + [_val(ours[(nm, k, sp)]) for sp in cols for k in nfes]
+        cells = [f"`{nm}`", "SDE" if st else "ODE", "SW2" if st else "RMSE"]
+        cells += [_score_cell(S, ours[(nm, k, DEFAULT_SPACING)], notes, k) for k in nfes]
         for k in nfes:
-            if st:
-                cells.append("n/a (stochastic)")
+            ok = [sp for sp in spacings if not ours[(nm, k, sp)].get("error")]
+            if not ok:
+                cells.append("refused at every spacing")
                 continue
-            best = min(spacings, key=lambda sp: ours[(nm, k, sp)]["rmse"])
-            cells.append(f"{fmt_e(ours[(nm, k, best)]['rmse'])} ({best})")
+            best = min(ok, key=lambda sp: _metric(ours[(nm, k, sp)]))
+            cells.append(f"{_score_cell(S, ours[(nm, k, best)], notes, k)} ({best})")
         trs.append(cells)
-    L.append(md_table(hdr, trs))
+    L.append(md_table(hdr, trs, "lll" + "r" * 2 * len(nfes)))
     L.append("")
-    L.append(f"Spacings tried for \"best\": {', '.join(spacings)} (all with `final=\"zero\"`).  All our solvers "
-             f"spend exactly the NFE budget (counted).  `euler` = `ddim` = `deis_*_1` (the same first-order step).")
+    L.append(f"Spacings tried for \"best\": {', '.join(spacings)} (all with `final=\"zero\"`; for SDE solvers the "
+             f"best is the smallest SW2, itself subject to the sampling noise above).  \"(k calls)\": the solver "
+             f"spent k model calls, not the NFE asked for; every other run spent exactly its budget (counted).  "
+             f"`euler` = `ddim` = `deis_*_1` (the same first-order step).  `edm_stochastic` at its default "
+             f"`s_churn=0` is deterministic (Heun) and scored as an ODE solver.")
+    if notes.reasons:
+        L.append("")
+        L.append("Refusals (the solver's own error, raised before any model call or when a budget ran out):")
+        L.append("")
+        L.extend(f"- {ln}" for ln in notes.lines())
+    shown = len(notes.reasons)
     L.append("")
 
-    L.append("### diffusers schedulers (same model, same x_T)")
+    adaptive = [nm for nm in names if _adaptive(nm)]
+    if adaptive:
+        L.append("### Adaptive solvers: calls spent")
+        L.append("")
+        L.append("`nfe` is a budget for an adaptive solver (the run refuses to start an attempt that would pass "
+                 "it); above, each NFE was given as the budget at the default tolerances.  Without a budget:")
+        L.append("")
+        hdr = ["solver", "rtol", "atol", "calls spent", "RMSE"]
+        trs = []
+        for nm in adaptive:
+            for tol in ADAPTIVE_TOLERANCES:
+                r = ours[(nm, None, tol)]
+                trs.append([f"`{nm}`", tol[0], tol[1], r["actual_nfe"] if not r.get("error") else "",
+                            _score_cell(S, r, notes)])
+        L.append(md_table(hdr, trs, "lrrrr"))
+        L.append("")
+        L.append(f"The first tolerance pair is the default (k-diffusion's `sample_dpm_adaptive`).  For comparison, the "
+                 f"fixed-step solvers' RMSE at NFE {max(nfes)} is in the table above.")
+        L.append("")
+
+    L.append("### diffusers schedulers (same model, same x_T; same noise generator seed for the stochastic ones)")
     L.append("")
-    hdr = ["scheduler", "config"] + [f"NFE {k}" for k in nfes] + [f"ours, same method ({DEFAULT_SPACING})"]
+    hdr = ["scheduler", "config", "score"] + [f"NFE {k}" for k in nfes] + [f"ours, same method ({DEFAULT_SPACING})"]
     trs = []
+    registered = set(names)
     for label, cls_name, kw, equiv, st in DIFFUSERS:
-        cells = [label, f"`{cls_name}({_kw(kw)})`"]
+        cells = [label, f"`{cls_name}({_kw(kw)})`", "SW2" if st else "RMSE"]
         for k in nfes:
             r = hf[(label, k)]
-            cells.append(_val(r) + (f" ({r['actual_nfe']} NFE)" if r["actual_nfe"] != k else ""))
-        cells.append(f"`{equiv}`: " + " / ".join(_val(ours[(equiv, k, DEFAULT_SPACING)]) for k in nfes) if equiv
-                     else "(none registered)")
+            cells.append(notes.ref(r) if r.get("error") else
+                         _score_cell(S, r, notes) + (f" ({r['actual_nfe']} NFE)" if r["actual_nfe"] != k else ""))
+        if equiv and equiv in registered and not _adaptive(equiv):
+            cells.append(f"`{equiv}`: " + " / ".join(_score_cell(S, ours[(equiv, k, DEFAULT_SPACING)], notes)
+                                                     for k in nfes))
+        else:
+            cells.append(f"(`{equiv}` not registered)" if equiv else "(not a registered solver's default)")
         trs.append(cells)
-    L.append(md_table(hdr, trs, "ll" + "r" * len(nfes) + "l"))
+    L.append(md_table(hdr, trs, "lll" + "r" * len(nfes) + "l"))
     L.append("")
     L.append(f"\"(k NFE)\": the scheduler cannot hit the budget exactly; it got the largest `num_inference_steps` "
-             f"whose counted model calls fit (Heun: 2N-1 calls for N steps).  DEIS stops at sigma_min = sigma(t=0) = "
-             f"{S.sigma_min:.4f}, not at sigma = 0; the exact endpoints there and at 0 differ by RMSE {deis_floor:.1e}, "
-             f"negligible here.  All other schedulers end at sigma = 0.")
+             f"whose counted model calls fit (Heun, KDPM2: 2N-1 calls for N steps).  DEIS and DPM-Solver 2M stop at sigma_min = "
+             f"sigma(t=0) = {S.sigma_min:.4f}, not at sigma = 0; the exact endpoints there and at 0 differ by RMSE "
+             f"{deis_floor:.1e}, negligible here.  All other schedulers end at sigma = 0.  \"Same method\" is the "
+             f"same algorithm on our default grid, not the same numbers: the same-grid table below shows equality.  "
+             f"DPM++ SDE draws from its own Brownian tree (`noise_sampler_seed={HELD_OUT_NOISE_SEED}`).  Not run here: "
+             + "; ".join(f"`{c}` ({why})" for c, why in NOT_RUN.items()) + ".")
+    if len(notes.reasons) > shown:
+        L.append("")
+        L.append("Refusals and failures:")
+        L.append("")
+        L.extend(f"- {ln}" for ln in notes.lines()[shown:])
     L.append("")
 
     L.append("### Grid and `final`: our solvers on our spacings and on diffusers' grid")
@@ -451,9 +712,9 @@ def render(S, ours, hf, grid, same, nfes, spacings, n, n_sde, deis_floor, quick,
                  f"lower-order final step, and the last step (t = {float(gl.t[-2]):.0f} -> 0) is "
                  f"{ratio:.1f}x longer in log-SNR than the one before, so the multistep extrapolation is poor: "
                  f"`dpmpp_3m` {fmt_e(grid[('dpmpp_3m', 'linspace', 'zero', k)]['rmse'])} (zero) vs "
-                 f"{fmt_e(grid[('dpmpp_3m', 'linspace', 'last', k)]['rmse'])} (last), `dpmpp_2m_sde` FD "
-                 f"{grid[('dpmpp_2m_sde', 'linspace', 'zero', k)]['fd']:.2e} vs "
-                 f"{grid[('dpmpp_2m_sde', 'linspace', 'last', k)]['fd']:.2e}.  diffusers' DPMSolverMultistep with "
+                 f"{fmt_e(grid[('dpmpp_3m', 'linspace', 'last', k)]['rmse'])} (last), `dpmpp_2m_sde` SW2 "
+                 f"{grid[('dpmpp_2m_sde', 'linspace', 'zero', k)]['sw2']:.2e} vs "
+                 f"{grid[('dpmpp_2m_sde', 'linspace', 'last', k)]['sw2']:.2e}.  diffusers' DPMSolverMultistep with "
                  f"`final_sigmas_type=\"sigma_min\"` behaves the same (its `lower_order_final` also stops at 15 steps).")
     L.append("")
 
@@ -478,17 +739,24 @@ def render(S, ours, hf, grid, same, nfes, spacings, n, n_sde, deis_floor, quick,
 
 
 def summary(S, ours, hf, grid, same, nfes) -> str:
-    det = [nm for nm in ds.available() if not _stoch(nm)]
-    parts = []
+    names = [nm for nm in ds.available() if not _adaptive(nm)]
+    det = [nm for nm in names if not _stoch(nm)]
+    sto = [nm for nm in names if _stoch(nm)]
+    parts, sde_parts = [], []
     for k in nfes:
-        cand = [(r["rmse"], f"`{nm}` ({sp})") for (nm, kk, sp), r in ours.items() if kk == k and nm in det]
-        cand += [(r["rmse"], f"diffusers {lab}") for (lab, kk), r in hf.items()
-                 if kk == k and not r["stochastic"] and r["actual_nfe"] <= k]
-        cand.sort(key=lambda c: c[0])
-        bo = min((ours[(nm, k, DEFAULT_SPACING)]["rmse"], nm) for nm in det)
-        bh = min(((r["rmse"], lab) for (lab, kk), r in hf.items() if kk == k and not r["stochastic"]))
-        parts.append(f"NFE {k}: best overall {cand[0][1]} {cand[0][0]:.2e} (then {cand[1][1]} {cand[1][0]:.2e}); "
-                     f"best of ours at the default spacing `{bo[1]}` {bo[0]:.2e}; best diffusers {bh[1]} {bh[0]:.2e}")
+        for group, stoch, out in ((det, False, parts), (sto, True, sde_parts)):
+            cand = [(_metric(r), f"`{nm}` ({sp})") for (nm, kk, sp), r in ours.items()
+                    if kk == k and nm in group and not r.get("error")]
+            cand += [(_metric(r), f"diffusers {lab}") for (lab, kk), r in hf.items()
+                     if kk == k and r["stochastic"] == stoch and not r.get("error") and r["actual_nfe"] <= k]
+            cand.sort(key=lambda c: c[0])
+            dflt = [(_metric(ours[(nm, k, DEFAULT_SPACING)]), nm) for nm in group]
+            hfs = [(_metric(r), lab) for (lab, kk), r in hf.items() if kk == k and r["stochastic"] == stoch]
+            if len(cand) < 2 or not dflt or not hfs:
+                continue
+            bo, bh = min(dflt), min(hfs)
+            out.append(f"NFE {k}: best overall {cand[0][1]} {cand[0][0]:.2e} (then {cand[1][1]} {cand[1][0]:.2e}); "
+                       f"best of ours at the default spacing `{bo[1]}` {bo[0]:.2e}; best diffusers {bh[1]} {bh[0]:.2e}")
     pairs, pairs_lin, lin_dev, def_ratios = [], [], 0.0, []
     for equiv, label in PAIRS:
         r_def = [ours[(equiv, k, DEFAULT_SPACING)]["rmse"] / hf[(label, k)]["rmse"] for k in nfes]
@@ -498,8 +766,9 @@ def summary(S, ours, hf, grid, same, nfes) -> str:
             r_lin = [grid[(equiv, "linspace", "zero", k)]["rmse"] / hf[(label, k)]["rmse"] for k in nfes]
             pairs_lin.append(f"`{equiv}` " + "/".join(f"{v:.2g}" for v in r_lin))
             lin_dev = max(lin_dev, max(abs(v - 1) for v in r_lin))
-    sde = ", ".join(f"{ours[('dpmpp_2m_sde', k, DEFAULT_SPACING)]['fd']:.2f} vs {hf[('DPM++ 2M SDE', k)]['fd']:.2f}" for k in nfes)
-    sde_lin = ", ".join(f"{grid[('dpmpp_2m_sde', 'linspace', 'zero', k)]['fd']:.2f}" for k in nfes)
+    sde = ", ".join(f"{_metric(ours[('dpmpp_2m_sde', k, DEFAULT_SPACING)]):.3f} vs {_metric(hf[('DPM++ 2M SDE', k)]):.3f}"
+                    for k in nfes)
+    sde_lin = ", ".join(f"{_metric(grid[('dpmpp_2m_sde', 'linspace', 'zero', k)]):.3f}" for k in nfes)
     max_med_ratio = max(r["median_abs_diff"] / r["median_err"] for r in same if not r["stochastic"])
     k0 = nfes[0]
     better = sum(v < 0.95 for v in def_ratios)
@@ -514,7 +783,8 @@ def summary(S, ours, hf, grid, same, nfes) -> str:
         w = grid[("dpmpp_2m", "logsnr", "zero", k0)]["rmse"], grid[("dpmpp_2m", "logsnr", "last", k0)]["rmse"]
         waste = (f"  `final=\"zero\"` on our spacings spends the last model call at t = 0 just before the jump to "
                  f"sigma = 0 (`dpmpp_2m` logsnr NFE {k0}: {w[0]:.2e} with final=zero vs {w[1]:.2e} with final=last).")
-    return ("**Summary.** " + "; ".join(parts) + ".  "
+    return ("**Summary.** ODE solvers (RMSE to the exact endpoint): " + "; ".join(parts) + ".  "
+            f"SDE / ancestral solvers (SW2 to the exact mixture, floor {S.sw_floor:.3f}): " + "; ".join(sde_parts) + ".  "
             f"**Ours vs the same method in diffusers**, RMSE ratio ours/diffusers at NFE {'/'.join(map(str, nfes))} "
             f"(< 1: ours more accurate), each at its default grid (ours `spacing=\"{DEFAULT_SPACING}\"`, "
             "`final=\"zero\"`): " + "; ".join(pairs)
@@ -524,8 +794,8 @@ def summary(S, ours, hf, grid, same, nfes) -> str:
             + f" and the outputs agree with diffusers to float32 round-off (median difference <= {max_med_ratio:.0e} "
             f"of the discretisation error, same-grid table).  The grid matters as much as the order: {sp_cmp}."
             + waste + "  "
-            f"DPM++ 2M SDE, FD ours ({DEFAULT_SPACING}) vs diffusers: {sde} at NFE {'/'.join(map(str, nfes))}; ours on the "
-            f"linspace grid: {sde_lin} (exact-sample floor {S.fd_floor:.2f}); with the same noise fed to both on the "
+            f"DPM++ 2M SDE, SW2 ours ({DEFAULT_SPACING}) vs diffusers: {sde} at NFE {'/'.join(map(str, nfes))}; ours on the "
+            f"linspace grid: {sde_lin} (exact-sample floor {S.sw_floor:.3f}); with the same noise fed to both on the "
             "same grid the outputs agree to float32 round-off.")
 
 
@@ -540,20 +810,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256/512 samples, NFE 5 and 10, spacings default/logsnr")
     p.add_argument("--n", type=int, default=None, help="samples for deterministic solvers (default 512, quick 256)")
-    p.add_argument("--n-sde", type=int, default=None, help="samples for stochastic solvers (default 2048, quick 512)")
+    p.add_argument("--n-sde", type=int, default=None, help="samples for stochastic solvers (default 8192, quick 512)")
     p.add_argument("--nfe", type=str, default=None, help="comma-separated NFE budgets (default 5,10,20)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md / CSV")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    diffusers.utils.logging.set_verbosity_error()  # its lower_order_final / deprecation notices, once per run
+    warnings.filterwarnings("ignore", category=FutureWarning)
     n = args.n or (256 if args.quick else 512)
-    n_sde = args.n_sde or (512 if args.quick else 2048)
+    n_sde = args.n_sde or (512 if args.quick else 8192)
     nfes = [int(v) for v in args.nfe.split(",")] if args.nfe else ([5, 10] if args.quick else [5, 10, 20])
     spacings = tuple(dict.fromkeys((DEFAULT_SPACING, "logsnr"))) if args.quick else tuple(dict.fromkeys(SPACINGS + (DEFAULT_SPACING,)))
     t_start = time.time()
 
     S = Setup(n, n_sde)
-    print(f"reference ODE endpoints: {S.ref_seconds:.1f}s; FD floor ({n_sde} exact samples) = {S.fd_floor:.3e}", flush=True)
+    print(f"reference ODE endpoints: {S.ref_seconds:.1f}s; SW2 floor ({n_sde} exact samples) = {S.sw_floor:.3e} "
+          f"(max {S.sw_floor_max:.3e}); FD floor {S.fd_floor:.3e}", flush=True)
     rows: list[dict] = []
     ours = run_ours(S, nfes, spacings, rows)
     hf = run_hf(S, nfes, rows)

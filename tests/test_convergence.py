@@ -72,21 +72,26 @@ EXPECTED = {
 B = 64
 
 
-@pytest.fixture(scope="module")
-def setup(gmm8):
+def make_setup(gmm):
+    """(schedule, denoiser, x_T, exact PF-ODE endpoint at t_min) on `gmm` (also used by benchmarks/orders.py)."""
     sch = ds.LinearVP()
-    x_T = torch.randn(B, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = torch.randn(B, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a0, s0 = float(sch.alpha(sch.t_max)), float(sch.sigma(sch.t_max))
     a1, s1 = float(sch.alpha(sch.t_min)), float(sch.sigma(sch.t_min))
-    ref = gmm8.ode_endpoint(x_T, a0, s0, a1, s1)
-    return sch, gmm_denoiser(gmm8, sch, "epsilon"), x_T, ref
+    ref = gmm.ode_endpoint(x_T, a0, s0, a1, s1)
+    return sch, gmm_denoiser(gmm, sch, "epsilon"), x_T, ref
 
 
-def measured_order(setup, name, nfes):
+@pytest.fixture(scope="module")
+def setup(gmm8):
+    return make_setup(gmm8)
+
+
+def measured_order(setup, name, nfes, **options):
     sch, den, x_T, ref = setup
     errs = []
     for n in nfes:
-        x = ds.sample(den, x_T.clone(), solver=name, nfe=n, spacing="logsnr", final="last")
+        x = ds.sample(den, x_T.clone(), solver=name, nfe=n, spacing="logsnr", final="last", **options)
         errs.append(float((x - ref).pow(2).mean().sqrt()))
     slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
     return slope, errs
@@ -100,20 +105,15 @@ def test_convergence_order(setup, name):
 
 
 # singlestep DPM-Solver / DPM-Solver++ of order 1 and 2 (every step of that order but a last lower one):
-# measured 1.01 / 1.01, 2.03 / 1.92
-@pytest.mark.parametrize("name,order,nfes", [("dpm_solver", 1, (160, 320, 640)), ("dpmpp", 1, (160, 320, 640)),
-                                             ("dpm_solver", 2, (80, 160, 320)), ("dpmpp", 2, (80, 160, 320))])
+# measured 1.01 / 1.01, 2.03 / 1.92 (benchmarks/orders.py lists them)
+SINGLESTEP_ORDERS = [("dpm_solver", 1, (160, 320, 640)), ("dpmpp", 1, (160, 320, 640)),
+                     ("dpm_solver", 2, (80, 160, 320)), ("dpmpp", 2, (80, 160, 320))]
+
+
+@pytest.mark.parametrize("name,order,nfes", SINGLESTEP_ORDERS)
 def test_singlestep_dpm_solver_order(setup, name, order, nfes):
-    sch, den, x_T, ref = setup
-    errs = [float((ds.sample(den, x_T.clone(), solver=name, nfe=n, spacing="logsnr", final="last", order=order)
-                   - ref).pow(2).mean().sqrt()) for n in nfes]
-    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+    slope, errs = measured_order(setup, name, nfes, order=order)
     assert abs(slope - order) <= 0.3, f"{name} order={order}: measured order {slope:.2f}; errors {errs}"
-
-
-def test_every_deterministic_solver_has_an_expected_order():
-    deterministic = [n for n in ds.available() if not ds.samplers.info(n)["stochastic"] and not ds.samplers.info(n)["adaptive"]]
-    assert sorted(deterministic) == sorted(EXPECTED), "a registered solver has no convergence test"
 
 
 #: SA-Solver with tau = 0 (Xue et al. 2023: the deterministic Adams method of the probability-flow ODE):
@@ -128,13 +128,17 @@ SA_ORDERS = [(pred, p, c, order) for pred in ("data", "noise")
 
 @pytest.mark.parametrize("pred,p,c,order", SA_ORDERS)
 def test_sa_solver_ode_order(setup, pred, p, c, order):
+    slope, errs = sa_solver_ode_order(setup, pred, p, c)
+    assert abs(slope - order) <= 0.3, f"sa_solver {pred} ({p}, {c}): measured order {slope:.2f}, expected {order}; {errs}"
+
+
+def sa_solver_ode_order(setup, pred, p, c, nfes=(80, 160, 320)):
+    """(slope, errors) of SA-Solver with tau = 0 (the PF-ODE), as `measured_order` (also benchmarks/orders.py)."""
     sch, den, x_T, ref = setup
-    nfes = (80, 160, 320)
     errs = [float((ds.sample(den, x_T.clone(), solver="sa_solver", nfe=n, spacing="logsnr", final="last", tau=0.0,
                              prediction=pred, predictor_order=p, corrector_order=c) - ref).pow(2).mean().sqrt())
             for n in nfes]
-    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
-    assert abs(slope - order) <= 0.3, f"sa_solver {pred} ({p}, {c}): measured order {slope:.2f}, expected {order}; {errs}"
+    return -np.polyfit(np.log(nfes), np.log(errs), 1)[0], errs
 
 
 def _exact_moments(plan, den, x_scalar_dtype=torch.float64):
@@ -163,45 +167,102 @@ def _exact_moments(plan, den, x_scalar_dtype=torch.float64):
     return b, A * A + float(cs @ corr @ cs)
 
 
-@pytest.mark.parametrize("name,opts,order", [("dpmpp_2m_sde", {}, 2), ("ddim", {"eta": 1.0}, 1),
-                                             ("euler_ancestral", {}, 1), ("dpm2_ancestral", {}, 2),
-                                             # the ancestral split keeps the marginals exact (an exact ODE
-                                             # step to rho_down, then N(0, rho_up^2) in v = x / alpha gives
-                                             # p_t), so the weak order is the ODE step's, 2
-                                             ("dpmpp_2s_ancestral", {}, 2),
-                                             ("dpmpp_2m_sde", {"noise": "brownian"}, 2),
-                                             # DPM++ SDE's stage noise is part of its step noise only
-                                             # with Brownian-tree draws (its default): weak order 2;
-                                             # independent draws make it ~1 (measured 0.84)
-                                             ("dpmpp_sde", {}, 2), ("dpmpp_sde", {"noise": "gaussian"}, 1),
-                                             ("dpmpp_2m_sde", {"solver_type": "heun"}, 2),
-                                             ("dpmpp_3m_sde", {}, 2), ("dpm_solver_2m", {"sde": True}, 2),
-                                             ("ddpm", {}, 1), ("ddpm", {"variance": "fixed_large"}, 1),
-                                             # SA-Solver, tau = 1 (the reverse SDE): its default (predictor 2,
-                                             # corrector 2, data) measured 2.20, noise prediction 2.05, predictor 3
-                                             # + corrector 3 1.90; the first-order predictor alone (= SDE-DPM-
-                                             # Solver++-1) 0.96
-                                             ("sa_solver", {}, 2), ("sa_solver", {"prediction": "noise"}, 2),
-                                             ("sa_solver", {"predictor_order": 3, "corrector_order": 3}, 2),
-                                             ("sa_solver", {"predictor_order": 1, "corrector_order": 0}, 1)])
+# (solver, options, expected weak order, why): every stochastic solver (and stochastic options of
+# deterministic ones) has at least one entry; test_sde_weak_order measures each from exact moments
+# (the measured values are in the README's order table, written by benchmarks/orders.py)
+WEAK_ORDER = [
+    ("dpmpp_2m_sde", {}, 2, "SDE-DPM-Solver++(2M) midpoint"),
+    ("dpmpp_2m_sde", {"solver_type": "heun"}, 2, "SDE-DPM-Solver++(2M) heun"),
+    ("dpmpp_2m_sde", {"noise": "brownian"}, 2, "the same with Brownian-tree draws"),
+    ("dpmpp_3m_sde", {}, 2, "3M SDE"),
+    ("dpm_solver_2m", {"sde": True}, 2, "noise-prediction SDE-DPM-Solver-2M"),
+    ("ddim", {"eta": 1.0}, 1, "ancestral DDIM"),
+    ("euler_ancestral", {}, 1, "Euler ancestral"),
+    ("dpm2_ancestral", {}, 2, "DPM-2 ancestral"),
+    # the ancestral split keeps the marginals exact (an exact ODE step to rho_down, then N(0, rho_up^2)
+    # in v = x / alpha gives p_t), so the weak order is the ODE step's, 2
+    ("dpmpp_2s_ancestral", {}, 2, "DPM-Solver++(2S) ancestral"),
+    # DPM++ SDE's stage noise is part of its step noise only with Brownian-tree draws (its default):
+    # weak order 2; independent draws make it ~1 (measured 0.84)
+    ("dpmpp_sde", {}, 2, "DPM++ SDE with Brownian-tree noise"),
+    ("dpmpp_sde", {"noise": "gaussian"}, 1, "DPM++ SDE with independent draws"),
+    ("ddpm", {}, 1, "DDPM ancestral, fixed_small"),
+    ("ddpm", {"variance": "fixed_large"}, 1, "DDPM ancestral, fixed_large"),
+    # Heun steps, with K = 2 re-noisings by the exact forward process on [0.1, 2] (its default): the
+    # forward jump is exact in law, so the weak order is Heun's (measured 1.93)
+    ("restart", {}, 2, "Restart (default intervals) on Heun steps"),
+    # churn gamma = s_churn / steps per step adds exact forward noise, then a Heun step (measured 1.92)
+    ("edm_stochastic", {"s_churn": 10.0, "s_tmax": 10.0}, 2, "EDM Alg. 2 with churn on rho <= 10"),
+    # SA-Solver, tau = 1 (the reverse SDE): its default (predictor 2, corrector 2, data) measured 2.20,
+    # noise prediction 2.05, predictor 3 + corrector 3 1.90; the first-order predictor alone (= SDE-DPM-
+    # Solver++-1) 0.96.  Its ODE orders (tau = 0) are test_sa_solver_ode_order's.
+    ("sa_solver", {}, 2, "SA-Solver default (predictor 2, corrector 2, data prediction), tau = 1"),
+    ("sa_solver", {"prediction": "noise"}, 2, "SA-Solver on the noise prediction"),
+    ("sa_solver", {"predictor_order": 3, "corrector_order": 3}, 2, "SA-Solver 3 / 3: the SDE caps it at 2"),
+    ("sa_solver", {"predictor_order": 1, "corrector_order": 0}, 1, "SA-Predictor 1 = SDE-DPM-Solver++-1"),
+]
+
+#: registered solvers with neither an EXPECTED nor a WEAK_ORDER entry, and why (checked to be registered)
+EXEMPT = {
+    "dpm_adaptive": "adaptive step size: it has no grid, its NFE is an outcome of its tolerances, so there is no "
+                    "error-vs-NFE slope to fit; test_dpm_adaptive_error_against_calls_spent measures its error "
+                    "against the calls it spent as rtol shrinks instead",
+}
+
+
+def missing_orders(infos: dict) -> list[str]:
+    """What the order tables lack for the solvers `infos` (name -> registry info), and stale entries."""
+    weak = {name for name, *_ in WEAK_ORDER}
+    out = []
+    for name, info in sorted(infos.items()):
+        if name in EXEMPT:
+            if len(EXEMPT[name].split()) < 8:
+                out.append(f"{name}: exemption without a reason")
+        elif info["stochastic"] and name not in weak:
+            out.append(f"{name}: stochastic, but no weak-order entry in WEAK_ORDER")
+        elif not info["stochastic"] and name not in EXPECTED:
+            out.append(f"{name}: deterministic, but no measured-order entry in EXPECTED")
+    out += [f"{name}: has an order entry but is not registered" for name in sorted((set(EXPECTED) | weak | set(EXEMPT)) - set(infos))]
+    return out
+
+
+def test_every_registered_solver_has_a_measured_order():
+    """Collects diffsampler.available(): every registered solver has a measured order (EXPECTED for
+    deterministic ones, WEAK_ORDER for stochastic ones) or a reasoned exemption (EXEMPT)."""
+    infos = {name: ds.samplers.info(name) for name in ds.available()}
+    assert missing_orders(infos) == []
+    # the guard itself fails for a solver without an entry, stochastic or not, and for a stale entry
+    fake = dict(infos, new_sde={"stochastic": True}, new_ode={"stochastic": False})
+    del fake["ddim"]
+    assert missing_orders(fake) == ["new_ode: deterministic, but no measured-order entry in EXPECTED",
+                                    "new_sde: stochastic, but no weak-order entry in WEAK_ORDER",
+                                    "ddim: has an order entry but is not registered"]
+
+
+@pytest.mark.parametrize("name,opts,order", [w[:3] for w in WEAK_ORDER],
+                         ids=[f"{w[0]}-{w[1]}" if w[1] else w[0] for w in WEAK_ORDER])
 def test_sde_weak_order(name, opts, order):
     """SDE solvers converge in distribution: for Gaussian data N(mu, s^2) the output law is exactly
     Gaussian, and its mean/std error against the true marginal at t_min shrinks at the weak order
-    (2 for SDE-DPM-Solver++(2M) midpoint / heun, 3M SDE and noise-prediction SDE-DPM-Solver-2M: measured
-    2.02, 2.02, 2.02, 1.92; 1 for ancestral DDIM and Euler ancestral, 2 for ancestral DPM-2:
-    measured 0.96 and 2.07, and for ancestral DPM-Solver++(2S))."""
+    (WEAK_ORDER: the expected order and the measured one).  Each NFE is one batched run
+    (`_exact_moments`), so the whole table takes seconds."""
+    slope, errs = weak_order(name, opts)
+    assert abs(slope - order) <= 0.3, f"{name}: weak order {slope:.2f}, expected {order}; errors {errs}"
+
+
+def weak_order(name, opts, nfes=(40, 80, 160, 320)):
+    """(slope, errors): |mean error| + |std error| of the exact output law on N(0.5, 0.5^2) data against
+    the true marginal at t_min, fitted against NFE (logSNR grid, final="last")."""
     mu, s = 0.5, 0.5
     g = GaussianMixture(torch.tensor([[mu]], dtype=torch.float64), torch.tensor([s], dtype=torch.float64))
     sch = ds.LinearVP()
     den = gmm_denoiser(g, sch, "epsilon")
     a1, s1 = float(sch.alpha(sch.t_min)), float(sch.sigma(sch.t_min))
-    nfes = [40, 80, 160, 320]
     errs = []
     for n in nfes:
         m, v = _exact_moments(make_plan(name, sch, n, "logsnr", "last", **opts), den)
         errs.append(abs(m - a1 * mu) + abs(math.sqrt(v) - math.sqrt(a1**2 * s**2 + s1**2)))
-    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
-    assert abs(slope - order) <= 0.3, f"{name}: weak order {slope:.2f}, expected {order}; errors {errs}"
+    return -np.polyfit(np.log(nfes), np.log(errs), 1)[0], errs
 
 
 def test_sa_solver_weak_order_for_tau_between_0_and_1():
@@ -233,12 +294,17 @@ def test_dpm_adaptive_error_against_calls_spent(setup, order, lo, hi):
     """dpm_adaptive has no grid: its error against the calls it spent as rtol goes 1e-3 .. 1e-5
     (atol = rtol / 10).  DPM-Solver-12 measures 1.97; DPM-Solver-23 3.4 on this range (4.2 from
     rtol 1e-2: the tolerance, not the step count, sets the error there)."""
+    slope, spent, errs = adaptive_order(setup, order)
+    assert errs[0] > errs[1] > errs[2] and lo <= slope <= hi, (slope, spent, errs)
+
+
+def adaptive_order(setup, order, rtols=(1e-3, 1e-4, 1e-5)):
+    """(slope, calls spent, errors) of dpm_adaptive as rtol shrinks (atol = rtol / 10)."""
     sch, den, x_T, ref = setup
     spent, errs = [], []
-    for rtol in (1e-3, 1e-4, 1e-5):
+    for rtol in rtols:
         plan = ds.samplers.make_plan("dpm_adaptive", sch, None, final="last", order=order, rtol=rtol, atol=rtol / 10)
         x = run_plan(plan, den, x_T.clone())
         spent.append(plan.info["nfe"])
         errs.append(float((x - ref).pow(2).mean().sqrt()))
-    slope = -np.polyfit(np.log(spent), np.log(errs), 1)[0]
-    assert errs[0] > errs[1] > errs[2] and lo <= slope <= hi, (slope, spent, errs)
+    return -np.polyfit(np.log(spent), np.log(errs), 1)[0], spent, errs
