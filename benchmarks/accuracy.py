@@ -617,7 +617,7 @@ def render(S, ours, hf, grid, same, nfes, spacings, n, n_sde, deis_floor, quick,
     L.append(f"Spacings tried for \"best\": {', '.join(spacings)} (all with `final=\"zero\"`; for SDE solvers the "
              f"best is the smallest SW2, itself subject to the sampling noise above).  \"(k calls)\": the solver "
              f"spent k model calls, not the NFE asked for; every other run spent exactly its budget (counted).  "
-             f"`euler` = `ddim` = `deis_*_1` (the same first-order step).  `edm_stochastic` at its default "
+             f"`euler` = `ddim` = `deis_*_1` (the same first-order step); `dpm_solver` at its default order 3 runs DPM-Solver-fast's order mix, so it equals `dpm_fast`.  `edm_stochastic` at its default "
              f"`s_churn=0` is deterministic (Heun) and scored as an ODE solver.")
     if notes.reasons:
         L.append("")
