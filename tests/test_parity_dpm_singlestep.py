@@ -48,6 +48,7 @@ CONFIGS = [
     (dict(prediction_type="v_prediction", solver_order=3), "dpmpp"),
     (dict(prediction_type="sample", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), "dpmpp"),
     (dict(thresholding=True, sample_max_value=1.5, solver_order=3), "dpmpp"),
+    (dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, solver_order=3), "dpmpp"),
 ]
 NFES = [1, 2, 3, 5, 7, 10, 25]
 
@@ -132,7 +133,6 @@ def test_restarted_by_set_begin_index(gmm16, kw, nfe, begin):
 
 REFUSED = [
     (dict(algorithm_type="dpmsolver", thresholding=True, **MIN), "thresholding=True"),
-    (dict(algorithm_type="dpmsolver++", lambda_min_clipped=-5.1), "lambda_min_clipped=-5.1"),
     (dict(variance_type="learned"), "variance_type='learned'"),
     (dict(use_karras_sigmas=True, solver_order=2, **MIN), "solver_order=2 with use_karras_sigmas"),
     (dict(use_beta_sigmas=True, solver_order=3, **MIN), "solver_order=3 with use_beta_sigmas"),

@@ -40,7 +40,8 @@ SUPPORTED_CLASSES = {
                                     "solver_order 1-3, solver_type midpoint / heun, lower_order_final, "
                                     "final_sigmas_type, thresholding, use_karras_sigmas / use_exponential_sigmas / "
                                     "use_beta_sigmas as the spacings diffusers_karras / _exponential / _beta, "
-                                    "prediction types epsilon / sample / v_prediction, the same generator's noise",
+                                    "lambda_min_clipped, prediction types epsilon / sample / v_prediction, the same "
+                                    "generator's noise",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
     "UniPCMultistepScheduler": "unipc (predict_x0=True): solver_order 1-3, solver_type bh1 / bh2, disable_corrector, "
                                "lower_order_final, final_sigmas_type, thresholding, timestep_spacing, "
@@ -368,7 +369,7 @@ def _dpmsolver_singlestep(r):
     if r["variance_type"] in ("learned", "learned_range"):
         raise ValueError(f"{r.name}: variance_type={r['variance_type']!r} cannot be reproduced by diffsampler "
                          "(supported: None): diffusers keeps the first 3 channels of the network's output there")
-    r.require("lambda_min_clipped", (float("-inf"),), " -- the clipped timestep range is not reproduced")
+    # lambda_min_clipped: the adapter lays linspace on the clipped range as diffusers does (DPMSolverMultistep's rule)
     # its timesteps are linspace's unless a sigma grid is set (it has no timestep_spacing / steps_offset /
     # rescale_betas_zero_snr: such keys inherited from another class's config do nothing there, nor here)
     spacing = next((v for k, v in _SIGMA_GRIDS if r[k]), "linspace")
