@@ -173,10 +173,10 @@ def _float64_times(fn):
     return run
 
 
-def _singlestep_case(solver, nfe, final_zero=False):
+def _singlestep_case(solver, nfe, final_zero=False, dtype=torch.float64):
     """Our `solver` at `nfe` on a grid uniform in t = -log rho (k-diffusion's DPMSolver grid) from rho_max
     to rho_min (and 0 with `final_zero`), with the exact mixture at the plan's float64 alpha, sigma:
-    (our sample as v = x / alpha, the grid's t values, the mixture, x_T as v)."""
+    (our sample as v = x / alpha, the grid's t values, the mixture, x_T as v); `dtype` of our run's tensors."""
     from diffsampler.eval.gmm import GaussianMixture
     from diffsampler.samplers.plan import run_plan
     from diffsampler.schedules import time_grid
@@ -204,7 +204,7 @@ def _singlestep_case(solver, nfe, final_zero=False):
         def raise_if_nonfinite(self):
             pass
 
-    x0 = run_plan(plan, Exact(), x_T_v * float(grid.alpha[0]))
+    x0 = run_plan(plan, Exact(), (x_T_v * float(grid.alpha[0])).to(dtype)).double()
     got = x0 if final_zero else x0 / float(grid.alpha[-1])
     return got, ts, gmm, schedule, x_T_v
 
@@ -223,6 +223,17 @@ def test_dpm_fast_equals_kdiffusion(K, nfe):
     want = _kdiff(K, _float64_times(lambda model, x, sigmas, **kw: K.DPMSolver(model).dpm_solver_fast(x, t0, t1, nfe)),
                   gmm, schedule, None, x_T_v, [])
     _close(got, want)
+
+
+@pytest.mark.parametrize("nfe", [5, 10])
+def test_dpm_fast_float32_within_1e4_of_kdiffusion(K, nfe):
+    """Our float32 run of dpm_fast against k-diffusion's DPMSolver.dpm_solver_fast (float64): 1e-4."""
+    got, ts, gmm, schedule, x_T_v = _singlestep_case(ds.samplers.get("dpm_fast"), nfe, dtype=torch.float32)
+    t0, t1 = torch.tensor(float(ts[0]), dtype=torch.float64), torch.tensor(float(ts[-1]), dtype=torch.float64)
+    want = _kdiff(K, _float64_times(lambda model, x, sigmas, **kw: K.DPMSolver(model).dpm_solver_fast(x, t0, t1, nfe)),
+                  gmm, schedule, None, x_T_v, [])
+    err = (got - want).abs().max().item()
+    assert 0 < err <= 1e-4 * max(1.0, want.abs().max().item()), err
 
 
 @pytest.mark.parametrize("order,steps", [(1, 5), (2, 4), (3, 3), (3, 1)])
