@@ -362,6 +362,27 @@ def _demo_main(argv: list[str]) -> int:
     return _refusing(lambda: demo(args.solvers, tuple(args.nfe), n=args.n), "demo")
 
 
+@command("export", "a run's samples as files other FID tools read: a png folder (clean-fid, torch-fidelity) or an "
+                   ".npz with arr_0 uint8 (N, H, W, 3) (ADM's evaluator); streamed, memory flat",
+         "diffsampler export runs/big --format png       # runs/big/export_png/<seed>.png",
+         "diffsampler export runs/big --format npz       # runs/big/samples.npz (arr_0, seeds)")
+def _export_main(argv: list[str]) -> int:
+    from .tools.export import FORMATS, export
+
+    p = _parser("export")
+    p.add_argument("run_dir", type=Path, help="a run directory (holding samples/) or a directory of shard_*.pt files")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="png: one 8-bit file per sample; npz: arr_0 uint8 NHWC, grey replicated to RGB")
+    p.add_argument("--out", type=Path, default=None, help="output path (default RUN_DIR/export_png or RUN_DIR/samples.npz)")
+    args = p.parse_args(argv)
+
+    def write():
+        out, n = export(args.run_dir, args.format, args.out)
+        print(f"wrote {n} images to {out}")
+
+    return _refusing(write, "export")
+
+
 @command("minority-classifier", "score a data set with a pipeline's denoiser and train the minority classifier "
                                 "used by guidance=minority",
          "diffsampler minority-classifier --out runs/minority_clf   # the packaged digits model and data",

@@ -68,10 +68,12 @@ def main(argv=None):
     reference = {"mu": g.mean, "sigma": g.covariance, "n": 10**6}
     ev = FIDEvaluator("identity")
     fid = fid_from_shards(a.out, reference, ev, value_range=None)
-    per_rank = [fid]
+    local = int(ev.metric.fake_features_num_samples)  # this rank's own samples (compute() restores local states)
+    per_rank, local_per_rank = [fid], [local]
     if world > 1:
-        per_rank = [None] * world
+        per_rank, local_per_rank = [None] * world, [None] * world
         torch.distributed.all_gather_object(per_rank, fid)
+        torch.distributed.all_gather_object(local_per_rank, local)
     if is_main():
         st = ev.fake_stats()
         # scoring on rank 0 alone (sync=False, no collectives) gives the same value, and
@@ -79,7 +81,8 @@ def main(argv=None):
         alone = fid_from_shards(a.out, reference, FIDEvaluator("identity", sync=False), value_range=None)
         own = reference_stats("own_samples", lambda: load_shards(a.out)[1], "identity", Path(a.out) / "ref")
         self_fid = fid_from_shards(a.out, own, FIDEvaluator("identity", sync=False), value_range=None)
-        result = {"fid": fid, "fid_per_rank": per_rank, "world_size": world, "n_fake": st["n"],
+        result = {"fid": fid, "fid_per_rank": per_rank, "n_scored_per_rank": local_per_rank, "world_size": world,
+                  "n_fake": st["n"],
                   "n_shards": len(paths), "fid_rank0_alone": alone, "self_fid": self_fid}
         tmp = Path(a.out) / "result.json.tmp"
         tmp.write_text(json.dumps(result))

@@ -229,6 +229,7 @@ def test_torchrun_matches_single_process(killed_then_resumed, torchrun_run):
     assert ra["world_size"] == 1 and rb["world_size"] == 2
     assert ra["n_fake"] == rb["n_fake"] == N and rb["n_shards"] == N // SHARD
     assert rb["fid_per_rank"][0] == rb["fid_per_rank"][1]  # identical on every rank
+    assert ra["n_scored_per_rank"] == [N] and rb["n_scored_per_rank"] == [N // 2, N // 2]  # each scores its half
     assert ra["fid"] > 0 and abs(ra["fid"] - rb["fid"]) <= 1e-9 * abs(ra["fid"])
     for r in (ra, rb):  # rank 0 scoring alone (sync=False) agrees; FID against own cached stats ~ 0
         assert abs(r["fid_rank0_alone"] - r["fid"]) <= 1e-9 * r["fid"] and abs(r["self_fid"]) < 1e-9

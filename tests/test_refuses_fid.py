@@ -9,6 +9,7 @@ item 08: eval.kid puts kid_mean / kid_std in the row (torchmetrics' KernelIncept
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,21 @@ def compose(*overrides):
         return hydra_compose("config", overrides=list(overrides))
 
 
+def score(cfg, samples, where):
+    """The runner's image metrics of `samples` (float in [0, 1]), saved as a run saves them (uint8
+    shards) in a fresh directory under `where`, scored streamed from the shards."""
+    import tempfile
+
+    from diffsampler.eval.generate import generate_shards
+    from diffsampler.tools.runner import _image_metrics, resolve
+
+    spec = resolve(cfg)
+    d = Path(tempfile.mkdtemp(dir=where)) / "samples"
+    generate_shards(lambda s: samples[s], range(len(samples)), d, shard_size=16, progress=False, value_range=(0, 1),
+                    dtype="uint8")
+    return _image_metrics(spec.model.name, spec.eval, d, list(range(len(samples))), "cpu")
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "diffsampler", *args], capture_output=True, text=True, timeout=300)
 
@@ -89,18 +105,16 @@ def test_item02_two_folders_with_one_name_get_their_own_statistics(tmp_path):
 
 def test_item02_runner_scores_against_the_folder_it_was_given(tmp_path):
     """The runner's FID for model=diffusers: the same base name in two places, one cache dir."""
-    from diffsampler.tools.runner import _metrics, resolve
-
     a, b = tmp_path / "a" / "ref", tmp_path / "b" / "ref"
     write_images(a, 8, seed=1)
     write_images(b, 8, seed=2)
     samples = read_pngs(b)
-    score = {}
+    scores = {}
     for folder in (a, b):
         cfg = compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={folder}",
                       "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}")
-        score[folder] = _metrics(resolve(cfg), None, None, samples, "cpu")["fid"]
-    assert abs(score[b]) < 1e-3 and score[a] > 1  # singular 192-d covariances: sqrtm noise ~1e-6
+        scores[folder] = score(cfg, samples, tmp_path)["fid"]
+    assert abs(scores[b]) < 1e-3 and scores[a] > 1  # singular 192-d covariances: sqrtm noise ~1e-6
 
 
 def test_item02_changed_content_is_recomputed(tmp_path):
@@ -215,7 +229,7 @@ def test_item04_empty_or_missing_reference_refused_in_validate(tmp_path, make):
         with pytest.raises(ConfigError, match="eval.reference") as e:
             validate(cfg)
         assert str(ref) in str(e.value)
-        assert ("does not exist" if make == "missing" else "no images (.jpeg, .jpg, .png, .webp)") in str(e.value)
+        assert ("does not exist" if make == "missing" else "no images (.jpeg, .jpg, .png, .webp, .npz)") in str(e.value)
 
 
 def test_item04_reference_refused_for_the_gmm_model(tmp_path):
@@ -229,7 +243,6 @@ def test_item04_reference_refused_for_the_gmm_model(tmp_path):
 def test_item04_digits_scores_against_the_given_reference(tmp_path):
     """model=digits with eval.reference: the FID-proxy is against that folder, not the packaged test split."""
     from diffsampler.eval.digits import digits_dataset
-    from diffsampler.tools.runner import _metrics, resolve
 
     x = (digits_dataset("test")[0][:40] + 1) / 2
     ref = tmp_path / "ref"
@@ -238,7 +251,7 @@ def test_item04_digits_scores_against_the_given_reference(tmp_path):
         Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), "L").save(ref / f"{i:02d}.png")
     cfg = compose("model=digits", f"eval.reference={ref}", f"eval.cache_dir={tmp_path / 'cache'}")
     samples = read_pngs(ref)[:, :1]
-    assert abs(_metrics(resolve(cfg), None, None, samples, "cpu")["fid_proxy"]) < 1e-4  # vs the packaged split: 11
+    assert abs(score(cfg, samples, tmp_path)["fid_proxy"]) < 1e-4  # vs the packaged split: 11
 
 
 def test_item04_cli_empty_reference_refused_before_generation(tmp_path):
@@ -277,8 +290,6 @@ def test_item08_kid_is_torchmetrics_kernel_inception_distance():
 
 
 def test_item08_kid_in_the_row_for_image_models(tmp_path):
-    from diffsampler.tools.runner import _metrics, resolve
-
     ref = tmp_path / "ref"
     write_images(ref, 30, seed=1)
     near = folder_tensor(ref)
@@ -287,14 +298,13 @@ def test_item08_kid_in_the_row_for_image_models(tmp_path):
     for name, samples in (("near", near), ("far", far)):
         cfg = compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}", "eval.feature=identity",
                       "eval.kid=true", f"eval.cache_dir={tmp_path / 'cache'}")
-        rows[name] = _metrics(resolve(cfg), None, None, samples, "cpu")
+        rows[name] = score(cfg, samples, tmp_path)
     for row in rows.values():
         assert {"fid", "kid_mean", "kid_std", "kid_subset_size"} <= set(row)
         assert row["kid_subset_size"] == 30
     assert abs(rows["near"]["kid_mean"]) < 0.1 * rows["far"]["kid_mean"]
-    off = _metrics(resolve(compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}",
-                                   "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}")), None, None, near,
-                   "cpu")
+    off = score(compose("model=diffusers", f"model.path={tmp_path}", f"eval.reference={ref}",
+                        "eval.feature=identity", f"eval.cache_dir={tmp_path / 'cache'}"), near, tmp_path)
     assert "kid_mean" not in off
 
 

@@ -220,7 +220,10 @@ def test_item03_runner_records_image_range(tmp_path):
     runner.run(compose("model=digits", "solver=ddim", "nfe=2", "num_samples=16", "grid_size=4",
                        f"eval.cache_dir={tmp_path / 'cache'}"), digits, digits / "results.csv")
     assert shard_record(digits / "samples").value_range == (0.0, 1.0)  # decoded images
+    assert shard_record(digits / "samples").dtype == "uint8"  # images stored as 0..255 (eval.shard_dtype=auto)
     x = torch.load(next((digits / "samples").glob("shard_*.pt")), weights_only=True)["samples"]
+    assert x.dtype == torch.uint8
+    x = x.float() / 255
     ref = stats_from_features(Projection()(torch.rand(100, 1, 16, 16, generator=torch.Generator().manual_seed(3))))
     ev = FIDEvaluator(Projection())
     ev.set_reference(ref)

@@ -24,7 +24,8 @@
   ``n``) or features computed once and cached in ``cache_dir``, keyed and tagged by the data's
   content, the extractor's name, weights and resize mode; the tags are verified on load.
 * :func:`list_reference_images` / :func:`reference_images` -- a reference folder's png/jpg/jpeg/webp
-  images (recursive): the cheap check (no decoding) and the streamed float batches.
+  images and .npz image arrays (``arr_0``, ADM's format), recursive: the cheap check (no decoding)
+  and the streamed float batches (memory flat in the number of images).
 * :func:`frechet_distance` -- float64 FID from statistics (scipy ``sqrtm``), the usual
   ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``; :func:`features_frechet_distance` of two
   feature sets, and :func:`fid_proxy` on the digits classifier's features.
@@ -61,7 +62,7 @@ __all__ = [
     "register_feature_extractor", "get_feature_extractor", "FIDEvaluator", "reference_stats", "frechet_distance",
     "features_frechet_distance", "fid_proxy",
     "fid_from_shards", "stats_from_features", "torchmetrics_fid", "INCEPTION_URL", "INCEPTION_FILENAME",
-    "IMAGE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError", "list_reference_images", "reference_images",
+    "IMAGE_SUFFIXES", "ARRAY_SUFFIXES", "REFERENCE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError", "list_reference_images", "reference_images",
     "folder_fingerprint", "reference_features",
 ]
 
@@ -680,45 +681,107 @@ class FIDEvaluator:
 
 #: file name endings read as reference images (case-insensitive)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")
+#: ... and as arrays of images: ``arr_0``, uint8 ``(N, H, W, 3)`` (or grey ``(N, H, W, 1)`` / ``(N, H, W)``),
+#: the batches ADM's evaluator reads and ``diffsampler export --format npz`` writes
+ARRAY_SUFFIXES = (".npz",)
+REFERENCE_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES
 
 
 class ReferenceDataError(ValueError):
     """A reference image folder that cannot be used (missing, empty, unreadable or mixed sizes)."""
 
 
+def _rel(folder: Path, f: Path) -> str:
+    """``f`` as named in messages: relative to the reference folder (its file name for a lone .npz)."""
+    return f.name if f == folder else f.relative_to(folder).as_posix()
+
+
+def _where(folder: Path, f: Path) -> str:
+    """``folder: relative/path`` of a file in a reference folder; the path of a lone .npz."""
+    return str(f) if f == folder else f"{folder}: {_rel(folder, f)}"
+
+
+def _npz_open(folder: Path, f: Path):
+    """(open zip, open ``arr_0.npy`` member, shape) of an .npz of uint8 images, its data not read; a
+    ReferenceDataError naming the file and what it holds otherwise."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    try:
+        zf = zipfile.ZipFile(f)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ReferenceDataError(f"{_where(folder, f)} cannot be read as an .npz file "
+                                 f"({type(e).__name__}: {e})") from None
+    try:
+        names = zf.namelist()
+        if "arr_0.npy" not in names:
+            raise ReferenceDataError(
+                f"{_where(folder, f)} holds no arr_0 (it holds {sorted(n.removesuffix('.npy') for n in names)}); "
+                "a reference .npz holds its images as arr_0, uint8 (N, H, W, 3), as ADM's evaluator reads")
+        fp = zf.open("arr_0.npy")
+        try:
+            version = npy.read_magic(fp)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+        except ValueError as e:
+            raise ReferenceDataError(f"{_where(folder, f)}: arr_0 cannot be read ({e})") from None
+        ok = (dtype == np.uint8 and not fortran and len(shape) in (3, 4) and shape[0] > 0
+              and (len(shape) == 3 or shape[3] in (1, 3)))
+        if not ok:
+            raise ReferenceDataError(
+                f"{_where(folder, f)}: arr_0 is {dtype} {'Fortran-ordered ' if fortran else ''}{tuple(shape)}; "
+                "reference arrays must be uint8 images (N, H, W, 3), or grey (N, H, W, 1) / (N, H, W), N >= 1, "
+                "as ADM's evaluator reads (convert floats with (x * 255).round().astype(np.uint8))")
+        return zf, fp, tuple(int(v) for v in shape)
+    except BaseException:
+        zf.close()
+        raise
+
+
 def _image_size(folder: Path, f: Path) -> tuple[int, int]:
+    """(width, height) of an image file, or of the images of an .npz, from its header."""
+    if f.suffix.lower() in ARRAY_SUFFIXES:
+        zf, _, shape = _npz_open(folder, f)
+        zf.close()
+        return shape[2], shape[1]
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(f) as im:
             return im.size
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ReferenceDataError(f"{folder}: {f.relative_to(folder).as_posix()} cannot be read as an image "
+        raise ReferenceDataError(f"{_where(folder, f)} cannot be read as an image "
                                  f"({type(e).__name__}: {e})") from None
 
 
 def _check_size(folder: Path, f: Path, size, first: Path, first_size) -> None:
     if tuple(size) != tuple(first_size):
         raise ReferenceDataError(
-            f"{folder}: {f.relative_to(folder).as_posix()} is {size[0]}x{size[1]} but "
-            f"{first.relative_to(folder).as_posix()} is {first_size[0]}x{first_size[1]}; all reference images "
+            f"{_where(folder, f)} is {size[0]}x{size[1]} but "
+            f"{_rel(folder, first)} is {first_size[0]}x{first_size[1]}; all reference images "
             "must have one size (resize them first)")
 
 
 def list_reference_images(folder: str | os.PathLike, check_sizes: bool = False) -> list[Path]:
-    """The images (``*.png``, ``*.jpg``, ``*.jpeg``, ``*.webp``, any case) under ``folder`` and its
-    subfolders, sorted by relative path.  A missing folder or one without images raises
-    :class:`ReferenceDataError`; so does, with ``check_sizes``, a file that is not an image or whose
-    size differs from the first one's (read from the file headers: nothing is decoded)."""
+    """The image files (``*.png``, ``*.jpg``, ``*.jpeg``, ``*.webp``) and image arrays (``*.npz``
+    holding ``arr_0``, see :data:`ARRAY_SUFFIXES`), any case, under ``folder`` and its subfolders,
+    sorted by relative path; ``folder`` may also be one ``.npz`` file (e.g. an ADM reference batch).
+    A missing folder or one without images raises :class:`ReferenceDataError`; so does, with
+    ``check_sizes``, a file that is not an image (array) or whose size differs from the first one's
+    (read from the file headers: nothing is decoded)."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise ReferenceDataError(f"{folder} does not exist")
-    if not folder.is_dir():
-        raise ReferenceDataError(f"{folder} is not a directory")
-    files = sorted((f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                   key=lambda f: f.relative_to(folder).as_posix())
+    if folder.is_file() and folder.suffix.lower() in ARRAY_SUFFIXES:
+        files = [folder]
+    elif not folder.is_dir():
+        raise ReferenceDataError(f"{folder} is neither a directory of images nor an .npz file of images (arr_0)")
+    else:
+        files = sorted((f for f in folder.rglob("*") if f.suffix.lower() in REFERENCE_SUFFIXES and f.is_file()),
+                       key=lambda f: f.relative_to(folder).as_posix())
     if not files:
-        raise ReferenceDataError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
+        raise ReferenceDataError(f"{folder} has no images ({', '.join(REFERENCE_SUFFIXES)}) in it or its subfolders")
     if check_sizes:
         first_size = _image_size(folder, files[0])
         for f in files[1:]:
@@ -726,33 +789,64 @@ def list_reference_images(folder: str | os.PathLike, check_sizes: bool = False) 
     return files
 
 
+def _npz_images(folder: Path, f: Path, rows: int) -> Iterable[np.ndarray]:
+    """The images of an .npz's arr_0 as uint8 RGB (b, H, W, 3) chunks of at most ``rows``, read
+    sequentially from the archive (never the whole array)."""
+    zf, fp, shape = _npz_open(folder, f)
+    with zf, fp:
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], rows):
+            b = min(rows, shape[0] - start)
+            buf = fp.read(b * per_image)
+            if len(buf) != b * per_image:
+                raise ReferenceDataError(f"{_where(folder, f)}: arr_0 ends after {start + len(buf) // per_image} "
+                                         f"of its {shape[0]} images (truncated file)")
+            x = np.frombuffer(buf, np.uint8).reshape(b, shape[1], shape[2], -1)
+            yield np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
+
+
 def reference_images(folder: str | os.PathLike, batch_size: int = 250) -> Iterable[torch.Tensor]:
-    """The images of :func:`list_reference_images` as float32 RGB batches ``(B, 3, H, W)`` in [0, 1]
-    (streamed: one batch in memory); an image of another size than the first raises
-    :class:`ReferenceDataError` naming it."""
+    """The images of :func:`list_reference_images` (files and .npz arrays, in that order) as float32
+    RGB batches ``(B, 3, H, W)`` in [0, 1], grey expanded to RGB as PIL's ``convert("RGB")`` does
+    (streamed: one batch, and one chunk of an .npz, in memory); an image of another size than the
+    first raises :class:`ReferenceDataError` naming it."""
     from PIL import Image
 
     folder = Path(folder).expanduser()
     files = list_reference_images(folder)
     first_size = None
-    for i in range(0, len(files), batch_size):
-        batch = []
-        for f in files[i:i + batch_size]:
+    batch: list[np.ndarray] = []
+
+    def images():
+        nonlocal first_size
+        for f in files:
             size = _image_size(folder, f)
             first_size = first_size or size
             _check_size(folder, f, size, files[0], first_size)
-            with Image.open(f) as im:
-                batch.append(np.asarray(im.convert("RGB")))
+            if f.suffix.lower() in ARRAY_SUFFIXES:
+                for chunk in _npz_images(folder, f, batch_size):
+                    yield from chunk
+            else:
+                with Image.open(f) as im:
+                    yield np.asarray(im.convert("RGB"))
+
+    for im in images():
+        batch.append(im)
+        if len(batch) == batch_size:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
+            batch = []
+    if batch:
         yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
 
 
 def folder_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 of the reference image list: relative path, size in bytes and mtime of every file."""
+    """sha256 of the reference image list: relative path, size in bytes and mtime of every file (image
+    or .npz)."""
     folder = Path(folder).expanduser()
     h = hashlib.sha256()
     for f in list_reference_images(folder):
         st = f.stat()
-        h.update(f"{f.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{_rel(folder, f)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -969,6 +1063,9 @@ def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn
         if i % world != rank or error:
             continue
         x = torch.load(f, map_location="cpu", weights_only=True)["samples"][rows]
+        if x.dtype == torch.uint8:  # images quantised from their value range: 0..255 is [0, 1]
+            ev.update_fake(x.float() / 255)
+            continue
         if value_range is not None:
             error = _out_of_range(x, value_range, f)
             lo, hi = value_range

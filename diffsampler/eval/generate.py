@@ -5,8 +5,8 @@
   with ``gloo``); a plain ``python`` run is rank 0 of a world of 1.
 * :func:`generate_shards` -- split a list of seeds into consecutive shards; shard ``j`` is produced
   by rank ``j % world_size`` and saved as ``shard_{first:08d}_{last:08d}.pt`` holding
-  ``{"seeds": LongTensor, "samples": float tensor, "fingerprint": str | None, "value_range":
-  [lo, hi] | None}``.  A shard is written to a temporary file and
+  ``{"seeds": LongTensor, "samples": float32 or uint8 tensor, "fingerprint": str | None,
+  "value_range": [lo, hi] | None}`` (uint8: images, ``value_range`` quantised to 0..255).  A shard is written to a temporary file and
   renamed into place, so a file with the final name is always complete; a restarted run skips
   every finished shard and regenerates only the missing ones (a killed run at most loses the
   shard it was working on).  Because :func:`diffsampler.sample` with ``seeds=`` makes sample k
@@ -47,7 +47,8 @@ import torch
 
 __all__ = ["dist_env", "launch_env", "Launch", "barrier", "is_main", "shard_name", "generate_shards", "load_shards",
            "iter_shards", "MissingSeedsError", "ShardMismatchError", "ShardRecord", "shard_record", "check_shards", "shard_index",
-           "checked_value_range", "fingerprint_digest", "save_image_grid"]
+           "checked_value_range", "fingerprint_digest", "save_image_grid", "SHARD_DTYPES", "checked_shard_dtype",
+           "quantize", "dequantize"]
 
 _SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
 log = logging.getLogger(__name__)
@@ -206,6 +207,44 @@ class ShardRecord(NamedTuple):
     fingerprint: dict | None
     value_range: tuple[float, float] | None
     digest: str | None  # fingerprint_digest(fingerprint)
+    dtype: str = "float32"  # how the samples are stored: "float32" or "uint8" (quantised value_range)
+
+
+#: how ``generate_shards`` may store samples: float32 as returned, or uint8 (images: ``value_range``
+#: mapped to 0..255 and rounded, the quantisation every image file and FID tool applies)
+SHARD_DTYPES = ("float32", "uint8")
+
+
+def checked_shard_dtype(dtype, value_range=None) -> str:
+    """``dtype`` as one of :data:`SHARD_DTYPES` (a torch dtype is accepted); a ValueError naming the
+    allowed ones otherwise, or for uint8 without a value range (the range is what 0..255 maps to)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in SHARD_DTYPES:
+        raise ValueError(f"shard dtype must be one of {', '.join(SHARD_DTYPES)}, got {dtype!r}")
+    if name == "uint8" and value_range is None:
+        raise ValueError("shard dtype uint8 stores images: give value_range=(lo, hi), the range mapped to 0..255 "
+                         "(decoded images: (0, 1)); keep float32 for samples that are not images")
+    return name
+
+
+def quantize(x: torch.Tensor, value_range) -> torch.Tensor:
+    """Samples in ``value_range`` as uint8: ``round((x - lo) / (hi - lo) * 255)``.  Values outside the
+    range (beyond float rounding) raise ValueError: they are refused, never clamped into it."""
+    lo, hi = checked_value_range(value_range)
+    mn, mx = float(x.min()), float(x.max())
+    tol = 1e-5 * (hi - lo)
+    if not (lo - tol <= mn and mx <= hi + tol):  # NaN fails too
+        raise ValueError(f"samples have values in [{mn:.4g}, {mx:.4g}], outside value_range ({lo}, {hi}); they "
+                         "cannot be stored as uint8 (declare the range they are in, or store float32)")
+    return ((x.double() - lo) * (255.0 / (hi - lo))).round().clamp(0, 255).to(torch.uint8)
+
+
+def dequantize(x: torch.Tensor, value_range) -> torch.Tensor:
+    """uint8 shard samples back to float32 values in ``value_range`` (float samples pass through)."""
+    if x.dtype != torch.uint8:
+        return x
+    lo, hi = (float(v) for v in value_range)
+    return x.float() / 255 if (lo, hi) == (0.0, 1.0) else (x.double() * ((hi - lo) / 255) + lo).float()
 
 
 def _canonical(fingerprint: Mapping | None) -> str | None:
@@ -247,7 +286,8 @@ def _shard_header(path: Path) -> dict | None:
         d = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         vr = d.get("value_range")
         return {"seeds": d["seeds"], "fingerprint": d.get("fingerprint"),
-                "value_range": None if vr is None else tuple(float(v) for v in vr)}
+                "value_range": None if vr is None else tuple(float(v) for v in vr),
+                "dtype": str(d["samples"].dtype).removeprefix("torch.")}
     except Exception:  # noqa: BLE001 - an unreadable file is treated as missing
         return None
 
@@ -277,8 +317,9 @@ def _differences(stored: str | None, given: str | None) -> list[str]:
     return diffs or [f"fingerprint: {stored} in the shards, {given} now"]
 
 
-def _check_headers(out: Path, fingerprint: str | None, value_range) -> None:
-    """Every readable shard of ``out`` was written with ``fingerprint`` and ``value_range``."""
+def _check_headers(out: Path, fingerprint: str | None, value_range, dtype: str | None = None) -> None:
+    """Every readable shard of ``out`` was written with ``fingerprint`` and ``value_range`` (and
+    stores its samples as ``dtype``, unless None)."""
     if not out.is_dir():
         return
     for f in _shard_files(out):
@@ -288,15 +329,21 @@ def _check_headers(out: Path, fingerprint: str | None, value_range) -> None:
         diffs = _differences(h["fingerprint"], fingerprint) if h["fingerprint"] != fingerprint else []
         if h["value_range"] != value_range:
             diffs.append(f"value_range: {h['value_range']} in the shards, {value_range} now")
+        if dtype is not None and (h["dtype"] == "uint8") != (dtype == "uint8"):  # float32: any float kept as is
+            diffs.append(f"shard dtype: {h['dtype']} in the shards, {dtype} now")
         if diffs:
             raise ShardMismatchError(out, diffs)
 
 
-def check_shards(out_dir: str | os.PathLike, fingerprint: Mapping | None = None, value_range=None) -> None:
+def check_shards(out_dir: str | os.PathLike, fingerprint: Mapping | None = None, value_range=None,
+                 dtype: str | None = None) -> None:
     """Raise :class:`ShardMismatchError` naming the differing fields if a shard in ``out_dir`` was
-    written with another ``fingerprint`` or ``value_range`` (what :func:`generate_shards` checks
-    before drawing any sample).  A missing or empty directory passes."""
-    _check_headers(Path(out_dir), _canonical(fingerprint), checked_value_range(value_range))
+    written with another ``fingerprint`` or ``value_range``, or (``dtype`` given) stores its samples
+    in another dtype (what :func:`generate_shards` checks before drawing any sample).  A missing or
+    empty directory passes."""
+    value_range = checked_value_range(value_range)
+    dtype = None if dtype is None else checked_shard_dtype(dtype, value_range)
+    _check_headers(Path(out_dir), _canonical(fingerprint), value_range, dtype)
 
 
 def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
@@ -308,9 +355,9 @@ def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
     if not headers:
         raise MissingSeedsError(f"no readable shards in {out}")
     first = headers[0]
-    _check_headers(out, first["fingerprint"], first["value_range"])
+    _check_headers(out, first["fingerprint"], first["value_range"], first["dtype"])
     fp = None if first["fingerprint"] is None else json.loads(first["fingerprint"])
-    return ShardRecord(fp, first["value_range"], fingerprint_digest(fp))
+    return ShardRecord(fp, first["value_range"], fingerprint_digest(fp), first["dtype"])
 
 
 def _tmp_path(path: Path) -> Path:
@@ -370,22 +417,26 @@ def generate_shards(
     *,
     fingerprint: Mapping | None = None,
     value_range: tuple[float, float] | None = None,
+    dtype: str = "float32",
 ) -> list[Path]:
     """Generate ``sample_fn(shard_seeds)`` for consecutive shards of ``seeds`` and save each shard.
 
     Shard ``j`` (seeds ``seeds[j*shard_size:(j+1)*shard_size]``) is produced by rank
     ``j % world_size``; ``rank``/``world_size`` default to :func:`dist_env`.  Every finished shard
     is saved atomically to ``out_dir/shard_{first:08d}_{last:08d}.pt`` as
-    ``{"seeds": LongTensor, "samples": float CPU tensor, "fingerprint", "value_range"}``; shards
+    ``{"seeds": LongTensor, "samples": float32 or uint8 CPU tensor, "fingerprint", "value_range"}``; shards
     that already exist are skipped, so re-running after an interruption only generates the missing
     shards.  Seeds must be integers >= 0 (the file names carry them).
 
     ``fingerprint``: a mapping of JSON values naming everything that determines the samples (model,
     solver and its options, NFE, grid, ...; not the seeds, which each shard lists), stored in every
     shard as canonical JSON.  ``value_range``: the samples' range, e.g. (0, 1) for decoded images
-    (None: not recorded), read back by :func:`~diffsampler.eval.fid.fid_from_shards`.  Before
+    (None: not recorded), read back by :func:`~diffsampler.eval.fid.fid_from_shards`.  ``dtype``: how
+    the samples are stored, ``"float32"`` (as returned) or ``"uint8"`` (images: ``value_range`` mapped
+    to 0..255 and rounded, a quarter of the bytes; values outside the range raise ValueError);
+    :func:`iter_shards` / :func:`load_shards` give them back as float32 in ``value_range``.  Before
     ``sample_fn`` is called once, every shard already in ``out_dir`` is checked: one written with
-    another fingerprint or value range raises :class:`ShardMismatchError` naming the differing
+    another fingerprint, value range or dtype raises :class:`ShardMismatchError` naming the differing
     fields, and one holding other seeds than this run's shard of the same name raises ``ValueError``.
 
     ``sample_fn`` must return a tensor whose first dimension is ``len(shard_seeds)``.  A progress
@@ -394,6 +445,7 @@ def generate_shards(
     """
     seeds = [_seed(s) for s in seeds]
     canonical, value_range = _canonical(fingerprint), checked_value_range(value_range)
+    dtype = checked_shard_dtype(dtype, value_range)
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shard_size = int(shard_size)
@@ -404,7 +456,7 @@ def generate_shards(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     out = Path(out_dir)
-    _check_headers(out, canonical, value_range)
+    _check_headers(out, canonical, value_range, dtype)
     out.mkdir(parents=True, exist_ok=True)
 
     shards = [seeds[i:i + shard_size] for i in range(0, len(seeds), shard_size)]
@@ -448,6 +500,8 @@ def generate_shards(
             x = x.detach().to("cpu")
             if not x.is_floating_point():
                 x = x.float()
+            if dtype == "uint8":
+                x = quantize(x, value_range)
             _save_atomic({"seeds": torch.tensor(s, dtype=torch.long), "samples": x.contiguous(), **record}, paths[j])
             bar.update(len(s))
             done, made = done + len(s), made + len(s)
@@ -497,25 +551,30 @@ def shard_index(out_dir: Path, seeds: Sequence[int] | None):
     return index
 
 
-def iter_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None
+def iter_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None, *, raw: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(seeds, samples)`` shard by shard (shard files in seed order, each seed once), restricted
     to ``seeds`` if given; checks first that every requested seed exists (:class:`MissingSeedsError`).
-    Memory stays at one shard, so it suits scoring tens of thousands of images."""
+    Memory stays at one shard, so it suits scoring tens of thousands of images.  uint8 shards are
+    given back as float32 in their value range (``raw=True``: as stored)."""
     for f, rows, got in shard_index(Path(out_dir), seeds):
         d = torch.load(f, map_location="cpu", weights_only=True)
-        yield torch.tensor(got, dtype=torch.long), d["samples"][rows]
+        x = d["samples"][rows]
+        if not raw:
+            x = dequantize(x, d.get("value_range"))
+        yield torch.tensor(got, dtype=torch.long), x
 
 
-def load_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None
+def load_shards(out_dir: str | os.PathLike, seeds: Sequence[int] | None = None, *, raw: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All samples of ``out_dir`` as ``(seeds LongTensor (N,), samples (N, ...))`` ordered by seed.
 
     With ``seeds``: exactly those, in the order given (sorted order for the usual ``range``); raises
     :class:`MissingSeedsError` naming the missing ones if any is not in a shard.  A seed present in
-    several shard files (e.g. runs with different shard sizes) is taken once.
+    several shard files (e.g. runs with different shard sizes) is taken once.  uint8 shards come back
+    as float32 in their value range (``raw=True``: as stored).
     """
-    parts = list(iter_shards(out_dir, seeds))
+    parts = list(iter_shards(out_dir, seeds, raw=raw))
     if not parts:
         raise MissingSeedsError(f"no shards in {out_dir}")
     all_seeds = torch.cat([p[0] for p in parts])

@@ -91,7 +91,7 @@ GUIDANCES: dict[str, dict[str, Type]] = {
 
 EVAL: dict[str, Type] = {
     "feature": STR, "weights_path": optional(STR), "sha256": optional(STR), "reference": optional(STR),
-    "cache_dir": STR, "kid": BOOL,
+    "cache_dir": STR, "kid": BOOL, "shard_dtype": STR,
 }
 
 

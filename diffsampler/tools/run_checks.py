@@ -301,6 +301,7 @@ def _check_svdd_target(m: ModelSpec, g: GuidanceSpec, reward: str) -> None:
 def _check_eval(spec: RunSpec) -> None:
     """eval.* keys apply to image models: each one given either takes effect or is refused."""
     e, model = spec.eval, spec.model.name
+    shard_dtype(spec)
     _check_feature(e.feature)
     _check_reference_and_kid(spec)
     unused = {"gmm": ("feature", "weights_path", "sha256")}.get(model, ())
@@ -318,6 +319,21 @@ def _check_eval(spec: RunSpec) -> None:
     if e.weights_path and not Path(str(e.weights_path)).expanduser().is_file():
         raise ConfigError(f"eval.weights_path {str(e.weights_path)!r} is not a file (the Inception weights, "
                           "pt_inception-2015-12-05)")
+
+
+SHARD_DTYPES = ("auto", "uint8", "float32")
+
+
+def shard_dtype(spec: RunSpec) -> str:
+    """How the run's samples are stored: eval.shard_dtype, with auto = uint8 for image models
+    (decoded images in [0, 1] -> 0..255, what image files and FID tools hold) and float32 for gmm."""
+    d, model = spec.eval.shard_dtype, spec.model.name
+    if d not in SHARD_DTYPES:
+        raise ConfigError(f"eval.shard_dtype must be one of {', '.join(SHARD_DTYPES)}, got {d!r}")
+    if d == "uint8" and model == "gmm":
+        raise ConfigError("eval.shard_dtype=uint8 stores images (values in [0, 1] as 0..255); model=gmm samples "
+                          "are vectors of any range: use float32 (or auto)")
+    return d if d != "auto" else "float32" if model == "gmm" else "uint8"
 
 
 def _check_feature(name: str) -> None:

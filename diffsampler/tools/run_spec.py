@@ -70,6 +70,7 @@ class EvalSpec:
     reference: str | None = None
     cache_dir: str = "~/.cache/diffsampler"
     kid: bool = False
+    shard_dtype: str = "auto"  # auto | uint8 | float32 (tools/run_checks.py: shard_dtype)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from .config_schema import ConfigError
 from ..samplers import make_plan
 from ..samplers.loop import sample
-from .run_checks import gmm_schedule, minority_classifier_dir, reward_name, validate
+from .run_checks import gmm_schedule, minority_classifier_dir, reward_name, shard_dtype, validate
 from .run_spec import EvalSpec, GuidanceSpec, ModelSpec, RunSpec, resolve
 
 __all__ = ["validate", "resolve", "run", "execute", "build_gmm", "append_row", "read_rows", "ConfigError"]
@@ -163,14 +163,16 @@ def _check_writable(run_dir: Path, table: Path) -> None:
         raise ConfigError(f"results_file {table} is a directory; give a file path such as {table / 'results.csv'}")
 
 
-def _check_resumable(samples_dir: Path, fingerprint: dict, value_range) -> None:
-    """Shards already in the run's samples directory were made with this very configuration."""
+def _check_resumable(samples_dir: Path, fingerprint: dict, value_range, dtype: str) -> None:
+    """Shards already in the run's samples directory were made with this very configuration (and are
+    stored in the same dtype)."""
     from ..eval.generate import ShardMismatchError, check_shards
 
     try:
-        check_shards(samples_dir, fingerprint, value_range)
+        check_shards(samples_dir, fingerprint, value_range, dtype)
     except ShardMismatchError as e:
-        raise ConfigError(f"{samples_dir} holds samples of another configuration ({'; '.join(e.differences)}); "
+        hint = (f" (the shards' dtype is set by eval.shard_dtype)" if any("dtype" in d for d in e.differences) else "")
+        raise ConfigError(f"{samples_dir} holds samples of another configuration ({'; '.join(e.differences)}){hint}; "
                           f"resuming would score them under this one. Start fresh with a new hydra.run.dir, "
                           f"or delete {samples_dir} to regenerate here") from None
 
@@ -199,8 +201,8 @@ def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = N
     device = _device(spec.sampling.device)
     run_dir, table = Path(run_dir), Path(table)
     _check_writable(run_dir, table)
-    fingerprint, value_range = _fingerprint(spec, device), _value_range(spec.model.name)
-    _check_resumable(run_dir / "samples", fingerprint, value_range)
+    fingerprint, value_range, dtype = _fingerprint(spec, device), _value_range(spec.model.name), shard_dtype(spec)
+    _check_resumable(run_dir / "samples", fingerprint, value_range, dtype)
     t0 = time.perf_counter() if started is None else started
     loads0 = dict(LOADS)
     s, m = spec.sampling, spec.model
@@ -213,7 +215,7 @@ def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = N
         shape = den.sample_shape(1, m.height, m.width)[1:]
     guidance = _guidance(spec, device)
     plan = make_plan(spec.solver.name, den.schedule, s.nfe, s.spacing, s.final, **spec.solver.options)
-    if rank == 0 and gmm is None and _scores_features(m.name, spec.eval):
+    if gmm is None and _scores_features(m.name, spec.eval):  # every rank scores its own shards
         _feature_extractor(m.name, spec.eval, device)  # loaded with the model (or kept from an earlier job)
     how = "built" if gmm is not None else "loaded" if LOADS["pipeline"] > loads0.get("pipeline", 0) else \
         "kept from an earlier job of this process"
@@ -240,22 +242,26 @@ def execute(spec: RunSpec, run_dir: Path, table: Path, started: float | None = N
     with torch.no_grad():
         generate_shards(sample_fn, seeds, run_dir / "samples", s.shard_size, rank, world,
                         progress=s.progress and rank == 0, desc=f"{spec.solver.name} nfe={s.nfe}",
-                        fingerprint=fingerprint, value_range=value_range)
+                        fingerprint=fingerprint, value_range=value_range, dtype=dtype)
     t2 = time.perf_counter()
     barrier()
     row: dict[str, Any] = {}
+    samples_dir = run_dir / "samples"
+    t3 = time.perf_counter()
+    log.info("scoring %d samples of %s (rank %d of %d scores the shards it made)", len(seeds), samples_dir, rank, world)
+    # image models: every rank scores the shards it made, the feature sums are all-reduced (streamed:
+    # one shard in memory); the mixture's low-dimensional vectors are scored on rank 0
+    metrics = _image_metrics(m.name, spec.eval, samples_dir, seeds, device) if gmm is None else {}
     if rank == 0:
-        t3 = time.perf_counter()
-        log.info("scoring %d samples of %s", len(seeds), run_dir / "samples")
-        _, samples = load_shards(run_dir / "samples", seeds)
-        metrics = _metrics(spec, gmm, den, samples, device)
+        if gmm is not None:
+            metrics = _gmm_metrics(s.seed, s.final, gmm, den, load_shards(samples_dir, seeds)[1])
         log.info("metrics: %s", json.dumps(metrics))
         if spec.guidance.name == "svdd":
-            metrics.update(_svdd_metrics(spec, guidance, samples, gmm is None))
+            metrics.update(_svdd_metrics(spec, guidance, samples_dir, seeds, gmm is None))
         if spec.guidance.name == "minority":
-            metrics.update(_minority_metrics(guidance, den, samples, device, max(len(calls), 1)))
+            metrics.update(_minority_metrics(guidance, den, samples_dir, seeds, device, max(len(calls), 1)))
         if gmm is None:
-            save_image_grid(samples[: s.grid_size], run_dir / "grid.png")
+            save_image_grid(load_shards(samples_dir, seeds[: s.grid_size])[1], run_dir / "grid.png")
         t4 = time.perf_counter()
         row = {
             "model": m.name, "solver": spec.solver.name,
@@ -325,21 +331,33 @@ def _planned_calls(guidance, plan) -> int:
     return int(cost(plan)) if callable(cost) else plan.nfe
 
 
-def _svdd_metrics(spec: RunSpec, guidance, samples, image: bool) -> dict:
-    """Mean reward of the final samples and, for the digit classifier reward, the target digit's share."""
-    x = samples * 2 - 1 if image else samples  # decoded images are in [0, 1]; rewards take the model's range
-    out = {"reward_mean": float(guidance.reward(x).double().mean())}
-    if reward_name(spec.model.name, spec.guidance) == "classifier":
-        clf = guidance.reward.classifier
-        with torch.no_grad():
-            pred = clf(x.to(next(clf.parameters()).device).float()).argmax(1).cpu()
-        out["target_share"] = float((pred == _digit(spec.guidance)).float().mean())
+def _svdd_metrics(spec: RunSpec, guidance, samples_dir: Path, seeds, image: bool) -> dict:
+    """Mean reward of the final samples and, for the digit classifier reward, the target digit's share
+    (streamed shard by shard)."""
+    from ..eval.generate import iter_shards
+
+    classifier = reward_name(spec.model.name, spec.guidance) == "classifier"
+    total, hits, n = 0.0, 0, 0
+    for _, samples in iter_shards(samples_dir, seeds):
+        x = samples * 2 - 1 if image else samples  # decoded images are in [0, 1]; rewards take the model's range
+        total += float(guidance.reward(x).double().sum())
+        n += len(x)
+        if classifier:
+            clf = guidance.reward.classifier
+            with torch.no_grad():
+                pred = clf(x.to(next(clf.parameters()).device).float()).argmax(1).cpu()
+            hits += int((pred == _digit(spec.guidance)).sum())
+    out = {"reward_mean": total / n}
+    if classifier:
+        out["target_share"] = hits / n
     return out
 
 
-def _minority_metrics(guidance, den, samples, device, batches: int) -> dict:
+def _minority_metrics(guidance, den, samples_dir: Path, seeds, device, batches: int) -> dict:
     """Share of samples whose minority score (measured as the classifier's training data was) lies in
-    the real data's top class (the top decile for 10 classes)."""
+    the real data's top class (the top decile for 10 classes); streamed shard by shard (sample i's
+    noise comes from seed 10**6 + i, whatever the shards)."""
+    from ..eval.generate import iter_shards
     from ..guidance.minority import minority_score
     from .minority_classifier import feature_fn
 
@@ -347,10 +365,14 @@ def _minority_metrics(guidance, den, samples, device, batches: int) -> dict:
     meta, th = clf.config.get("meta", {}), clf.thresholds
     if th is None:
         return {}
-    x = samples.to(device) * 2 - 1  # decoded images are in [0, 1]; the model's data range is [-1, 1]
-    s = minority_score(den, x, meta.get("t_frac", 0.4), meta.get("num_draws", 4),
-                       feature_fn(meta.get("feature"), device), seed=10**6)
-    return {"minority_top_share": float((s >= float(th[-1])).float().mean()),
+    top, n = 0, 0
+    for _, samples in iter_shards(samples_dir, seeds):
+        x = samples.to(device) * 2 - 1  # decoded images are in [0, 1]; the model's data range is [-1, 1]
+        s = minority_score(den, x, meta.get("t_frac", 0.4), meta.get("num_draws", 4),
+                           feature_fn(meta.get("feature"), device), seed=10**6 + n)
+        top += int((s >= float(th[-1])).sum())
+        n += len(x)
+    return {"minority_top_share": top / n,
             "classifier_calls": guidance.classifier_calls // batches}  # per trajectory
 
 
@@ -374,12 +396,6 @@ def _reference(model: str, e: EvalSpec) -> tuple | None:
     return "digits_test", lambda: x, hashlib.sha256(x.numpy().tobytes()).hexdigest()
 
 
-def _metrics(spec: RunSpec, gmm, den, samples: torch.Tensor, device) -> dict:
-    if gmm is not None:
-        return _gmm_metrics(spec.sampling.seed, spec.sampling.final, gmm, den, samples)
-    return _image_metrics(spec.model.name, spec.eval, samples, device)
-
-
 def _scores_features(model: str, e: EvalSpec) -> bool:
     """Whether the run computes FID (it has reference data: `_reference` is not None)."""
     return bool(e.reference) or model == "digits"
@@ -401,8 +417,11 @@ def _feature_extractor(model: str, e: EvalSpec, device):
     return extractor
 
 
-def _image_metrics(model: str, e: EvalSpec, samples: torch.Tensor, device) -> dict:
-    from ..eval.fid import FIDEvaluator, reference_features, reference_stats
+def _image_metrics(model: str, e: EvalSpec, samples_dir: Path, seeds: list[int], device) -> dict:
+    """FID (fid_proxy with the digits features) and KID of the shards against the reference, on every
+    rank: each scores its share of the shard files (those it generated) and the float64 feature
+    sums are all-reduced, so the value is the one-process value on every rank."""
+    from ..eval.fid import FIDEvaluator, fid_from_shards, reference_features, reference_stats
 
     source = _reference(model, e)
     if source is None:
@@ -413,12 +432,11 @@ def _image_metrics(model: str, e: EvalSpec, samples: torch.Tensor, device) -> di
     cache = Path(str(e.cache_dir)).expanduser()
     stats = reference_stats(dataset, images_fn, extractor, cache, content=content)
     real = reference_features(dataset, images_fn, extractor, cache, content=content) if e.kid else None
-    subset = min(1000, len(samples), len(real)) if e.kid else 1000
-    ev = FIDEvaluator(extractor, device=device, sync=False, kid=bool(e.kid), kid_subset_size=subset)
-    ev.set_reference(stats, features=real)  # scored on rank 0 alone
-    for i in range(0, len(samples), 256):
-        ev.update_fake(samples[i:i + 256].to(device))
-    out = {"fid_proxy" if feature == "digits" else "fid": float(ev.compute())}
+    subset = min(1000, len(seeds), len(real)) if e.kid else 1000
+    ev = FIDEvaluator(extractor, device=device, sync=True, kid=bool(e.kid), kid_subset_size=subset)
+    ev.set_reference(stats, features=real)  # KID's reference features (FID's statistics: set again below)
+    fid = fid_from_shards(samples_dir, stats, ev, seeds=seeds)  # collectives: every rank calls it
+    out = {"fid_proxy" if feature == "digits" else "fid": fid}
     if e.kid:
         out["kid_mean"], out["kid_std"] = ev.compute_kid()
         out["kid_subset_size"] = subset
