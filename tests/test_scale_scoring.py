@@ -274,7 +274,7 @@ def _free_port() -> int:
 
 def test_torchrun_two_ranks_score_like_one(tmp_path):
     args = ["model=digits", "solver=ddim", "nfe=3", "num_samples=96", "shard_size=16", "batch_size=16",
-            "progress=false", "grid_size=4", f"eval.cache_dir={tmp_path / 'cache'}"]
+            "progress=false", "grid_size=4", "eval.kid=true", f"eval.cache_dir={tmp_path / 'cache'}"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "diffsampler", *args, f"hydra.run.dir={one}"])
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
@@ -283,6 +283,9 @@ def test_torchrun_two_ranks_score_like_one(tmp_path):
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert a["fid_proxy"] > 0 and abs(a["fid_proxy"] - b["fid_proxy"]) <= 1e-9 * a["fid_proxy"]
+    # KID: the ranks' features gathered in the one-process order, the same subsets drawn
+    assert a["kid_subset_size"] == b["kid_subset_size"] == 96
+    assert (a["kid_mean"], a["kid_std"]) == pytest.approx((b["kid_mean"], b["kid_std"]), rel=1e-9)
     sa, sb = load_shards(one / "samples", raw=True), load_shards(two / "samples", raw=True)
     assert sb[1].dtype == torch.uint8 and torch.equal(sa[0], sb[0]) and torch.equal(sa[1], sb[1])
     # the score is the streamed FID of those shards against the digits test split

@@ -538,6 +538,8 @@ class FIDEvaluator:
         self.metric = None
         self.kid_metric = None
         self._kid = (bool(kid), int(kid_subsets), int(kid_subset_size), int(kid_seed))
+        self._kid_keys: dict[str, list[int]] = {"real": [], "fake": []}  # order of each KID feature block
+        self._kid_reference: torch.Tensor | None = None
         if self.extractor.num_features is not None:
             self._ensure(self.extractor.num_features)
 
@@ -572,20 +574,25 @@ class FIDEvaluator:
         out = [self.extractor(images[i:i + self.batch_size]) for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(out).to(self.device)
 
-    def _update(self, images, real: bool):
+    def _update(self, images, real: bool, order=None):
         f = self.features(images)
         self._ensure(f.shape[1])
         self.metric.update(f, real=real)
         if self.kid_metric is not None:
             self.kid_metric.update(f, real=real)
+            keys = self._kid_keys["real" if real else "fake"]
+            keys.append(len(keys) if order is None else int(order))
 
-    def update_fake(self, images: torch.Tensor) -> None:
-        """Add generated images (float in [0, 1])."""
-        self._update(images, real=False)
+    def update_fake(self, images: torch.Tensor, order: int | None = None) -> None:
+        """Add generated images (float in [0, 1]).  ``order``: this batch's place among all ranks'
+        batches (:func:`fid_from_shards` passes the shard's index; default: the update count), so
+        that KID's random subsets, drawn from the features in that order, do not depend on how the
+        batches were split over ranks."""
+        self._update(images, real=False, order=order)
 
-    def update_real(self, images: torch.Tensor) -> None:
+    def update_real(self, images: torch.Tensor, order: int | None = None) -> None:
         """Add real images (float in [0, 1]); they persist across :meth:`reset_fake`."""
-        self._update(images, real=True)
+        self._update(images, real=True, order=order)
 
     def set_reference(self, stats, features=None) -> None:
         """Use precomputed reference statistics (``{"mu", "sigma", "n"}``, a tuple, or an ``.npz``
@@ -622,15 +629,30 @@ class FIDEvaluator:
         if f.ndim != 2 or f.shape[1] != self.metric.inception.num_features:
             raise ValueError(f"KID reference features must be (N, {self.metric.inception.num_features}), "
                              f"got {tuple(f.shape)}")
-        is_dist, rank, _ = _dist_info()
-        keep = not (is_dist and self.sync) or rank == 0  # gathered over ranks: hold them on rank 0 only
-        self.kid_metric.real_features = [f] if keep else []
+        self._kid_reference = f  # every rank holds it; compute_kid counts it once
+        self.kid_metric.real_features = [] if self._kid_gathers() else [f]
+        self._kid_keys["real"] = [] if self._kid_gathers() else [-1]
+
+    def _kid_gathers(self) -> bool:
+        """True when KID's features are gathered over ranks by :meth:`compute_kid` itself."""
+        is_dist, _, world = _dist_info()
+        return is_dist and self.sync and world > 1
+
+    def _gathered_blocks(self, kind: str) -> list[torch.Tensor]:
+        """Every rank's KID feature blocks of ``kind``, in (order, rank) order, on every rank."""
+        _, rank, world = _dist_info()
+        local = [(k, rank, b.detach().cpu()) for k, b in zip(self._kid_keys[kind], getattr(self.kid_metric,
+                                                                                         f"{kind}_features"))]
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, local)
+        return [b for _, _, b in sorted((x for p in parts for x in p), key=lambda t: (t[0], t[1]))]
 
     def reset_fake(self) -> None:
         """Forget the generated images (the reference stays)."""
         for met in (self.metric, self.kid_metric):
             if met is not None:
                 met.reset()
+        self._kid_keys["fake"] = []
 
     def _stats(self, prefix: str) -> dict:
         m = self.metric
@@ -669,9 +691,22 @@ class FIDEvaluator:
         on all ranks."""
         if self.kid_metric is None:
             raise RuntimeError("create the evaluator with kid=True (and add real images with update_real)")
+        metric = self.kid_metric
+        if self._kid_gathers():  # the features of all ranks, in the one-process order, on every rank
+            from torchmetrics.image.kid import KernelInceptionDistance
+
+            real = ([self._kid_reference.cpu()] if self._kid_reference is not None else []) + \
+                self._gathered_blocks("real")
+            fake = self._gathered_blocks("fake")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+                metric = KernelInceptionDistance(feature=_Passthrough(self.metric.inception.num_features),
+                                                 subsets=self._kid[1], subset_size=self._kid[2],
+                                                 reset_real_features=False, normalize=False, sync_on_compute=False)
+            metric.real_features, metric.fake_features = real, fake
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._kid[3])
-            mean, std = self.kid_metric.compute()
+            mean, std = metric.compute()
         return float(mean), float(std)
 
 
@@ -1064,14 +1099,14 @@ def fid_from_shards(shard_dir: str | os.PathLike, reference, extractor: str | nn
             continue
         x = torch.load(f, map_location="cpu", weights_only=True)["samples"][rows]
         if x.dtype == torch.uint8:  # images quantised from their value range: 0..255 is [0, 1]
-            ev.update_fake(x.float() / 255)
+            ev.update_fake(x.float() / 255, order=i)
             continue
         if value_range is not None:
             error = _out_of_range(x, value_range, f)
             lo, hi = value_range
             x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
         if not error:
-            ev.update_fake(x)
+            ev.update_fake(x, order=i)
     if is_dist and world > 1:  # every rank raises together, or none does
         errors = [None] * world
         torch.distributed.all_gather_object(errors, error)
