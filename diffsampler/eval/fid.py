@@ -62,7 +62,8 @@ __all__ = [
     "register_feature_extractor", "get_feature_extractor", "FIDEvaluator", "reference_stats", "frechet_distance",
     "features_frechet_distance", "fid_proxy",
     "fid_from_shards", "stats_from_features", "torchmetrics_fid", "INCEPTION_URL", "INCEPTION_FILENAME",
-    "IMAGE_SUFFIXES", "ARRAY_SUFFIXES", "REFERENCE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError", "list_reference_images", "reference_images",
+    "IMAGE_SUFFIXES", "ARRAY_SUFFIXES", "REFERENCE_SUFFIXES", "ReferenceDataError", "ReferenceStatsCacheError",
+    "list_reference_images", "reference_images",
     "folder_fingerprint", "reference_features",
 ]
 

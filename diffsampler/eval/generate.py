@@ -6,7 +6,8 @@
 * :func:`generate_shards` -- split a list of seeds into consecutive shards; shard ``j`` is produced
   by rank ``j % world_size`` and saved as ``shard_{first:08d}_{last:08d}.pt`` holding
   ``{"seeds": LongTensor, "samples": float32 or uint8 tensor, "fingerprint": str | None,
-  "value_range": [lo, hi] | None}`` (uint8: images, ``value_range`` quantised to 0..255).  A shard is written to a temporary file and
+  "value_range": [lo, hi] | None}`` (uint8: images, ``value_range`` quantised to 0..255).  A shard is
+  written to a temporary file and
   renamed into place, so a file with the final name is always complete; a restarted run skips
   every finished shard and regenerates only the missing ones (a killed run at most loses the
   shard it was working on).  Because :func:`diffsampler.sample` with ``seeds=`` makes sample k
