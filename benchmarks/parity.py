@@ -34,7 +34,7 @@ import diffusers  # noqa: E402
 
 from _common import machine_line, md_table, write_csv, write_section  # noqa: E402
 from diffsampler.eval.digits import load_digits_pipeline  # noqa: E402
-from diffsampler.eval.gmm import GaussianMixture, GMMModel  # noqa: E402
+from diffsampler.eval.gmm import EDMGMMModel, GaussianMixture, GMMModel  # noqa: E402
 from diffsampler.pipelines import DiffSamplerScheduler  # noqa: E402
 
 NFES = (5, 10, 25)
@@ -133,6 +133,8 @@ CONFIGS = [
     # draws the seed from torch's global generator, ours then from the loop's generator)
     ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0)),
     ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0, use_karras_sigmas=True)),
+    ("EDMEulerScheduler", dict()),
+    ("EDMEulerScheduler", dict(sigma_schedule="exponential", prediction_type="v_prediction")),
 ]
 
 #: flow-matching configurations, on the mixture in rectified-flow form (no digits model of that kind)
@@ -213,6 +215,8 @@ def mixture_row(gmm, name, kw):
         ref_sched = cls(**kw)
         ours = ours_from(ref_sched, **step_kw)
         model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
+        if name == "EDMEulerScheduler":  # the mixture behind EDM's preconditioning
+            model = EDMGMMModel(gmm, ref_sched.config.sigma_data, ref_sched.config.prediction_type)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
         model, x = Image4d(model), x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples
         errs.append(difference(run_loop(ours, model, nfe, x, **step_kw), run_loop(ref_sched, model, nfe, x, **step_kw)))

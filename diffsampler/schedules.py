@@ -25,6 +25,8 @@ __all__ = [
     "LinearVP",
     "CosineVP",
     "TrigVP",
+    "EDMPrecond",
+    "edm_sigmas",
     "ipndm_times",
     "EDM",
     "RectifiedFlow",
@@ -242,6 +244,50 @@ def ipndm_times(n: int) -> np.ndarray:
     sig = torch.sin(s * math.pi / 2) ** 2
     alp = (1.0 - sig**2) ** 0.5
     return (torch.atan2(sig, alp) / math.pi * 2).double().numpy()
+
+
+class EDMPrecond(_VP):
+    """EDM's preconditioned network (Karras et al. 2022, Table 1) as a VP schedule in the VE noise level t = sigma:
+    the network sees c_in x = x / sqrt(sigma^2 + sigma_data^2) = alpha (x0 / sigma_data) + sigma_vp eps with
+    alpha = sigma_data / sqrt(sigma^2 + sigma_data^2), sigma_vp = sigma / sqrt(sigma^2 + sigma_data^2), and the
+    time c_noise = log(sigma) / 4; EDM's D = c_skip x + c_out F is then sigma_data times the v-prediction
+    x0 / sigma_data = alpha x_in - sigma_vp v with v = F for c_out = -sigma sigma_data / sqrt(...) (diffusers'
+    prediction_type "v_prediction"), v = -F for c_out = +... ("epsilon").  rho = sigma / sigma_data."""
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 < sigma_min < sigma_max or not sigma_data > 0:
+            raise ValueError(f"need 0 < sigma_min < sigma_max and sigma_data > 0, got {sigma_min}, {sigma_max}, "
+                             f"{sigma_data}")
+        self.sigma_data = float(sigma_data)
+        # float32 round-off of the ends (diffusers' grids are float32) stays inside the range
+        self.t_min, self.t_max = float(sigma_min) * (1 - 1e-6), float(sigma_max) * (1 + 1e-6)
+
+    def log_alpha(self, t) -> torch.Tensor:
+        t = _f64(t)
+        return math.log(self.sigma_data) - 0.5 * torch.log(t * t + self.sigma_data**2)
+
+    def t_from_lambda(self, lam) -> torch.Tensor:
+        return self.sigma_data * torch.exp(-_f64(lam))
+
+    def model_time(self, t) -> torch.Tensor:
+        return 0.25 * torch.log(_f64(t))
+
+
+def edm_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, schedule: str = "karras") -> np.ndarray:
+    """diffusers' EDMEulerScheduler.set_timesteps(n) noise levels, as it computes them: karras
+    (sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho on ramp = linspace(0, 1, n) in float64,
+    or exponential exp(linspace(log sigma_min, log sigma_max, n)) flipped (float32), then float32."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+    if schedule == "karras":
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        s = (hi + ramp * (lo - hi)) ** rho
+    elif schedule == "exponential":
+        s = torch.linspace(math.log(sigma_min), math.log(sigma_max), n).exp().flip(0)
+    else:
+        raise ValueError(f"sigma_schedule must be 'karras' or 'exponential', got {schedule!r}")
+    return s.to(torch.float32).double().numpy()
 
 
 class EDM(NoiseSchedule):

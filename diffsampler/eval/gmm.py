@@ -672,6 +672,36 @@ class GMMModel(torch.nn.Module):
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
+class EDMGMMModel(torch.nn.Module):
+    """The exact mixture behind EDM's preconditioning (Karras et al. 2022, Table 1; diffusers' EDMEulerScheduler):
+    `model(c_in x, c_noise).sample` is the output F with D(x) = c_skip x + c_out F the exact posterior mean at the VE
+    noise level sigma = exp(4 c_noise), x = x0 + sigma eps; c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_skip =
+    sigma_data^2 / (sigma^2 + sigma_data^2), c_out = +- sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (+ for
+    prediction_type "epsilon", - for "v_prediction", as diffusers' precondition_outputs)."""
+
+    def __init__(self, gmm: GaussianMixture, sigma_data: float = 0.5, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.gmm, self.sd = gmm, float(sigma_data)
+        self.sign = 1.0 if prediction_type == "epsilon" else -1.0
+        self.dtype = torch.float32
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        from types import SimpleNamespace
+
+        n = sample.shape[0]
+        sig = torch.exp(4 * torch.as_tensor(timestep, dtype=torch.float64)).flatten().expand(n)
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        sv = sig.view(shape)
+        x = sample.double() * (sv**2 + self.sd**2).sqrt()
+        d = self.gmm.posterior_mean(x.reshape(n, -1), torch.ones(n, dtype=torch.float64), sig).reshape(x.shape)
+        c_skip = self.sd**2 / (sv**2 + self.sd**2)
+        c_out = self.sign * sv * self.sd / (sv**2 + self.sd**2).sqrt()
+        out = ((d - c_skip * x) / c_out).to(sample.dtype)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
 class ConditionalGMMModel(GMMModel):
     """A class-conditional network from a mixture with `component_labels`:
     `model(sample, timestep, class_labels=y)` is the exact prediction of p(x0 | class y) per sample;

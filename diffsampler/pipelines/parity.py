@@ -75,6 +75,11 @@ SUPPORTED_CLASSES = {
                              "one torchsde tree for the batch seeded by noise_sampler_seed (else the generator, else "
                              "torch's global one as the class), queried at the class's float32 noise levels; "
                              "step()'s s_noise must be the solver's",
+    "EDMEulerScheduler": "euler on the class's EDM grid (sigma_schedule karras / exponential, sigma_min, sigma_max, "
+                         "rho, final_sigmas_type) with its preconditioning (c_in, c_noise = log(sigma) / 4, "
+                         "c_skip / c_out with sigma_data: schedules.EDMPrecond, the output a v-prediction of "
+                         "x0 / sigma_data, negated for prediction_type epsilon), init_noise_sigma, scale_model_input; "
+                         "step()'s s_churn > 0 refused",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -146,7 +151,7 @@ def _generic_keys() -> frozenset:
     """The keys every supported discrete-VP class has (the noise schedule, prediction_type, timestep_spacing,
     steps_offset): a config of these alone names no class."""
     return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES
-                                    if not n.startswith("FlowMatch") and n != "IPNDMScheduler"))  # own schedules
+                                    if not n.startswith("FlowMatch") and n not in ("IPNDMScheduler", "EDMEulerScheduler")))  # own schedules
 
 
 @functools.lru_cache(maxsize=None)
@@ -561,6 +566,16 @@ def _sasolver(r):
     return dict(solver="sa_solver", spacing=spacing, final="last", clip_sample=False, solver_options=opts)
 
 
+def _edm_euler(r):
+    # euler (Karras' Euler on dv/drho = eps, rho = sigma / sigma_data) on the class's EDM grid, the network read
+    # through its preconditioning (schedules.EDMPrecond); keys sigma_min / sigma_max / sigma_data / rho /
+    # sigma_schedule / prediction_type / final_sigmas_type are the adapter's convention's; num_train_timesteps
+    # lays only the class's training table (unused when sampling)
+    r.require("prediction_type", ("epsilon", "v_prediction"), " -- diffusers' own class raises for it")
+    r.require("sigma_schedule", ("karras", "exponential"))
+    return dict(solver="euler", convention="EDMEulerScheduler", final=_final(r), thresholding=False, clip_sample=False)
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -585,6 +600,7 @@ _MAPPERS = {
     "FlowMatchEulerDiscreteScheduler": _flowmatch_euler,
     "FlowMatchHeunDiscreteScheduler": _flowmatch_heun,
     "IPNDMScheduler": _ipndm,
+    "EDMEulerScheduler": _edm_euler,
     "SASolverScheduler": _sasolver,
     "UniPCMultistepScheduler": _unipc,
     "DPMSolverSDEScheduler": _k_class("dpmpp_sde", ("epsilon", "v_prediction")),
