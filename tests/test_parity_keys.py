@@ -175,6 +175,9 @@ ALTERNATIVES = {
     "predictor_order": [1, 3, 4],
     "corrector_order": [1, 3, 4],
     "tau_func": ["zero", "half"],  # functions, built in audit_one
+    "sigma_data": [1.0],
+    "sigma_schedule": ["exponential"],
+    "rho": [5.0],
 }
 #: tau_func values (SASolverScheduler: the stochasticity tau at each timestep)
 TAU_FUNCS = {"zero": lambda t: 0.0, "half": lambda t: 0.5}
@@ -261,6 +264,10 @@ def audit_one(gmm, name, opts, nfe=6):
     named = [str(w.message) for w in caught if any(re.search(rf"\b{k}\b", str(w.message)) for k in keys)]
     set_kw = {"mu": 0.7} if kw.get("use_dynamic_shifting") else {}
     model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
+    if name == "EDMEulerScheduler":  # the mixture behind EDM's preconditioning (c_in, c_noise, c_skip, c_out)
+        from diffsampler.eval.gmm import EDMGMMModel
+
+        model = EDMGMMModel(gmm, ref.config.sigma_data, ref.config.prediction_type)
     from test_parity import Image4d
 
     model, x = Image4d(model), x_T(16).reshape(16, 1, 4, 4)
