@@ -18,25 +18,40 @@ import math
 import numpy as np
 
 __all__ = ["NAMED_SPACINGS", "SIGMA_SPACINGS", "TABLE_SPACINGS", "AYS_SPACINGS", "AYS_PUBLISHED", "karras_sigmas",
-           "exponential_sigmas", "polyexponential_sigmas", "beta_sigmas", "ays_sigmas", "loglinear_interp",
+           "exponential_sigmas", "polyexponential_sigmas", "beta_sigmas", "kl_optimal_sigmas",
+           "linear_quadratic_levels", "ZERO_ENDED_SPACINGS", "SPACING_REFUSED", "ays_sigmas", "loglinear_interp",
            "simple_times", "ddim_uniform_times", "normal_times", "spacing_options", "SPACING_ALIASES",
            "canonical_spacing"]
 
 #: grids built from the schedule's end noise levels sigma_max, sigma_min
-SIGMA_SPACINGS = ("karras", "exponential", "polyexponential", "beta")
+SIGMA_SPACINGS = ("karras", "exponential", "polyexponential", "beta", "kl_optimal")
+#: ComfyUI's linear_quadratic (Mochi's schedule): levels sigma_max (1 - s_i), ending at sigma = 0 by construction
+ZERO_ENDED_SPACINGS = ("linear_quadratic",)
 #: ComfyUI's schedulers: model times of a discrete schedule's table (simple, ddim_uniform) or
 #: uniform in time between its ends (normal, sgm_uniform)
 TABLE_SPACINGS = ("simple", "ddim_uniform", "normal", "sgm_uniform")
 #: Align Your Steps (Sabour et al. 2024), the published 10-step schedules
 AYS_SPACINGS = ("ays_sd15", "ays_sdxl", "ays_svd")
-NAMED_SPACINGS = SIGMA_SPACINGS + TABLE_SPACINGS + AYS_SPACINGS
+NAMED_SPACINGS = SIGMA_SPACINGS + TABLE_SPACINGS + AYS_SPACINGS + ZERO_ENDED_SPACINGS
 #: AUTOMATIC1111's schedule-type labels for these grids (modules/sd_schedulers.py): its "Uniform"
 #: is k-diffusion's DiscreteSchedule.get_sigmas (uniform in t, the last call at t = 0: "normal"),
-#: its "DDIM" ComfyUI's ddim_uniform.  Its "Beta" (Beta quantiles of the timestep table) and "Align
-#: Your Steps" (n points ending at sigma_min, then 0) are other grids than `beta` / `ays_*`: no alias.
+#: its "DDIM" ComfyUI's ddim_uniform, its "Beta" (sigma_min + Beta(0.6, 0.6) quantiles of 1 - i/(n-1)
+#: times (sigma_max - sigma_min), then 0) diffusers' use_beta_sigmas, i.e. `beta`, its "KL Optimal"
+#: (n + 1 points ending at sigma_min, no 0: final="last") `kl_optimal`.
 SPACING_ALIASES = {"Uniform": "normal", "Karras": "karras", "Exponential": "exponential",
-                   "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "Simple": "simple",
-                   "Normal": "normal", "DDIM": "ddim_uniform"}
+                   "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "SGMUniform": "sgm_uniform",
+                   "Simple": "simple", "Normal": "normal", "DDIM": "ddim_uniform", "Beta": "beta",
+                   "KL Optimal": "kl_optimal"}
+#: schedule names of A1111 / ComfyUI that are not grids here, and why (refused naming them).  ComfyUI's
+#: `beta` scheduler (Beta quantiles of the 1000-step timestep table, repeats dropped) is not `beta` here
+#: (diffusers' / A1111's Beta quantiles in sigma): the name `beta` is diffusers' grid.
+SPACING_REFUSED = {
+    "Align Your Steps": "A1111's Align Your Steps lays the published list resampled to n points ending at sigma_min "
+                        "and then 0 (n + 1 levels for n steps), for SD 1.5 or SDXL by the loaded model; the ays_sd15 "
+                        "/ ays_sdxl / ays_svd grids here are the authors' steps + 1 points with the last replaced "
+                        "by 0 (ComfyUI's AlignYourStepsScheduler)",
+    "Automatic": "A1111's Automatic is the sampler's own default schedule: name it (karras, exponential, ...)",
+}
 
 #: The published 10-step AYS noise levels as diffusers ships them (`AysSchedules`, which ends them
 #: with 0.0), followed by the schedule's sigma_min that the authors' lists end at before that 0
@@ -53,6 +68,8 @@ _OPTIONS = {
     "exponential": {"t_start": None, "t_end": None},
     "polyexponential": {"rho": 1.0, "t_start": None, "t_end": None},
     "beta": {"alpha": 0.6, "beta": 0.6, "t_start": None, "t_end": None},
+    "kl_optimal": {"t_start": None, "t_end": None},
+    "linear_quadratic": {"threshold_noise": 0.025, "linear_steps": None},
     "normal": {"t_start": None, "t_end": None},
     "sgm_uniform": {"t_start": None, "t_end": None},
     "simple": {},
@@ -62,7 +79,10 @@ _OPTIONS = {
 
 
 def canonical_spacing(spacing):
-    """The grid name an A1111 schedule-type label stands for (other values as they are)."""
+    """The grid name an A1111 schedule-type label stands for (other values as they are); a schedule
+    name of A1111 / ComfyUI that is not a grid here is refused, naming it and why."""
+    if isinstance(spacing, str) and spacing in SPACING_REFUSED:
+        raise ValueError(f"spacing {spacing!r} is not a grid here: {SPACING_REFUSED[spacing]}")
     return SPACING_ALIASES.get(spacing, spacing) if isinstance(spacing, str) else spacing
 
 
@@ -120,6 +140,40 @@ def beta_sigmas(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, 
     _check(n, sigma_min, sigma_max)
     ppf = scipy.stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, n), alpha, beta)
     return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """sigma_i = tan((1 - i/(n-1)) arctan(sigma_max) + i/(n-1) arctan(sigma_min)), the schedule minimising
+    the KL bound of Sabour et al. 2024 ("Align Your Steps", sec. 3; ComfyUI's kl_optimal_scheduler without its
+    trailing 0, A1111's kl_optimal over n points)."""
+    _check(n, sigma_min, sigma_max)
+    ramp = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
+    return np.tan((1.0 - ramp) * math.atan(sigma_max) + ramp * math.atan(sigma_min))
+
+
+def linear_quadratic_levels(n: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> np.ndarray:
+    """The n leading fractions of ComfyUI's linear_quadratic_schedule (from Mochi's sampler): 1 - s_i with s_i
+    linear from 0 to threshold_noise over the first L = linear_steps (n // 2) points, then the quadratic
+    q i^2 + l i + c through (L, threshold_noise) with slope-continuity that reaches 1 at i = n; the schedule is
+    sigma_max times these, then 0.  n = 1: [1]."""
+    if n < 1:
+        raise ValueError(f"a grid needs at least 1 point, got {n}")
+    if n == 1:
+        return np.ones(1)
+    L = n // 2 if linear_steps is None else linear_steps
+    if not (isinstance(L, (int, np.integer)) and not isinstance(L, bool) and 1 <= L < n):
+        raise ValueError(f"spacing 'linear_quadratic': linear_steps must be an integer in [1, {n - 1}] for {n} "
+                         f"points, got {linear_steps!r}")
+    if not 0.0 < threshold_noise < 1.0:
+        raise ValueError(f"spacing 'linear_quadratic': threshold_noise must lie in (0, 1), got {threshold_noise!r}")
+    Q = n - L
+    gap = L - threshold_noise * n
+    quad = gap / (L * Q * Q)
+    lin = threshold_noise / L - 2.0 * gap / (Q * Q)
+    const = quad * L * L
+    i = np.arange(n, dtype=np.float64)
+    s = np.where(i < L, i * threshold_noise / L, quad * i * i + lin * i + const)
+    return 1.0 - s
 
 
 def loglinear_interp(levels, n: int) -> np.ndarray:

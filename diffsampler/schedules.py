@@ -541,6 +541,23 @@ def _named_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: b
     n = steps if final_zero else steps + 1
     if spacing in AYS_SPACINGS:
         return _ays_grid(schedule, steps, spacing, final_zero)
+    if spacing == "linear_quadratic":
+        if not final_zero:
+            raise ValueError("spacing 'linear_quadratic' ends at sigma = 0 by construction (ComfyUI's list): "
+                             "use final='zero'")
+        # ComfyUI's sigma: k-diffusion's rho = sigma_t / alpha_t, but a flow model's own sigma_t (its CONST
+        # model sampling) for a RectifiedFlow schedule, where sigma_t = t
+        flow = isinstance(schedule, RectifiedFlow)
+        level = schedule.sigma if flow else schedule.rho
+        top = float(level(schedule.t_max).clamp(max=math.exp(-LAMBDA_FLOOR)))
+        bottom = float(level(schedule.t_min))
+        sig = top * grids.linear_quadratic_levels(steps, float(opts["threshold_noise"]), opts["linear_steps"])
+        if sig.min() < bottom:
+            raise ValueError(f"spacing 'linear_quadratic' with {steps} steps lays the noise level {sig.min():.6g} "
+                             f"below this schedule's lowest, {bottom:.6g}")
+        ts = _f64(sig).clone() if flow else schedule.t_from_lambda(-torch.as_tensor(sig).log())
+        ts[0] = schedule.t_max
+        return TimeGrid.from_times(schedule, ts, final_zero)
     if spacing in ("simple", "ddim_uniform"):
         if not isinstance(schedule, DiscreteVP):
             raise ValueError(f"spacing {spacing!r} picks times of a discrete schedule's table; it needs a DiscreteVP "
@@ -562,7 +579,8 @@ def _named_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: b
         s_min = float(schedule.rho(t1))
         extra = {k: opts[k] for k in ("rho", "alpha", "beta") if k in opts}
         sig = {"karras": grids.karras_sigmas, "exponential": grids.exponential_sigmas,
-               "polyexponential": grids.polyexponential_sigmas, "beta": grids.beta_sigmas}[spacing](
+               "polyexponential": grids.polyexponential_sigmas, "beta": grids.beta_sigmas,
+               "kl_optimal": grids.kl_optimal_sigmas}[spacing](
             n, s_min, s_max, **extra)
         ts = schedule.t_from_lambda(-torch.as_tensor(sig).log())
         ts[-1] = t1 if n > 1 else ts[-1]  # every sigma list ends at sigma_min: pin it (no float drift)

@@ -16,6 +16,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..grids import SPACING_REFUSED
 from ..schedules import SPACINGS
 
 __all__ = ["ConfigError", "check", "TOP", "GROUPS", "SCHEDULES", "MODELS", "GUIDANCES"]
@@ -65,7 +66,8 @@ GROUP = Type("a config group", lambda v: isinstance(v, dict))
 
 TOP: dict[str, Type] = {
     "model": GROUP, "solver": GROUP, "guidance": GROUP, "eval": GROUP,
-    "nfe": INT, "spacing": optional(one_of(*SPACINGS)), "final": optional(one_of("zero", "last")),
+    "nfe": INT, "spacing": optional(one_of(*SPACINGS, *SPACING_REFUSED)),  # refused ones: by time_grid, with why
+    "final": optional(one_of("zero", "last")),
     "time_shift": Type("a mapping or null", lambda v: v is None or isinstance(v, dict)),
     "num_samples": INT, "seed": INT, "batch_size": INT, "shard_size": INT, "device": STR, "progress": BOOL,
     "grid_size": INT, "results_file": STR,
