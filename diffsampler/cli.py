@@ -95,6 +95,11 @@ def list_main(out=None, sections=LIST_SECTIONS) -> None:
             except ValueError as e:
                 note = "  [refused: " + ("solver not registered" if "not registered" in str(e) else "option not taken") + "]"
             print(f"  {name!r:<34} -> {a.describe()}  ({a.source}){note}", file=out)
+        from .samplers.aliases import REGISTERED_NAMES_NOTES
+
+        print("ComfyUI sampler names that are registered names (the registered solver; ComfyUI's sampler):", file=out)
+        for name, text in REGISTERED_NAMES_NOTES.items():
+            print(_wrap(f"{name!r:<34} {text}"), file=out)
     if "spacings" in sections:
         print("spacings (spacing=<name>), the time grids:", file=out)
         print(_wrap(", ".join(s for s in SPACINGS if s not in SPACING_ALIASES)), file=out)

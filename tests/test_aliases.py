@@ -289,7 +289,8 @@ EXPECTED = {
     "ddpm": ("ddpm", {"variance": "fixed_small"}),
     "ipndm": ("ipndm", {"order": 4, "first_order_to_zero": True}),
     "ddim": ("ddim", {"eta": 0.0}),
-    "uni_pc": ("unipc", {"solver_type": "bh1"}), "uni_pc_bh2": ("unipc", {"solver_type": "bh2"}),
+    "uni_pc": ("unipc", {"solver_type": "bh1", "order": 3}),
+    "uni_pc_bh2": ("unipc", {"solver_type": "bh2", "order": 3}),
     "sa_solver": ("sa_solver", {}),  # the registered name wins; ComfyUI's defaults differ (REGISTERED_NAMES_NOTES)
     # A1111
     "Euler a": ("euler_ancestral", {"eta": 1.0}), "Euler": ("euler", {}), "LMS": ("lms", {"order": 4}),
@@ -301,7 +302,7 @@ EXPECTED = {
     "DPM++ 3M SDE": ("dpmpp_3m_sde", {"noise": "brownian"}),
     "DPM fast": ("dpm_fast", {"eta": 0.0}), "DPM adaptive": ("dpm_adaptive", {"eta": 0.0}),
     "Restart": ("restart", {}), "DDIM": ("ddim", {"eta": 0.0}), "PLMS": ("plms", {}),
-    "UniPC": ("unipc", {"solver_type": "bh1"}),
+    "UniPC": ("unipc", {"solver_type": "bh1", "order": 3}),
 }
 REFUSED = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
            "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp", "heunpp2",
@@ -404,3 +405,18 @@ def test_comfyui_ddpm_is_registered_ddpm(problem):
     it = iter(noises)
     got = ds.samplers.run_plan(plan, den, x.clone(), noise_fn=lambda _: next(it))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_list_prints_refusals_notes_and_registered_name_notes():
+    from diffsampler.cli import list_main
+    from diffsampler.samplers.aliases import REGISTERED_NAMES_NOTES
+
+    out = io.StringIO()
+    list_main(out, sections=("aliases",))
+    text = " ".join(out.getvalue().split())
+    assert "'er_sde' -> not registered: ER-SDE-Solver" in text and "[refused: solver not registered]" in text
+    assert "'uni_pc' -> unipc, solver_type='bh1', order=3; note: ComfyUI replaces a final sigma = 0 by 0.001" in text
+    assert set(REGISTERED_NAMES_NOTES) <= set(available())
+    for name, note in REGISTERED_NAMES_NOTES.items():
+        assert f"{name!r} {' '.join(note.split())}" in text, name
+    assert "'sa_solver' NOT ComfyUI's defaults" in text

@@ -44,13 +44,15 @@ class Alias:
     source: str = "A1111"
     #: set for a name diffsampler does not have: why (the name is then refused by get())
     refused: str | None = None
+    #: what of the source's sampler the name does not reproduce (printed by `diffsampler list`)
+    note: str | None = None
 
     def describe(self) -> str:
         if self.refused:
             return f"not registered: {self.refused}"
         parts = [self.solver] + ([f"spacing={self.spacing}"] if self.spacing else [])
         parts += [f"{k}={v!r}" for k, v in self.options.items()]
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; note: {self.note}" if self.note else "")
 
 
 _BROWNIAN = {"noise": "brownian"}  # k-diffusion's SDE samplers draw from a Brownian tree
@@ -66,6 +68,9 @@ def _a1111(base: str, solver: str, options: dict | None = None, schedules=("karr
 
 _CFGPP = ("CFG++ (Chung et al. 2024) renoises with the unconditional prediction, which a solver does not see: "
           "guidance here hands the solver one combined model output")
+_COMFY_UNIPC = ("ComfyUI replaces a final sigma = 0 by 0.001 and returns x there (divided by its alpha), here the "
+                "last step lands on sigma = 0; ComfyUI lowers the order on the last steps at any step count, here "
+                "below 15 steps (diffusers' rule)")
 _LCM = ("the LCM sampler (x_0 = D, then fresh noise at the next level) is the consistency-model sampler of "
         "distilled LCM models; it is not a solver here")
 
@@ -97,15 +102,18 @@ ALIASES: dict[str, Alias] = {
     # AUTOMATIC1111 (timestep samplers)
     "DDIM": Alias("ddim"),
     "PLMS": Alias("plms"),  # LDM's PLMS: Heun-like first step, then Adams-Bashforth 2-4 (diffusers' PNDM form)
-    "UniPC": Alias("unipc", None, {"solver_type": "bh1"}),  # A1111's default uni_pc_variant
+    # A1111's defaults uni_pc_variant=bh1, uni_pc_order=3 (on its own timestep discretisation: not part of the name)
+    "UniPC": Alias("unipc", None, {"solver_type": "bh1", "order": 3},
+                   note="A1111 runs it on its DDIM-style timesteps (uni_pc_skip_type), which the name does not fix"),
     # ComfyUI names that differ from the registered ones (euler, heun, lms, dpmpp_2m, ... are the same)
     "dpm_2": Alias("dpm2", source="ComfyUI"),
     "dpm_2_ancestral": Alias("dpm2_ancestral", source="ComfyUI"),
     "dpmpp_sde_gpu": Alias("dpmpp_sde", None, dict(_BROWNIAN), "ComfyUI"),
     "dpmpp_2m_sde_gpu": Alias("dpmpp_2m_sde", None, dict(_BROWNIAN), "ComfyUI"),
     "dpmpp_3m_sde_gpu": Alias("dpmpp_3m_sde", None, dict(_BROWNIAN), "ComfyUI"),
-    "uni_pc": Alias("unipc", None, {"solver_type": "bh1"}, "ComfyUI"),  # diffusers' name of the B(h) choice
-    "uni_pc_bh2": Alias("unipc", None, {"solver_type": "bh2"}, "ComfyUI"),
+    # ComfyUI's sample_unipc: UniPC (data prediction) of order min(3, steps - 1), variant bh1 / bh2
+    "uni_pc": Alias("unipc", None, {"solver_type": "bh1", "order": 3}, "ComfyUI", note=_COMFY_UNIPC),
+    "uni_pc_bh2": Alias("unipc", None, {"solver_type": "bh2", "order": 3}, "ComfyUI", note=_COMFY_UNIPC),
     "dpmpp_2m_sde_heun": Alias("dpmpp_2m_sde", None, {**_BROWNIAN, "solver_type": "heun"}, "ComfyUI"),
     "dpmpp_2m_sde_heun_gpu": Alias("dpmpp_2m_sde", None, {**_BROWNIAN, "solver_type": "heun"}, "ComfyUI"),
     # names diffsampler does not have: refused by name, with why
