@@ -71,12 +71,17 @@ def test_partial_config_is_the_one_class_it_fits(gmm16, cfg, name, nfe):
 
 def test_config_of_an_older_diffusers_is_its_class(gmm16):
     """A DPMSolverMultistep config saved before final_sigmas_type, euler_at_final, the sigma grids and the flow
-    keys existed: a subset of that class's keys alone."""
+    keys existed: a subset of that class's keys alone (its timestep_spacing tells it from DPMSolverSinglestep's;
+    without it the keys fit both classes, refused naming them)."""
     full = dict(diffusers.DPMSolverMultistepScheduler(solver_order=3).config)
     later = ("final_sigmas_type", "euler_at_final", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas",
              "rescale_betas_zero_snr", "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type",
-             "variance_type", "timestep_spacing", "steps_offset")
+             "variance_type", "steps_offset")
     old = {k: v for k, v in full.items() if k not in later}
+    oldest = {k: v for k, v in old.items() if k != "timestep_spacing"}
+    assert source_class(oldest) == ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"]
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler.*_class_name"):
+        DiffSamplerScheduler.from_config(oldest)
     assert source_class(old) == "DPMSolverMultistepScheduler"
     ours = DiffSamplerScheduler.from_config(old)
     assert ours.config.solver == "dpmpp_3m"
@@ -84,9 +89,10 @@ def test_config_of_an_older_diffusers_is_its_class(gmm16):
 
 
 @pytest.mark.parametrize("cfg,names", [
-    ({"solver_order": 3}, "DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"),
+    ({"solver_order": 3}, "DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, "
+                          "UniPCMultistepScheduler"),
     ({"use_karras_sigmas": True, "final_sigmas_type": "zero"},
-     "DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler"),
+     "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler"),
     ({"clip_sample": True, "beta_schedule": "squaredcos_cap_v2"}, "DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler"),
 ])
 def test_config_fitting_several_classes_is_refused_naming_them(cfg, names):

@@ -149,9 +149,12 @@ def _diffusers_keys_of(config: dict) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def _generic_keys() -> frozenset:
     """The keys every supported discrete-VP class has (the noise schedule, prediction_type, timestep_spacing,
-    steps_offset): a config of these alone names no class."""
+    steps_offset): a config of these alone names no class.  (DPMSolverSinglestep has no timestep_spacing /
+    steps_offset, its grid is linspace: a config with them is not its.)"""
     return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES
-                                    if not n.startswith("FlowMatch") and n not in ("IPNDMScheduler", "EDMEulerScheduler")))  # own schedules
+                                    if not n.startswith("FlowMatch")
+                                    and n not in ("IPNDMScheduler", "EDMEulerScheduler",  # own schedules
+                                                  "DPMSolverSinglestepScheduler")))
 
 
 @functools.lru_cache(maxsize=None)
