@@ -134,9 +134,8 @@ def dpmpp_2s_weights(lam_s: float, lam_t: float, alpha_t: float, r1: float) -> l
     """Weights of D_s and D(u, s_1) in x_t = (sigma_t / sigma_s) x_s + w_0 D_s + w_1 D(u, s_1), with
     lambda_{s_1} = lambda_s + r_1 h and u the first-order step to s_1: DPM-Solver++(2S) (Lu et al.
     2022, Alg. 1), x_t = ... + alpha_t h phi_1(-h) D_s + alpha_t h phi_1(-h) / (2 r_1) (D(u, s_1) - D_s)."""
-    h = lam_t - lam_s
-    c1 = alpha_t * h * phi(1, -h) / (2.0 * r1)
-    return [alpha_t * h * phi(1, -h) - c1, c1]
+    # `dpm_weights`' midpoint form through (s, s_1) (the sigmas cancel in the weights)
+    return dpm_weights([lam_s, lam_s + r1 * (lam_t - lam_s)], lam_t, 1.0, 1.0, alpha_t, 1.0)[1]
 
 
 def point_at_lambda(schedule, lam: float) -> tuple[float, float, float]:
