@@ -20,7 +20,7 @@ import numpy as np
 __all__ = ["NAMED_SPACINGS", "SIGMA_SPACINGS", "TABLE_SPACINGS", "AYS_SPACINGS", "AYS_PUBLISHED", "karras_sigmas",
            "exponential_sigmas", "polyexponential_sigmas", "beta_sigmas", "kl_optimal_sigmas",
            "linear_quadratic_levels", "ZERO_ENDED_SPACINGS", "SPACING_REFUSED", "ays_sigmas", "loglinear_interp",
-           "simple_times", "ddim_uniform_times", "normal_times", "spacing_options", "SPACING_ALIASES",
+           "simple_times", "comfy_beta_times", "ddim_uniform_times", "normal_times", "spacing_options", "SPACING_ALIASES",
            "canonical_spacing"]
 
 #: grids built from the schedule's end noise levels sigma_max, sigma_min
@@ -29,7 +29,7 @@ SIGMA_SPACINGS = ("karras", "exponential", "polyexponential", "beta", "kl_optima
 ZERO_ENDED_SPACINGS = ("linear_quadratic",)
 #: ComfyUI's schedulers: model times of a discrete schedule's table (simple, ddim_uniform) or
 #: uniform in time between its ends (normal, sgm_uniform)
-TABLE_SPACINGS = ("simple", "ddim_uniform", "normal", "sgm_uniform")
+TABLE_SPACINGS = ("simple", "ddim_uniform", "normal", "sgm_uniform", "comfy_beta")
 #: Align Your Steps (Sabour et al. 2024), the published 10-step schedules
 AYS_SPACINGS = ("ays_sd15", "ays_sdxl", "ays_svd")
 NAMED_SPACINGS = SIGMA_SPACINGS + TABLE_SPACINGS + AYS_SPACINGS + ZERO_ENDED_SPACINGS
@@ -43,8 +43,8 @@ SPACING_ALIASES = {"Uniform": "normal", "Karras": "karras", "Exponential": "expo
                    "Simple": "simple", "Normal": "normal", "DDIM": "ddim_uniform", "Beta": "beta",
                    "KL Optimal": "kl_optimal"}
 #: schedule names of A1111 / ComfyUI that are not grids here, and why (refused naming them).  ComfyUI's
-#: `beta` scheduler (Beta quantiles of the 1000-step timestep table, repeats dropped) is not `beta` here
-#: (diffusers' / A1111's Beta quantiles in sigma): the name `beta` is diffusers' grid.
+#: `beta` scheduler (Beta quantiles of the timestep table) is `comfy_beta` here: the name `beta` is
+#: diffusers' / A1111's grid (Beta quantiles in sigma).
 SPACING_REFUSED = {
     "Align Your Steps": "A1111's Align Your Steps lays the published list resampled to n points ending at sigma_min "
                         "and then 0 (n + 1 levels for n steps), for SD 1.5 or SDXL by the loaded model; the ays_sd15 "
@@ -73,6 +73,7 @@ _OPTIONS = {
     "normal": {"t_start": None, "t_end": None},
     "sgm_uniform": {"t_start": None, "t_end": None},
     "simple": {},
+    "comfy_beta": {"alpha": 0.6, "beta": 0.6},
     "ddim_uniform": {},
     **{name: {} for name in AYS_SPACINGS},
 }
@@ -195,6 +196,15 @@ def simple_times(num_train: int, n: int) -> np.ndarray:
     """ComfyUI's `simple`: table times T-1 - floor(i T/n), i = 0..n-1 (the float arithmetic as there)."""
     ss = num_train / n
     return np.array([num_train - 1 - int(i * ss) for i in range(n)], dtype=np.float64)
+
+
+def comfy_beta_times(num_train: int, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """ComfyUI's `beta` scheduler (Lee et al. 2024, "Beta sampling is all you need"): table times
+    rint(F^-1(1 - i/n) (T - 1)), i = 0..n-1, F the Beta(alpha, beta) CDF.  ComfyUI drops repeated times
+    (fewer steps than asked); here a count that repeats one is refused by the grid builder."""
+    import scipy.stats
+
+    return np.rint(scipy.stats.beta.ppf(1.0 - np.arange(n) / n, alpha, beta) * (num_train - 1))
 
 
 def ddim_uniform_times(num_train: int, n: int) -> np.ndarray:

@@ -558,12 +558,15 @@ def _named_grid(schedule: NoiseSchedule, steps: int, spacing: str, final_zero: b
         ts = _f64(sig).clone() if flow else schedule.t_from_lambda(-torch.as_tensor(sig).log())
         ts[0] = schedule.t_max
         return TimeGrid.from_times(schedule, ts, final_zero)
-    if spacing in ("simple", "ddim_uniform"):
+    if spacing in ("simple", "ddim_uniform", "comfy_beta"):
         if not isinstance(schedule, DiscreteVP):
             raise ValueError(f"spacing {spacing!r} picks times of a discrete schedule's table; it needs a DiscreteVP "
                              f"schedule, got {type(schedule).__name__} (use 'normal' or 'sgm_uniform')")
         T = schedule.num_train_timesteps
-        ts = grids.simple_times(T, n) if spacing == "simple" else grids.ddim_uniform_times(T, n)
+        if spacing == "comfy_beta":
+            ts = grids.comfy_beta_times(T, n, float(opts["alpha"]), float(opts["beta"]))
+        else:
+            ts = grids.simple_times(T, n) if spacing == "simple" else grids.ddim_uniform_times(T, n)
         if len(np.unique(ts)) != len(ts):
             raise ValueError(f"{steps} steps with spacing {spacing!r} repeat timesteps of the {T}-step schedule")
         return TimeGrid.from_times(schedule, ts, final_zero)

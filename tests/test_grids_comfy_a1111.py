@@ -34,12 +34,17 @@ def _ends(schedule):
     return float(schedule.rho(schedule.t_min)), float(schedule.rho(schedule.t_max))
 
 
+#: the spacing each ComfyUI scheduler name is here (the same name, but for the `beta` collision)
+COMFY_AS = {"beta": "comfy_beta"}
+
+
 @pytest.mark.parametrize("name", COMFY_SCHEDULER_NAMES + A1111_SCHEDULE_LABELS)
 def test_every_schedule_name_is_a_grid_or_refused_by_name(name):
     if name in grids.SPACING_REFUSED:
         with pytest.raises(ValueError, match=f"spacing '{name}' is not a grid here: "):
             time_grid(SD, 10, name)
         return
+    name = COMFY_AS.get(name, name) if name in COMFY_SCHEDULER_NAMES else name
     assert name in SPACINGS
     g = time_grid(SD, 10, name)
     assert g.steps == 10 and float(g.sigma[-1]) == 0.0
@@ -153,3 +158,34 @@ def test_hydra_takes_the_new_grids_and_refuses_the_rest_with_why():
         "linear_quadratic"
     with pytest.raises(ConfigError, match="spacing 'Align Your Steps' is not a grid here: A1111's Align Your Steps"):
         validate(_composed("solver=dpmpp_2m", "spacing=Align Your Steps", "nfe=6"))
+
+
+# --- ComfyUI's beta scheduler: `comfy_beta` (the name `beta` is diffusers' / A1111's grid) ----------------------
+
+def _comfy_beta(acp, steps, a=0.6, b=0.6):
+    """ComfyUI's beta_scheduler over its ModelSamplingDiscrete table sigma_t = sqrt((1 - acp_t) / acp_t):
+    ts = rint(Beta(a, b).ppf(1 - linspace(0, 1, steps, endpoint=False)) * (T - 1)), repeats dropped, then 0."""
+    table = np.sqrt((1 - acp) / acp)
+    ts = np.rint(scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), a, b) * (len(table) - 1))
+    out, last = [], -1
+    for t in ts:
+        if t != last:
+            out.append(table[int(t)])
+        last = t
+    return np.append(out, 0.0)
+
+
+@pytest.mark.parametrize("steps, a, b", [(5, 0.6, 0.6), (10, 0.6, 0.6), (30, 0.6, 0.6), (10, 0.5, 0.7)])
+def test_comfy_beta_is_comfyui_beta_scheduler(steps, a, b):
+    acp = SD.alphas_cumprod.double().numpy()
+    got = _levels(time_grid(SD, steps, "comfy_beta", alpha=a, beta=b))
+    np.testing.assert_allclose(got, _comfy_beta(acp, steps, a, b), rtol=1e-9, atol=0)
+    # not the grid named `beta` (diffusers' / A1111's Beta quantiles in sigma): the documented collision
+    assert not np.allclose(got, _levels(time_grid(SD, steps, "beta", alpha=a, beta=b)))
+
+
+def test_comfy_beta_refusals():
+    with pytest.raises(ValueError, match="200 steps with spacing 'comfy_beta' repeat timesteps"):
+        time_grid(SD, 200, "comfy_beta")
+    with pytest.raises(ValueError, match="spacing 'comfy_beta' picks times of a discrete schedule's table"):
+        time_grid(RectifiedFlow(), 10, "comfy_beta")
