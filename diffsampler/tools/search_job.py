@@ -387,8 +387,8 @@ class MetricScorer:
     def _fid_setup(self):
         if self._fid is not None:
             return self._fid
-        from ..eval.fid import FIDEvaluator, features_frechet_distance, get_feature_extractor, reference_stats
-        from .runner import _reference
+        from ..eval.fid import FIDEvaluator, features_frechet_distance, reference_stats
+        from .runner import _feature_extractor, _reference
 
         if self.spec.metric == "fid_proxy":
             from ..eval.digits import classifier_features, digits_dataset, load_digits_classifier
@@ -400,8 +400,7 @@ class MetricScorer:
             return self._fid
         e = self.spec.eval
         dataset, images_fn, content = _reference(self.spec.model.name, e)
-        feature = e.feature if e.feature != "auto" else "digits" if self.spec.model.name == "digits" else "inception"
-        extractor = get_feature_extractor(feature, e.weights_path, e.sha256, device=self.device)
+        extractor = _feature_extractor(self.spec.model.name, e, self.device)  # kept for a sweep's next job
         stats = reference_stats(dataset, images_fn, extractor, Path(str(e.cache_dir)).expanduser(), content=content)
 
         def fid(imgs):
