@@ -195,14 +195,17 @@ def _samples_dir(d: Path, run_dir: str) -> Path | None:
 
 
 def _preview(samples_dir: Path, seeds: list[int]):
-    """The samples of `seeds` from a run's shards as float: images mapped to [0, 1] from the range the
-    shards recorded (uint8 shards from 0..255); vectors as they are."""
+    """The first PREVIEW images (SCATTER vectors: shards recording no value range) of `seeds` from a
+    run's shards as float: images mapped to [0, 1] from the range the shards recorded (uint8 shards
+    from 0..255); vectors as they are."""
     import torch
 
     from ..eval.generate import load_shards, shard_record
 
-    _, x = load_shards(samples_dir, seeds)
     rec = shard_record(samples_dir)
+    _, x = load_shards(samples_dir, seeds[:SCATTER if rec.value_range is None else PREVIEW])
+    if x.dim() == 4:
+        x = x[:PREVIEW]
     if x.dtype == torch.uint8:
         return x.float() / 255
     x = x.float()
@@ -376,9 +379,7 @@ def _matrices(d: Path, df, config: list[str]) -> list[str]:
                     seeds = sorted(s for _, _, got in shard_index(where, None) for s in got)
                 else:
                     seeds = common
-                x = _preview(where, seeds[:1])
-                n = PREVIEW if x.dim() == 4 else SCATTER
-                cells[(i, j)] = _preview(where, seeds[:n])
+                cells[(i, j)] = x = _preview(where, seeds)
                 kind = "image" if x.dim() == 4 else "vector"
             except (LookupError, OSError, RuntimeError, ValueError) as e:
                 notes.append(f"{_label(keys[i], cols)} NFE {nfes[j]} ({where}: {str(e).splitlines()[0]})")
