@@ -204,7 +204,7 @@ REFUSED = [
     (DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
     (FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "stochastic_sampling=True cannot be reproduced"),
     (PNDMScheduler, dict(skip_prk_steps=True, prediction_type="v_prediction"), "prediction_type='v_prediction'"),
-    (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0=False"),  # the rest: tests/test_parity_unipc.py
+    (UniPCMultistepScheduler, dict(solver_p=DDIMScheduler()), "solver_p"),  # the rest: tests/test_parity_unipc.py
     # the sigma-space classes are reproduced (tests/test_parity_kdiffusion.py); diffusers' own raises for these
     (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type='sample'"),
 ]

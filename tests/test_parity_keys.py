@@ -206,6 +206,8 @@ CONTEXT = {
     # squaredcos_cap_v2's last timestep has sigma / alpha = 2e4: from there float32 round-off is ~1e-3 (below);
     # leading spacing starts below it, where the method itself is compared
     "beta_schedule": {"timestep_spacing": "leading"},
+    # UniPC's noise-prediction step onto sigma = 0 is NaN in diffusers (e^h = inf times sigma = 0)
+    "predict_x0": {"final_sigmas_type": "sigma_min"},
 }
 
 #: options every audited configuration of a class has: DPMSolverSDE's noise is seeded by its config, not a generator

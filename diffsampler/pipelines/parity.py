@@ -43,7 +43,7 @@ SUPPORTED_CLASSES = {
                                     "lambda_min_clipped, prediction types epsilon / sample / v_prediction, the same "
                                     "generator's noise",
     "DEISMultistepScheduler": "deis_logrho_1 / deis_logrho_2 / deis_logrho_3",
-    "UniPCMultistepScheduler": "unipc (predict_x0=True): solver_order 1-3, solver_type bh1 / bh2, disable_corrector, "
+    "UniPCMultistepScheduler": "unipc (predict_x0=True; False as its prediction='noise'): solver_order 1-3, solver_type bh1 / bh2, disable_corrector, "
                                "lower_order_final, final_sigmas_type, thresholding, timestep_spacing, "
                                "use_karras / exponential / beta_sigmas as the spacings diffusers_karras / "
                                "_exponential / _beta",
@@ -417,7 +417,6 @@ def _deis(r):
 
 
 def _unipc(r):
-    r.require("predict_x0", (True,), " -- UniPC with noise prediction is not registered (unipc is data prediction)")
     r.require("solver_p", (None,), " -- an external predictor scheduler is not reproduced")
     order = r.require("solver_order", (1, 2, 3))
     solver_type = r.require("solver_type", ("bh1", "bh2"))
@@ -444,9 +443,11 @@ def _unipc(r):
                          "cannot be reproduced by diffsampler (diffusers' last call is a zero-length step from "
                          "sigma_min to sigma_min whose order and corrector the grid without it cannot mirror); "
                          "supported: solver_order 1 or final_sigmas_type='zero'")
-    return dict(solver="unipc", spacing=spacing, final=final, clip_sample=False,
-                solver_options={"order": order, "solver_type": solver_type, "disable_corrector": dis,
-                                "lower_order_final": lower})
+    opts = {"order": order, "solver_type": solver_type, "disable_corrector": dis, "lower_order_final": lower}
+    if not r["predict_x0"]:  # noise prediction; diffusers thresholds only the data prediction: not here
+        return dict(solver="unipc", spacing=spacing, final=final, clip_sample=False, thresholding=False,
+                    solver_options={**opts, "prediction": "noise"})
+    return dict(solver="unipc", spacing=spacing, final=final, clip_sample=False, solver_options=opts)
 
 
 def _k_class(solver: str, preds: tuple, sigma_grids: bool = True, clip: bool = False):
