@@ -148,13 +148,11 @@ def _diffusers_keys_of(config: dict) -> frozenset:
 
 @functools.lru_cache(maxsize=None)
 def _generic_keys() -> frozenset:
-    """The keys every supported discrete-VP class has (the noise schedule, prediction_type, timestep_spacing,
-    steps_offset): a config of these alone names no class.  (DPMSolverSinglestep has no timestep_spacing /
-    steps_offset, its grid is linspace: a config with them is not its.)"""
-    return frozenset.intersection(*(_class_keys(n) for n in SUPPORTED_CLASSES
-                                    if not n.startswith("FlowMatch")
-                                    and n not in ("IPNDMScheduler", "EDMEulerScheduler",  # own schedules
-                                                  "DPMSolverSinglestepScheduler")))
+    """The keys that name no method: the discrete noise schedule, prediction_type and the timestep grid's
+    timestep_spacing / steps_offset (DiffSamplerScheduler's own arguments, and keys of nearly every diffusers
+    class): a config of these alone names no class."""
+    return frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                      "prediction_type", "timestep_spacing", "steps_offset"})
 
 
 @functools.lru_cache(maxsize=None)
