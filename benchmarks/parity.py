@@ -135,6 +135,9 @@ CONFIGS = [
     ("DPMSolverSDEScheduler", dict(noise_sampler_seed=0, use_karras_sigmas=True)),
     ("EDMEulerScheduler", dict()),
     ("EDMEulerScheduler", dict(sigma_schedule="exponential", prediction_type="v_prediction")),
+    ("EDMDPMSolverMultistepScheduler", dict()),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++")),
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
 ]
 
 #: flow-matching configurations, on the mixture in rectified-flow form (no digits model of that kind)
@@ -215,7 +218,7 @@ def mixture_row(gmm, name, kw):
         ref_sched = cls(**kw)
         ours = ours_from(ref_sched, **step_kw)
         model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
-        if name == "EDMEulerScheduler":  # the mixture behind EDM's preconditioning
+        if name.startswith("EDM"):  # the mixture behind EDM's preconditioning
             model = EDMGMMModel(gmm, ref_sched.config.sigma_data, ref_sched.config.prediction_type)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
         model, x = Image4d(model), x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples

@@ -273,14 +273,16 @@ class EDMPrecond(_VP):
         return 0.25 * torch.log(_f64(t))
 
 
-def edm_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, schedule: str = "karras") -> np.ndarray:
+def edm_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, schedule: str = "karras",
+               ramp_dtype=torch.float64) -> np.ndarray:
     """diffusers' EDMEulerScheduler.set_timesteps(n) noise levels, as it computes them: karras
-    (sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho on ramp = linspace(0, 1, n) in float64,
-    or exponential exp(linspace(log sigma_min, log sigma_max, n)) flipped (float32), then float32."""
+    (sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho on ramp = linspace(0, 1, n) in float64
+    (EDMDPMSolverMultistepScheduler: `ramp_dtype` float32), or exponential exp(linspace(log sigma_min, log sigma_max,
+    n)) flipped (float32), then float32."""
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
     if schedule == "karras":
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        ramp = torch.linspace(0, 1, n, dtype=ramp_dtype)
         lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
         s = (hi + ramp * (lo - hi)) ** rho
     elif schedule == "exponential":

@@ -231,7 +231,7 @@ def test_class_name_inference():
 
 def test_unknown_foreign_config_warns_naming_class_name():
     # keys of several classes (more in tests/test_parity_keys.py): refused naming them
-    with pytest.raises(ValueError, match="DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPC.*_class_name"):
+    with pytest.raises(ValueError, match="DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler, UniPC.*_class_name"):
         DiffSamplerScheduler.from_config({"num_train_timesteps": 1000, "solver_order": 2})
     # keys of no single class: the default solver, with a warning naming _class_name
     with pytest.warns(UserWarning, match="skip_prk_steps.*_class_name"):

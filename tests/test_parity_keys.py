@@ -54,7 +54,8 @@ PARTIAL = [
     ({"set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "trailing"}, "DDIMScheduler", 7),
     ({"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}, "PNDMScheduler", 6),
     ({"variance_type": "fixed_large", "clip_sample": False}, "DDPMScheduler", 6),
-    ({"algorithm_type": "dpmsolver++", "solver_order": 3, "euler_at_final": False}, "DPMSolverMultistepScheduler", 8),
+    ({"algorithm_type": "dpmsolver++", "solver_order": 3, "euler_at_final": False, "beta_schedule": "linear"},
+     "DPMSolverMultistepScheduler", 8),  # (without a schedule key it fits EDMDPMSolverMultistep too)
     ({"solver_type": "bh2", "predict_x0": True}, "UniPCMultistepScheduler", 8),
     ({"shift": 3.0, "use_dynamic_shifting": False, "invert_sigmas": False}, "FlowMatchEulerDiscreteScheduler", 6),
 ]
@@ -90,7 +91,7 @@ def test_config_of_an_older_diffusers_is_its_class(gmm16):
 
 @pytest.mark.parametrize("cfg,names", [
     ({"solver_order": 3}, "DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, "
-                          "UniPCMultistepScheduler"),
+                          "EDMDPMSolverMultistepScheduler, UniPCMultistepScheduler"),
     ({"use_karras_sigmas": True, "final_sigmas_type": "zero"},
      "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler"),
     ({"clip_sample": True, "beta_schedule": "squaredcos_cap_v2"}, "DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler"),
@@ -273,7 +274,7 @@ def audit_one(gmm, name, opts, nfe=6):
     named = [str(w.message) for w in caught if any(re.search(rf"\b{k}\b", str(w.message)) for k in keys)]
     set_kw = {"mu": 0.7} if kw.get("use_dynamic_shifting") else {}
     model = GMMModel(gmm, ours.schedule, ours.prediction_kind)
-    if name == "EDMEulerScheduler":  # the mixture behind EDM's preconditioning (c_in, c_noise, c_skip, c_out)
+    if name.startswith("EDM"):  # the mixture behind EDM's preconditioning (c_in, c_noise, c_skip, c_out)
         from diffsampler.eval.gmm import EDMGMMModel
 
         model = EDMGMMModel(gmm, ref.config.sigma_data, ref.config.prediction_type)

@@ -230,10 +230,10 @@ def test_from_config_of_every_diffusers_class(gmm4, name):
     for s in sources:
         ours = DiffSamplerScheduler.from_config(s)
         model = GMMModel(gmm4, ours.schedule, ours.prediction_kind)
-        if name == "EDMEulerScheduler":  # the mixture behind EDM's preconditioning (c_in, c_noise, c_skip, c_out)
-            from test_parity_edm import EDMNet
+        if name.startswith("EDM"):  # the mixture behind EDM's preconditioning (c_in, c_noise, c_skip, c_out)
+            from diffsampler.eval.gmm import EDMGMMModel
 
-            model = EDMNet(gmm4, src.config.sigma_data, src.config.prediction_type)
+            model = EDMGMMModel(gmm4, src.config.sigma_data, src.config.prediction_type)
         ref_sched = cls.from_config(src.config)
         # the same generator where the class's step takes one; where it takes none (DPMSolverSDE seeds its
         # Brownian tree from torch's global generator) neither gets one, from the same global seed

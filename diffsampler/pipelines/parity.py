@@ -80,6 +80,10 @@ SUPPORTED_CLASSES = {
                          "c_skip / c_out with sigma_data: schedules.EDMPrecond, the output a v-prediction of "
                          "x0 / sigma_data, negated for prediction_type epsilon), init_noise_sigma, scale_model_input; "
                          "step()'s s_churn > 0 refused",
+    "EDMDPMSolverMultistepScheduler": "DPMSolverMultistep's mapping (ddim / dpmpp_2m / dpmpp_3m, dpmpp_2m_sde; "
+                                      "solver_order 1-3, solver_type, lower_order_final, euler_at_final) on the "
+                                      "EDMEuler convention (its preconditioning, its grid with a float32 ramp); "
+                                      "thresholding, final_sigmas_type='sigma_min' and third-order sde refused",
     "FlowMatchEulerDiscreteScheduler": "ddim (= the flow Euler step) on the class's grid (convention='FlowMatchEuler"
                                        "DiscreteScheduler': shift, use_dynamic_shifting with set_timesteps' mu, "
                                        "time_shift_type, shift_terminal, use_karras / exponential / beta_sigmas, "
@@ -578,6 +582,26 @@ def _edm_euler(r):
     return dict(solver="euler", convention="EDMEulerScheduler", final=_final(r), thresholding=False, clip_sample=False)
 
 
+def _edm_dpm(r):
+    # DPMSolverMultistep's method (the same mapping: `_dpmsolver_multistep`) on the EDM preconditioning and grid:
+    # DPM-Solver++ in lambda = -log sigma is the same on the VE x and on EDMPrecond's scaled one (h unchanged)
+    r.require("prediction_type", ("epsilon", "v_prediction"), " -- diffusers' own class raises for it")
+    r.require("sigma_schedule", ("karras", "exponential"))
+    algo = r.require("algorithm_type", ("dpmsolver++", "sde-dpmsolver++"))
+    order = r.require("solver_order", (1, 2, 3))
+    if algo == "sde-dpmsolver++" and order == 3:
+        r.require("solver_order", (1, 2), " with algorithm_type='sde-dpmsolver++' (the class's third-order step "
+                                          "adds no noise)")
+    r.require("thresholding", (False,), " -- the class thresholds x0 in its own units; the adapter's data "
+              "prediction is x0 / sigma_data")
+    r.require("final_sigmas_type", ("zero",), " -- its last call steps from sigma_min to sigma_min with the order "
+              "lowered the step before, which the grid without that call cannot mirror")
+    keys = ("algorithm_type", "solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type")
+    out = _dpmsolver_multistep(_Reader("DPMSolverMultistepScheduler", {k: r[k] for k in keys}))
+    out.pop("spacing", None)
+    return dict(out, convention="EDMDPMSolverMultistepScheduler", thresholding=False, clip_sample=False)
+
+
 def _not_yet(why: str):
     def refuse(r):
         raise ValueError(f"{r.name} cannot be reproduced by diffsampler yet: {why} (reproduced: "
@@ -603,6 +627,7 @@ _MAPPERS = {
     "FlowMatchHeunDiscreteScheduler": _flowmatch_heun,
     "IPNDMScheduler": _ipndm,
     "EDMEulerScheduler": _edm_euler,
+    "EDMDPMSolverMultistepScheduler": _edm_dpm,
     "SASolverScheduler": _sasolver,
     "UniPCMultistepScheduler": _unipc,
     "DPMSolverSDEScheduler": _k_class("dpmpp_sde", ("epsilon", "v_prediction")),

@@ -62,6 +62,10 @@ SDE_CLASS = "DPMSolverSDEScheduler"
 #: EDMEulerScheduler: euler on its EDM grid (schedules.edm_sigmas), the network preconditioned as EDM
 #: (schedules.EDMPrecond: c_in, c_noise; c_skip / c_out read as a v-prediction of x0 / sigma_data)
 EDM_CLASS = "EDMEulerScheduler"
+#: the EDM classes (EDMDPMSolverMultistepScheduler: the DPM-Solver++ mapping on the same preconditioning, its grid
+#: ramp laid in float32)
+EDM_DPM_CLASS = "EDMDPMSolverMultistepScheduler"
+EDM_CLASSES = (EDM_CLASS, EDM_DPM_CLASS)
 IPNDM_SPACING = "ipndm"
 FLOWMATCH_SPACING = "flowmatch"  # the adapter's name for that class's grid (schedules.flowmatch_sigmas)
 _PRED_ALIASES = {"flow_prediction": "flow"}
@@ -258,12 +262,12 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             t_min = 1e-6 if self.flowmatch else 1e-3
             self.schedule = RectifiedFlow(t_min=t_min, t_max=t_max, time_scale=float(num_train_timesteps))
             pred = pred or "flow"
-        elif convention == EDM_CLASS:
+        elif convention in EDM_CLASSES:
             if schedule_type not in (None, "vp") or trained_betas is not None:
                 raise ValueError(f"convention={convention!r} is EDM's preconditioned network (sigma_min, sigma_max, "
                                  "sigma_data); schedule_type / trained_betas cannot apply")
             if pred not in (None, "epsilon", "v_prediction"):
-                raise ValueError(f"{EDM_CLASS}: prediction_type={prediction_type!r} cannot be reproduced (supported: "
+                raise ValueError(f"{convention}: prediction_type={prediction_type!r} cannot be reproduced (supported: "
                                  "'epsilon', 'v_prediction', the class's c_out signs)")
             c = self.config
             self.schedule = EDMPrecond(c.get("sigma_data", 0.5), c.get("sigma_min", 0.002), c.get("sigma_max", 80.0))
@@ -393,10 +397,11 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"convention={convention!r} is the class's Heun step on its grid: solver='heun' with "
                              "solver_options={'coordinates': 'flow'} and budget='steps' (num_inference_steps counts "
                              "its grid points, 2n - 1 model calls), as from_config of its config sets")
-        if convention == EDM_CLASS:
+        if convention in EDM_CLASSES:
             if spacing is not None:
                 raise ValueError(f"spacing={spacing!r} cannot apply with convention={convention!r}: the grid is the "
                                  "class's own (sigma_schedule, sigma_min, sigma_max, rho)")
+            self._edm_class = convention
             self._edm_levels(2)  # the grid's keys are checked now
             return convention
         if convention == IPNDM_CLASS:
@@ -408,7 +413,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
             self._check_flowmatch()
             return None  # self.flowmatch: the sample, timesteps and sigmas are already the flow class's
         if convention not in K_CLASSES:
-            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS, FLOWMATCH_HEUN, IPNDM_CLASS, EDM_CLASS)}, "
+            raise ValueError(f"convention must be None or one of {K_CLASSES + (FLOWMATCH_CLASS, FLOWMATCH_HEUN, IPNDM_CLASS) + EDM_CLASSES}, "
                              f"got {convention!r}")
         if self.is_flow:
             raise ValueError(f"convention={convention!r} needs a discrete VP schedule; this config is a flow schedule")
@@ -492,7 +497,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         (its largest sigma for timestep_spacing linspace / trailing, sqrt(sigma_max^2 + 1) otherwise)."""
         if not self.__dict__.get("convention"):
             return self._prior_std
-        if self.convention == EDM_CLASS:  # the class's own value (not sigma_max's data-scaled std)
+        if self.convention in EDM_CLASSES:  # the class's own value (not sigma_max's data-scaled std)
             return (float(self.config.get("sigma_max", 80.0)) ** 2 + 1) ** 0.5
         top = self.__dict__.get("_k_sigma_max")
         if top is None:  # before set_timesteps: the training table's largest sigma, as the classes' __init__
@@ -536,7 +541,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         named = kwargs.get("solver") is not None or cfg.get("solver") is not None
         if (src == FLOWMATCH_CLASS or (src == FLOWMATCH_HEUN and named)) and kwargs.get("spacing") is None:
             kwargs.setdefault("convention", FLOWMATCH_CLASS)  # a named solver keeps the class's grid too
-        if src in (IPNDM_CLASS, EDM_CLASS):
+        if src in (IPNDM_CLASS, *EDM_CLASSES):
             kwargs.setdefault("convention", src)  # its schedule (EDM: its preconditioning), whatever the solver
         if name != cls.__name__ and kwargs.get("solver") is None and cfg.get("solver") is None:
             # a misspelt keyword is named before the source scheduler is mapped
@@ -702,8 +707,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         grid = None
         final = self.final
         self.__dict__["_grid_model_t"] = None
-        if self.__dict__.get("convention") == EDM_CLASS and (timesteps is not None or sigmas is not None):
-            raise ValueError(f"{EDM_CLASS}.set_timesteps(sigmas=...) takes a ramp in [0, 1] of its sigma_schedule, "
+        if self.__dict__.get("convention") in EDM_CLASSES and (timesteps is not None or sigmas is not None):
+            raise ValueError(f"{self.convention}.set_timesteps(sigmas=...) takes a ramp in [0, 1] of its sigma_schedule, "
                              "which the adapter does not reproduce; give num_inference_steps")
         if self.flow_class == FLOWMATCH_HEUN and (timesteps is not None or sigmas is not None or mu is not None):
             raise ValueError(f"{FLOWMATCH_HEUN}.set_timesteps takes num_inference_steps only (no timesteps=, sigmas= "
@@ -798,7 +803,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer (the number of {self.convention} "
                              f"steps), got {steps!r}")
-        if self.convention == EDM_CLASS:
+        if self.convention in EDM_CLASSES:
             return self._edm_plan(int(steps))
         sig, ts, end = self._k_grid_kwargs(self.convention, int(steps))
         self.__dict__["_k_levels"] = np.append(sig, end)  # the class's float32 noise levels (DPMSolverSDE's tree)
@@ -833,18 +838,24 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     def _edm_levels(self, steps: int) -> tuple[np.ndarray, float]:
         """EDMEulerScheduler's float32 noise levels for `steps` steps and its end (0, or sigma_min's level)."""
         c = self.config
+        dpm = self.__dict__.get("convention", None) == EDM_DPM_CLASS or getattr(self, "_edm_class", None) == EDM_DPM_CLASS
         sig = edm_sigmas(steps, float(c.get("sigma_min", 0.002)), float(c.get("sigma_max", 80.0)),
-                         float(c.get("rho", 7.0)), c.get("sigma_schedule", "karras"))
-        return sig, (0.0 if self.final == "zero" else float(sig[-1]))
+                         float(c.get("rho", 7.0)), c.get("sigma_schedule", "karras"),
+                         ramp_dtype=torch.float32 if dpm else torch.float64)
+        if self.final == "zero":
+            return sig, 0.0
+        # EDMDPMSolverMultistep ends at the config's sigma_min itself, EDMEuler at its last level
+        return sig, float(np.float32(c.get("sigma_min", 0.002))) if dpm else float(sig[-1])
 
     def _edm_plan(self, steps: int) -> Plan:
         """The plan on EDMEulerScheduler's grid: the solver at its levels (t = sigma of `EDMPrecond`), the network
         given c_noise = log(sigma) / 4 of the float32 level; a last step sigma_min -> sigma_min is not made."""
         sig, end = self._edm_levels(steps)
         self.__dict__["_k_levels"] = np.append(sig, end)
-        if end > 0:
-            if len(sig) < 2:
-                raise ValueError("one step from sigma_min to sigma_min: nothing to sample")
+        if end > 0 and np.float32(end) != np.float32(sig[-1]):
+            sig = np.append(sig, end)  # a last step to the config's sigma_min (EDMDPMSolverMultistep, exponential)
+        elif end > 0 and len(sig) < 2:
+            raise ValueError("one step from sigma_min to sigma_min: nothing to sample")
         t = torch.as_tensor(sig)
         grid = TimeGrid.from_times(self.schedule, t, final_zero=end == 0)
         plan = make_plan(self.solver, self.schedule, grid=grid)
@@ -864,7 +875,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         else:
             ev = self._evals_of(p)[n]
             r = ev.sigma / ev.alpha
-        if self.convention == EDM_CLASS:  # 1 / c_in = sqrt(sigma^2 + sigma_data^2), sigma = rho sigma_data
+        if self.convention in EDM_CLASSES:  # 1 / c_in = sqrt(sigma^2 + sigma_data^2), sigma = rho sigma_data
             sd = self.schedule.sigma_data
             s = torch.tensor(r * sd, dtype=torch.float32)
             return (s**2 + sd**2) ** 0.5
@@ -876,7 +887,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         n = nfe: the class's sample is x / alpha there.  (`_k_scale` is the float32 1 / alpha the classes'
         scale_model_input divides by.)"""
         p = self.plan
-        unit = self.schedule.sigma_data if self.convention == EDM_CLASS else 1.0  # EDM: x = sigma_data v
+        unit = self.schedule.sigma_data if self.convention in EDM_CLASSES else 1.0  # EDM: x = sigma_data v
         if n is None:
             return float(p.grid.alpha[0]) / unit
         if n >= p.nfe:
@@ -981,7 +992,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         ev = self._evals_of(plan)
         g = plan.grid
         if self.__dict__.get("convention"):  # the class's `sigmas`: a step's later calls carry its end's sigma
-            unit = self.schedule.sigma_data if self.convention == EDM_CLASS else 1.0  # EDM: its sigma = rho sigma_data
+            unit = self.schedule.sigma_data if self.convention in EDM_CLASSES else 1.0  # EDM: its sigma = rho sigma_data
             rho = (g.sigma / g.alpha * unit).tolist()
             s = [rho[i] if k == 0 else rho[i + 1] for i, st in enumerate(plan.steps) for k in range(len(st.evals))]
             s.append(0.0 if g.final_zero else rho[-1])
@@ -1320,7 +1331,7 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
         y, t_model, alpha, sigma, kind = self._next
         if run.n == 0 and self.moves_x_T:
             sample = y  # the network ran on scale_model_input's moved x_T, not on `sample` (x_T)
-        edm = k_conv == EDM_CLASS
+        edm = k_conv in EDM_CLASSES
         self._pending = model_output * self._edm_sign if edm and self._edm_sign != 1.0 else model_output
         out, x0 = self._denoiser.predict_with_data(sample, t_model, alpha, sigma, kind)
         if edm:  # the class's x0, not x0 / sigma_data
@@ -1361,8 +1372,8 @@ class DiffSamplerScheduler(SchedulerMixin, ConfigMixin):
     def _k_add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         t = torch.as_tensor(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
                             dtype=torch.float64).flatten()
-        if self.timesteps is None and self.convention == EDM_CLASS:
-            raise ValueError(f"{EDM_CLASS}: call set_timesteps before add_noise")
+        if self.timesteps is None and self.convention in EDM_CLASSES:
+            raise ValueError(f"{self.convention}: call set_timesteps before add_noise")
         if self.timesteps is None:  # the classes' __init__: every training timestep, sigma from the table
             acp = self.schedule.alphas_cumprod.to(torch.float32)
             table = ((1 - acp) / acp) ** 0.5
