@@ -97,7 +97,8 @@ NOT_RUN = {
     "IPNDMScheduler": "its own schedule, betas = sin(pi t / 2)^2 on timesteps t in [0, 1], not the model's "
                       "alphas_cumprod: it integrates another model's PF-ODE; `ipndm` is checked against ComfyUI's "
                       "formula in tests/test_ipndm.py",
-    "EDMEulerScheduler": "EDM's own sigma schedule and preconditioning (not the DDPM schedule of this model)",
+    "EDMEulerScheduler": "EDM's own sigma schedule and preconditioning, not the DDPM schedule of this model; it is "
+                         "reproduced by default as `euler` on its EDM grid (tests against diffusers, parity benchmark)",
 }
 # default-grid pairs used in the summary: ours (package default spacing) vs the diffusers default of the same method
 PAIRS = [("ddim", "DDIM (trailing)"), ("euler", "Euler"), ("heun", "Heun"), ("dpmpp_2m", "DPM++ 2M"),
