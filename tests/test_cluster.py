@@ -79,12 +79,12 @@ def test_first_host_of_a_slurm_node_list(nodes, first):
 
 def test_temporary_names_are_per_process_and_never_shard_names(tmp_path):
     target = tmp_path / "shard_00000000_00000007.pt"
-    tmp = generate._tmp_path(target)
+    tmp = generate.tmp_path(target)
     assert tmp.parent == tmp_path and str(os.getpid()) in tmp.name and socket.gethostname() in tmp.name
     assert not generate._SHARD_RE.match(tmp.name)
     read, write = os.pipe()
     if os.fork() == 0:  # another process (same host): another name
-        os.write(write, str(generate._tmp_path(target)).encode())
+        os.write(write, str(generate.tmp_path(target)).encode())
         os._exit(0)
     os.close(write)
     other = os.read(read, 4096).decode()

@@ -963,7 +963,9 @@ def _check_tags(path: Path, tags: dict | None, expected: Mapping) -> None:
 
 def _write_npz(path: Path, arrays: dict, tags: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    from .generate import tmp_path  # host + process id: ranks on several nodes share the cache dir
+
+    tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays, tags=np.array(json.dumps(tags, sort_keys=True)))
     os.replace(tmp, path)

@@ -361,7 +361,7 @@ def shard_record(out_dir: str | os.PathLike) -> ShardRecord:
     return ShardRecord(fp, first["value_range"], fingerprint_digest(fp), first["dtype"])
 
 
-def _tmp_path(path: Path) -> Path:
+def tmp_path(path: Path) -> Path:
     """A temporary name next to ``path`` that no other process uses (host and process id): ranks and
     jobs sharing a directory on a shared filesystem never write the same temporary file.  Not a shard
     name, so a leftover of a killed process is never read; the next run on the same host removes it."""
@@ -394,7 +394,7 @@ def _remove_stale_tmp(path: Path) -> None:
 def _save_atomic(obj, path: Path) -> None:
     """torch.save to a per-process temporary file in the same directory, fsync, then os.replace: a file
     with the final name is always complete, whichever process wrote it."""
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

@@ -77,7 +77,9 @@ def export(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
     if out.exists():
         raise ValueError(f"{out} already exists; delete it or give another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    from ..eval.generate import tmp_path
+
+    tmp = tmp_path(out)
     if fmt == "png":
         _write_png(samples, rec.value_range, tmp)
     else:
