@@ -129,6 +129,27 @@ def test_ipndm_scheduler_parity_by_default(kw, n):
     assert ours.abs().max().item() > 1.0  # a real sample, not the 0 of one step
 
 
+def test_ipndm_from_a_ddpm_config_ignores_its_clip_sample_and_thresholding():
+    """IPNDMScheduler.from_config(a DDPM config) keeps clip_sample / thresholding in its config but never uses
+    them (not its arguments): parity by default must not clip either (the digits pipeline's case: its images
+    moved by 0.8 when the inherited clip_sample=True was applied)."""
+    from diffusers import DDPMScheduler, IPNDMScheduler
+
+    from diffsampler.eval.gmm import GMMModel
+    from diffsampler.pipelines import DiffSamplerScheduler
+    from diffusers_loop import run_diffusers
+
+    gmm = GaussianMixture.random(16, 4, seed=1, scale=1.0, std=(0.2, 0.5))
+    for inherited in (dict(clip_sample=True, clip_sample_range=0.2), dict(clip_sample=False, thresholding=True)):
+        ref_sched = IPNDMScheduler.from_config(DDPMScheduler(**inherited).config)
+        ours_sched = DiffSamplerScheduler.from_config(ref_sched)  # the instance names its class
+        model = GMMModel(gmm, ours_sched.schedule, "v_prediction")
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        ref, ours = (run_diffusers(s, model, 5, x) for s in (ref_sched, ours_sched))
+        assert ref.abs().max().item() > 1.0  # clipping x0 to 0.2 (or thresholding) would have moved it
+        assert (ours - ref).abs().max().item() <= 1e-4, inherited
+
+
 def test_trig_schedule_reaches_pure_noise():
     sch = ds.schedules.TrigVP()
     t = torch.tensor([1.0, 0.5, 1e-3], dtype=torch.float64)

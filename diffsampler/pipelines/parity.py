@@ -479,7 +479,8 @@ def _flowmatch_euler(r):
     r.require("stochastic_sampling", (False,), " -- its step x_next = (1 - t_next) x0 + t_next z (all noise "
               "drawn afresh) is not in the registry")
     r.require("time_shift_type", ("exponential", "linear"))
-    return dict(solver="ddim", convention="FlowMatchEulerDiscreteScheduler", final="zero", schedule_type="flow")
+    return dict(solver="ddim", convention="FlowMatchEulerDiscreteScheduler", final="zero", schedule_type="flow",
+                clip_sample=False, thresholding=False)  # no arguments of the class: inherited ones do nothing
 
 
 def _flowmatch_heun(r):
@@ -487,7 +488,7 @@ def _flowmatch_heun(r):
     # starts at t = 1), an Euler step onto t = 0; the grid is FlowMatchEuler's with the config's shift and
     # num_train_timesteps (its only keys); set_timesteps(n) lays n points: 2n - 1 calls (budget="steps")
     return dict(solver="heun", solver_options={"coordinates": "flow"}, convention="FlowMatchHeunDiscreteScheduler",
-                final="zero", schedule_type="flow", budget="steps")
+                final="zero", schedule_type="flow", budget="steps", clip_sample=False, thresholding=False)
 
 
 def _ipndm(r):
@@ -499,8 +500,9 @@ def _ipndm(r):
                          "then takes them as its per-step sigma table (n + 1 values for n steps, sigma = betas), "
                          "not a noise schedule")
     # num_train_timesteps does nothing in the class (its grid is s = linspace(1, 0, n + 1)): nothing to map
+    # clip_sample / thresholding are no IPNDMScheduler arguments: inherited from a DDPM config they do nothing
     return dict(solver="pndm", convention="IPNDMScheduler", final="zero", prediction_type="v_prediction",
-                solver_options={"order": 4, "lower_order_final": False})
+                solver_options={"order": 4, "lower_order_final": False}, clip_sample=False, thresholding=False)
 
 
 def _sa_tau(r, spacing: str) -> dict:
