@@ -344,7 +344,12 @@ def main():
         "come from one of the 64 samples on a boundary between mixture components, where diffusers' own float32 "
         "and float64 runs differ by as much (9e-4 for the Euler cell; the other samples agree to 4e-7), and "
         "from diffusers' float32 sigma / coefficient tables (DEIS equals diffusers to 1e-10 when its tables are "
-        "float64: tests/test_parity_float64.py).", "",
+        "float64: tests/test_parity_float64.py).  DPMSolverSinglestep with algorithm_type dpmsolver (noise "
+        "prediction; up to 2e-2 at order 3, NFE 5) and sde-dpmsolver++ order 3: diffusers' float32 coefficient "
+        "arithmetic -- with its tables in float64 the samples agree to 1e-10, and ours stays within 3x diffusers' "
+        "own float32-vs-float64 gap (tests/test_parity_dpm_singlestep.py).  SASolver noise_prediction at NFE 5 "
+        "(2.9e-4) and order 4 at NFE 25 (1.6e-4): diffusers' float32 coefficients, equal to 1e-4 relative once "
+        "its sigmas are float64 (tests/test_parity_sasolver.py).", "",
     ]
     out += ["Refused (the error names the key or class):", "",
             md_table(["diffusers config", "message (first clause)"], refused, "ll")]
