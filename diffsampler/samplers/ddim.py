@@ -205,39 +205,27 @@ class Heun(SinglestepSolver):
     def build(self, grid, nfe=None):
         orders = self.step_orders(grid, nfe)
         if self.coordinates == "flow":
-            return self._build_flow(grid, orders)
+            # Heun on dx/dt = (x - D) / t of a rectified flow (alpha = 1 - t, sigma = t), in x and t themselves
+            # (diffusers' FlowMatchHeunDiscreteScheduler); data predictions, so it starts at t = 1 (alpha = 0)
+            from ..schedules import RectifiedFlow
+
+            if not isinstance(grid.schedule, RectifiedFlow):
+                raise ValueError("heun with coordinates='flow' integrates a rectified flow's ODE; the schedule is "
+                                 f"{type(grid.schedule).__name__} (use coordinates='rho')")
+            kind, weights = "data", flow_heun_weights
+        else:
+            kind, weights = "noise", heun_weights
         b = PlanBuilder(grid)
         for i, k in enumerate(orders):
-            e0 = b.eval_at(i, "noise")
-            cx, (g,) = heun_weights(grid, i, 1)
+            e0 = b.eval_at(i, kind)
+            cx, (g,) = weights(grid, i, 1)
             euler = Combo(cx, ((e0, g),))
             if k == 1:
                 b.end_step(euler, order=1)
                 continue
-            e1 = b.eval_at(i + 1, "noise", euler)
-            cx, (w0, w1) = heun_weights(grid, i, 2)
+            e1 = b.eval_at(i + 1, kind, euler)
+            cx, (w0, w1) = weights(grid, i, 2)
             b.end_step(Combo(cx, ((e0, w0), (e1, w1))), order=2)
-        return b.plan(self.name)
-
-    def _build_flow(self, grid, orders):
-        """Heun on dx/dt = (x - D) / t of a rectified flow (alpha = 1 - t, sigma = t), in x and t themselves
-        (diffusers' FlowMatchHeunDiscreteScheduler); data predictions, so it starts at t = 1 (alpha = 0)."""
-        from ..schedules import RectifiedFlow
-
-        if not isinstance(grid.schedule, RectifiedFlow):
-            raise ValueError("heun with coordinates='flow' integrates a rectified flow's ODE; the schedule is "
-                             f"{type(grid.schedule).__name__} (use coordinates='rho')")
-        b = PlanBuilder(grid)
-        for i, k in enumerate(orders):
-            d0 = b.eval_at(i, "data")
-            cx, (w,) = flow_heun_weights(grid, i, 1)
-            euler = Combo(cx, ((d0, w),))
-            if k == 1:
-                b.end_step(euler, order=1)
-                continue
-            d1 = b.eval_at(i + 1, "data", euler)
-            cx, (w0, w1) = flow_heun_weights(grid, i, 2)
-            b.end_step(Combo(cx, ((d0, w0), (d1, w1))), order=2)
         return b.plan(self.name)
 
 

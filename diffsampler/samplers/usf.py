@@ -932,20 +932,16 @@ def _estimator_of(solver: Solver) -> tuple[str, str, float | None]:
         return solver.kind, "ghvb", solver.beta
     if isinstance(solver, DDIM):
         return "data", "multistep", None
-    if isinstance(solver, DPMSolverPP):
-        if solver.solver_type != "midpoint" or solver.euler_at_final:
-            raise ValueError(f"no solver spec for solver {solver.name!r} with solver_type={solver.solver_type!r}, "
-                             f"euler_at_final={solver.euler_at_final}: the spec's multistep_dpm is the midpoint form "
-                             "with the registry's order schedule")
-        return "data", "multistep_dpm", beta
     from .dpm_solver import DPMSolverMultistep
 
-    if isinstance(solver, DPMSolverMultistep):
+    if isinstance(solver, (DPMSolverPP, DPMSolverMultistep)):
+        kind, estimator = ("data", "multistep_dpm") if isinstance(solver, DPMSolverPP) else \
+            ("noise", "multistep_dpm_noise")
         if solver.solver_type != "midpoint" or solver.euler_at_final:
             raise ValueError(f"no solver spec for solver {solver.name!r} with solver_type={solver.solver_type!r}, "
-                             f"euler_at_final={solver.euler_at_final}: the spec's multistep_dpm_noise is the "
-                             "midpoint form with the registry's order schedule")
-        return "noise", "multistep_dpm_noise", beta
+                             f"euler_at_final={solver.euler_at_final}: the spec's {estimator} is the midpoint "
+                             "form with the registry's order schedule")
+        return kind, estimator, beta
     if isinstance(solver, DEIS):
         return "noise", {"t": "multistep_t", "rho": "multistep_rho", "logrho": "multistep_logrho"}[solver.basis], beta
     if isinstance(solver, PNDM):
