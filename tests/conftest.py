@@ -15,6 +15,20 @@ def gmm16():
     return GaussianMixture.random(16, 4, seed=1, scale=1.0, std=(0.2, 0.5))
 
 
+@pytest.fixture(scope="session")
+def K():
+    """k-diffusion's sampling module (k_diffusion/sampling.py loaded on its own: tests/kdiffusion_ref.py)."""
+    from kdiffusion_ref import sampling
+
+    return sampling
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    """A 6-d, 3-component mixture of the k-diffusion comparisons (test files may define their own `gmm`)."""
+    return GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
+
+
 def randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -12,20 +12,9 @@ import pytest
 import torch
 
 import diffsampler as ds
-from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+from diffsampler.eval.gmm import gmm_denoiser
 from diffsampler.schedules import EDM, DiscreteVP
 
-from test_parity_kdiffusion import _load_kdiffusion_sampling
-
-
-@pytest.fixture(scope="module")
-def K():
-    return _load_kdiffusion_sampling()
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
 
 
 def _kd_model(den, schedule):

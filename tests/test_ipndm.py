@@ -10,7 +10,7 @@ import diffsampler as ds
 from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
 from diffsampler.schedules import EDM, DiscreteVP
 
-from test_parity_kdiffusion import _kdiff, _load_kdiffusion_sampling, _ours
+from test_parity_kdiffusion import _kdiff, _ours
 
 AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
@@ -32,16 +32,6 @@ def ipndm_reference(model, x, sigmas, max_order=4):
             x = x + (s_next - s) * sum(w * dj for w, dj in zip(AB[order], ds_))
         buf = (buf + [d])[-(max_order - 1):] if max_order > 1 else []
     return x
-
-
-@pytest.fixture(scope="module")
-def K():
-    return _load_kdiffusion_sampling()
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
 
 
 @pytest.mark.parametrize("order", [4, 3, 2, 1])

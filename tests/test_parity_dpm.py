@@ -16,7 +16,7 @@ from diffsampler.samplers.dpm_solver import dpm_weights
 from diffsampler.schedules import DiscreteVP
 from diffusers_loop import run_diffusers
 from test_parity import Image4d, x_T
-from test_parity_kdiffusion import _kdiff, _load_kdiffusion_sampling, _noise_list, _ours
+from test_parity_kdiffusion import _kdiff, _noise_list, _ours
 
 MIN = dict(final_sigmas_type="sigma_min")
 #: (DPMSolverMultistepScheduler options, the solver the mapping picks)
@@ -122,11 +122,6 @@ def test_dpm_weights_forms():
 
 
 # -- k-diffusion: sample_dpmpp_2m_sde / sample_dpmpp_3m_sde on the same sigmas and noise (float64) --------
-
-@pytest.fixture(scope="module")
-def K():
-    return _load_kdiffusion_sampling()
-
 
 KD = [
     ("dpmpp_2m_sde", {}, "sample_dpmpp_2m_sde", {}),

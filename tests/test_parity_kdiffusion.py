@@ -9,26 +9,9 @@ import pytest
 import torch
 
 import diffsampler as ds
-from diffsampler.eval.gmm import GaussianMixture, gmm_denoiser
+from diffsampler.eval.gmm import gmm_denoiser
 from diffsampler.samplers.plan import Stepper
 from diffsampler.schedules import EDM, DiscreteVP, time_grid
-
-
-def _load_kdiffusion_sampling():
-    """k_diffusion/sampling.py loaded on its own: tests/kdiffusion_ref.py's one loader."""
-    from kdiffusion_ref import sampling
-
-    return sampling
-
-
-@pytest.fixture(scope="module")
-def K():
-    return _load_kdiffusion_sampling()
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixture.random(6, 3, seed=3, scale=1.5, std=(0.3, 0.6))
 
 
 def _noise_list(n, shape, seed=11):
