@@ -11,8 +11,13 @@ search); the search driver is `diffsampler.tools.search`.
 * `encode` and the predictor: gradient-boosted trees on a fixed-length plan encoding, which screen
   offspring before they are evaluated for real.
 
+* a later start (`late_start`): the first time point moves off t_max (x_T is then taken as the
+  sample there, as diffusers' "leading" timesteps do); seeded at START_SOLVERS x INIT_STARTS and
+  mutated like a time point.  On a trained digits network at 5 calls this alone takes ipndm's RMSE
+  from 0.097 to 0.077 (start at 0.8 T).
+
 Time-grid optimisation for a fixed solver searches with `base=<SolverSpec>`: only the time points
-mutate.
+(the start included, where allowed) mutate.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..schedules import time_grid
 from .usf import ESTIMATOR_TABLE, FINALS, SolverSpec, StepSpec, effective_orders, spec_of
 
 __all__ = ["initial_plans", "random_plan", "mutate", "crossover", "encode", "PlanPredictor", "has_analytic",
-           "random_time_shift", "mutate_time_shift"]
+           "random_time_shift", "mutate_time_shift", "with_start", "initial_form"]
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 P_CROSSOVER, P_FIELD, P_STRUCTURE, TIME_JITTER = 0.5, 0.3, 0.2, 0.03
@@ -35,7 +40,12 @@ N_PARENTS = 15
 RELAX_P, RELAX_RANGE, RELAX_JITTER = 0.25, 0.5, 0.1  # linear relaxation c: how often drawn, its range, refinement sd
 MIN_GAP = 2e-3  # smallest step in the normalised time coordinate
 INIT_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
-INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3", "ghvb")
+INIT_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "deis_2", "deis_3", "unipc_2", "unipc_3", "ghvb", "ipndm")
+# A later start: the seeded starts (normalised time of the first point) and solvers (on time_uniform),
+# how often a child's start moves, how often a moved start goes back to t_max, its nudge sd and range
+INIT_STARTS, START_SOLVERS = (0.1, 0.2), ("unipc_3", "ipndm", "dpmpp_3m")
+TIME_SHIFT_SOLVERS = ("unipc_3", "ipndm")  # seeded with the Time-Shift paper's settings (on time_uniform)
+P_START, P_START_OFF, START_SD, START_MAX = 0.15, 0.2, 0.04, 0.5
 # GHVB: how often a whole trajectory / a single drawn step is GHVB, the momentum range, its nudge sd
 P_GHVB_RUN, P_GHVB_STEP, BETA_RANGE, BETA_JITTER = 0.12, 0.02, (0.2, 1.0), 0.1
 # Time shift (searched when the search space allows it): how often a child's setting is re-drawn,
@@ -148,12 +158,28 @@ def _spacing_times(schedule, n_steps: int, spacing: str, final: str, coordinate:
 
 
 def _jitter(rng, times: Sequence[float], sd: float = TIME_JITTER, p: float = 1.0) -> list[float] | None:
+    """The inner time points nudged (the start and the end stay)."""
     u = np.array(times, dtype=np.float64)
     inner = u[1:-1] + rng.normal(0.0, sd, len(u) - 2) * (rng.random(len(u) - 2) < p)
-    u = np.concatenate([[0.0], np.sort(np.clip(inner, MIN_GAP, 1 - MIN_GAP)), [1.0]])
+    u = np.concatenate([[u[0]], np.sort(np.clip(inner, u[0] + MIN_GAP, 1 - MIN_GAP)), [1.0]])
     if np.any(np.diff(u) < MIN_GAP):
         return None
     return [float(v) for v in u]
+
+
+def with_start(times: Sequence[float], start: float) -> list[float]:
+    """The time points mapped affinely from [times[0], 1] onto [start, 1] (the curve keeps its shape)."""
+    u0 = float(times[0])
+    return [float(start + (1.0 - start) * (t - u0) / (1.0 - u0)) for t in times[:-1]] + [1.0]
+
+
+def _moved_start(rng, start: float) -> float:
+    """A new start: from t_max a fresh draw in (0, 0.3); else back to t_max (P_START_OFF) or a nudge."""
+    if start == 0.0:
+        return float(rng.uniform(0.0, 0.3))
+    if rng.random() < P_START_OFF:
+        return 0.0
+    return float(np.clip(start + rng.normal(0.0, START_SD), 0.0, START_MAX))
 
 
 def _resample_times(times: Sequence[float], n_steps: int) -> list[float]:
@@ -186,8 +212,13 @@ def _try(f, *a):
         return None
 
 
-def mutate(rng, sp: SolverSpec, times_only: bool = False, finals: Sequence[str] = ("zero",)) -> SolverSpec | None:
+def mutate(rng, sp: SolverSpec, times_only: bool = False, finals: Sequence[str] = ("zero",),
+           late_start: bool = False) -> SolverSpec | None:
+    """A child of `sp`: per-field / structure mutation (not with times_only), then time jitter; with
+    late_start the start may move too."""
     steps, times = list(sp.steps), list(sp.times)
+    if late_start and rng.random() < P_START:
+        times = with_start(times, _moved_start(rng, times[0]))
     final = sp.final
     if not times_only and len(finals) > 1 and rng.random() < 0.1:
         final = str(rng.choice([f for f in finals if f != final]))
@@ -325,12 +356,24 @@ class PlanPredictor:
 # ---------------------------------------------------------------------------------------------
 
 def initial_plans(schedule, nfe: int, finals: Sequence[str], coordinate: str = "logsnr",
-                  base: SolverSpec | None = None) -> list[SolverSpec]:
+                  base: SolverSpec | None = None, late_start: bool = False) -> list[SolverSpec]:
     """Where a search starts: the solver specs of INIT_SOLVERS on each of INIT_SPACINGS and `finals`;
-    with `base`, the base plan and its steps on each spacing."""
+    with `base`, the base plan and its steps on each spacing.  late_start: also START_SOLVERS (with
+    `base`: the base plan) on time_uniform started at each of INIT_STARTS."""
     if base is not None:
-        times = (_spacing_times(schedule, len(base.steps), s, base.final, base.coordinate) for s in INIT_SPACINGS)
+        times = [_spacing_times(schedule, len(base.steps), s, base.final, base.coordinate) for s in INIT_SPACINGS]
+        if late_start:
+            times += [with_start(times[INIT_SPACINGS.index("time_uniform")], u0) for u0 in INIT_STARTS]
         return [base] + [p for p in (_try(base.with_times, t) for t in times) if p is not None]
-    forms = (_try(spec_of, solver, schedule, nfe, init_spacing(schedule, nfe, spacing, fin), fin, coordinate)
-             for solver in INIT_SOLVERS for spacing in INIT_SPACINGS for fin in finals)
+    forms = [_try(spec_of, solver, schedule, nfe, init_spacing(schedule, nfe, spacing, fin), fin, coordinate)
+             for solver in INIT_SOLVERS for spacing in INIT_SPACINGS for fin in finals]
+    if late_start:
+        starts = (initial_form(solver, schedule, nfe, finals[0], coordinate) for solver in START_SOLVERS)
+        forms += [_try(lambda p, u0: p.with_times(with_start(p.times, u0)), p, u0)
+                  for p in starts if p is not None for u0 in INIT_STARTS]
     return [p for p in forms if p is not None]
+
+
+def initial_form(solver: str, schedule, nfe: int, final: str, coordinate: str = "logsnr") -> SolverSpec | None:
+    """`solver`'s plan on time_uniform (None where it has none at this NFE)."""
+    return _try(spec_of, solver, schedule, nfe, "time_uniform", final, coordinate)

@@ -112,6 +112,7 @@ PREDICTIONS = ("data", "noise")
 COORDINATES = ("logsnr", "time")
 MAX_ORDER = 4
 FORMAT = "diffsampler.solver_plan/1"
+START_TOL = 1e-9  # a grid starting this close to t_max (normalised) starts at t_max
 
 _ZERO = -1  # the analytic first data prediction D(x_T, T) = 0: a history entry with no engine output
 
@@ -516,7 +517,11 @@ def _is_number(v) -> bool:
 @dataclass(frozen=True)
 class SolverSpec:
     """A trajectory: `steps[i]` goes from `times[i]` to `times[i + 1]` (normalised coordinate,
-    0 = t_max, 1 = t_min or sigma = 0 with final "zero").  Validated on construction."""
+    0 = t_max, 1 = t_min or sigma = 0 with final "zero").  Validated on construction.
+
+    times[0] is the start: 0 (t_max) or later, in [0, 1).  A later start takes x_T as the sample at
+    that time, as diffusers' "leading" timesteps do (Lin et al. 2024, arXiv:2305.08891, Table 2);
+    it needs a prior of unit variance (refused on variance-exploding schedules)."""
 
     steps: tuple[StepSpec, ...]
     times: tuple[float, ...]
@@ -552,8 +557,9 @@ class SolverSpec:
             raise ValueError(f"{n} steps need {n + 1} time points, got {len(t)}")
         if not all(math.isfinite(v) for v in t):
             raise ValueError(f"time points must be finite, got {list(t)}")
-        if t[0] != 0.0 or t[-1] != 1.0:
-            raise ValueError(f"time points run from 0 (t_max) to 1 (the end), got first {t[0]!r}, last {t[-1]!r}")
+        if not 0.0 <= t[0] < 1.0 or t[-1] != 1.0:
+            raise ValueError(f"time points run from a start in [0, 1) (0 = t_max) to 1 (the end), got first {t[0]!r}, "
+                             f"last {t[-1]!r}")
         for i in range(n):
             if not t[i + 1] > t[i]:
                 raise ValueError(f"time points must be strictly increasing (noise -> data): times[{i}]={t[i]!r} "
@@ -691,17 +697,24 @@ class SolverSpec:
         """The plan's time points on `schedule`."""
         import torch
 
+        if self.times[0] > 0 and schedule.is_variance_exploding:
+            raise ValueError(f"plan {self.name or '(unnamed)'} starts at times[0] = {self.times[0]!r}, after t_max: a later "
+                             f"start takes x_T as the sample there, which needs a unit-variance prior, but "
+                             f"{type(schedule).__name__} is variance-exploding (x_T has std {schedule.prior_std:g}); "
+                             "use times[0] = 0")
         c0, c1 = self._coordinate_ends(schedule)
         u = torch.tensor(self.times, dtype=torch.float64)
         c = c0 + u * (c1 - c0)
         ts = schedule.t_from_lambda(c) if self.coordinate == "logsnr" else c
-        ts[0], ts[-1] = schedule.t_max, schedule.t_min  # the ends exactly
+        if self.times[0] == 0.0:  # the ends exactly
+            ts[0] = schedule.t_max
+        ts[-1] = schedule.t_min
         ts = ts.clamp(schedule.t_min, schedule.t_max)
         return TimeGrid.from_times(schedule, ts[:-1] if self.final == "zero" else ts, self.final == "zero")
 
     @staticmethod
     def times_of(grid: TimeGrid, coordinate: str = "logsnr") -> list[float]:
-        """Normalised time points of an existing grid (its first point must be t_max)."""
+        """Normalised time points of an existing grid (a first point below t_max gives a later start)."""
         sch = grid.schedule
         if grid.final_zero and grid.steps > 1 and float(grid.t[-2]) <= sch.t_min:
             raise ValueError("a solver plan cannot call the model at t_min and then step to sigma = 0 (this grid "
@@ -714,7 +727,8 @@ class SolverSpec:
         else:
             c0, c1, c = float(sch.t_max), float(sch.t_min), grid.t.numpy()
         u = [(float(v) - c0) / (c1 - c0) for v in c]
-        u[0] = 0.0
+        if float(grid.t[0]) >= sch.t_max or u[0] < START_TOL:
+            u[0] = 0.0
         u[-1] = 1.0
         return u
 

@@ -30,8 +30,8 @@ import torch
 
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
-from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, PlanPredictor, crossover, has_analytic, initial_plans,
-                               mutate, mutate_time_shift, random_plan, random_time_shift)
+from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, TIME_SHIFT_SOLVERS, PlanPredictor, crossover, has_analytic,
+                               initial_form, initial_plans, mutate, mutate_time_shift, random_plan, random_time_shift)
 from ..samplers.usf import FINALS, SolverSpec, spec_of
 from .search_log import SearchLog
 
@@ -75,6 +75,7 @@ class S3Settings:
     coordinate: str = "logsnr"
     analytic: bool = True      # plans may start with the analytic first step (assumes a zero data mean)
     time_shift: bool = False   # the Time-Shift setting is searched too (off included)
+    late_start: bool = False   # plans may start after t_max (x_T taken as the sample there; unit-variance priors)
 
     @property
     def n_verify_batch(self) -> int:
@@ -265,21 +266,30 @@ class PlanSpace:
     analytic: bool = True
     time_shift: bool = False
     training_steps: int = 1000
+    late_start: bool = False
 
     def allows(self, plan: SolverSpec | None) -> bool:
         return plan is not None and (self.analytic or not has_analytic(plan)) and (
-            self.time_shift or plan.time_shift is None)
+            self.time_shift or plan.time_shift is None) and (self.late_start or plan.times[0] == 0.0)
 
     def seed_plans(self) -> list[SolverSpec]:
         """Registered solvers' solver specs on several spacings (with `base`: its steps on them);
-        with time_shift, the first of them also with the Time-Shift paper's settings."""
-        plans = [p for p in initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base)
-                 if self.allows(p)]
+        with time_shift, some of them also with the Time-Shift paper's settings."""
+        plans = [p for p in initial_plans(self.schedule, self.nfe, self.finals, self.coordinate, self.base,
+                                          self.late_start) if self.allows(p)]
         if self.time_shift:
             n = self.training_steps
             settings = [{"window": w, "cutoff": int(c * n)} for w in (10, 40) for c in (0.2, 0.4)]
-            plans += [replace(p, time_shift=ts) for p in plans[:4] for ts in settings]
+            plans += [replace(p, time_shift=ts) for p in self._time_shift_seeds(plans) for ts in settings]
         return plans
+
+    def _time_shift_seeds(self, plans: list[SolverSpec]) -> list[SolverSpec]:
+        """The plans the Time-Shift settings are seeded on: TIME_SHIFT_SOLVERS on time_uniform (with
+        `base`: the base plan)."""
+        if self.base is not None:
+            return plans[:1]
+        forms = (initial_form(s, self.schedule, self.nfe, self.finals[0], self.coordinate) for s in TIME_SHIFT_SOLVERS)
+        return [p for p in forms if self.allows(p)]
 
     def random(self, rng) -> SolverSpec:
         final = None if self.base is None and len(self.finals) > 1 else self.finals[0]
@@ -302,7 +312,7 @@ class PlanSpace:
             child = crossover(rng, a, b, times_only) or a
             if self.time_shift and rng.random() < 0.5:
                 ts = b.time_shift
-        child = mutate(rng, child, times_only, self.finals)
+        child = mutate(rng, child, times_only, self.finals, self.late_start)
         if child is not None and self.time_shift:
             if rng.random() < P_SHIFT:
                 ts = mutate_time_shift(rng, ts, self.training_steps)
@@ -453,6 +463,7 @@ def search(
     progress: bool = True,
     analytic: bool = True,
     time_shift: bool = False,
+    late_start: bool = False,
 ) -> SearchResult:
     """Search a SolverSpec of exactly `nfe` model calls for `denoiser` (see the module docstring).
 
@@ -465,11 +476,13 @@ def search(
         deterministic registered solver) or a SolverSpec: time-grid-only search.  log: JSONL log; re-running with it resumes.  out: write the best
         plan there as YAML.  analytic: whether plans may start with the analytic first step (it
         assumes a zero data mean).  time_shift: search the Time-Shift setting too (off included).
+        late_start: plans may start after t_max, taking x_T as the sample there (refused on
+        variance-exploding schedules).
     """
     settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
                           None if seeds is None else tuple(seeds),
                           None if holdout_seeds is None else tuple(holdout_seeds), batch, screen, final, coordinate,
-                          analytic, time_shift)
+                          analytic, time_shift, late_start)
     return run_search(denoiser, nfe, shape, settings, metric=metric, reference=reference,
                       reference_solver=reference_solver, reference_nfe=reference_nfe, base=base, log=log, out=out,
                       name=name, dtype=dtype, progress=progress)
@@ -538,7 +551,11 @@ def _space(schedule, nfe: int, settings: S3Settings, base) -> PlanSpace:
     from ..samplers.time_shift import training_steps
 
     final, coordinate = settings.final, settings.coordinate
-    flags = dict(analytic=settings.analytic, time_shift=settings.time_shift, training_steps=training_steps(schedule))
+    if settings.late_start and schedule.is_variance_exploding:
+        raise ValueError(f"late_start=True needs a unit-variance prior (x_T is taken as the sample at the later start), "
+                         f"but {type(schedule).__name__} is variance-exploding; use late_start=False")
+    flags = dict(analytic=settings.analytic, time_shift=settings.time_shift, training_steps=training_steps(schedule),
+                 late_start=settings.late_start)
     if base is None:
         return PlanSpace(schedule, nfe, FINALS if final is None else (final,), coordinate, **flags)
     plan = base if isinstance(base, SolverSpec) else spec_of(base, schedule, nfe, "logsnr", final or "zero",
@@ -558,7 +575,8 @@ def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space:
             "coordinate": space.coordinate, "batch": settings.batch, "screen": settings.screen,
             # recorded only away from their defaults, so logs written before these existed still resume
             **({"analytic": False} if not settings.analytic else {}),
-            **({"time_shift": True} if settings.time_shift else {})}
+            **({"time_shift": True} if settings.time_shift else {}),
+            **({"late_start": True} if settings.late_start else {})}
 
 
 def _named(plan: SolverSpec, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
@@ -569,6 +587,7 @@ def _named(plan: SolverSpec, name: str, metric: str, s_cal: float, s_ver: float,
                        "seeds": f"{seeds[0]}..{seeds[-1]}",
                        "base": None if base is None else str(base if isinstance(base, str) else base.name or "plan")}}
     info["search"]["time_shift_searched"] = settings.time_shift
+    info["search"]["late_start_searched"] = settings.late_start
     info["search"].setdefault("analytic_first_step", "searched" if settings.analytic else "excluded")
     return SolverSpec(plan.steps, plan.times, plan.final, plan.coordinate, name=name, info=info,
                       time_shift=plan.time_shift)

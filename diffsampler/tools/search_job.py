@@ -74,6 +74,7 @@ SEARCH_KEYS: dict[str, Type] = {
     "metric": STR, "base": optional(STR), "seed": INT, "name": optional(STR), "final": optional(one_of("zero", "last")),
     "reference_solver": STR, "reference_nfe": INT,
     "analytic": Type("true, false or auto", _bool_or_auto), "time_shift": Type("true, false or auto", _bool_or_auto),
+    "late_start": Type("true, false or auto", _bool_or_auto),
     "holdout": INT, "top_k": INT, "batch": INT, "batch_size": optional(INT), "log": optional(STR), "plan_dir": optional(STR), "cache_dir": STR,
 }
 TOP_KEYS: dict[str, Type] = {"model": Type("a config group", lambda v: isinstance(v, dict)),
@@ -103,6 +104,7 @@ class SearchSpec:
     reference_nfe: int
     analytic: Any
     time_shift: bool
+    late_start: Any
     holdout: int
     top_k: int
     batch: int
@@ -425,6 +427,17 @@ class MetricScorer:
         return Batch(x_T, lambda x: fid(self.images(x)), chunk)
 
 
+def late_start_rule(spec: SearchSpec, schedule) -> bool:
+    """Whether plans may start after t_max (x_T taken as the sample there): auto = wherever the prior
+    has unit variance (not on variance-exploding schedules); true there is refused."""
+    ve = schedule.is_variance_exploding
+    if spec.late_start is True and ve:
+        raise ConfigError(f"search.late_start=true needs a unit-variance prior (x_T is taken as the sample at the later "
+                          f"start), but model={spec.model.name} has the variance-exploding {type(schedule).__name__}; "
+                          "use search.late_start=auto or false")
+    return (not ve) if spec.late_start == "auto" else bool(spec.late_start)
+
+
 def data_mean_rule(spec: SearchSpec, gmm, reference: torch.Tensor | None) -> tuple[bool, str]:
     """Whether plans may start with the analytic first step (it predicts x0 = 0 at t_max: a zero data
     mean), and the note recorded in the plan."""
@@ -468,6 +481,7 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     device = _device(spec.device)
     t0 = time.perf_counter()
     den, shape, dtype, gmm = build_model(spec, device)
+    late_start = late_start_rule(spec, den.schedule)  # refused before any model call
     logger.info("model=%s ready on %s in %.1f s; searching a %d-call plan for %s (budget %d evaluations)",
                 spec.model.name, device, time.perf_counter() - t0, spec.nfe, spec.metric, spec.budget)
     seeds = search_seeds(spec.calib, spec.verify, spec.holdout)
@@ -494,7 +508,7 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     settings = S3Settings(budget=spec.budget, n_calib=spec.calib, n_verify_samples=spec.verify, top_k=spec.top_k,
                           seed=spec.seed, seeds=tuple(seeds["calib"] + seeds["verify"]),
                           holdout_seeds=tuple(seeds["holdout"]), batch=spec.batch, final=spec.final,
-                          analytic=analytic, time_shift=spec.time_shift)
+                          analytic=analytic, time_shift=spec.time_shift, late_start=late_start)
     provenance = {
         "model": spec.model.name, "model_path": str(spec.model.path) if spec.model.path else None,
         "model_hash": _hash(fingerprint), "guidance": spec.guidance.config, "schedule": repr(sch),
@@ -521,6 +535,7 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
                "verify_score": r.verify_score, "evaluations": r.evaluations, "model_calls": r.model_calls,
                "search_seconds": round(search_s, 2), "world_size": world, "reference_cache": cache,
                "analytic_first_step": analytic_note, "time_shift_searched": spec.time_shift,
+               "late_start_searched": late_start, "plan_start": plan.times[0],
                "plan_time_shift": plan.time_shift, "log": str(log)}
     if rank == 0:
         plan.save(run_dir / "plan.yaml")
