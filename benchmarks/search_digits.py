@@ -56,6 +56,9 @@ REFERENCE_SOLVER = "dpmpp_3m"
 
 
 SEARCH_NFES = (4, 5, 6, 8, 10)
+# the spacings every registered solver is tried on in --evaluate-plans ("leading" starts after t_max, as
+# the searched plans may)
+EVAL_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing", "linspace", "leading")
 CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
            "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
            "KDPM2DiscreteScheduler", "PNDMScheduler")
@@ -183,7 +186,7 @@ def evaluate_plans(a):
         for name in available():
             if info(name)["stochastic"] or info(name).get("adaptive"):
                 continue
-            for sp in ("logsnr", "time_uniform", "time_quadratic", "karras", "trailing"):
+            for sp in EVAL_SPACINGS:
                 try:
                     p = make_plan(name, den.schedule, nfe, sp, "zero")
                 except (ValueError, TypeError, NotImplementedError):
@@ -242,7 +245,7 @@ def evaluate_plans(a):
             f"{a.n_eval} held-out seeds (0..{a.n_eval - 1}); converged solution `{REFERENCE_SOLVER}` at 200 calls "
             f"(FID proxy {fid_conv:.3f}).  Targets (issue 17): RMSE plan <= 0.6x best diffusers and <= 0.75x best "
             "fixed at NFE 5 and 10; FID-proxy excess <= 0.3x best diffusers' at NFE 4 and 5.  Baselines: every "
-            "registered deterministic solver x spacing (logsnr, time_uniform, time_quadratic, karras, trailing) and "
+            f"registered deterministic solver x spacing ({', '.join(EVAL_SPACINGS)}) and "
             "every diffusers configuration spending exactly NFE calls, screened on the first "
             f"{min(a.screen, a.n_eval)} held-out seeds; the {a.keep} best of each family by each metric were scored "
             "on all held-out seeds (only those full scores are in the table).  "

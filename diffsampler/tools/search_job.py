@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["SearchSpec", "validate_search", "run_search_job", "search_seeds", "SEARCH_KEYS", "METRICS"]
 
 METRICS = ("rmse", "fid", "fid_proxy")
-COMPARE_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras")
+COMPARE_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "leading")  # leading: DiscreteVP models
 #: diffusers scheduler classes in the table (deterministic ones with a parity mapping), with the
 #: sigma options tried on each
 DIFFUSERS_ROWS = (
