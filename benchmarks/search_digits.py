@@ -27,7 +27,11 @@ of the held-out seeds);
 
     python benchmarks/search_digits.py --rank-timing [--nfe 5]
 
-times one search generation with 1 and 2 torchrun CPU ranks (same log and plan checked).
+times search generations with 1 and 2 torchrun CPU ranks (same log and plan checked), and
+
+    python benchmarks/search_digits.py --costs RUN_DIR [RUN_DIR ...]
+
+tabulates what each search run cost (evaluations, model calls, minutes).
 """
 
 from __future__ import annotations
@@ -266,27 +270,73 @@ def evaluate_plans(a):
 
 
 def rank_timing(a):
-    """One search with 1 and with 2 torchrun CPU ranks (reference endpoints cached by the first):
-    seconds per generation from the logs, and the logs and plans compared."""
+    """One search with 1 and with 2 torchrun CPU ranks (reference endpoints cached by the first run):
+    wall seconds per generation from the summaries, and the two logs (every evaluated plan and score,
+    in order) and the two plans compared.  Run it on an otherwise idle machine."""
     import json
     import os
     import subprocess
     import tempfile
 
     out = Path(tempfile.mkdtemp(prefix="search_ranks_"))
-    common = ["model=digits", f"search.nfe={a.nfe}", "search.budget=96", "search.calib=256", "search.verify=0",
-              "search.holdout=0", "search.batch=8", "progress=false", f"search.cache_dir={out / 'cache'}"]
+    budget, batch = 96, 8
+    common = ["model=digits", f"search.nfe={a.nfe}", f"search.budget={budget}", "search.calib=256", "search.verify=0",
+              "search.holdout=0", f"search.batch={batch}", "progress=false", f"search.cache_dir={out / 'cache'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    times = {}
+    subprocess.run([sys.executable, "-m", "diffsampler", "search", *common, "search.budget=1",
+                    f"hydra.run.dir={out / 'warm'}"], check=True, env=env)  # the reference endpoints, cached
+    seconds, logs, plans = {}, {}, {}
     for world in (1, 2):
         run = out / f"w{world}"
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m", "diffsampler"]
                if world > 1 else [sys.executable, "-m", "diffsampler"])
         subprocess.run(cmd + ["search", *common, f"hydra.run.dir={run}"], check=True, env=env)
-        times[world] = json.loads((run / "summary.json").read_text())["search_seconds"]
-    same = (out / "w1" / "search.jsonl").read_text().count("\n") == (out / "w2" / "search.jsonl").read_text().count("\n")
-    print(f"search seconds: 1 rank {times[1]:.1f}, 2 ranks {times[2]:.1f}: speed-up {times[1] / times[2]:.2f}x; "
-          f"logs of equal length: {same}")
+        seconds[world] = json.loads((run / "summary.json").read_text())["search_seconds"]
+        lines = [json.loads(l) for l in (run / "search.jsonl").read_text().splitlines()]
+        logs[world] = [(l["key"], l["score"]) for l in lines if l["type"] == "eval"]
+        plans[world] = (run / "plan.yaml").read_text()
+    same_log = logs[1] == logs[2]
+    same_plan = plans[1].split("info:")[0] == plans[2].split("info:")[0]  # info records world_size
+    gens = budget / batch
+    speedup = seconds[1] / seconds[2]
+    body = ["## Search generations on 1 and 2 CPU ranks (`benchmarks/search_digits.py --rank-timing`)", "",
+            f"Digits model, NFE {a.nfe}, {budget} evaluations in generations of {batch} on 256 calibration samples "
+            f"(reference endpoints cached beforehand), one thread per rank, gloo.  Target (issue 17): >= 1.6x faster "
+            "per generation with 2 ranks, identical results.", "",
+            md_table(["ranks", "search wall (s)", "per generation (s)", "speed-up"],
+                     [[w, f"{seconds[w]:.1f}", f"{seconds[w] / gens:.2f}", f"{seconds[1] / seconds[w]:.2f}x"]
+                      for w in (1, 2)]),
+            "", f"Same log (every plan and score, in order): {same_log}; same plan: {same_plan}; "
+            f"speed-up {speedup:.2f}x ({'meets' if speedup >= 1.6 and same_log and same_plan else 'misses'} the target).",
+            "", machine_line()]
+    print("\n".join(body))
+    if not a.no_write:
+        write_section("search_rank_timing", "\n".join(body))
+
+
+def search_costs(a):
+    """What each search run cost (from its run dir: summary.json and the per-evaluation seconds of its
+    log, so a resumed run counts every evaluation once)."""
+    import json
+
+    rows = []
+    for run in map(Path, a.costs):
+        summary = json.loads((run / "summary.json").read_text())
+        lines = [json.loads(l) for l in (run / "search.jsonl").read_text().splitlines()]
+        evals = [l for l in lines if l["type"] == "eval"]
+        calib = [l for l in evals if l["phase"] == "calib"]
+        rows.append([summary["name"], summary["metric"], summary["nfe"], len(calib), len(evals) - len(calib),
+                     summary["model_calls"], f"{sum(l['seconds'] for l in evals) / 60:.1f}",
+                     f"{summary['calib_score']:.4f}", f"{summary['verify_score']:.4f}"])
+    body = ["## Cost of the shipped digits searches (`benchmarks/search_digits.py --costs RUN_DIR ...`)", "",
+            "One process, one thread, on the shared 2-core machine (other jobs running).  Model calls count every "
+            "network call of the search (calibration and verification batches; the cached reference endpoints "
+            "excluded); minutes are the sum of the logged evaluation times.", "",
+            md_table(["plan", "metric", "NFE", "evaluations", "verification scores", "model calls", "minutes",
+                      "calibration score", "verification score"], rows), "", machine_line()]
+    print("\n".join(body))
+    if not a.no_write:
+        write_section("search_digits_costs", "\n".join(body))
 
 
 def main():
@@ -304,6 +354,7 @@ def main():
     p.add_argument("--screen", type=int, default=128, help="--evaluate-plans: seeds every baseline is screened on")
     p.add_argument("--keep", type=int, default=4, help="--evaluate-plans: baselines per family and metric rescored")
     p.add_argument("--rank-timing", action="store_true")
+    p.add_argument("--costs", nargs="+", default=None, help="search run dirs whose cost to tabulate")
     p.add_argument("--commands", action="store_true", help="print the diffsampler search commands of the plans")
     a = p.parse_args()
     if a.commands:
@@ -313,6 +364,8 @@ def main():
         return evaluate_plans(a)
     if a.rank_timing:
         return rank_timing(a)
+    if a.costs:
+        return search_costs(a)
     torch.set_num_threads(a.threads)
     pipe = load_digits_pipeline()
     den = denoiser_from_pipeline(pipe)
