@@ -356,8 +356,8 @@ def rank_timing(a):
 
 
 def search_costs(a):
-    """What each search run cost (from its run dir: summary.json and the per-evaluation seconds of its
-    log, so a resumed run counts every evaluation once)."""
+    """What each search run cost, from its log (so a run resumed with a larger budget counts every
+    evaluation once): evaluations, batched model calls (NFE per evaluation), summed evaluation time."""
     import json
 
     rows = []
@@ -367,12 +367,12 @@ def search_costs(a):
         evals = [l for l in lines if l["type"] == "eval"]
         calib = [l for l in evals if l["phase"] == "calib"]
         rows.append([summary["name"], summary["metric"], summary["nfe"], len(calib), len(evals) - len(calib),
-                     summary["model_calls"], f"{sum(l['seconds'] for l in evals) / 60:.1f}",
+                     len(evals) * summary["nfe"], f"{sum(l['seconds'] for l in evals) / 60:.1f}",
                      f"{summary['calib_score']:.4f}", f"{summary['verify_score']:.4f}"])
     body = ["## Cost of the shipped digits searches (`benchmarks/search_digits.py --costs RUN_DIR ...`)", "",
             "One process, one thread, on the shared 2-core machine (other jobs running).  Model calls count every "
-            "network call of the search (calibration and verification batches; the cached reference endpoints "
-            "excluded); minutes are the sum of the logged evaluation times.", "",
+            "batched network call of the search's evaluations (calibration and verification batches, NFE calls each; "
+            "the cached reference endpoints excluded); minutes are the sum of the logged evaluation times.", "",
             md_table(["plan", "metric", "NFE", "evaluations", "verification scores", "model calls", "minutes",
                       "calibration score", "verification score"], rows), "", machine_line()]
     print("\n".join(body))
