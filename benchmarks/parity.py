@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -157,17 +156,6 @@ TOL = 1e-4
 DIGITS_BATCH = 4
 
 
-class Image4d(torch.nn.Module):
-    """The mixture model on (N, 1, 4, 4) images (diffusers' thresholding needs >= 3-d samples)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, t):
-        return SimpleNamespace(sample=self.model(sample.reshape(len(sample), -1), t).sample.reshape(sample.shape))
-
-
 def label_of(name, kw):
     short = name.removesuffix("Scheduler")
     return f"{short} {kw}" if kw else short
@@ -221,7 +209,7 @@ def mixture_row(gmm, name, kw):
         if name.startswith("EDM"):  # the mixture behind EDM's preconditioning
             model = EDMGMMModel(gmm, ref_sched.config.sigma_data, ref_sched.config.prediction_type)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
-        model, x = Image4d(model), x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples
+        x = x.reshape(64, 1, 4, 4)  # thresholding needs >= 3-d samples
         errs.append(difference(run_loop(ours, model, nfe, x, **step_kw), run_loop(ref_sched, model, nfe, x, **step_kw)))
     return ours.config.solver, errs
 

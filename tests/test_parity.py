@@ -127,20 +127,6 @@ PARITY = [
 ]
 
 
-class Image4d(torch.nn.Module):
-    """The mixture model on (N, 1, 4, 4) images (diffusers' thresholding needs >= 3-d samples)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, t):
-        from types import SimpleNamespace
-        return SimpleNamespace(sample=self.model(sample.reshape(len(sample), -1), t).sample.reshape(sample.shape))
-
-
-
-
 def parity_error(gmm, cls, kw, nfe, how="config"):
     ref_sched = cls(**kw)
     src = {"config": ref_sched.config, "instance": ref_sched,
@@ -149,7 +135,7 @@ def parity_error(gmm, cls, kw, nfe, how="config"):
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
-        model, x = Image4d(model), x.reshape(32, 1, 4, 4)
+        x = x.reshape(32, 1, 4, 4)
     stochastic = ours_sched.solver.stochastic  # then the same generator on both sides
 
     def gen():

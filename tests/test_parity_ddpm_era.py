@@ -20,23 +20,11 @@ def x_T(n=32, seed=0):
     return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-class Image4d(torch.nn.Module):
-    """The 16-d mixture model on (N, 1, 4, 4) samples."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, t):
-        from types import SimpleNamespace
-        return SimpleNamespace(sample=self.model(sample.reshape(len(sample), -1), t).sample.reshape(sample.shape))
-
-
 def both(gmm, ref_sched, nfe, seed=None, ours_kw=None, step_kw=None, x=None):
     """(ours, diffusers'): the standard loop with from_config(ref_sched.config, **ours_kw) and with
     ref_sched; stochastic runs use a generator seeded `seed` on each side."""
     ours_sched = DiffSamplerScheduler.from_config(ref_sched.config, **(ours_kw or {}))
-    model = Image4d(GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind))
+    model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T() if x is None else x
 
     def run(sched):
@@ -118,7 +106,7 @@ def test_ddim_eta_same_generator(gmm16, eta, kw, nfe):
 def test_ddim_variance_noise(gmm16):
     ref_sched = DDIMScheduler()
     ours_sched = DiffSamplerScheduler.from_config(ref_sched.config, eta=1.0)
-    model = Image4d(GMMModel(gmm16, ours_sched.schedule))
+    model = GMMModel(gmm16, ours_sched.schedule)
     outs = []
     for sched in (ours_sched, ref_sched):
         x = x_T()
@@ -238,7 +226,7 @@ def test_ddpm_through_sample_and_hydra(gmm16):
 
     ref_sched = DDPMScheduler(variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing")
     ours_sched = DiffSamplerScheduler.from_config(ref_sched.config)
-    model = Image4d(GMMModel(gmm16, ours_sched.schedule))
+    model = GMMModel(gmm16, ours_sched.schedule)
     # one generator per sample row: the adapter and sample(seeds=...) draw the same noise
     gens = [torch.Generator().manual_seed(s) for s in range(4)]
     x = torch.stack([torch.randn(1, 4, 4, generator=g) for g in gens])
@@ -318,7 +306,7 @@ def test_plms_through_sample_adapter_and_hydra(gmm16):
 
     for prk, nfe in ((False, 8), (True, 14)):
         sched = DiffSamplerScheduler(solver="plms", spacing="time_uniform", solver_options={"prk": prk})
-        model = Image4d(GMMModel(gmm16, sched.schedule))
+        model = GMMModel(gmm16, sched.schedule)
         x = x_T(8)
         adapter = run_diffusers(sched, model, nfe, x)
         assert len(sched.timesteps) == nfe and sched.num_inference_steps == nfe
@@ -339,7 +327,7 @@ def test_pndm_from_a_ddpm_config_ignores_its_clip_sample(gmm16, nfe):
     assert ref_sched.config.clip_sample is True  # inherited, unused by PNDM
     ours_sched = DiffSamplerScheduler.from_config(ref_sched)  # the instance names its class
     assert ours_sched.config.solver == "plms" and not ours_sched.config.clip_sample
-    model = Image4d(GMMModel(gmm16, ours_sched.schedule, ours_sched.prediction_kind))
+    model = GMMModel(gmm16, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T()
     ours, ref = (run_loop(s, model, nfe, x, None, {}) for s in (ours_sched, ref_sched))
     assert max_diff(ours, ref) <= 1e-4

@@ -15,7 +15,7 @@ from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.samplers.dpm_solver import dpm_weights
 from diffsampler.schedules import DiscreteVP
 from diffusers_loop import run_diffusers
-from test_parity import Image4d, x_T
+from test_parity import x_T
 from test_parity_kdiffusion import _kdiff, _noise_list, _ours
 
 MIN = dict(final_sigmas_type="sigma_min")
@@ -60,7 +60,7 @@ def _errors(gmm, cls, kw, nfe):
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
-        model, x = Image4d(model), x.reshape(32, 1, 4, 4)
+        x = x.reshape(32, 1, 4, 4)
     ref = run_diffusers(ref_sched, model, nfe, x, generator=torch.Generator().manual_seed(7))
     ours = run_diffusers(ours_sched, model, nfe, x, generator=torch.Generator().manual_seed(7))
     return ours_sched, (ours - ref).abs().max().item(), ref.abs().max().item()

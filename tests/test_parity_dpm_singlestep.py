@@ -18,7 +18,7 @@ from diffusers import DPMSolverSinglestepScheduler
 from diffsampler.eval.gmm import GMMModel
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffusers_loop import run_diffusers
-from test_parity import Image4d, x_T
+from test_parity import x_T
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # its lower_order_final / deprecation warnings
 
@@ -78,7 +78,7 @@ def _runs(gmm, kw, nfe, begin_index=None):
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
-        model, x = Image4d(model), x.reshape(32, 1, 4, 4)
+        x = x.reshape(32, 1, 4, 4)
 
     def loop(sched, x):
         return run_diffusers(sched, model, nfe, x, generator=torch.Generator().manual_seed(7), begin_index=begin_index)

@@ -278,9 +278,8 @@ def audit_one(gmm, name, opts, nfe=6):
         from diffsampler.eval.gmm import EDMGMMModel
 
         model = EDMGMMModel(gmm, ref.config.sigma_data, ref.config.prediction_type)
-    from test_parity import Image4d
 
-    model, x = Image4d(model), x_T(16).reshape(16, 1, 4, 4)
+    x = x_T(16).reshape(16, 1, 4, 4)
 
     def gen():
         return torch.Generator().manual_seed(7)

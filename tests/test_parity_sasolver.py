@@ -12,7 +12,7 @@ from diffsampler.eval.gmm import GMMModel
 from diffsampler.pipelines import DiffSamplerScheduler
 from diffsampler.pipelines.parity import solver_for_config
 from diffusers_loop import run_diffusers
-from test_parity import Image4d, x_T
+from test_parity import x_T
 
 
 def _gen():
@@ -27,7 +27,7 @@ def _run(gmm, kw, nfe, float64_ref=False):
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
-        model, x = Image4d(model), x.reshape(32, 1, 4, 4)
+        x = x.reshape(32, 1, 4, 4)
     if float64_ref:
         ref_sched.set_timesteps(nfe)
         ref_sched.sigmas = ref_sched.sigmas.double()

@@ -12,7 +12,7 @@ from diffsampler.schedules import DiscreteVP
 from diffsampler.samplers.unipc import bh_system_weights, unipc_weights
 from diffsampler.eval.gmm import GMMModel
 from diffusers_loop import run_diffusers
-from test_parity import Image4d, x_T
+from test_parity import x_T
 
 
 def _errors(gmm, kw, nfe):
@@ -23,7 +23,7 @@ def _errors(gmm, kw, nfe):
     model = GMMModel(gmm, ours_sched.schedule, ours_sched.prediction_kind)
     x = x_T(32)
     if kw.get("thresholding"):
-        model, x = Image4d(model), x.reshape(32, 1, 4, 4)
+        x = x.reshape(32, 1, 4, 4)
     ref = run_diffusers(ref_sched, model, nfe, x)
     ours = run_diffusers(ours_sched, model, nfe, x)
     return ours_sched, (ours - ref).abs().max().item(), ref.abs().max().item()

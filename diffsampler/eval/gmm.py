@@ -640,7 +640,9 @@ class GaussianMixture:
 class GMMModel(torch.nn.Module):
     """The exact mixture as a diffusers-style model: `model(sample, timestep).sample` is the exact
     prediction of `prediction_type` ("epsilon", "v_prediction", "sample", "flow") at the
-    schedule time `timestep / schedule.time_scale`.  Works with diffusers schedulers and pipelines."""
+    schedule time `timestep / schedule.time_scale`.  Works with diffusers schedulers and pipelines;
+    samples of any shape (N, ...) are the mixture's flattened points (image-shaped samples, e.g. for
+    diffusers' thresholding, which needs >= 3-d samples)."""
 
     _PRED = ("epsilon", "v_prediction", "sample", "flow")
 
@@ -657,10 +659,9 @@ class GMMModel(torch.nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float64).flatten() / self.schedule.time_scale
         if t.numel() == 1:
             t = t.expand(sample.shape[0])
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        a = self.schedule.alpha(t).view(shape)
-        s = self.schedule.sigma(t).view(shape)
-        x = sample.double()
+        a = self.schedule.alpha(t).view(-1, 1)
+        s = self.schedule.sigma(t).view(-1, 1)
+        x = sample.double().reshape(len(sample), -1)
         d = self.gmm.posterior_mean(x, a.flatten(), s.flatten())
         p = self.prediction_type
         if p == "sample":
@@ -668,7 +669,7 @@ class GMMModel(torch.nn.Module):
         else:
             eps = (x - a * d) / s
             out = eps if p == "epsilon" else (a * eps - s * d if p == "v_prediction" else eps - d)
-        out = out.to(sample.dtype)
+        out = out.reshape(sample.shape).to(sample.dtype)
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
