@@ -278,14 +278,20 @@ def test_set_timesteps_accepts_diffusers_and_k_diffusion_lists():
 # every shipped (searched) plan is drivable through the adapter
 # --------------------------------------------------------------------------------------------------
 
-from diffsampler.samplers.usf import available_plans  # noqa: E402
+from diffsampler.samplers.usf import available_plans, load_plan  # noqa: E402
 
 
 @pytest.mark.parametrize("plan", available_plans())
 def test_shipped_plans_drive_through_the_adapter(gmm4, plan):
     """The search's own outputs run in the standard loop and equal diffsampler.sample on the same plan
-    (an analytic first step, where a plan has one, runs in scale_model_input)."""
+    (an analytic first step, where a plan has one, runs in scale_model_input); a plan that carries a
+    time shift (its per-sample times cannot be a pipeline's timesteps) is refused by name."""
     name = plan if plan.startswith("plan:") else f"plan:{plan}"
+    spec = load_plan(plan.removeprefix("plan:"))
+    if spec.time_shift is not None:
+        with pytest.raises(ValueError, match="carries time_shift"):
+            DiffSamplerScheduler(solver=name).set_timesteps(spec.nfe)
+        return
     sched = DiffSamplerScheduler(solver=name)
     x = x_T(3, 4)
     sched.set_timesteps(sched.solver.plan.nfe if hasattr(sched.solver, "plan") else None)
