@@ -73,15 +73,21 @@ ORDERS = {"DPMSolverMultistepScheduler": (2, 3), "DPMSolverSinglestepScheduler":
           "DEISMultistepScheduler": (2, 3)}
 
 
-def search_commands(plan_dir: str = "diffsampler/plans", budget: int = 1000, calib: int = 512) -> list[str]:
-    """The exact `diffsampler search` commands that produce the shipped digits plans."""
-    common = (f"model=digits search.budget={budget} search.calib={calib} search.verify={calib} search.holdout=0 "
-              f"search.plan_dir={plan_dir} progress=true")
-    nfes = ",".join(map(str, SEARCH_NFES))
-    return [f"diffsampler search -m {common} search.metric=rmse search.nfe={nfes} "
-            "'search.name=digits_nfe${search.nfe}' hydra.sweep.dir=outputs/search_digits_rmse",
-            f"diffsampler search -m {common} search.metric=fid_proxy search.nfe={nfes} "
-            "'search.name=digits_fid_nfe${search.nfe}' hydra.sweep.dir=outputs/search_digits_fid"]
+#: how each shipped digits plan was searched: (name, metric, nfe, budget, calibration = verification samples);
+#: digits_nfe4 / 6 / 8 come from the search space before the later start (main de79f22), the others from
+#: the current one
+SHIPPED = (("digits_nfe5", "rmse", 5, 600, 512), ("digits_nfe10", "rmse", 10, 300, 384),
+           ("digits_nfe4", "rmse", 4, 100, 128), ("digits_nfe6", "rmse", 6, 100, 128), ("digits_nfe8", "rmse", 8, 100, 128),
+           ("digits_fid_nfe4", "fid_proxy", 4, 300, 384), ("digits_fid_nfe5", "fid_proxy", 5, 300, 384),
+           ("digits_fid_nfe6", "fid_proxy", 6, 80, 384), ("digits_fid_nfe8", "fid_proxy", 8, 80, 384),
+           ("digits_fid_nfe10", "fid_proxy", 10, 80, 384))
+
+
+def search_commands(plan_dir: str = "diffsampler/plans") -> list[str]:
+    """The exact `diffsampler search` commands that produced the shipped digits plans."""
+    return [f"diffsampler search model=digits search.metric={metric} search.nfe={nfe} search.budget={budget} "
+            f"search.calib={n} search.verify={n} search.holdout=0 search.plan_dir={plan_dir} search.name={name} "
+            f"hydra.run.dir=outputs/search_{name}" for name, metric, nfe, budget, n in SHIPPED]
 
 
 def _diffusers_configs(pipe, nfe: int, count_calls) -> list[tuple[str, object, int]]:
