@@ -41,6 +41,8 @@ def _run(args, cwd, timeout=240, env=None):
 
 @pytest.mark.parametrize("overrides,message", [
     (["search.nfe=0"], "search.nfe must be an integer >= 1, got 0"),
+    (["search.refine=-5"], "search.refine must be an integer >= 0, got -5"),
+    (["search.refine=0.5"], "search.refine"),
     (["+search.budgt=3"], "unknown key search.budgt (did you mean search.budget?)"),
     (["search.metric=fid"], "search.metric=fid is for image models"),
     (["search.metric=fid_proxy"], "search.metric=fid_proxy (the digits classifier's features) needs model=digits"),
@@ -193,7 +195,8 @@ def test_the_search_space_keeps_out_the_analytic_step_and_searches_the_time_shif
 
 
 def test_two_gloo_ranks_give_the_log_and_plan_of_one_process(tmp_path):
-    args = SMALL + ["search.holdout=0", "search.budget=12"]
+    """The evolution's generations and the CMA-ES refinement's (search.refine) spread over 2 ranks."""
+    args = SMALL + ["search.holdout=0", "search.budget=12", "search.refine=8"]
     one = _run(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr
     env = {**ENV, "MASTER_ADDR": "127.0.0.1"}
@@ -207,6 +210,7 @@ def test_two_gloo_ranks_give_the_log_and_plan_of_one_process(tmp_path):
                 if r["type"] == "eval"]
 
     assert evals(tmp_path / "one") == evals(tmp_path / "two")
+    assert len([e for e in evals(tmp_path / "two") if e[0] == "calib"]) == 12 + 8
     assert (tmp_path / "one" / "plan.yaml").read_text().replace("world_size: 1", "") == \
         (tmp_path / "two" / "plan.yaml").read_text().replace("world_size: 2", "")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2

@@ -7,6 +7,8 @@ Three pieces, each usable on its own:
   against a reference or by a metric), cached and logged (`Objective`, `evaluate`);
 * the evolution loop: an initial population (registered solvers' solver specs on several spacings,
   then random plans), then generations of offspring screened by a light predictor (`evolve`);
+* refinement (optional, `refine` evaluations): CMA-ES on the continuous decisions of the best plan
+  (time points, start, relaxations, momenta, time-shift cutoff), its steps fixed (`refine`);
 * verification: the top-k plans re-scored on a second batch, the best there wins (`verify`).
 
 `search` ties them together with the settings of one `S3Settings`.  Calibration and verification
@@ -30,18 +32,21 @@ import torch
 
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
-from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, TIME_SHIFT_SOLVERS, PlanPredictor, crossover, has_analytic,
+from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, TIME_SHIFT_SOLVERS, PlanCoordinates, PlanPredictor,
+                               crossover, has_analytic,
                                initial_form, initial_plans, mutate, mutate_time_shift, random_plan, random_time_shift)
 from ..samplers.usf import FINALS, SolverSpec, spec_of
 from .search_log import SearchLog
 
 __all__ = ["search", "SearchResult", "S3Settings", "calibration_seeds", "CALIBRATION_SEED_BASE", "Batch",
-           "Objective", "evaluate", "evolve", "verify", "best_verified", "PlanSpace",
+           "Objective", "evaluate", "evolve", "refine", "verify", "best_verified", "PlanSpace",
            "Population", "run_search"]
 
 CALIBRATION_SEED_BASE = 1_000_000
 MIN_POPULATION = 48  # initial population, independent of the budget: a resumed search replays exactly
 MAX_STALL = 50       # generations in a row without a new plan end the loop
+REFINE_SIGMA = 0.01  # CMA-ES initial step size (normalised time; the other coordinates scaled alike)
+REFINE_PENALTY = 1e30  # what CMA-ES is told for a point with no valid plan or a failed one (it only ranks)
 
 
 def calibration_seeds(n: int, offset: int = 0) -> list[int]:
@@ -54,6 +59,7 @@ class S3Settings:
     """How the search spends its budget.
 
     budget: true evaluations on the calibration batch (verification not included).
+    refine: further evaluations spent by CMA-ES on the continuous decisions of the best plan (0: none).
     n_calib / n_verify_samples: calibration and verification batch sizes (None: as many as n_calib).
     top_k: plans re-scored on the verification batch.
     seeds: the noise seeds (first n_calib for calibration, the next for verification); None:
@@ -76,6 +82,7 @@ class S3Settings:
     analytic: bool = True      # plans may start with the analytic first step (assumes a zero data mean)
     time_shift: bool = False   # the Time-Shift setting is searched too (off included)
     late_start: bool = False   # plans may start after t_max (x_T taken as the sample there; unit-variance priors)
+    refine: int = 0            # CMA-ES evaluations on the best plan's continuous decisions after the budget
 
     @property
     def n_verify_batch(self) -> int:
@@ -84,6 +91,8 @@ class S3Settings:
     def check(self) -> None:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget (true evaluations) must be a positive integer, got {self.budget!r}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
+            raise ValueError(f"refine (CMA-ES evaluations after the budget) must be an integer >= 0, got {self.refine!r}")
         if self.n_calib < 1:
             raise ValueError(f"n_calib must be >= 1, got {self.n_calib}")
         self.noise_seeds()
@@ -412,6 +421,38 @@ def screened(candidates: list[SolverSpec], predictor, rng, batch: int) -> list[S
     return [candidates[int(j)] for j in chosen]
 
 
+def refine(space: PlanSpace, population: Population, evaluations: int, seed: int,
+           sigma: float = REFINE_SIGMA) -> Population:
+    """Spend `evaluations` more true evaluations on the best plan's continuous decisions with CMA-ES
+    (Hansen 2016, "The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772; the `cmaes` package):
+    each CMA-ES generation is evaluated at once like an evolution generation (spread over ranks,
+    logged, replayed on resume).  Points that give no valid plan of the space cost no evaluation."""
+    from cmaes import CMA
+
+    ranked = population.ranked()
+    if evaluations <= 0 or not ranked:
+        return population
+    coords = PlanCoordinates(ranked[0][0], space.late_start, space.training_steps, times_only=space.base is not None)
+    population.budget = len(population.scored) + evaluations
+    if coords.size == 0:
+        return population
+    opt = CMA(mean=coords.z0, sigma=sigma, bounds=coords.bounds, seed=seed)
+    gen, stall = population.generation, 0
+    while not population.full() and stall < MAX_STALL and not opt.should_stop():
+        gen += 1
+        population.generation = gen
+        zs = [opt.ask() for _ in range(opt.population_size)]
+        plans = [coords.plan(z) for z in zs]
+        plans = [p if space.allows(p) else None for p in plans]
+        before = len(population.scored)
+        population.consider_many([p for p in plans if p is not None])
+        stall = stall + 1 if len(population.scored) == before else 0
+        values = [population.scored[p.key()][1] if p is not None and p.key() in population.scored else math.inf
+                  for p in plans]
+        opt.tell([(z, v if math.isfinite(v) else REFINE_PENALTY) for z, v in zip(zs, values)])
+    return population
+
+
 # ---------------------------------------------------------------------------------------------
 # verification
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +505,7 @@ def search(
     analytic: bool = True,
     time_shift: bool = False,
     late_start: bool = False,
+    refine: int = 0,
 ) -> SearchResult:
     """Search a SolverSpec of exactly `nfe` model calls for `denoiser` (see the module docstring).
 
@@ -477,12 +519,13 @@ def search(
         plan there as YAML.  analytic: whether plans may start with the analytic first step (it
         assumes a zero data mean).  time_shift: search the Time-Shift setting too (off included).
         late_start: plans may start after t_max, taking x_T as the sample there (refused on
-        variance-exploding schedules).
+        variance-exploding schedules).  refine: evaluations spent after the budget by CMA-ES on the
+        best plan's continuous decisions (`refine`); 0: none.
     """
     settings = S3Settings(budget, n_calib, n_verify_samples, n_verify, seed,
                           None if seeds is None else tuple(seeds),
                           None if holdout_seeds is None else tuple(holdout_seeds), batch, screen, final, coordinate,
-                          analytic, time_shift, late_start)
+                          analytic, time_shift, late_start, refine)
     return run_search(denoiser, nfe, shape, settings, metric=metric, reference=reference,
                       reference_solver=reference_solver, reference_nfe=reference_nfe, base=base, log=log, out=out,
                       name=name, dtype=dtype, progress=progress)
@@ -514,10 +557,11 @@ def run_search(denoiser, nfe: int, shape: Sequence[int], settings: S3Settings, *
     if rank != 0:
         search_log = SearchLog(log, config, readonly=True)
     objective = Objective(denoiser, cal.batches, search_log, rank, world)
-    bar = _progress_bar(settings.budget, nfe) if progress and rank == 0 else None
+    bar = _progress_bar(settings.budget + settings.refine, nfe) if progress and rank == 0 else None
     population = Population(objective, settings.budget, _bar_update(bar, lambda: population.generation)
                             if bar is not None else None)
     evolve(space, population, settings.seed, settings.batch, settings.screen)
+    refine(space, population, settings.refine, settings.seed)
     if bar is not None:
         bar.close()
     verifier = None
@@ -582,6 +626,7 @@ def _log_config(nfe: int, settings: S3Settings, metric, seeds: list[int], space:
 def _named(plan: SolverSpec, name: str, metric: str, s_cal: float, s_ver: float, settings: S3Settings,
            evaluations: int, seeds: list[int], base, provenance: dict | None = None) -> SolverSpec:
     info = {"search": {**(provenance or {}), "metric": metric, "calib_score": s_cal, "verify_score": s_ver, "budget": settings.budget,
+                       "refine": settings.refine,
                        "evaluations": evaluations, "n_calib": settings.n_calib,
                        "n_verify_samples": settings.n_verify_batch, "seed": settings.seed,
                        "seeds": f"{seeds[0]}..{seeds[-1]}",

@@ -70,7 +70,7 @@ def _bool_or_auto(v) -> bool:
 
 
 SEARCH_KEYS: dict[str, Type] = {
-    "nfe": INT, "budget": INT, "calib": INT, "verify": INT,
+    "nfe": INT, "budget": INT, "refine": INT, "calib": INT, "verify": INT,
     "metric": STR, "base": optional(STR), "seed": INT, "name": optional(STR), "final": optional(one_of("zero", "last")),
     "reference_solver": STR, "reference_nfe": INT,
     "analytic": Type("true, false or auto", _bool_or_auto), "time_shift": Type("true, false or auto", _bool_or_auto),
@@ -93,6 +93,7 @@ class SearchSpec:
     progress: bool
     nfe: int
     budget: int
+    refine: int
     calib: int
     verify: int
     metric: str
@@ -169,7 +170,7 @@ def _check_search(spec: SearchSpec) -> None:
     from ..samplers.usf import spec_solvers
     from . import run_checks
 
-    for key, lo in (("nfe", 1), ("budget", 1), ("calib", 1), ("verify", 0), ("seed", 0), ("reference_nfe", 1),
+    for key, lo in (("nfe", 1), ("budget", 1), ("refine", 0), ("calib", 1), ("verify", 0), ("seed", 0), ("reference_nfe", 1),
                     ("holdout", 0), ("top_k", 1), ("batch", 1), ("batch_size", 1)):
         v = getattr(spec, key)
         if v is not None and v < lo:
@@ -508,7 +509,8 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     settings = S3Settings(budget=spec.budget, n_calib=spec.calib, n_verify_samples=spec.verify, top_k=spec.top_k,
                           seed=spec.seed, seeds=tuple(seeds["calib"] + seeds["verify"]),
                           holdout_seeds=tuple(seeds["holdout"]), batch=spec.batch, final=spec.final,
-                          analytic=analytic, time_shift=spec.time_shift, late_start=late_start)
+                          analytic=analytic, time_shift=spec.time_shift, late_start=late_start,
+                          refine=spec.refine)
     provenance = {
         "model": spec.model.name, "model_path": str(spec.model.path) if spec.model.path else None,
         "model_hash": _hash(fingerprint), "guidance": spec.guidance.config, "schedule": repr(sch),
@@ -532,7 +534,7 @@ def run_search_job(spec: SearchSpec, run_dir: Path) -> dict:
     table = compare(spec, den, shape, dtype, plan, scorer, seeds["holdout"], refs.get("holdout"), device, gmm) \
         if spec.holdout and rank == 0 else []
     summary = {"name": spec.name, "nfe": spec.nfe, "metric": spec.metric, "calib_score": r.calib_score,
-               "verify_score": r.verify_score, "evaluations": r.evaluations, "model_calls": r.model_calls,
+               "verify_score": r.verify_score, "evaluations": r.evaluations, "refine": spec.refine, "model_calls": r.model_calls,
                "search_seconds": round(search_s, 2), "world_size": world, "reference_cache": cache,
                "analytic_first_step": analytic_note, "time_shift_searched": spec.time_shift,
                "late_start_searched": late_start, "plan_start": plan.times[0],
