@@ -73,21 +73,23 @@ ORDERS = {"DPMSolverMultistepScheduler": (2, 3), "DPMSolverSinglestepScheduler":
           "DEISMultistepScheduler": (2, 3)}
 
 
-#: how each shipped digits plan was searched: (name, metric, nfe, budget, calibration = verification samples);
-#: digits_nfe4 / 6 / 8 come from the search space before the later start (main de79f22), the others from
-#: the current one
-SHIPPED = (("digits_nfe5", "rmse", 5, 600, 512), ("digits_nfe10", "rmse", 10, 300, 384),
-           ("digits_nfe4", "rmse", 4, 100, 128), ("digits_nfe6", "rmse", 6, 100, 128), ("digits_nfe8", "rmse", 8, 100, 128),
-           ("digits_fid_nfe4", "fid_proxy", 4, 300, 384), ("digits_fid_nfe5", "fid_proxy", 5, 300, 384),
-           ("digits_fid_nfe6", "fid_proxy", 6, 80, 384), ("digits_fid_nfe8", "fid_proxy", 8, 80, 384),
-           ("digits_fid_nfe10", "fid_proxy", 10, 80, 384))
-
-
 def search_commands(plan_dir: str = "diffsampler/plans") -> list[str]:
-    """The exact `diffsampler search` commands that produced the shipped digits plans."""
-    return [f"diffsampler search model=digits search.metric={metric} search.nfe={nfe} search.budget={budget} "
-            f"search.calib={n} search.verify={n} search.holdout=0 search.plan_dir={plan_dir} search.name={name} "
-            f"hydra.run.dir=outputs/search_{name}" for name, metric, nfe, budget, n in SHIPPED]
+    """The exact `diffsampler search` command of each shipped digits plan, read from its provenance
+    (`info.search`: metric, budget, refine, calibration and verification samples).  The plans
+    searched before a setting existed (digits_nfe4 / 6 / 8: no later start, no refine) record it so."""
+    from diffsampler.samplers.usf import SolverSpec
+
+    out = []
+    for path in sorted(Path(plan_dir).glob("digits_*.yaml"), key=lambda p: (len(p.stem), p.stem)):
+        plan = SolverSpec.load(path)
+        s = plan.info["search"]
+        refine = f"search.refine={s['refine']} " if s.get("refine") else ""
+        out.append(f"diffsampler search model=digits search.metric={s['metric']} search.nfe={plan.nfe} "
+                   f"search.budget={s['budget']} {refine}search.calib={s['n_calib']} "
+                   f"search.verify={s['n_verify_samples']} search.holdout=0 search.plan_dir={plan_dir} "
+                   f"search.name={plan.name} hydra.run.dir=outputs/search_{plan.name}"
+                   + ("" if s.get("late_start_searched") else "   # searched before search.late_start existed"))
+    return out
 
 
 def _diffusers_configs(pipe, nfe: int, count_calls) -> list[tuple[str, object, int]]:
@@ -372,14 +374,15 @@ def search_costs(a):
         lines = [json.loads(l) for l in (run / "search.jsonl").read_text().splitlines()]
         evals = [l for l in lines if l["type"] == "eval"]
         calib = [l for l in evals if l["phase"] == "calib"]
-        rows.append([summary["name"], summary["metric"], summary["nfe"], len(calib), len(evals) - len(calib),
+        rows.append([summary["name"], summary["metric"], summary["nfe"], len(calib), summary.get("refine", 0),
+                     len(evals) - len(calib),
                      len(evals) * summary["nfe"], f"{sum(l['seconds'] for l in evals) / 60:.1f}",
                      f"{summary['calib_score']:.4f}", f"{summary['verify_score']:.4f}"])
     body = ["## Cost of the shipped digits searches (`benchmarks/search_digits.py --costs RUN_DIR ...`)", "",
             "One process, one thread, on the shared 2-core machine (other jobs running).  Model calls count every "
             "batched network call of the search's evaluations (calibration and verification batches, NFE calls each; "
             "the cached reference endpoints excluded); minutes are the sum of the logged evaluation times.", "",
-            md_table(["plan", "metric", "NFE", "evaluations", "verification scores", "model calls", "minutes",
+            md_table(["plan", "metric", "NFE", "evaluations", "of which CMA-ES refinement", "verification scores", "model calls", "minutes",
                       "calibration score", "verification score"], rows), "", machine_line()]
     print("\n".join(body))
     if not a.no_write:
