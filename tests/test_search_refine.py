@@ -86,3 +86,16 @@ def test_refinement_spends_its_evaluations_on_the_best_plan_and_improves_it(sear
 def test_refine_is_checked(search_problem):
     with pytest.raises(ValueError, match="refine .* must be an integer >= 0, got -1"):
         _run(search_problem, refine=-1)
+
+
+def test_every_seeded_plan_is_its_own_coordinates(search_problem):
+    """Every plan a search starts from (registered solvers on each spacing and final, later starts)
+    is given back by its coordinates, and lies within their bounds (CMA-ES starts there)."""
+    from diffsampler.samplers.search import initial_plans
+
+    _, sch, _ = search_problem
+    for nfe in (3, 5, 10):
+        for p in initial_plans(sch, nfe, ("zero", "last"), late_start=True):
+            c = PlanCoordinates(p, late_start=True)
+            assert c.plan(c.z0).key() == p.key(), p.name
+            assert np.all(c.bounds[:, 0] <= c.z0) and np.all(c.z0 <= c.bounds[:, 1]), p.name

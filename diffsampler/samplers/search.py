@@ -321,9 +321,9 @@ class PlanCoordinates:
         self.names: list[str] = []
         x, lo, hi, scale = [], [], [], []
 
-        def add(name, value, low, high, unit):
+        def add(name, value, low, high, unit):  # bounds widened to hold the plan's own value
             self.names.append(name)
-            x.append(value), lo.append(low), hi.append(high), scale.append(unit)
+            x.append(value), lo.append(min(low, value)), hi.append(max(high, value)), scale.append(unit)
 
         if late_start:
             add("start", plan.times[0], 0.0, START_MAX, 1.0)
