@@ -22,8 +22,8 @@ Time-grid optimisation for a fixed solver searches with `base=<SolverSpec>`: onl
 * `PlanCoordinates`: a plan's continuous decisions (time points, start, relaxations, momenta,
   time-shift cutoff) as one vector, for the local refinement that follows the evolution
   (`tools.search.refine`: CMA-ES).  Mutation jitters every time point at once and rarely lands on
-  the best grid of a 10-step plan; on the digits model at NFE 10 a local optimiser takes the
-  searched plan's calibration RMSE from 0.0235 to about 0.019 in 100 evaluations.
+  the best grid of a 10-step plan; on the digits model at NFE 10, 300 CMA-ES evaluations take the
+  best calibration RMSE from 0.0217 to 0.0182 (held-out RMSE of the shipped plan 0.0269 -> 0.0219).
 """
 
 from __future__ import annotations
