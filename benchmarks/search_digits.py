@@ -368,6 +368,7 @@ def search_costs(a):
     evaluation once): evaluations, batched model calls (NFE per evaluation), summed evaluation time."""
     import json
 
+    torch.set_num_threads(a.threads)  # the machine line names the threads the searches ran with (--threads)
     rows = []
     for run in map(Path, a.costs):
         summary = json.loads((run / "summary.json").read_text())
@@ -397,7 +398,7 @@ def main():
     p.add_argument("--reference-nfe", type=int, default=50)
     p.add_argument("--n-calib", type=int, default=512)
     p.add_argument("--n-eval", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (--costs: those the searches ran with)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--evaluate-plans", default=None, help="directory of digits_nfe<k> / digits_fid_nfe<k> plans")
     p.add_argument("--nfes", type=int, nargs="+", default=list(SEARCH_NFES))
