@@ -75,8 +75,8 @@ ORDERS = {"DPMSolverMultistepScheduler": (2, 3), "DPMSolverSinglestepScheduler":
 
 def search_commands(plan_dir: str = "diffsampler/plans") -> list[str]:
     """The exact `diffsampler search` command of each shipped digits plan, read from its provenance
-    (`info.search`: metric, budget, refine, calibration and verification samples).  The plans
-    searched before a setting existed (digits_nfe4 / 6 / 8: no later start, no refine) record it so."""
+    (`info.search`: metric, budget, refine, calibration and verification samples); a plan searched
+    before search.late_start existed (no `late_start_searched` in its provenance) is marked so."""
     from diffsampler.samplers.usf import SolverSpec
 
     out = []

@@ -9,7 +9,7 @@ import torch
 
 from diffsampler.eval.gmm import gmm_denoiser
 from diffsampler.samplers.search import MIN_GAP, PlanCoordinates
-from diffsampler.samplers.usf import SolverSpec, StepSpec, spec_of
+from diffsampler.samplers.usf import SolverSpec, StepSpec
 from diffsampler.tools.search import search
 
 
@@ -61,8 +61,8 @@ def _run(problem, **kw):
 
 def test_refinement_spends_its_evaluations_on_the_best_plan_and_improves_it(search_problem, tmp_path):
     """After the evolution's 60 evaluations, 60 more of CMA-ES on the best plan's time points (and
-    relaxations / momenta) lower its calibration RMSE: measured 0.279 -> 0.220 (8-d mixture, NFE 4; verification 0.308 ->
-    0.272)."""
+    relaxations / momenta) lower its calibration RMSE: measured 0.279 -> 0.220 (8-d mixture, NFE 4;
+    verification 0.308 -> 0.272)."""
     log = tmp_path / "s.jsonl"
     plain = _run(search_problem)
     refined = _run(search_problem, refine=60, log=log)

@@ -311,13 +311,14 @@ def mutate_time_shift(rng, ts: dict | None, training_steps: int = 1000) -> dict 
 class PlanCoordinates:
     """The continuous decisions of `plan` as a vector z (its step decisions fixed): the inner time
     points, the start (with late_start), the relaxation of each step that has a first-derivative
-    term, each GHVB momentum and the time-shift cutoff (times_only: the time points alone).  Each is divided by a scale that makes a
-    unit move in z alike across them (time 1, relaxation and momentum 10, cutoff N training steps);
-    `bounds` are those of the search space, `plan(z)` the plan (None where z gives no valid plan)."""
+    term, each GHVB momentum and the time-shift cutoff (times_only: the time points alone).  Each
+    is divided by a scale that makes a unit move in z alike across them (time 1, relaxation and
+    momentum 10, cutoff N training steps); `bounds` are those of the search space, `plan(z)` the
+    plan (None where z gives no valid plan)."""
 
     def __init__(self, plan: SolverSpec, late_start: bool = False, training_steps: int = 1000,
                  times_only: bool = False):
-        self.base, self.late_start = plan, late_start
+        self.base = plan
         self.names: list[str] = []
         x, lo, hi, scale = [], [], [], []
 
@@ -354,7 +355,9 @@ class PlanCoordinates:
         steps = [replace(st, beta=v[f"steps[{i}].beta"]) if f"steps[{i}].beta" in v else
                  replace(st, relax=v[f"steps[{i}].relax"]) if f"steps[{i}].relax" in v else st
                  for i, st in enumerate(p.steps)]
-        ts = p.time_shift if "time_shift.cutoff" not in v else {**p.time_shift, "cutoff": int(round(v["time_shift.cutoff"]))}
+        ts = p.time_shift
+        if "time_shift.cutoff" in v:
+            ts = {**ts, "cutoff": int(round(v["time_shift.cutoff"]))}
         return _try(lambda: SolverSpec(tuple(steps), tuple(times), p.final, p.coordinate, time_shift=ts))
 
 

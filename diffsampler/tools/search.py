@@ -33,8 +33,8 @@ import torch
 from ..samplers.loop import initial_noise, sample
 from ..samplers.plan import run_plan
 from ..samplers.search import (N_PARENTS, P_CROSSOVER, P_SHIFT, TIME_SHIFT_SOLVERS, PlanCoordinates, PlanPredictor,
-                               crossover, has_analytic,
-                               initial_form, initial_plans, mutate, mutate_time_shift, random_plan, random_time_shift)
+                               crossover, has_analytic, initial_form, initial_plans, mutate, mutate_time_shift,
+                               random_plan, random_time_shift)
 from ..samplers.usf import FINALS, SolverSpec, spec_of
 from .search_log import SearchLog
 
@@ -92,7 +92,8 @@ class S3Settings:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget (true evaluations) must be a positive integer, got {self.budget!r}")
         if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
-            raise ValueError(f"refine (CMA-ES evaluations after the budget) must be an integer >= 0, got {self.refine!r}")
+            raise ValueError(f"refine (CMA-ES evaluations after the budget) must be an integer >= 0, "
+                             f"got {self.refine!r}")
         if self.n_calib < 1:
             raise ValueError(f"n_calib must be >= 1, got {self.n_calib}")
         self.noise_seeds()
